@@ -1,0 +1,35 @@
+"""What every entry point (train, clean, promote, predict, submit, ...) shares: turning a UserError
+into one line on stderr and exit status 2, instead of a traceback."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, TypeVar
+
+from bloodcell.errors import UserError
+
+T = TypeVar("T")
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # outside Hydra
+        return False
+
+
+def run_or_exit(task: Callable[..., T], *args, **kwargs) -> T:
+    """Call ``task``; on a UserError print ``error: <message>`` and exit 2.
+
+    Inside a Hydra multirun the error is re-raised instead, so that the sweeper records the one
+    trial as failed and goes on with the others.
+    """
+    try:
+        return task(*args, **kwargs)
+    except UserError as err:
+        if _in_multirun():
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,142 @@
+"""Readers for the on-disk layouts a user brings: the competition npz, a folder per class, MedMNIST.
+
+Each reader returns ``(images, labels)``: uint8 (N, H, W, 3) and int64 (N,), already validated, or raises
+UserError with one line that says what is wrong and how to fix it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bloodcell import CLASS_NAMES, NUM_CLASSES
+from bloodcell.errors import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+
+# BloodMNIST (MedMNIST v2) record: one npz per image size, MD5 published by MedMNIST.
+MEDMNIST_RECORD = "https://zenodo.org/records/10519652/files"
+MEDMNIST_FILES = {
+    28: ("bloodmnist.npz", "7053d0359d879ad8a5505303e11de1dc"),
+    64: ("bloodmnist_64.npz", "2b94928a2ae4916078ca51e05b6b800b"),
+    128: ("bloodmnist_128.npz", "adace1e0ed228fccda1f39692059dd4c"),
+    224: ("bloodmnist_224.npz", "b718ff6835fcbdb22ba9eacccd7b2601"),
+}
+MEDMNIST_SPLITS = ("train", "val", "test")
+
+
+def validate(images: np.ndarray, labels: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Check the competition contract and return (uint8 images, int64 labels)."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(f"{source}: images have shape {images.shape}, expected (N, H, W, 3) RGB; "
+                        "convert the file to the competition layout (uint8 N x 96 x 96 x 3)")
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise UserError(f"{source}: labels have shape {labels.shape} for {len(images)} images, "
+                        "expected (N,) or (N, 1) class ids")
+    if len(images) == 0:
+        raise UserError(f"{source}: holds no images")
+    if images.dtype.kind == "f":
+        if not np.isfinite(images).all():
+            raise UserError(f"{source}: images contain NaN or infinite values; remove or repair those samples")
+    if labels.dtype.kind == "f" and not np.isfinite(labels).all():
+        raise UserError(f"{source}: labels contain NaN; every image needs a class id 0-{NUM_CLASSES - 1}")
+    if images.dtype != np.uint8:
+        raise UserError(f"{source}: images are {images.dtype}, expected uint8 pixel values 0-255; "
+                        "save them with images.astype('uint8')")
+    if labels.dtype.kind not in "iuf" or (labels.dtype.kind == "f" and not np.all(labels == np.round(labels))):
+        raise UserError(f"{source}: labels are {labels.dtype}, expected integer class ids 0-{NUM_CLASSES - 1}")
+    bad = (labels < 0) | (labels >= NUM_CLASSES)
+    if bad.any():
+        raise UserError(f"{source}: {int(bad.sum())} labels outside 0-{NUM_CLASSES - 1} "
+                        f"(e.g. {labels[bad][0]!r}); class ids are {', '.join(CLASS_NAMES)} in that order")
+    return images, labels.astype(np.int64)
+
+
+def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The competition layout: ``images`` uint8 (N, 96, 96, 3) and ``labels`` (N, 1) or (N,)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file {path} not found; put the course's training_set.npz there "
+                        "(or set data.path=...), or try the built-in demo with +experiment=quickstart")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"images", "labels"} - set(npz.files)
+            if missing:
+                raise UserError(f"{path}: no array(s) {sorted(missing)} (found {npz.files}); "
+                                "expected the competition layout with 'images' and 'labels'")
+            return validate(npz["images"], npz["labels"], str(path))
+    except (ValueError, OSError) as err:  # corrupt archive, or object arrays refused by allow_pickle=False
+        raise UserError(f"{path}: cannot be read as an npz archive ({err}); re-export it with numpy.savez") from None
+
+
+def read_folder(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """One sub-folder of images per class, named as in CLASS_NAMES (``ig`` or
+    ``immature_granulocyte`` both mean class 3). Images must all have the same size."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"image folder {path} not found; expected one sub-folder per class "
+                        f"({', '.join(CLASS_NAMES)})")
+    aliases = {name: cid for cid, name in enumerate(CLASS_NAMES)}
+    aliases.update({"immature_granulocyte": 3, "immature_granulocytes": 3})
+    unknown = [d.name for d in path.iterdir() if d.is_dir() and d.name.lower() not in aliases]
+    if unknown:
+        raise UserError(f"{path}: sub-folder(s) {unknown} are not class names; use {', '.join(CLASS_NAMES)}")
+    images, labels = [], []
+    for sub in sorted(d for d in path.iterdir() if d.is_dir()):
+        for file in sorted(sub.iterdir()):
+            if file.suffix.lower() in IMAGE_SUFFIXES:
+                with Image.open(file) as im:
+                    images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+                labels.append(aliases[sub.name.lower()])
+    if not images:
+        raise UserError(f"{path}: no images found in class sub-folders ({', '.join(CLASS_NAMES)})")
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise UserError(f"{path}: images have different sizes {sorted(shapes)[:3]}...; resize them to one size")
+    return validate(np.stack(images), np.array(labels), str(path))
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """One image file as a batch of one: uint8 (1, H, W, 3)."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"image {path} not found")
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)[None]
+
+
+def read_medmnist(size: int, path: str | Path | None, cache_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """BloodMNIST in MedMNIST's npz layout (``{train,val,test}_{images,labels}``), all splits merged
+    (bloodcell makes its own stratified split). ``path`` names a local copy; without it the official
+    file for ``size`` is fetched once into ``cache_dir`` and its MD5 verified."""
+    if size not in MEDMNIST_FILES:
+        raise UserError(f"data.size={size} is not a BloodMNIST size; use one of {sorted(MEDMNIST_FILES)}")
+    filename, md5 = MEDMNIST_FILES[size]
+    if path is None:
+        import keras
+
+        try:
+            path = keras.utils.get_file(filename, f"{MEDMNIST_RECORD}/{filename}?download=1", file_hash=md5,
+                                        hash_algorithm="md5", cache_dir=str(cache_dir), cache_subdir="medmnist")
+        except Exception as err:
+            raise UserError(f"could not fetch BloodMNIST ({filename}) from {MEDMNIST_RECORD}: {err}; "
+                            "download it by hand and set data.path=<file>") from None
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"BloodMNIST file {path} not found; set data.path=null to download it")
+    with np.load(path, allow_pickle=False) as npz:
+        keys = [f"{split}_images" for split in MEDMNIST_SPLITS]
+        if not all(k in npz.files for k in keys):
+            raise UserError(f"{path}: not MedMNIST's layout (expected {keys} and *_labels, found {npz.files})")
+        images = np.concatenate([npz[f"{s}_images"] for s in MEDMNIST_SPLITS])
+        labels = np.concatenate([npz[f"{s}_labels"].reshape(-1) for s in MEDMNIST_SPLITS])
+    if images.ndim == 3:  # MedMNIST stores greyscale sets without a channel axis; BloodMNIST is RGB
+        images = np.repeat(images[..., None], 3, axis=-1)
+    return validate(images, labels, str(path))

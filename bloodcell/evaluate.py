@@ -1,0 +1,70 @@
+"""Final evaluation on the held-out test split: metrics (sklearn), confusion matrix and curve plots."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bloodcell import CLASS_NAMES, NUM_CLASSES
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]       # test_accuracy, test_macro_f1, test_precision_<class>, test_recall_<class>
+    report: dict                    # sklearn classification_report (output_dict=True)
+    confusion: np.ndarray           # (8, 8) counts, rows = true class
+
+
+def evaluate_predictions(labels: np.ndarray, probabilities: np.ndarray, prefix: str = "test_") -> Evaluation:
+    from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+    predicted = probabilities.argmax(axis=1)
+    classes = list(range(NUM_CLASSES))
+    report = classification_report(labels, predicted, labels=classes, target_names=list(CLASS_NAMES),
+                                   output_dict=True, zero_division=0)
+    metrics = {f"{prefix}accuracy": float(accuracy_score(labels, predicted)),
+               f"{prefix}macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro",
+                                                   zero_division=0))}
+    for name in CLASS_NAMES:
+        metrics[f"{prefix}precision_{name}"] = float(report[name]["precision"])
+        metrics[f"{prefix}recall_{name}"] = float(report[name]["recall"])
+    return Evaluation(metrics, report, confusion_matrix(labels, predicted, labels=classes))
+
+
+def confusion_figure(confusion: np.ndarray, title: str = "Test confusion matrix"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ConfusionMatrixDisplay(confusion, display_labels=list(CLASS_NAMES)).plot(
+        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(history: list[dict[str, float]], phase2_start: int | None):
+    """Loss and accuracy per epoch for train and validation; a dashed line where fine-tuning starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy", "learning_rate")):
+        for split, style in (("train_", "-"), ("val_", "--"), ("", "-")):
+            key = f"{split}{metric}"
+            if any(key in h for h in history):
+                ax.plot(epochs, [h.get(key, np.nan) for h in history], style, marker=".",
+                        label=key if split else metric)
+        if phase2_start is not None:
+            ax.axvline(phase2_start - 0.5, color="grey", linestyle=":", label="fine-tuning starts")
+        ax.set_xlabel("epoch")
+        ax.set_title(metric.replace("_", " "))
+        ax.legend()
+    fig.tight_layout()
+    return fig

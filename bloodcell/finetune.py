@@ -1,0 +1,72 @@
+"""Phase 2 policy (config group ``finetune``): which backbone layers to unfreeze, the BatchNorm policy,
+and the fine-tuning optimizer with its schedule."""
+from __future__ import annotations
+
+from bloodcell.errors import UserError
+
+
+def freeze_batchnorm(cfg) -> bool:
+    """Resolve ``finetune.freeze_batchnorm: auto``: freeze with pretrained weights, whose ImageNet
+    statistics a small fine-tuning set would only spoil; train BN in a randomly initialised backbone."""
+    policy = cfg.finetune.freeze_batchnorm
+    return cfg.backbone.weights is not None if policy == "auto" else bool(policy)
+
+
+def freeze_backbone_in_phase1(cfg) -> bool:
+    policy = cfg.trainer.freeze_backbone
+    return cfg.backbone.weights is not None if policy == "auto" else bool(policy)
+
+
+def _is_batchnorm(layer) -> bool:
+    from keras import layers
+
+    return isinstance(layer, layers.BatchNormalization)
+
+
+def set_backbone_trainable(backbone, trainable: bool, *, keep_batchnorm_frozen: bool) -> None:
+    backbone.trainable = True  # a nested model only honours per-layer flags when it is trainable itself
+    for layer in backbone.layers:
+        layer.trainable = trainable and not (keep_batchnorm_frozen and _is_batchnorm(layer))
+    if not trainable:
+        backbone.trainable = False
+
+
+def layers_to_unfreeze(backbone, cfg) -> list:
+    """The backbone layers phase 2 trains: the top ``unfreeze_layers`` layers if set (the seed
+    notebook's way), else every layer of the top ``unfreeze_blocks`` blocks (-1 = all)."""
+    from bloodcell.models import layer_blocks
+
+    ft = cfg.finetune
+    if ft.get("unfreeze_layers") is not None:
+        count = int(ft.unfreeze_layers)
+        if count < 0:
+            raise UserError(f"finetune.unfreeze_layers={count} must be >= 0 (or null to use unfreeze_blocks)")
+        return list(backbone.layers[len(backbone.layers) - count:]) if count else []
+    blocks = layer_blocks(backbone, cfg.backbone.name)
+    count = int(ft.unfreeze_blocks)
+    if count < -1:
+        raise UserError(f"finetune.unfreeze_blocks={count} must be >= 0, or -1 for the whole backbone")
+    if count == -1 or count >= len(blocks):
+        chosen = blocks
+    else:
+        chosen = blocks[len(blocks) - count:] if count else []
+    return [layer for _, block in chosen for layer in block]
+
+
+def unfreeze(backbone, cfg) -> int:
+    """Make exactly the chosen layers trainable (BatchNorm stays frozen per policy); returns how many
+    layers are trainable afterwards."""
+    chosen = {id(layer) for layer in layers_to_unfreeze(backbone, cfg)}
+    keep_bn = freeze_batchnorm(cfg)
+    backbone.trainable = True
+    for layer in backbone.layers:
+        layer.trainable = id(layer) in chosen and not (keep_bn and _is_batchnorm(layer))
+    return sum(layer.trainable for layer in backbone.layers if layer.weights)
+
+
+def optimizer(lr: float, decay_steps: int, decay_rate: float):
+    """Adam on an exponentially decaying learning rate (the reference recipe's schedule)."""
+    import keras
+
+    schedule = keras.optimizers.schedules.ExponentialDecay(lr, decay_steps=decay_steps, decay_rate=decay_rate)
+    return keras.optimizers.Adam(learning_rate=schedule)

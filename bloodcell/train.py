@@ -1,0 +1,207 @@
+"""`python -m bloodcell.train`: one tracked, two-phase training run, composed by Hydra.
+
+    python -m bloodcell.train +experiment=quickstart            # built-in demo data, CPU, minutes
+    python -m bloodcell.train +experiment=effnetb2              # the reference recipe
+    python -m bloodcell.train -m +sweeps=quick                  # an Optuna sweep (sweeps/quick.yaml)
+
+Flow: config -> data (load, validate, clean, split) -> model -> phase 1 (backbone frozen) ->
+phase 2 (top blocks unfrozen, low learning rate) -> test evaluation -> MLflow. ``train(cfg)`` returns the
+objective (best epoch's ``cfg.objective``) for a sweeper.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from bloodcell import NUM_CLASSES, PROJECT_ROOT
+from bloodcell.cli import run_or_exit
+from bloodcell.errors import UserError
+
+log = logging.getLogger("bloodcell.train")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Everything that can be checked without TensorFlow, so a typo costs a second, not a model build."""
+    from bloodcell.models.backbones import check_weights, get_spec
+
+    get_spec(cfg.backbone.name)
+    check_weights(cfg.backbone.weights)
+    if cfg.trainer.distribute not in (None, "mirrored"):
+        raise UserError(f"trainer.distribute={cfg.trainer.distribute!r} is unknown; use null or mirrored")
+    if cfg.trainer.epochs < 1:
+        raise UserError(f"trainer.epochs={cfg.trainer.epochs} must be >= 1")
+    if cfg.finetune.epochs < 0:
+        raise UserError(f"finetune.epochs={cfg.finetune.epochs} must be >= 0 (0 skips fine-tuning)")
+
+
+def load_splits(cfg: DictConfig):
+    """Validated arrays (cleaned if ``data.clean``), stratified split; returns (splits, cleaning summary)."""
+    from bloodcell.data import load_arrays, split_arrays
+
+    arrays = load_arrays(cfg.data)
+    cleaning = None
+    if cfg.data.get("clean"):
+        from bloodcell.clean import clean_cached
+
+        arrays, cleaning = clean_cached(arrays, cfg.cleaning)
+    splits = split_arrays(arrays, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    return arrays, splits, cleaning
+
+
+def _hydra_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _compile(model, lr: float, decay_steps: int, decay_rate: float, label_smoothing: float) -> None:
+    import keras
+
+    from bloodcell.finetune import optimizer
+
+    model.compile(optimizer=optimizer(lr, decay_steps, decay_rate),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+                  metrics=["accuracy"])
+
+
+def _best(history: list[dict], objective: str) -> float:
+    values = [h[objective] for h in history if objective in h and math.isfinite(h[objective])]
+    if not values:
+        raise RuntimeError(f"objective {objective!r} was never logged (or only NaN); "
+                           f"logged: {sorted(history[0]) if history else 'nothing'}")
+    return min(values) if "loss" in objective else max(values)
+
+
+def train(cfg: DictConfig) -> float:
+    """Run both phases, evaluate, record everything in MLflow; return the best ``cfg.objective``."""
+    check_config(cfg)
+    from bloodcell.tracking import check_reachable, resolve_tracking_uri
+
+    check_reachable(resolve_tracking_uri(cfg.tracking))
+    started = time.perf_counter()
+    arrays, splits, cleaning = load_splits(cfg)
+    log.info("data: %s, %d images %s -> train %d / val %d / test %d", arrays.source, len(arrays),
+             arrays.images.shape[1:], len(splits.train), len(splits.val), len(splits.test))
+
+    import keras
+    import mlflow
+    import numpy as np
+    import tensorflow as tf
+
+    from bloodcell import augment, evaluate, finetune, tracking
+    from bloodcell.data import class_weights, make_tf_dataset
+    from bloodcell.models import BACKBONE_LAYER, build_model
+
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.trainer.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = tf.distribute.MirroredStrategy() if cfg.trainer.distribute == "mirrored" \
+        else tf.distribute.get_strategy()
+
+    tags = {"data_fingerprint": arrays.fingerprint, "data_source": arrays.source}
+    if "trial" in cfg:
+        tags["trial_number"] = str(cfg.trial.number)
+    with tracking.start_run(cfg, tags=tags) as run:
+        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        mlflow.log_text(OmegaConf.to_yaml(_hydra_overrides()), "overrides.yaml")
+        if cleaning is not None:
+            mlflow.log_metrics({f"cleaning_removed_{k}": v for k, v in cleaning["counts"].items()})
+            mlflow.log_dict(cleaning["report"], "cleaning/report.json")
+
+        augmentation = augment.build_augmentation(cfg.augmentation, cfg.seed)
+        mixer = augment.build_mixer(cfg.augmentation, NUM_CLASSES, cfg.seed)
+        in_model = cfg.augmentation.get("where", "pipeline") == "model"
+        batch = cfg.trainer.batch_size * strategy.num_replicas_in_sync
+        train_ds = make_tf_dataset(splits.train, batch, training=True, seed=cfg.seed,
+                                   augment=None if in_model else augmentation, mixer=mixer)
+        val_ds = make_tf_dataset(splits.val, batch, training=False, seed=cfg.seed)
+        if augmentation is not None and hasattr(augment, "preview_grid"):  # TODO(lead): drop hasattr
+            grid = augment.preview_grid(splits.train.images[:6], augmentation, views=5, seed=cfg.seed)
+            mlflow.log_image(grid, "plots/augmentation_preview.png")
+
+        with strategy.scope():
+            model = build_model(cfg, splits.train.images.shape[1:])
+            # With augmentation inside the model it runs on the accelerator; only `model` (without it)
+            # is saved, so the logged model needs neither bloodcell nor KerasCV to load.
+            trainable_model = keras.Sequential([augmentation, model]) if in_model and augmentation else model
+            backbone = model.get_layer(BACKBONE_LAYER)
+            finetune.set_backbone_trainable(backbone, not finetune.freeze_backbone_in_phase1(cfg),
+                                            keep_batchnorm_frozen=finetune.freeze_batchnorm(cfg))
+            _compile(trainable_model, cfg.trainer.lr, cfg.trainer.lr_decay_steps, cfg.trainer.lr_decay_rate,
+                     cfg.trainer.label_smoothing)
+
+        weights = class_weights(splits.train.labels) if cfg.trainer.class_weight == "balanced" else None
+        epoch_log = tracking.epoch_logger()
+        try:  # TODO(lead): plain import once bloodcell/trial.py (sweep helper) lands
+            from bloodcell.trial import pruning_callback
+        except ImportError:
+            pruning_callback = lambda cfg: None  # noqa: E731
+        pruner = pruning_callback(cfg)
+
+        def callbacks(patience: int) -> list:
+            stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience,
+                                                 restore_best_weights=True, verbose=1)
+            return [epoch_log, stop] + ([pruner] if pruner is not None else [])
+
+        verbose = cfg.trainer.verbose
+        log.info("phase 1: %d epochs, backbone %s, lr %g", cfg.trainer.epochs,
+                 "frozen" if finetune.freeze_backbone_in_phase1(cfg) else "trainable", cfg.trainer.lr)
+        fit_seconds = 0.0
+        tic = time.perf_counter()
+        history = trainable_model.fit(train_ds, validation_data=val_ds, epochs=cfg.trainer.epochs, shuffle=False,
+                                      class_weight=weights, callbacks=callbacks(cfg.trainer.early_stopping_patience),
+                                      verbose=verbose)
+        fit_seconds += time.perf_counter() - tic
+        phase1_epochs = len(history.epoch)
+        phase2_start = None
+        if cfg.finetune.epochs > 0 and (cfg.finetune.unfreeze_blocks != 0 or cfg.finetune.get("unfreeze_layers")):
+            with strategy.scope():
+                trainable_layers = finetune.unfreeze(backbone, cfg)
+                _compile(trainable_model, cfg.finetune.lr, cfg.finetune.lr_decay_steps,
+                         cfg.finetune.lr_decay_rate, cfg.trainer.label_smoothing)
+            log.info("phase 2: %d epochs, %d backbone layers trainable, lr %g", cfg.finetune.epochs,
+                     trainable_layers, cfg.finetune.lr)
+            mlflow.log_metric("finetune_trainable_layers", trainable_layers)
+            phase2_start = phase1_epochs
+            tic = time.perf_counter()
+            trainable_model.fit(train_ds, validation_data=val_ds, initial_epoch=phase1_epochs, shuffle=False,
+                                epochs=phase1_epochs + cfg.finetune.epochs, class_weight=weights,
+                                callbacks=callbacks(cfg.finetune.early_stopping_patience), verbose=verbose)
+            fit_seconds += time.perf_counter() - tic
+
+        objective = _best(epoch_log.history, cfg.objective)
+        test_ds = make_tf_dataset(splits.test, batch, training=False, seed=cfg.seed)
+        probabilities = model.predict(test_ds.map(lambda x, y: x), verbose=0)
+        result = evaluate.evaluate_predictions(splits.test.labels, probabilities)
+        mlflow.log_metrics({f"best_{cfg.objective}": objective, **result.metrics,
+                            "fit_seconds": fit_seconds})
+        mlflow.log_dict(result.report, "classification_report.json")
+        mlflow.log_figure(evaluate.confusion_figure(result.confusion), "plots/confusion_matrix.png")
+        mlflow.log_figure(evaluate.curves_figure(epoch_log.history, phase2_start), "plots/training_curves.png")
+
+        if cfg.tracking.log_model:
+            from mlflow.models import infer_signature
+
+            sample = splits.test.images[:2].astype(np.float32)
+            info = mlflow.keras.log_model(
+                model, name="model", signature=infer_signature(sample, model.predict(sample, verbose=0)),
+                # pinned rather than inferred: inference imports and inspects every module (seconds).
+                pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
+            mlflow.set_tag("model_uri", info.model_uri)
+        log.info("test accuracy %.4f, macro-F1 %.4f; best %s %.4f; run %s (%.0f s, %.0f s in fit)",
+                 result.metrics["test_accuracy"], result.metrics["test_macro_f1"], cfg.objective, objective,
+                 run.info.run_id, time.perf_counter() - started, fit_seconds)
+    return objective
+
+
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="train")
+def main(cfg: DictConfig) -> float:
+    return run_or_exit(train, cfg)
+
+
+if __name__ == "__main__":
+    main()
