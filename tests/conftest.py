@@ -1,0 +1,73 @@
+"""Shared test helpers: run bloodcell's commands as a user would (subprocesses), tiny data files."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+SHARED_CELLS = SHARED / "data" / "pbc96"
+
+# The smallest run that still goes through every step: 96 synthetic 32x32 images, 1 epoch per phase.
+TINY = ["+experiment=quickstart", "data.image_size=32", "data.per_class=12",
+        "trainer.epochs=1", "finetune.epochs=1", "trainer.verbose=0"]
+
+needs_shared_weights = pytest.mark.skipif(not SHARED_WEIGHTS.is_file(),
+                                          reason="../shared/weights (MobileNet alpha 0.25) not present")
+needs_shared_cells = pytest.mark.skipif(not SHARED_CELLS.is_dir(), reason="../shared/data/pbc96 not present")
+
+
+def run_module(module: str, *args: str, cwd: Path | None = None, timeout: float = 600,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m <module> args...`` with no GPU and quiet TensorFlow, as a user would type it."""
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit 2 and one `error: ...` line on stderr (no traceback) that mentions every fragment."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstderr:\n{proc.stderr[-3000:]}"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture
+def tracking(tmp_path) -> str:
+    """A fresh SQLite MLflow store for one test."""
+    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+def write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+@pytest.fixture
+def tiny_npz(tmp_path) -> Path:
+    """A competition-layout file of 64 synthetic 32x32 cells, labels (N, 1) uint8."""
+    from bloodcell.data import make_demo_set
+
+    images, labels = make_demo_set(per_class=8, image_size=32, seed=1)
+    return write_npz(tmp_path / "training_set.npz", images, labels.astype(np.uint8).reshape(-1, 1))
+
+
+def mlflow_runs(tracking_uri: str, experiment: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")

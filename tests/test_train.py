@@ -1,0 +1,113 @@
+"""`python -m bloodcell.train` end to end, as a user runs it, and what MLflow then holds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bloodcell import CLASS_NAMES
+from conftest import TINY, assert_ok, mlflow_runs, needs_shared_weights, run_module, SHARED_WEIGHTS
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    """One tiny quickstart run shared by the assertions below (training is the slow part)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('qs') / 'mlflow.db'}"
+    proc = run_module("bloodcell.train", *TINY, f"tracking.uri={uri}")
+    assert_ok(proc)
+    runs = mlflow_runs(uri, "quickstart")
+    assert len(runs) == 1
+    return uri, runs[0], proc
+
+
+def test_quickstart_run_is_finished_with_params_and_test_metrics(quickstart_run):
+    _, run, _ = quickstart_run
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["backbone.name"] == "small_cnn"
+    assert params["trainer.epochs"] == "1" and params["finetune.epochs"] == "1"
+    assert params["data.format"] == "demo" and params["seed"] == "42"
+    metrics = run.data.metrics
+    for name in ["test_accuracy", "test_macro_f1", "best_val_accuracy",
+                 *(f"test_precision_{c}" for c in CLASS_NAMES), *(f"test_recall_{c}" for c in CLASS_NAMES)]:
+        assert 0.0 <= metrics[name] <= 1.0, name
+    tags = run.data.tags
+    assert len(tags["data_fingerprint"]) == 64
+    assert tags["git_dirty"] in ("True", "False", "unknown") and tags["git_commit"]
+    assert tags["bloodcell_version"]
+
+
+def test_epoch_metrics_of_both_phases_share_one_step_axis(quickstart_run):
+    import mlflow
+
+    uri, run, _ = quickstart_run
+    client = mlflow.MlflowClient(uri)
+    for metric in ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate"]:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+        assert sorted(steps) == [0, 1], (metric, steps)  # epoch 0 = phase 1, epoch 1 = phase 2
+    lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "learning_rate")}
+    assert lrs[1] < lrs[0]  # phase 2 runs at the fine-tuning learning rate
+
+
+def test_artifacts_and_logged_model_reloads_and_predicts(quickstart_run):
+    import mlflow
+
+    uri, run, _ = quickstart_run
+    client = mlflow.MlflowClient(uri)
+    paths = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "overrides.yaml", "classification_report.json", "plots"} <= paths
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/confusion_matrix.png", "plots/training_curves.png"} <= plots
+    overrides = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/overrides.yaml")
+    assert "+experiment=quickstart" in overrides
+    model = mlflow.keras.load_model(run.data.tags["model_uri"])
+    probabilities = model.predict(np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)), verbose=0)
+    assert probabilities.shape == (5, 8)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
+
+
+def test_crash_after_run_start_marks_run_failed_with_reason(tracking):
+    proc = run_module("bloodcell.train", *TINY, "finetune.epochs=0", "objective=no_such_metric",
+                      f"tracking.uri={tracking}")
+    assert proc.returncode != 0
+    (run,) = mlflow_runs(tracking, "quickstart")
+    assert run.info.status == "FAILED"
+    assert "no_such_metric" in run.data.tags["error"]
+
+
+def test_help_and_cfg_job_answer_without_training():
+    proc = run_module("bloodcell.train", "--help")
+    assert_ok(proc)
+    assert "backbone:" in proc.stdout and "experiment:" in proc.stdout
+    proc = run_module("bloodcell.train", "+experiment=effnetb2", "--cfg", "job")
+    assert_ok(proc)
+    assert "name: efficientnetb2" in proc.stdout and "input_size: 260" in proc.stdout
+
+
+def test_effnetb2_recipe_runs_on_a_small_npz_and_logs_a_registrable_model(tiny_npz, tracking):
+    """The issue's 'done when': the reference recipe, random weights, one epoch per phase."""
+    import mlflow
+
+    proc = run_module("bloodcell.train", "+experiment=effnetb2", f"data.path={tiny_npz}", "backbone.weights=null",
+                      "trainer.epochs=1", "finetune.epochs=1", "trainer.verbose=0", "backbone.input_size=96",
+                      f"tracking.uri={tracking}")
+    assert_ok(proc)
+    (run,) = mlflow_runs(tracking, "effnetb2")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["backbone.name"] == "efficientnetb2"
+    version = mlflow.register_model(run.data.tags["model_uri"], "effnetb2-test")
+    assert version.version == "1"
+
+
+@needs_shared_weights
+def test_mobilenet_with_the_shared_imagenet_weights(tracking):
+    """Pretrained weights from a file: phase 1 freezes the backbone, phase 2 unfreezes its top blocks."""
+    proc = run_module("bloodcell.train", "+experiment=mobilenet_cpu", "data=demo", "data.image_size=32",
+                      "data.per_class=12", "backbone.input_size=32", f"backbone.weights={SHARED_WEIGHTS}",
+                      "trainer.epochs=1", "finetune.epochs=1", "finetune.unfreeze_blocks=2",
+                      "trainer.verbose=0", f"tracking.uri={tracking}")
+    assert_ok(proc)
+    (run,) = mlflow_runs(tracking, "mobilenet_cpu")
+    assert run.info.status == "FINISHED"
+    assert "phase 1: 1 epochs, backbone frozen" in proc.stderr
+    # blocks 12 and 13 of MobileNet: dw + pw convs (BatchNorm stays frozen) -> 4 layers with weights
+    assert run.data.metrics["finetune_trainable_layers"] == 4
