@@ -26,6 +26,9 @@ Two public builders:
   pixels in [0, 255] to float32 pixels in [0, 255], or None when there is nothing to do.
 * ``build_mixer(aug_cfg, num_classes, seed)`` -> ``mix(images, onehot) -> (images, soft_labels)``, or None.
 
+and ``preview_grid(images_uint8, aug_layer, views, seed)`` -> a uint8 image of original + augmented views
+(``python -m bloodcell.augment_preview`` writes it as a PNG; train logs it to MLflow).
+
 Both are reproducible under ``seed`` when the tf.data map runs sequentially (parallel maps draw random
 numbers from a shared state in whatever order the threads run).
 """
@@ -34,9 +37,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 from bloodcell.errors import UserError
 
 VALUE_RANGE = (0.0, 255.0)
+#: preview_grid upscales tiles (nearest neighbour) to at least this many pixels so 32 px images stay visible.
+MIN_TILE = 96
+#: white pixels between preview tiles
+PAD = 4
 
 
 def _cfg_to_dict(cfg: Any) -> dict:
@@ -119,14 +128,184 @@ def _zoom(p: dict, s: float, seed: int):
     return keras.layers.RandomZoom(f, fill_mode=p.get("fill_mode", "reflect"), seed=seed)
 
 
-#: op name -> builder. Each builder documents its parameters by the keys it reads (defaults = strength 1).
+def _hue(p: dict, s: float, seed: int):
+    import keras
+
+    # Shift of up to +-factor/2 of the colour circle (Keras' convention).
+    f = float(p.get("factor", 0.1)) * s
+    if f <= 0:
+        return None
+    return keras.layers.RandomHue((0.0, f), value_range=VALUE_RANGE, seed=seed)
+
+
+def _saturation(p: dict, s: float, seed: int):
+    import keras
+
+    # Keras: 0.5 keeps the image, 0 is grey, 1 fully saturated; sample within 0.5 +- factor.
+    f = min(float(p.get("factor", 0.2)) * s, 0.5)
+    if f <= 0:
+        return None
+    return keras.layers.RandomSaturation((0.5 - f, 0.5 + f), value_range=VALUE_RANGE, seed=seed)
+
+
+def _color_jitter(p: dict, s: float, seed: int):
+    """Stain-like colour variation: brightness, contrast, saturation (0.5 +- value) and hue."""
+    import keras
+
+    b, c = float(p.get("brightness", 0.1)) * s, float(p.get("contrast", 0.2)) * s
+    sat, hue = min(float(p.get("saturation", 0.2)) * s, 0.5), float(p.get("hue", 0.05)) * s
+    if max(b, c, sat, hue) <= 0:
+        return None
+    return keras.layers.RandomColorJitter(
+        value_range=VALUE_RANGE,
+        brightness_factor=b if b > 0 else None,
+        contrast_factor=c if c > 0 else None,
+        saturation_factor=(0.5 - sat, 0.5 + sat) if sat > 0 else None,
+        hue_factor=(0.0, hue) if hue > 0 else None,
+        seed=seed,
+    )
+
+
+def _gaussian_blur(p: dict, s: float, seed: int):
+    import keras
+
+    # Focus variation: sigma up to `sigma` * strength.
+    sigma, prob = float(p.get("sigma", 1.0)) * s, float(p.get("probability", 1.0))
+    if sigma <= 0 or prob <= 0:
+        return None
+    return keras.layers.RandomGaussianBlur(
+        factor=(prob, prob), kernel_size=int(p.get("kernel_size", 3)),
+        sigma=sigma, value_range=VALUE_RANGE, seed=seed,
+    )
+
+
+#: Keras RandAugment's ops. It computes EVERY listed op for each of `num_ops` slots and keeps one per
+#: batch (keras 3.15), so a shorter list is also faster.
+RANDAUGMENT_OPS = ("random_shear", "random_translation", "random_rotation", "random_brightness",
+                   "random_color_degeneration", "random_contrast", "random_sharpness",
+                   "random_posterization", "solarization", "auto_contrast", "equalization")
+#: Left out by default: solarization inverts bright pixels (pink cytoplasm turns green): no stain does that.
+OFF_STAIN_OPS = ("solarization",)
+
+
+def _randaugment(p: dict, s: float, seed: int):
+    """Keras RandAugment, restricted to `ops` (default: all but OFF_STAIN_OPS); magnitude factor * s."""
+    import keras
+
+    f = min(float(p.get("factor", 0.5)) * s, 1.0)
+    if f <= 0:
+        return None
+    ops_ = list(p.get("ops") or [op for op in RANDAUGMENT_OPS if op not in OFF_STAIN_OPS])
+    unknown = sorted(set(ops_) - set(RANDAUGMENT_OPS))
+    if unknown:
+        raise ValueError(f"unknown RandAugment ops {unknown}; choose from {', '.join(RANDAUGMENT_OPS)}")
+    cls = type("CellRandAugment", (keras.layers.RandAugment,), {"_AUGMENT_LAYERS": ops_})
+    return cls(value_range=VALUE_RANGE, num_ops=int(p.get("num_ops", 2)), factor=f, seed=seed)
+
+
+def _augmix(p: dict, s: float, seed: int):
+    """Keras AugMix (seeded chains, see SeededAugMix), `variants` traced copies picked per batch."""
+    f = min(float(p.get("factor", 0.3)) * s, 1.0)
+    if f <= 0:
+        return None
+    classes = _classes()
+    copies = [
+        classes["SeededAugMix"](
+            value_range=VALUE_RANGE, num_chains=int(p.get("num_chains", 3)),
+            chain_depth=int(p.get("chain_depth", 3)), factor=f, alpha=float(p.get("alpha", 1.0)),
+            all_ops=bool(p.get("all_ops", True)), exclude=tuple(p.get("exclude", OFF_STAIN_OPS)),
+            seed=seed + k,
+        )
+        for k in range(max(1, int(p.get("variants", 4))))
+    ]
+    return copies[0] if len(copies) == 1 else classes["RandomChoice"](copies, seed=seed)
+
+
+def _erasing(p: dict, s: float, seed: int):
+    """Random erasing: each image is erased with probability `probability` * strength."""
+    import keras
+
+    f = float(p.get("probability", 0.5)) * s
+    if f <= 0:
+        return None
+    return keras.layers.RandomErasing(
+        factor=(f, f), scale=tuple(p.get("scale", (0.02, 0.33))), fill_value=p.get("fill_value"),
+        value_range=VALUE_RANGE, seed=seed,
+    )
+
+
+def _elastic(p: dict, s: float, seed: int):
+    """Elastic deformation (membranes and nuclei are soft): distortion up to `scale` * strength."""
+    import keras
+
+    scale, prob = float(p.get("scale", 0.5)) * s, float(p.get("probability", 1.0))
+    if scale <= 0 or prob <= 0:
+        return None
+    return keras.layers.RandomElasticTransform(
+        factor=(prob, prob), scale=(0.0, scale), fill_mode=p.get("fill_mode", "reflect"),
+        value_range=VALUE_RANGE, seed=seed,
+    )
+
+
+def _grid_mask(p: dict, s: float, seed: int):
+    """KerasCV GridMask: a rotated grid of square holes; hole/cell ratio up to `ratio` * strength."""
+    import keras_cv
+
+    ratio = min(float(p.get("ratio", 0.5)) * s, 1.0)
+    if ratio <= 0:
+        return None
+    return keras_cv.layers.GridMask(
+        ratio_factor=(0.0, ratio), rotation_factor=float(p.get("rotation", 0.5)),
+        fill_mode=p.get("fill_mode", "constant"), fill_value=float(p.get("fill_value", 0.0)), seed=seed,
+    )
+
+
+def _cutout(p: dict, s: float, seed: int):
+    """KerasCV RandomCutout: one rectangle per image, sides up to `size` * strength of the image."""
+    import keras_cv
+
+    size = min(float(p.get("size", 0.4)) * s, 1.0)
+    if size <= 0:
+        return None
+    return keras_cv.layers.RandomCutout(
+        (0.0, size), (0.0, size), fill_mode=p.get("fill_mode", "constant"),
+        fill_value=float(p.get("fill_value", 0.0)), seed=seed,
+    )
+
+
+def _channel_shuffle(p: dict, s: float, seed: int):
+    """KerasCV ChannelShuffle: permutes R, G, B. No magnitude (on when strength > 0). Far outside what
+    staining varies (purple cells turn green), so no shipped pipeline uses it; opt in with
+    `+augmentation.one_of.channel_shuffle={}`."""
+    import keras_cv
+
+    return keras_cv.layers.ChannelShuffle(groups=int(p.get("groups", 3)), seed=seed) if s > 0 else None
+
+
+#: op name -> builder(params at strength 1, strength, seed) -> layer or None (None: a no-op at this
+#: strength). The keys each builder reads, and their defaults, are its parameters.
 OPS: dict[str, Callable[[dict, float, int], Any]] = {
+    # geometry (Keras core)
     "flip": _flip,
     "rotation": _rotation,
-    "brightness": _brightness,
-    "contrast": _contrast,
     "translation": _translation,
     "zoom": _zoom,
+    "elastic": _elastic,
+    # colour and focus (Keras core)
+    "brightness": _brightness,
+    "contrast": _contrast,
+    "hue": _hue,
+    "saturation": _saturation,
+    "color_jitter": _color_jitter,
+    "gaussian_blur": _gaussian_blur,
+    # policies (Keras core)
+    "randaugment": _randaugment,
+    "augmix": _augmix,
+    # occlusion
+    "erasing": _erasing,          # Keras core RandomErasing
+    "grid_mask": _grid_mask,      # KerasCV
+    "cutout": _cutout,            # KerasCV
+    "channel_shuffle": _channel_shuffle,  # KerasCV
 }
 
 
@@ -151,58 +330,47 @@ def _build_ops(spec: dict, strength: float, seed: int, where: str) -> list:
     return built
 
 
-def _pipeline_class():
-    """Defined lazily so that importing bloodcell.augment does not import Keras."""
-    global _AugmentationPipeline
-    if _AugmentationPipeline is not None:
-        return _AugmentationPipeline
+_CLASSES: dict[str, type] = {}
+
+
+def _classes() -> dict[str, type]:
+    """The Layer subclasses below, defined on first use so that importing bloodcell.augment (e.g. for
+    `--help`) does not import Keras."""
+    if _CLASSES:
+        return _CLASSES
+    import random
+
     import keras
-    from keras import ops
     from keras.src.layers.preprocessing.data_layer import DataLayer
+    from keras.src.layers.preprocessing.image_preprocessing import aug_mix as keras_aug_mix
 
-    class AugmentationPipeline(DataLayer):
-        """Cast to float32, apply ``stages`` in order, then optionally ONE of ``choices`` per batch
-        (to a random ``choice_rate`` fraction of its images), and clip to [0, 255].
+    class RandomChoice(DataLayer):
+        """Apply ONE of ``branches`` per batch (uniformly at random; only that branch runs) to a random
+        ``rate`` fraction of the batch's images; the others pass through unchanged."""
 
-        A DataLayer, like Keras' own preprocessing layers, so it runs inside a tf.data map and inside a
-        model alike. With ``training=False`` it only casts.
-        """
-
-        def __init__(self, stages=(), choices=(), choice_rate=1.0, seed=0, **kwargs):
+        def __init__(self, branches, rate=1.0, seed=0, **kwargs):
             super().__init__(**kwargs)
-            self.stages = list(stages)
-            self.choices = list(choices)
-            self.choice_rate = float(choice_rate)
+            self.branches = list(branches)
+            self.rate = float(rate)
             self.seed = seed
             self.generator = keras.random.SeedGenerator(seed)
 
         def call(self, images, training=True):
-            x = self.backend.cast(images, "float32")
-            if not training:
-                return x
-            for layer in self.stages:
-                x = self.backend.cast(layer(x, training=True), "float32")
-            if self.choices:
-                x = self._apply_one_of(x)
-            return self.backend.numpy.clip(x, VALUE_RANGE[0], VALUE_RANGE[1])
-
-        def _apply_one_of(self, x):
-            seed = self._get_seed_generator(self.backend._backend)
             b = self.backend
-            branches = [
-                (lambda layer: (lambda t: b.cast(layer(t, training=True), "float32")))(layer)
-                for layer in self.choices
-            ]
-            if len(branches) == 1:
-                augmented = branches[0](x)
+            x = b.cast(images, "float32")
+            if not training or not self.branches:
+                return x
+            seed = self._get_seed_generator(b._backend)
+            fns = [(lambda layer: (lambda t: b.cast(layer(t, training=True), "float32")))(layer)
+                   for layer in self.branches]
+            if len(fns) == 1:
+                out = fns[0](x)
             else:
-                index = b.random.randint((), 0, len(branches), seed=seed)
-                augmented = b.core.switch(index, branches, x)
-            if self.choice_rate >= 1.0:
-                return augmented
-            batch = b.shape(x)[0]
-            keep = b.random.uniform((batch, 1, 1, 1), seed=seed) < self.choice_rate
-            return b.numpy.where(keep, augmented, x)
+                out = b.core.switch(b.random.randint((), 0, len(fns), seed=seed), fns, x)
+            if self.rate >= 1.0:
+                return out
+            keep = b.random.uniform((b.shape(x)[0], 1, 1, 1), seed=seed) < self.rate
+            return b.numpy.where(keep, out, x)
 
         def compute_output_shape(self, input_shape):
             return input_shape
@@ -210,11 +378,52 @@ def _pipeline_class():
         def compute_output_spec(self, inputs, training=True):
             return keras.KerasTensor(inputs.shape, dtype="float32")
 
-    _AugmentationPipeline = AugmentationPipeline
-    return AugmentationPipeline
+    class AugmentationPipeline(DataLayer):
+        """Cast to float32, apply ``stages`` in order, clip to [0, 255]. With ``training=False`` it only
+        casts. A DataLayer, like Keras' own preprocessing layers, so it runs inside a tf.data map (where
+        it switches to the TF backend on the CPU) and inside a model alike."""
 
+        def __init__(self, stages=(), seed=0, **kwargs):
+            super().__init__(**kwargs)
+            self.stages = list(stages)
+            self.seed = seed
 
-_AugmentationPipeline = None
+        def call(self, images, training=True):
+            x = self.backend.cast(images, "float32")
+            if not training:
+                return x
+            for layer in self.stages:
+                x = self.backend.cast(layer(x, training=True), "float32")
+            return self.backend.numpy.clip(x, VALUE_RANGE[0], VALUE_RANGE[1])
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+        def compute_output_spec(self, inputs, training=True):
+            return keras.KerasTensor(inputs.shape, dtype="float32")
+
+    class SeededAugMix(keras.layers.AugMix):
+        """Keras 3.15's AugMix draws its op chains with Python's global `random` while *tracing*: inside
+        tf.data or a compiled model the chains are frozen at trace time and not tied to `seed`. This
+        subclass draws them from its own `random.Random(seed)` (reproducible); build_augmentation puts
+        several such copies behind a RandomChoice (`variants`) so that training sees several chain sets."""
+
+        def __init__(self, *args, exclude=(), **kwargs):
+            super().__init__(*args, **kwargs)
+            self._augment_layers = [name for name in self._augment_layers if name not in set(exclude)]
+            self._chain_rng = random.Random(kwargs.get("seed"))
+
+        def get_random_transformation(self, data, training=True, seed=None):
+            saved = keras_aug_mix.py_random
+            keras_aug_mix.py_random = self._chain_rng
+            try:
+                return super().get_random_transformation(data, training=training, seed=seed)
+            finally:
+                keras_aug_mix.py_random = saved
+
+    _CLASSES.update(RandomChoice=RandomChoice, AugmentationPipeline=AugmentationPipeline,
+                    SeededAugMix=SeededAugMix)
+    return _CLASSES
 
 
 def build_augmentation(aug_cfg: Any, seed: int):
@@ -235,8 +444,99 @@ def build_augmentation(aug_cfg: Any, seed: int):
         raise UserError(f"augmentation.one_of_rate={rate} is outside [0, 1]; pick a fraction of images")
     if rate == 0.0:
         choices = []
-    if not stages and not choices:
+    if choices:
+        stages.append(_classes()["RandomChoice"](choices, rate=rate, seed=int(seed) + 11, name="one_of"))
+    if not stages:
         return None
-    return _pipeline_class()(
-        stages=stages, choices=choices, choice_rate=rate, seed=int(seed), name=f"augment_{aug.get('name', 'custom')}"
-    )
+    layer = _classes()["AugmentationPipeline"](stages, seed=int(seed), name=f"augment_{aug.get('name', 'custom')}")
+    layer.aug_config = aug  # lets preview_grid rebuild an independent copy under another seed
+    return layer
+
+
+def build_mixer(aug_cfg: Any, num_classes: int, seed: int):
+    """The batch-level label mixer of ``aug_cfg.mixer`` (MixUp or CutMix, Keras core), or None.
+
+    Returns ``mix(images, onehot) -> (images, soft_labels)`` for batches of float or uint8 pixels in
+    [0, 255] and one-hot (B, num_classes) labels: float32 images in [0, 255] and float32 soft labels
+    whose rows sum to 1. Apply it after ``build_augmentation``'s layer, on training batches only.
+
+    ``mixer.kind: mixup`` mixes whole images with weights ~ Beta(alpha * strength, alpha * strength):
+    small alpha keeps most images close to one source. ``mixer.kind: cutmix`` pastes a box of another
+    image; ``factor * strength`` bounds how large the boxes get. Labels are mixed in proportion.
+    """
+    aug = _cfg_to_dict(aug_cfg)
+    spec = aug.get("mixer")
+    if not spec:
+        return None
+    spec = dict(spec)
+    strength = _strength(aug)
+    kind = spec.get("kind")
+    if strength == 0.0:
+        return None
+    import keras
+
+    if kind == "mixup":
+        alpha = float(spec.get("alpha", 0.4)) * strength
+        layer = keras.layers.MixUp(alpha=alpha, seed=int(seed) + 99)
+    elif kind == "cutmix":
+        factor = min(float(spec.get("factor", 1.0)) * strength, 1.0)
+        layer = keras.layers.CutMix(factor=factor, seed=int(seed) + 99)
+    else:
+        raise UserError(f"unknown augmentation.mixer.kind '{kind}'; use mixup or cutmix")
+    if num_classes < 2:
+        raise UserError(f"a label mixer needs at least 2 classes, got num_classes={num_classes}")
+
+    def mix(images, onehot_labels):
+        from keras import ops
+
+        out = layer({"images": ops.cast(images, "float32"), "labels": ops.cast(onehot_labels, "float32")},
+                    training=True)
+        return ops.clip(ops.cast(out["images"], "float32"), *VALUE_RANGE), ops.cast(out["labels"], "float32")
+
+    mix.layer = layer  # for inspection (tests, preview)
+    mix.kind = kind
+    return mix
+
+
+def preview_grid(images_uint8: np.ndarray, aug_layer, views: int = 6, seed: int | None = None, *,
+                 mixer=None, labels: np.ndarray | None = None) -> np.ndarray:
+    """Original + ``views`` augmented views of each image, as one uint8 (rows, cols, 3) image.
+
+    Row i is ``images_uint8[i]``; column 0 the original, then the views. Tiles are upscaled to at least
+    MIN_TILE px (nearest neighbour), with PAD px of white between them. ``aug_layer`` is a layer from
+    ``build_augmentation`` (None: the views equal the original). With ``seed`` set, the views come from
+    a fresh copy of that pipeline seeded by ``seed``: reproducible, and the training layer's random
+    stream is left untouched. ``mixer`` (from ``build_mixer``) mixes each view's batch within these images;
+    ``labels`` (int class ids) only matter for it.
+    """
+    images_uint8 = np.asarray(images_uint8)
+    if images_uint8.ndim != 4 or images_uint8.shape[-1] != 3 or images_uint8.dtype != np.uint8:
+        raise UserError(f"preview needs uint8 images (N, H, W, 3), got {images_uint8.dtype} {images_uint8.shape}")
+    if views < 1:
+        raise UserError(f"views={views} must be at least 1")
+    if seed is not None and getattr(aug_layer, "aug_config", None) is not None:
+        aug_layer = build_augmentation(aug_layer.aug_config, seed)
+    onehot = None
+    if mixer is not None:
+        lab = np.zeros(len(images_uint8), np.int64) if labels is None else np.asarray(labels)
+        onehot = np.eye(max(int(lab.max()) + 1, 2), dtype=np.float32)[lab]
+    shown = []
+    for _ in range(views):
+        batch = images_uint8.astype(np.float32)
+        if aug_layer is not None:
+            batch = np.asarray(aug_layer(batch, training=True))
+        if mixer is not None:
+            batch = np.asarray(mixer(batch, onehot)[0])
+        shown.append(np.clip(np.rint(batch), 0, 255).astype(np.uint8))
+
+    n, h, w, _ = images_uint8.shape
+    scale = max(1, -(-MIN_TILE // max(h, w)))  # ceil
+    th, tw = h * scale, w * scale
+    cols = 1 + views
+    grid = np.full((n * (th + PAD) + PAD, cols * (tw + PAD) + PAD, 3), 255, np.uint8)
+    for i in range(n):
+        for j in range(cols):
+            tile = images_uint8[i] if j == 0 else shown[j - 1][i]
+            y, x = PAD + i * (th + PAD), PAD + j * (tw + PAD)
+            grid[y:y + th, x:x + tw] = tile.repeat(scale, axis=0).repeat(scale, axis=1)
+    return grid
