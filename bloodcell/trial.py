@@ -1,0 +1,168 @@
+"""The trial side of an Optuna sweep: where the study lives, and the Keras callback that reports each
+epoch to Optuna and stops a trial its pruner gives up on.
+
+The sweeper (hydra_plugins/bloodcell_optuna_sweeper) runs in its own process and hands every trial the
+overrides ``+trial.storage``, ``+trial.study_name``, ``+trial.trial_id`` and ``+trial.number``; the trial
+process reopens the same trial from the storage with ``optuna.trial.Trial(study, trial_id)``.
+
+Storage URLs (``hydra.sweeper.storage``):
+
+- null (default): ``journal:<project root>/mlruns/optuna.journal``, Optuna's journal file. Several
+  processes (``n_jobs > 1`` with the joblib launcher, or several sweeps of one study) append to it under
+  a file lock; Optuna recommends it over SQLite for many writers on one machine, and it also works on
+  NFS, where SQLite's locking does not.
+- ``journal:<path>``: another journal file (a relative path is taken from the project root).
+- any SQLAlchemy URL Optuna accepts: ``sqlite:///mlruns/optuna.db`` (relative to the project root),
+  ``postgresql://user:pw@host/db`` or ``mysql+pymysql://...`` for sweeps over several machines.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from bloodcell import PROJECT_ROOT
+from bloodcell.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_JOURNAL = PROJECT_ROOT / "mlruns" / "optuna.journal"
+
+#: trial system attribute holding the pruner spec ({"name": ..., "kwargs": {...}}) the sweeper chose
+PRUNER_ATTR = "bloodcell:pruner"
+
+_PRUNERS = {
+    "median": "MedianPruner",
+    "percentile": "PercentilePruner",
+    "successive_halving": "SuccessiveHalvingPruner",
+    "hyperband": "HyperbandPruner",
+    "threshold": "ThresholdPruner",
+    "none": "NopPruner",
+}
+
+
+def resolve_storage_url(storage: str | None) -> str:
+    """The absolute storage URL for ``hydra.sweeper.storage`` (see the module docstring)."""
+    if not storage:
+        return f"journal:{DEFAULT_JOURNAL}"
+    storage = str(storage)
+    if storage.startswith("journal:"):
+        return f"journal:{_project_path(storage[len('journal:'):].removeprefix('//'))}"
+    if storage.startswith("sqlite:///"):
+        path = storage[len("sqlite:///"):]
+        return f"sqlite:///{_project_path(path)}" if path and path != ":memory:" else storage
+    if "://" not in storage:
+        raise UserError(f"storage '{storage}' is not a storage URL; use journal:<file>, "
+                        "sqlite:///<file>.db or a database URL such as postgresql://user@host/db")
+    return storage
+
+
+def _project_path(path: str) -> Path:
+    resolved = Path(path).expanduser()
+    resolved = resolved if resolved.is_absolute() else PROJECT_ROOT / resolved
+    resolved.parent.mkdir(parents=True, exist_ok=True)
+    return resolved
+
+
+def lock_path(url: str) -> Path | None:
+    """A file beside a local storage that sweep processes on this machine lock around taking a trial;
+    None for a database server (there the sweeper checks its trial's rank after asking instead)."""
+    if url.startswith("journal:"):
+        return Path(url[len("journal:"):] + ".lock")
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        return Path(url[len("sqlite:///"):] + ".lock")
+    return None
+
+
+def open_storage(url: str):
+    """An Optuna storage for a URL from `resolve_storage_url`."""
+    import optuna
+
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+        if url.startswith("sqlite:"):
+            # trials of a batch write at once; wait for the file lock rather than fail at once
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return optuna.storages.RDBStorage(url)
+    except ImportError as err:
+        raise UserError(f"the Optuna storage {redact(url)} needs a database driver: {err}") from None
+    except Exception as err:  # unreachable server, bad credentials, not a database ...
+        raise UserError(f"cannot open the Optuna storage {redact(url)}: {str(err).splitlines()[0]}") from None
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs and MLflow."""
+    if "://" not in url or "@" not in url:
+        return url
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("://", 1)[0] + "://***"
+
+
+def make_pruner(spec: Any):
+    """An Optuna pruner from ``{"name": ..., "kwargs": {...}}`` (hydra.sweeper.pruner)."""
+    import optuna
+
+    spec = dict(spec or {})
+    name = str(spec.get("name") or "none").lower()
+    kwargs = dict(spec.get("kwargs") or {})
+    if name not in _PRUNERS:
+        raise UserError(f"unknown pruner '{name}'; choose one of {', '.join(_PRUNERS)}")
+    try:
+        return getattr(optuna.pruners, _PRUNERS[name])(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"pruner {name}: {err}") from None
+
+
+def pruning_callback(cfg):
+    """A Keras callback reporting ``cfg.objective`` to this run's Optuna trial after every epoch (step = the
+    global epoch, counted on across both training phases) and raising ``optuna.TrialPruned`` when the
+    study's pruner stops the trial. None outside a sweep (no ``trial`` in cfg)."""
+    trial_cfg = cfg.get("trial")
+    if not trial_cfg:
+        return None
+    import keras
+    import optuna
+
+    storage = open_storage(str(trial_cfg.storage))
+    trial_id = int(trial_cfg.trial_id)
+    frozen = storage.get_trial(trial_id)
+    # the sampler is the sweeper's business; a random one keeps reopening the trial cheap
+    study = optuna.load_study(study_name=str(trial_cfg.study_name), storage=storage,
+                              sampler=optuna.samplers.RandomSampler(),
+                              pruner=make_pruner(frozen.system_attrs.get(PRUNER_ATTR)))
+    trial = optuna.trial.Trial(study, trial_id)
+    objective = str(cfg.get("objective") or "val_accuracy")
+
+    class OptunaPruning(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            # a second instance (say, one per phase) goes on after the steps already reported
+            self.next_step = max(frozen.intermediate_values, default=-1) + 1
+            self.warned = False
+
+        def on_epoch_end(self, epoch, logs=None):
+            value = (logs or {}).get(objective)
+            if value is None:
+                if not self.warned:
+                    log.warning("objective %r is not an epoch metric (%s): trial %d cannot be pruned",
+                                objective, ", ".join(sorted(logs or {})), frozen.number)
+                    self.warned = True
+                return
+            step = max(int(epoch), self.next_step)
+            self.next_step = step + 1
+            value = float(value)
+            trial.report(value, step)
+            if trial.should_prune():
+                self.model.stop_training = True
+                shown = f"{value:.4f}" if math.isfinite(value) else str(value)
+                raise optuna.TrialPruned(f"pruned after epoch {step} ({objective}={shown})")
+
+    return OptunaPruning()

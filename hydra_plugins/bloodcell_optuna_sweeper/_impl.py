@@ -1,0 +1,553 @@
+"""The sweep loop: ask Optuna for a batch of trials, launch them through Hydra's launcher, tell Optuna
+how each ended, and keep the study's MLflow parent run up to date.
+
+How ``n_trials`` stays a total over resumed runs and parallel sweep processes: a trial counts when it is
+running or ended (complete, pruned, or failed by its own error); a trial whose sweep process died
+(SIGKILL, a lost node) or was stopped is marked FAIL with user attribute ``interrupted`` and does not
+count, so its place is run again. Before each ask, a process counts the trials under a file lock beside
+a local storage (journal / SQLite), so processes on one machine never ask one trial too many; on a
+database server it asks first and, when its trial ranks beyond ``n_trials``, puts it back in Optuna's
+queue (WAITING) for whoever needs a trial next.
+
+A running trial carries its sweep process (host, pid) and a heartbeat time as system attributes. It is
+interrupted when that process is gone from this host, or its heartbeat is 4 intervals old.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import optuna
+from hydra.core.utils import JobReturn
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import FrozenTrial, TrialState
+
+from bloodcell.errors import UserError
+from bloodcell.trial import PRUNER_ATTR, lock_path, make_pruner, open_storage, redact, resolve_storage_url
+
+from ._search_space import SearchSpace, grid_of, parse_search_space
+
+log = logging.getLogger(__name__)
+
+OWNER_ATTR = "bloodcell:owner"
+HEARTBEAT_ATTR = "bloodcell:heartbeat"
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+STALE_AFTER_BEATS = 4
+
+_SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler",
+             "cmaes": "CmaEsSampler", "qmc": "QMCSampler", "gp": "GPSampler"}
+
+
+@dataclass
+class SweepOptions:
+    study_name: Optional[str] = None
+    storage: Optional[str] = None
+    direction: str = "maximize"
+    n_trials: int = 20
+    n_jobs: int = 1
+    sampler: dict = field(default_factory=lambda: {"name": "tpe"})
+    pruner: dict = field(default_factory=lambda: {"name": "median"})
+    params: dict = field(default_factory=dict)
+    heartbeat_interval: int = 30
+
+    @classmethod
+    def from_config(cls, options: dict) -> "SweepOptions":
+        plain = {k: (OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v)
+                 for k, v in options.items()}
+        plain["params"] = plain.get("params") or {}
+        return cls(**plain)
+
+
+def counts_toward_total(trial: FrozenTrial) -> bool:
+    if trial.state == TrialState.FAIL:
+        return "interrupted" not in trial.user_attrs
+    return trial.state != TrialState.WAITING
+
+
+def summary_counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    counts = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "interrupted": 0}
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            counts["complete"] += 1
+        elif t.state == TrialState.PRUNED:
+            counts["pruned"] += 1
+        elif t.state == TrialState.RUNNING:
+            counts["running"] += 1
+        elif t.state == TrialState.FAIL:
+            counts["interrupted" if "interrupted" in t.user_attrs else "failed"] += 1
+    return counts
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OptunaSweep:
+    def __init__(self, options: SweepOptions, *, hydra_context: HydraContext, task_function: TaskFunction,
+                 config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.options = options
+        self.hydra_context = hydra_context
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+                      "interval": int(options.heartbeat_interval)}
+        self.objective_name = str(config.get("objective") or "objective")
+        self.in_flight: dict[int, optuna.trial.Trial] = {}
+        self.mlflow: Optional[_ParentRun] = None
+
+    # ------------------------------------------------------------------ set-up
+    def run(self, arguments: list[str]) -> list[list[JobReturn]]:
+        try:
+            self._prepare(arguments)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        self.sweep_dir = sweep_dir
+
+        returns: list[list[JobReturn]] = []
+        status = "FINISHED"
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(stop,), daemon=True, name="optuna-heartbeat")
+        beat.start()
+        previous_term = _raise_on_sigterm()
+        try:
+            while True:
+                batch = self._claim_batch()
+                if not batch:
+                    break
+                returns.append(self._run_batch(batch))
+        except BaseException:
+            status = "KILLED"
+            raise
+        finally:
+            stop.set()
+            for trial in list(self.in_flight.values()):
+                self._interrupt(trial._trial_id, trial.number, "the sweep process was stopped")
+            if previous_term is not None:
+                signal.signal(signal.SIGTERM, previous_term)
+            self._finish(status)
+        return returns
+
+    def _prepare(self, arguments: list[str]) -> None:
+        opts = self.options
+        if opts.direction not in ("maximize", "minimize"):
+            raise UserError(f"direction '{opts.direction}' is neither maximize nor minimize")
+        if int(opts.n_trials) < 1 or int(opts.n_jobs) < 1:
+            raise UserError("n_trials and n_jobs must be at least 1")
+        space_args = [f"{key}={value}" for key, value in opts.params.items()] + list(arguments)
+        self.space = parse_search_space(space_args)
+        if not self.space.distributions:
+            raise UserError("nothing to search: give hydra.sweeper.params (a sweeps/ file) or a sweep "
+                            "override such as 'finetune.lr=tag(log, interval(1e-5, 1e-3))'")
+        self._check_composes()
+        self.n_trials = int(opts.n_trials)
+        sampler = self._make_sampler()
+        self.pruner_spec = {"name": str(opts.pruner.get("name") or "none").lower(),
+                            "kwargs": dict(opts.pruner.get("kwargs") or {})}
+        pruner = make_pruner(self.pruner_spec)
+        self.storage_url = resolve_storage_url(opts.storage)
+        self.storage = open_storage(self.storage_url)
+        choices = self.config.hydra.runtime.choices
+        self.study_name = str(opts.study_name or choices.get("sweeps") or self.config.hydra.job.name)
+        try:
+            with self._lock():
+                self.study = optuna.create_study(study_name=self.study_name, storage=self.storage,
+                                                 sampler=sampler, pruner=pruner, direction=opts.direction,
+                                                 load_if_exists=True)
+        except ValueError as err:  # e.g. the stored study optimizes the other way
+            raise UserError(f"study '{self.study_name}' in {redact(self.storage_url)}: {err}") from None
+        self.rerun_prefix = self._rerun_prefix()
+        if "tracking" in self.config:
+            with self._lock():
+                self.mlflow = _ParentRun.open(self)
+        trials = self.study.get_trials(deepcopy=False)
+        log.info("study '%s' in %s: %s %s, sampler %s, pruner %s; %d of %d trials exist",
+                 self.study_name, redact(self.storage_url), opts.direction, self.objective_name,
+                 opts.sampler.get("name", "tpe"), self.pruner_spec["name"],
+                 sum(map(counts_toward_total, trials)), self.n_trials)
+        for name, written in self.space.written.items():
+            log.info("  %s: %s", name, written)
+
+    def _check_composes(self) -> None:
+        """Compose one job per categorical choice (and one with every range's low end) now, so that a
+        misspelt key or group fails before any trial, with one line."""
+        loader = self.hydra_context.config_loader
+        base = {name: _representative(dist) for name, dist in self.space.distributions.items()}
+        variants = [base]
+        for name, dist in self.space.distributions.items():
+            for choice in getattr(dist, "choices", ())[1:]:
+                variants.append({**base, name: choice})
+        for params in variants:
+            overrides = self.space.overrides_for(params)
+            try:
+                loader.load_sweep_config(master_config=self.config, sweep_overrides=overrides)
+            except Exception as err:  # Hydra's composition errors
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise UserError(f"the sweep's overrides do not compose ({first})") from None
+
+    def _make_sampler(self):
+        spec = dict(self.options.sampler or {})
+        name = str(spec.get("name") or "tpe").lower()
+        if name not in _SAMPLERS:
+            raise UserError(f"unknown sampler '{name}'; choose one of {', '.join(_SAMPLERS)}")
+        kwargs = dict(spec.get("kwargs") or {})
+        if spec.get("seed") is not None:
+            kwargs["seed"] = int(spec["seed"])
+        cls = getattr(optuna.samplers, _SAMPLERS[name])
+        try:
+            if name == "grid":
+                grid = grid_of(self.space)
+                size = math.prod(len(v) for v in grid.values())
+                if size < int(self.options.n_trials):
+                    log.info("the grid has %d points: n_trials %d -> %d", size, self.options.n_trials, size)
+                    self.options.n_trials = size
+                return cls(grid, **kwargs)
+            return cls(**kwargs)
+        except (TypeError, ValueError, ImportError) as err:
+            raise UserError(f"sampler {name}: {err}") from None
+
+    def _rerun_prefix(self) -> list[str]:
+        """Fixed overrides that re-run a trial without the sweep: the sweeps file's experiment (as
+        +experiment=...) and the command line's own overrides, less +sweeps=..."""
+        keys = [_override_key(arg) for arg in self.space.fixed]
+        kept = [arg for arg, key in zip(self.space.fixed, keys) if key != "sweeps"]
+        experiment = self.config.hydra.runtime.choices.get("experiment")
+        if "sweeps" in keys and experiment and "experiment" not in keys:
+            kept.insert(0, f"+experiment={experiment}")
+        return kept
+
+    # ------------------------------------------------------------------ taking trials
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        path = lock_path(getattr(self, "storage_url", "") or "")
+        if path is None:
+            yield
+            return
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _claim_batch(self) -> list[optuna.trial.Trial]:
+        batch = []
+        for _ in range(int(self.options.n_jobs)):
+            trial = self._claim()
+            if trial is None:
+                break
+            batch.append(trial)
+        return batch
+
+    def _claim(self) -> Optional[optuna.trial.Trial]:
+        with self._lock():
+            self._recover_interrupted()
+            if sum(map(counts_toward_total, self.study.get_trials(deepcopy=False))) >= self.n_trials:
+                return None
+            trial = self.study.ask(fixed_distributions=self.space.distributions)
+            storage = self.study._storage
+            storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, self.owner)
+            storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_ATTR, time.time())
+            self.in_flight[trial._trial_id] = trial
+        # Processes on other machines share no lock: the trial's rank among the counted ones decides.
+        ahead = [t for t in self.study.get_trials(deepcopy=False)
+                 if t._trial_id < trial._trial_id and counts_toward_total(t)]
+        if len(ahead) >= self.n_trials:
+            del self.in_flight[trial._trial_id]
+            self.study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+            return None
+        storage.set_trial_system_attr(trial._trial_id, PRUNER_ATTR, self.pruner_spec)
+        rerun = self.rerun_prefix + self.space.overrides_for(trial.params)[len(self.space.fixed):]
+        storage.set_trial_user_attr(trial._trial_id, "overrides", rerun)
+        return trial
+
+    def _recover_interrupted(self) -> None:
+        now = time.time()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            owner = t.system_attrs.get(OWNER_ATTR)
+            if not owner or owner.get("token") == self.owner["token"]:
+                continue
+            beat = float(t.system_attrs.get(HEARTBEAT_ATTR, 0.0))
+            gone = owner.get("host") == self.owner["host"] and not _pid_alive(int(owner.get("pid", -1)))
+            silent = now - beat > STALE_AFTER_BEATS * int(owner.get("interval", self.owner["interval"]))
+            if gone or silent:
+                why = "its sweep process is gone" if gone else "its sweep process stopped sending heartbeats"
+                self._interrupt(t._trial_id, t.number, why)
+
+    def _interrupt(self, trial_id: int, number: int, why: str) -> None:
+        """Mark a trial that did not end by itself FAIL + interrupted: it does not count toward n_trials."""
+        storage = self.study._storage
+        try:
+            storage.set_trial_user_attr(trial_id, "interrupted", why)
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            return  # ended meanwhile, or another process marked it first
+        finally:
+            self.in_flight.pop(trial_id, None)
+        log.warning("trial %d interrupted (%s): marked FAIL, its place will be run again", number, why)
+        if self.mlflow is not None:
+            self.mlflow.fail_child(number, f"interrupted: {why}")
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(self.owner["interval"]):
+            for trial_id in list(self.in_flight):
+                with contextlib.suppress(Exception):
+                    self.study._storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+    # ------------------------------------------------------------------ running trials
+    def _trial_overrides(self, trial: optuna.trial.Trial) -> list[str]:
+        extra = [f"++trial.storage={_quote(self.storage_url)}",
+                 f"++trial.study_name={_quote(self.study_name)}",
+                 f"++trial.trial_id={trial._trial_id}",
+                 f"++trial.number={trial.number}"]
+        if self.mlflow is not None:
+            # a name per trial: runs named at random would all be alike (train seeds `random`)
+            extra[:0] = [f"++tracking.parent_run_id={self.mlflow.run_id}",
+                         f"++tracking.run_name={_quote(f'{self.study_name}-trial-{trial.number}')}"]
+        return self.space.overrides_for(trial.params) + extra
+
+    def _run_batch(self, batch: list[optuna.trial.Trial]) -> list[JobReturn]:
+        overrides = [self._trial_overrides(trial) for trial in batch]
+        started = time.monotonic()
+        returns = list(self.launcher.launch(overrides, initial_job_idx=batch[0].number))
+        elapsed = time.monotonic() - started
+        for trial, ret in zip(batch, returns):
+            self._tell(trial, ret, elapsed)
+        self._log_summary()
+        return returns
+
+    def _tell(self, trial: optuna.trial.Trial, ret: JobReturn, elapsed: float) -> None:
+        state, value, error = TrialState.COMPLETE, None, None
+        try:
+            value = float(ret.return_value)
+            if not math.isfinite(value):
+                raise ValueError(f"the objective is {value}")
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except Exception as err:  # the trial's own exception, re-raised by JobReturn.return_value
+            state, error = TrialState.FAIL, f"{type(err).__name__}: {err}".strip()
+            log.debug("trial %d failed", trial.number, exc_info=err)
+        storage = self.study._storage
+        if error is not None:
+            with contextlib.suppress(Exception):
+                storage.set_trial_user_attr(trial._trial_id, "error", error[:2000])
+        try:
+            self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        except RuntimeError as err:  # GridSampler asks the study to stop once the grid is covered
+            if "Study.stop" not in str(err):
+                raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another process judged it interrupted meanwhile
+        finally:
+            self.in_flight.pop(trial._trial_id, None)
+        frozen = storage.get_trial(trial._trial_id)
+        params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+        if state == TrialState.COMPLETE:
+            outcome = f"{self.objective_name}={value:.4f}"
+        elif state == TrialState.PRUNED:
+            last = frozen.last_step
+            outcome = f"at step {last}" if last is not None else ""
+        else:
+            outcome = (error or "").splitlines()[0][:300]
+        log.info("trial %d %s %s | %s | %s", trial.number, frozen.state.name, outcome, params,
+                 _duration(elapsed))
+        if state == TrialState.FAIL and self.mlflow is not None:
+            self.mlflow.fail_child(trial.number, error or "failed", only_if_missing=True)
+
+    def _log_summary(self) -> None:
+        trials = self.study.get_trials(deepcopy=False)
+        c = summary_counts(trials)
+        done = c["complete"] + c["pruned"] + c["failed"]
+        best = self._best(trials)
+        best_text = (f"best {self.objective_name}={best.value:.4f} (trial {best.number})"
+                     if best is not None else "no complete trial yet")
+        log.info("study '%s': %d/%d trials done (%d complete, %d pruned, %d failed%s); %s",
+                 self.study_name, done, self.n_trials, c["complete"], c["pruned"], c["failed"],
+                 f", {c['running']} running" if c["running"] else "", best_text)
+
+    def _best(self, trials: list[FrozenTrial]) -> Optional[FrozenTrial]:
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        if not complete:
+            return None
+        pick = max if self.options.direction == "maximize" else min
+        return pick(complete, key=lambda t: t.value)
+
+    def _finish(self, status: str) -> None:
+        if not hasattr(self, "study"):
+            return
+        trials = self.study.get_trials(deepcopy=False)
+        if self.mlflow is not None:
+            try:
+                from ._report import write_report
+
+                files = write_report(self, trials, self._best(trials), self.sweep_dir)
+                self.mlflow.finish(trials, self._best(trials), files, status)
+            except Exception as err:  # the trials are safe in storage; say what the report missed
+                log.warning("could not finish the MLflow parent run: %s", err, exc_info=True)
+        best = self._best(trials)
+        if best is not None:
+            log.info("best trial %d: %s=%.4f; re-run it with: python -m bloodcell.train %s", best.number,
+                     self.objective_name, best.value, " ".join(best.user_attrs.get("overrides", [])))
+
+
+class _ParentRun:
+    """The sweep's MLflow parent run (kept as a study user attribute, so a resumed or parallel sweep of
+    the study logs to the same run); trials nest under it from train's ``tracking.parent_run_id``."""
+
+    def __init__(self, client, run_id: str, experiment_id: str) -> None:
+        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
+
+    @classmethod
+    def open(cls, sweep: OptunaSweep) -> "_ParentRun":
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        from bloodcell.tracking import setup_experiment
+
+        experiment_id = setup_experiment(sweep.config.tracking)
+        client = MlflowClient(mlflow.get_tracking_uri())
+        attrs = sweep.study.user_attrs
+        run_id = attrs.get(PARENT_RUN_ATTR)
+        if run_id:
+            try:
+                run = client.get_run(run_id)
+                if run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active":
+                    client.update_run(run_id, status="RUNNING")
+                    log.info("MLflow: resuming parent run %s of study '%s'", run_id, sweep.study_name)
+                    parent = cls(client, run_id, experiment_id)
+                    parent._set_tags(sweep)
+                    return parent
+            except Exception:
+                pass  # gone, or another tracking store: start a new parent run
+        opts = sweep.options
+        run = client.create_run(experiment_id, run_name=f"sweep-{sweep.study_name}",
+                                tags={"bloodcell.sweep": "true", "optuna.study_name": sweep.study_name})
+        params = {"study_name": sweep.study_name, "direction": opts.direction,
+                  "sampler": str(opts.sampler.get("name", "tpe")), "pruner": sweep.pruner_spec["name"],
+                  "storage": redact(sweep.storage_url), "objective": sweep.objective_name}
+        params.update({f"space.{k}": v for k, v in sweep.space.written.items()})
+        for key, value in params.items():
+            client.log_param(run.info.run_id, key, str(value)[:6000])
+        sweep.study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
+        log.info("MLflow: parent run %s (experiment %s)", run.info.run_id, sweep.config.tracking.experiment)
+        parent = cls(client, run.info.run_id, experiment_id)
+        parent._set_tags(sweep)
+        return parent
+
+    def _set_tags(self, sweep: OptunaSweep) -> None:
+        opts = sweep.options
+        tags = {"n_trials": sweep.n_trials, "n_jobs": opts.n_jobs,
+                "sampler.config": json.dumps(opts.sampler, sort_keys=True),
+                "pruner.config": json.dumps(sweep.pruner_spec, sort_keys=True),
+                "search_space": " ".join(f"{k}={v}" for k, v in sweep.space.written.items()),
+                "fixed_overrides": " ".join(sweep.rerun_prefix)}
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value)[:5000])
+
+    def children(self, number: Optional[int] = None) -> list:
+        query = f"tags.mlflow.parentRunId = '{self.run_id}'"
+        if number is not None:
+            query += f" and tags.trial_number = '{number}'"
+        return self.client.search_runs([self.experiment_id], filter_string=query, max_results=5000)
+
+    def fail_child(self, number: int, reason: str, only_if_missing: bool = False) -> None:
+        """Mark trial ``number``'s child run FAILED (a killed sweep left it RUNNING); create one when the
+        trial failed before train started its run, so that every trial has its child run."""
+        try:
+            runs = self.children(number)
+            if not runs:
+                run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags={
+                    "mlflow.parentRunId": self.run_id, "trial_number": str(number)})
+                runs = [run]
+            elif only_if_missing:
+                return
+            for run in runs:
+                if run.info.status in ("RUNNING", "SCHEDULED") or run.info.run_id == runs[0].info.run_id:
+                    self.client.set_tag(run.info.run_id, "optuna.trial_state", "FAIL")
+                    self.client.set_tag(run.info.run_id, "error", reason[:5000])
+                    if run.info.status in ("RUNNING", "SCHEDULED"):
+                        self.client.set_terminated(run.info.run_id, status="FAILED")
+        except Exception as err:
+            log.warning("MLflow: could not mark trial %d's run failed: %s", number, err)
+
+    def finish(self, trials: list[FrozenTrial], best: Optional[FrozenTrial], files: list[Path],
+               status: str) -> None:
+        counts = summary_counts(trials)
+        metrics = {f"n_{k}": v for k, v in counts.items()}
+        if best is not None:
+            metrics["best_value"] = best.value
+            metrics["best_trial_number"] = best.number
+            self.client.set_tag(self.run_id, "best_trial_number", str(best.number))
+            for key, value in best.params.items():
+                self.client.set_tag(self.run_id, f"best.{key}", str(value))
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    metrics[f"best.{key}"] = float(value)
+        step = len(trials)
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, float(value), step=step)
+        for path in files:
+            self.client.log_artifact(self.run_id, str(path), artifact_path="plots" if path.suffix == ".png" else None)
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def _raise_on_sigterm():
+    """SIGTERM (a scheduler's time limit, kill) ends the sweep like Ctrl-C: running trials are marked
+    interrupted, so that the next run of the study re-runs them."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _representative(dist: Any) -> Any:
+    if hasattr(dist, "choices"):
+        return dist.choices[0]
+    return dist.low
+
+
+def _override_key(argument: str) -> str:
+    key = argument.split("=", 1)[0].lstrip("+~")
+    return key.split("@", 1)[0]
+
+
+def _quote(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{escaped}'"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
