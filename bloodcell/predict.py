@@ -1,0 +1,305 @@
+"""`python -m bloodcell.predict`: class ids, names and probabilities for images, from any saved model.
+
+    python -m bloodcell.predict model=models:/bloodcell@champion input=test.npz output=pred.csv
+    python -m bloodcell.predict model=models:/bloodcell/3 input=cells/ output=pred.npy tta=true
+    python -m bloodcell.predict model=runs:/<run id>/model input=cell.png output=pred.csv
+    python -m bloodcell.predict model=path/to/model.keras input=test.npz output=pred.csv
+
+``model`` is a registry URI (``models:/name@alias``, ``models:/name/version``), a logged model
+(``models:/m-...``), a run's model (``runs:/<run id>/model``), an MLflow model folder or a ``.keras`` file.
+``input`` is an npz (array ``images``, labels optional), a folder of images (flat, or one sub-folder per
+class) or one image file. The images must have the size the model was trained on.
+
+Output: CSV with one row per image (image, class_id, class_name, one probability column per class, and
+``label`` when the input had labels), or .npy holding a structured array with fields image, class_id,
+class_name, probabilities (8,) (``np.load(path)`` -- no pickle needed).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from bloodcell import CLASS_NAMES, NUM_CLASSES, PROJECT_ROOT
+from bloodcell.cli import run_or_exit
+from bloodcell.errors import UserError
+
+OUTPUT_SUFFIXES = (".csv", ".npy")
+
+
+@dataclass
+class Images:
+    images: np.ndarray          # uint8 (N, H, W, 3)
+    names: list[str]            # per image: file path relative to the input, or the npz index
+    labels: np.ndarray | None   # int64 (N,) when the input carries them
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+def resolve_model_uri(spec: str, client=None) -> str:
+    """Check that ``spec`` names an existing model and return a URI/path MLflow or Keras can load.
+
+    Registry names, aliases, versions and run ids are looked up first so that a typo is one clear line
+    instead of an MLflow stack trace."""
+    if not spec:
+        raise UserError("say which model: model=models:/<name>@<alias> | models:/<name>/<version> | "
+                        "runs:/<run id>/model | <path to .keras file or MLflow model folder>")
+    spec = str(spec)
+    if spec.startswith("models:/"):
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        client = client or mlflow.MlflowClient()
+        ref = spec[len("models:/"):].strip("/")
+        if ref.startswith("m-") and "/" not in ref and "@" not in ref:  # a logged model id
+            try:
+                client.get_logged_model(ref)
+            except MlflowException:
+                raise UserError(f"logged model {ref} not found in this tracking store; check the id "
+                                "(tag model_uri of the run) or tracking.uri") from None
+            return spec
+        name, sep_alias, alias = ref.partition("@")
+        name, _, version = name.partition("/") if not sep_alias else (name, "", "")
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            known = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
+            raise UserError(f"registered model {name!r} not found (registered: {known}); "
+                            "promote a run first: python -m bloodcell.promote experiment=<name>") from None
+        try:
+            if sep_alias:
+                client.get_model_version_by_alias(name, alias)
+            elif version and version != "latest":
+                client.get_model_version(name, version)
+        except MlflowException:
+            what = f"alias {alias!r}" if sep_alias else f"version {version!r}"
+            aliases = sorted(client.get_registered_model(name).aliases or {})
+            raise UserError(f"registered model {name!r} has no {what} (aliases: {', '.join(aliases) or 'none'}); "
+                            f"use models:/{name}@<alias> or models:/{name}/<version>") from None
+        return spec
+    if spec.startswith("runs:/"):
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        client = client or mlflow.MlflowClient()
+        run_id = spec[len("runs:/"):].split("/", 1)[0]
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            raise UserError(f"run {run_id!r} not found in this tracking store; check the run id or "
+                            "tracking.uri") from None
+        return spec
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"model {spec!r} is neither an existing file/folder nor a models:/ or runs:/ URI; "
+                        "e.g. model=models:/bloodcell@champion")
+    if path.is_file() and path.suffix not in (".keras", ".h5"):
+        raise UserError(f"model file {path} is not a Keras model (.keras or .h5)")
+    if path.is_dir() and not (path / "MLmodel").is_file():
+        raise UserError(f"model folder {path} has no MLmodel file; point to an MLflow model folder "
+                        "or a .keras file")
+    return str(path.resolve())
+
+
+def set_tracking(tracking_cfg) -> None:
+    """Point MLflow at the configured store (without creating an experiment: reading only)."""
+    import os
+
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # model files are small, local
+
+    from bloodcell.tracking import check_reachable, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_cfg)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+
+
+def signature_image_shape(uri: str) -> tuple | None:
+    """(H, W, C) from an MLflow model's signature, read without loading TensorFlow; None when unknown."""
+    if Path(uri).is_file():
+        return None
+    try:
+        import mlflow
+
+        inputs = mlflow.models.get_model_info(uri).signature.inputs.inputs
+        return tuple(None if d == -1 else d for d in inputs[0].shape[1:])
+    except Exception:  # no signature or another layout: the loaded model tells later
+        return None
+
+
+def load_model(spec: str):
+    """A Keras model from a registry/run URI, an MLflow model folder or a .keras/.h5 file."""
+    uri = resolve_model_uri(spec)
+    if Path(uri).is_file():
+        import keras
+
+        return keras.saving.load_model(uri, compile=False)
+    import mlflow.keras
+
+    return mlflow.keras.load_model(uri)
+
+
+def model_image_shape(model) -> tuple[int | None, int | None, int]:
+    shape = model.input_shape
+    if isinstance(shape, list):
+        shape = shape[0]
+    return tuple(shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def read_images(path: str | Path) -> Images:
+    """An npz (``images``, optional ``labels``), a folder of images, or one image file."""
+    from bloodcell.data import resolve_path
+    from bloodcell.data.formats import IMAGE_SUFFIXES, read_image
+
+    given = path
+    path = resolve_path(path)
+    if not path.exists():
+        raise UserError(f"input {given} not found; give an .npz file, a folder of images or an image file")
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"{path}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+        images = [read_image(f)[0] for f in files]
+        shapes = {im.shape for im in images}
+        if len(shapes) > 1:
+            raise UserError(f"{path}: images have different sizes {sorted(shapes)[:3]}; resize them to the "
+                            "size the model was trained on")
+        return Images(np.stack(images), [str(f.relative_to(path)) for f in files], None)
+    if path.suffix.lower() == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                key = "images" if "images" in npz.files else (npz.files[0] if len(npz.files) == 1 else None)
+                if key is None:
+                    raise UserError(f"{path}: no array 'images' (found {npz.files}); save the images as "
+                                    "np.savez(path, images=...)")
+                images = npz[key]
+                labels = npz["labels"].reshape(-1) if "labels" in npz.files else None
+        except (ValueError, OSError) as err:
+            raise UserError(f"{path}: cannot be read as an npz archive ({err}); re-export it with "
+                            "numpy.savez") from None
+        if labels is not None and (len(labels) != len(images) or labels.dtype.kind not in "iu"):
+            labels = None  # not usable as class ids: predict without them
+        return Images(images, [str(i) for i in range(len(images))],
+                      None if labels is None else labels.astype(np.int64))
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return Images(read_image(path), [path.name], None)
+    raise UserError(f"input {path} is not an .npz, a folder or an image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+
+
+def check_images(images: np.ndarray, model_shape: tuple, source: str) -> None:
+    """Images the model can take: uint8 (N, H, W, 3) with the model's H and W."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(f"{source}: images have shape {images.shape}, expected (N, H, W, 3) RGB")
+    if len(images) == 0:
+        raise UserError(f"{source}: holds no images")
+    if images.dtype != np.uint8:
+        raise UserError(f"{source}: images are {images.dtype}, expected uint8 pixel values 0-255; "
+                        "save them with images.astype('uint8')")
+    height, width = model_shape[0], model_shape[1]
+    if (height and images.shape[1] != height) or (width and images.shape[2] != width):
+        raise UserError(f"{source}: images are {images.shape[1]}x{images.shape[2]} but the model takes "
+                        f"{height}x{width} (the size it was trained on); resize the images to {height}x{width}")
+
+
+# ---------------------------------------------------------------------------------------------- predict
+
+def tta_views(batch: np.ndarray) -> list[np.ndarray]:
+    """The flips and 90-degree rotations of a batch (8 views when square, 4 flips otherwise)."""
+    flips = [batch, batch[:, :, ::-1], batch[:, ::-1, :], batch[:, ::-1, ::-1]]
+    if batch.shape[1] != batch.shape[2]:
+        return flips
+    rotated = np.rot90(batch, k=1, axes=(1, 2))
+    return flips + [rotated, rotated[:, :, ::-1], rotated[:, ::-1, :], rotated[:, ::-1, ::-1]]
+
+
+def predict_arrays(model, images: np.ndarray, batch_size: int = 64, tta: bool = False,
+                   progress: bool = False) -> np.ndarray:
+    """Softmax probabilities (N, 8) float32 for uint8 images (N, H, W, 3), in batches; with ``tta`` the
+    average over flips and 90-degree rotations."""
+    if batch_size < 1:
+        raise UserError(f"batch_size={batch_size} must be >= 1")
+    from tqdm.auto import tqdm
+
+    out = np.empty((len(images), NUM_CLASSES), dtype=np.float32)
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
+        batch = images[start:start + batch_size].astype(np.float32)
+        views = tta_views(batch) if tta else [batch]
+        probs = [np.asarray(model.predict_on_batch(np.ascontiguousarray(v))) for v in views]
+        out[start:start + len(batch)] = np.mean(probs, axis=0)
+    return out
+
+
+def write_predictions(path: Path, probabilities: np.ndarray, names: list[str],
+                      labels: np.ndarray | None = None) -> None:
+    ids = probabilities.argmax(axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npy":
+        dtype = [("image", f"U{max(map(len, names))}"), ("class_id", np.int64), ("class_name", "U16"),
+                 ("probabilities", np.float32, (NUM_CLASSES,))]
+        table = np.empty(len(ids), dtype=dtype)
+        table["image"], table["class_id"] = names, ids
+        table["class_name"] = [CLASS_NAMES[i] for i in ids]
+        table["probabilities"] = probabilities
+        np.save(path, table)
+        return
+    import csv
+
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "class_id", "class_name", *(f"p_{c}" for c in CLASS_NAMES),
+                         *(["label"] if labels is not None else [])])
+        for row, (name, cid, probs) in enumerate(zip(names, ids, probabilities)):
+            writer.writerow([name, int(cid), CLASS_NAMES[cid], *(f"{p:.6f}" for p in probs),
+                             *([int(labels[row])] if labels is not None else [])])
+
+
+def check_output(output: str | None, overwrite: bool) -> Path:
+    if not output:
+        raise UserError("say where to write: output=<file.csv | file.npy>")
+    path = Path(output).expanduser()
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise UserError(f"output={output} must end in .csv or .npy")
+    if path.exists() and not overwrite:
+        raise UserError(f"output {path} exists; choose another name or pass overwrite=true")
+    return path
+
+
+def predict(cfg: DictConfig) -> np.ndarray:
+    """Everything cheap is checked first (output, input), then the model is loaded once."""
+    output = check_output(cfg.output, bool(cfg.overwrite))
+    if not cfg.input:
+        raise UserError("say what to predict: input=<file.npz | image folder | image file>")
+    data = read_images(cfg.input)
+    check_images(data.images, (None, None, 3), str(cfg.input))
+    set_tracking(cfg.tracking)
+    uri = resolve_model_uri(cfg.model)
+    signature_shape = signature_image_shape(uri)  # a wrong image size fails before TensorFlow loads
+    if signature_shape:
+        check_images(data.images, signature_shape, str(cfg.input))
+    model = load_model(uri)
+    check_images(data.images, model_image_shape(model), str(cfg.input))
+    probabilities = predict_arrays(model, data.images, int(cfg.batch_size), bool(cfg.tta), progress=True)
+    write_predictions(output, probabilities, data.names, data.labels)
+    counts = np.bincount(probabilities.argmax(axis=1), minlength=NUM_CLASSES)
+    summary = ", ".join(f"{CLASS_NAMES[c]} {n}" for c, n in enumerate(counts) if n)
+    print(f"wrote {len(probabilities)} predictions to {output}{' (TTA)' if cfg.tta else ''}: {summary}")
+    if data.labels is not None:
+        print(f"accuracy against the input's labels: {(probabilities.argmax(1) == data.labels).mean():.4f}")
+    return probabilities
+
+
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="predict")
+def main(cfg: DictConfig) -> None:
+    run_or_exit(predict, cfg)
+
+
+if __name__ == "__main__":
+    main()
