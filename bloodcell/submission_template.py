@@ -1,0 +1,52 @@
+"""Competition submission: a Keras blood-cell classifier (made by `python -m bloodcell.submit`).
+
+    from model import Model
+    ids = Model().predict(X)   # X: uint8 (N, 96, 96, 3) -> class ids (N,)
+
+Depends on numpy and Keras 3 / TensorFlow only; the model file lies beside this one.
+Class ids: 0 basophil, 1 eosinophil, 2 erythroblast, 3 ig, 4 lymphocyte, 5 monocyte, 6 neutrophil,
+7 platelet.
+"""
+import os
+
+import numpy as np
+
+try:  # Keras 3 (the model is in the Keras 3 format)
+    import keras
+except ImportError:  # an environment with tf.keras only
+    from tensorflow import keras
+
+MODEL_FILE = "model.keras"
+BATCH_SIZE = 64
+
+
+class Model:
+    def __init__(self, path=None):
+        """Load the model from ``path`` (default: the folder holding this file)."""
+        folder = path or os.path.dirname(os.path.abspath(__file__))
+        self.model = keras.models.load_model(os.path.join(folder, MODEL_FILE), compile=False)
+        self.height, self.width = self.model.input_shape[1:3]
+
+    def predict(self, X):
+        """Class ids (N,) int64 for images X uint8 (N, H, W, 3), pixel values 0-255.
+
+        Images of another size than the model's input are resized to it first (bilinear)."""
+        X = np.asarray(X)
+        if X.ndim == 3:  # one image
+            X = X[None]
+        ids = []
+        for start in range(0, len(X), BATCH_SIZE):
+            batch = X[start:start + BATCH_SIZE].astype(np.float32)
+            if batch.shape[1:3] != (self.height, self.width):
+                batch = _resize(batch, (self.height, self.width))
+            probabilities = np.asarray(self.model.predict_on_batch(batch))
+            ids.append(probabilities.argmax(axis=1))
+        return np.concatenate(ids).astype(np.int64) if ids else np.zeros((0,), dtype=np.int64)
+
+
+def _resize(batch, size):
+    if hasattr(keras, "ops"):  # Keras 3
+        return np.asarray(keras.ops.image.resize(batch, size))
+    import tensorflow as tf
+
+    return tf.image.resize(batch, size).numpy()

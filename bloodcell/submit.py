@@ -1,0 +1,125 @@
+"""`python -m bloodcell.submit`: a competition submission zip from any saved model.
+
+    python -m bloodcell.submit model=models:/bloodcell@champion output=submission.zip
+
+The zip holds ``model.py`` (bloodcell/submission_template.py: class ``Model`` whose ``predict(X)`` maps
+uint8 images (N, 96, 96, 3) to class ids (N,)) and ``model.keras`` beside it. It needs numpy and
+TensorFlow/Keras only, not bloodcell. Before the zip is written the bundle is loaded from a scratch
+folder and run on a blank batch, so a bundle that cannot load never leaves this command.
+"""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from bloodcell import NUM_CLASSES, PROJECT_ROOT
+from bloodcell.cli import run_or_exit
+from bloodcell.errors import UserError
+
+TEMPLATE = Path(__file__).with_name("submission_template.py")
+MODEL_FILE = "model.keras"      # the name model.py loads
+COMPETITION_SHAPE = (96, 96, 3)
+
+
+def check_output(output: str | None, overwrite: bool) -> Path:
+    if not output:
+        raise UserError("say where to write the bundle: output=<file.zip>")
+    path = Path(output).expanduser()
+    if path.suffix != ".zip":
+        raise UserError(f"output={output} must end in .zip")
+    if path.exists() and not overwrite:
+        raise UserError(f"output {path} exists; choose another name or pass overwrite=true")
+    return path
+
+
+def _keras_file_in(folder: Path) -> Path | None:
+    """The native Keras file of an MLflow keras-flavor model folder (``data/model.keras``)."""
+    found = sorted(folder.rglob("*.keras"))
+    return found[0] if len(found) == 1 else None
+
+
+def export_keras_file(spec: str, dest: Path) -> Path:
+    """Write the model ``spec`` names to ``dest`` (a .keras file): copied byte for byte when it already is
+    one (a .keras path or an MLflow keras model), else loaded and saved again."""
+    import mlflow
+
+    from bloodcell.predict import resolve_model_uri
+
+    uri = resolve_model_uri(spec)
+    local = Path(uri)
+    if local.is_file() and local.suffix == ".keras":
+        shutil.copyfile(local, dest)
+        return dest
+    if not local.exists():  # a models:/ or runs:/ URI
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest.parent / "mlflow")))
+    keras_file = _keras_file_in(local) if local.is_dir() else None
+    if keras_file is not None:
+        shutil.copyfile(keras_file, dest)
+        return dest
+    from bloodcell.predict import load_model  # an .h5 file or another flavor layout: re-save
+
+    load_model(str(local)).save(dest)
+    return dest
+
+
+def check_bundle(folder: Path) -> tuple[int, int]:
+    """Import the bundle's model.py from ``folder`` and predict a blank competition batch; return the
+    model's input size (H, W)."""
+    spec = importlib.util.spec_from_file_location("bloodcell_submission_check", folder / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        model = module.Model()
+        ids = model.predict(np.zeros((2, *COMPETITION_SHAPE), dtype=np.uint8))
+    except Exception as err:  # the bundle would fail in the competition too
+        raise UserError(f"the bundle does not work: {type(err).__name__}: {err}; is the model a "
+                        "bloodcell classifier (input (H, W, 3) pixels 0-255, output 8 probabilities)?") from None
+    if np.shape(ids) != (2,) or not np.all((ids >= 0) & (ids < NUM_CLASSES)):
+        raise UserError(f"the bundle's predict returned {ids!r}, expected 2 class ids 0-{NUM_CLASSES - 1}; "
+                        "is the model a bloodcell classifier with 8 outputs?")
+    return int(model.height), int(model.width)
+
+
+def build_submission(spec: str, output: Path) -> tuple[int, int]:
+    """model.py + model.keras, checked, zipped to ``output``; returns the model's input size."""
+    with tempfile.TemporaryDirectory(prefix="bloodcell-submit-") as scratch:
+        bundle = Path(scratch) / "bundle"
+        bundle.mkdir()
+        shutil.copyfile(TEMPLATE, bundle / "model.py")
+        export_keras_file(spec, bundle / MODEL_FILE)
+        size = check_bundle(bundle)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        partial = output.with_name(output.name + ".partial")
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name in ("model.py", MODEL_FILE):
+                zf.write(bundle / name, arcname=name)
+        partial.replace(output)
+    return size
+
+
+def submit(cfg: DictConfig) -> Path:
+    output = check_output(cfg.output, bool(cfg.overwrite))
+    from bloodcell.predict import set_tracking
+
+    set_tracking(cfg.tracking)
+    height, width = build_submission(str(cfg.model) if cfg.model else "", output)
+    note = "" if (height, width) == COMPETITION_SHAPE[:2] else \
+        f"; the model takes {height}x{width}, so model.py resizes 96x96 inputs to that"
+    print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB: model.py + {MODEL_FILE}) from {cfg.model}{note}")
+    return output
+
+
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="submit")
+def main(cfg: DictConfig) -> None:
+    run_or_exit(submit, cfg)
+
+
+if __name__ == "__main__":
+    main()
