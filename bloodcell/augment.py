@@ -29,8 +29,11 @@ Two public builders:
 and ``preview_grid(images_uint8, aug_layer, views, seed)`` -> a uint8 image of original + augmented views
 (``python -m bloodcell.augment_preview`` writes it as a PNG; train logs it to MLflow).
 
-Both are reproducible under ``seed`` when the tf.data map runs sequentially (parallel maps draw random
-numbers from a shared state in whatever order the threads run).
+Reproducibility: Keras core layers draw from their own seeded state, so a pipeline built with the same
+``seed`` gives the same views when the tf.data map runs sequentially (a parallel map hands the shared
+random state to batches in whatever order its threads run). KerasCV's layers (grid_mask, cutout,
+channel_shuffle) also depend on TF's global seed: call ``keras.utils.set_random_seed(seed)`` first, as
+train does.
 """
 from __future__ import annotations
 
@@ -169,8 +172,8 @@ def _color_jitter(p: dict, s: float, seed: int):
 def _gaussian_blur(p: dict, s: float, seed: int):
     import keras
 
-    # Focus variation: sigma up to `sigma` * strength.
-    sigma, prob = float(p.get("sigma", 1.0)) * s, float(p.get("probability", 1.0))
+    # Focus variation: sigma up to `sigma` * strength (Keras 3.15 caps sigma at 1 pixel).
+    sigma, prob = min(float(p.get("sigma", 1.0)) * s, 1.0), float(p.get("probability", 1.0))
     if sigma <= 0 or prob <= 0:
         return None
     return keras.layers.RandomGaussianBlur(
@@ -355,6 +358,12 @@ def _classes() -> dict[str, type]:
             self.seed = seed
             self.generator = keras.random.SeedGenerator(seed)
 
+        def build(self, input_shape):
+            for layer in self.branches:
+                if not layer.built:
+                    layer.build(input_shape)
+            self.built = True
+
         def call(self, images, training=True):
             b = self.backend
             x = b.cast(images, "float32")
@@ -387,6 +396,12 @@ def _classes() -> dict[str, type]:
             super().__init__(**kwargs)
             self.stages = list(stages)
             self.seed = seed
+
+        def build(self, input_shape):
+            for layer in self.stages:
+                if not layer.built:
+                    layer.build(input_shape)
+            self.built = True
 
         def call(self, images, training=True):
             x = self.backend.cast(images, "float32")
