@@ -161,7 +161,8 @@ def pruning_callback(cfg):
             value = float(value)
             trial.report(value, step)
             if trial.should_prune():
-                self.model.stop_training = True
+                if getattr(self, "model", None) is not None:
+                    self.model.stop_training = True
                 shown = f"{value:.4f}" if math.isfinite(value) else str(value)
                 raise optuna.TrialPruned(f"pruned after epoch {step} ({objective}={shown})")
 

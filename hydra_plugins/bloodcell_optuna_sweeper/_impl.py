@@ -59,8 +59,8 @@ class SweepOptions:
     direction: str = "maximize"
     n_trials: int = 20
     n_jobs: int = 1
-    sampler: dict = field(default_factory=lambda: {"name": "tpe"})
-    pruner: dict = field(default_factory=lambda: {"name": "median"})
+    sampler: dict = field(default_factory=lambda: {"name": "tpe"})  # name, seed, {<name>: kwargs}
+    pruner: dict = field(default_factory=lambda: {"name": "median"})  # name, {<name>: kwargs}
     params: dict = field(default_factory=dict)
     heartbeat_interval: int = 30
 
@@ -168,8 +168,8 @@ class OptunaSweep:
         self._check_composes()
         self.n_trials = int(opts.n_trials)
         sampler = self._make_sampler()
-        self.pruner_spec = {"name": str(opts.pruner.get("name") or "none").lower(),
-                            "kwargs": dict(opts.pruner.get("kwargs") or {})}
+        pruner_name = str(opts.pruner.get("name") or "none").lower()
+        self.pruner_spec = {"name": pruner_name, "kwargs": dict(opts.pruner.get(pruner_name) or {})}
         pruner = make_pruner(self.pruner_spec)
         self.storage_url = resolve_storage_url(opts.storage)
         self.storage = open_storage(self.storage_url)
@@ -189,7 +189,7 @@ class OptunaSweep:
         trials = self.study.get_trials(deepcopy=False)
         log.info("study '%s' in %s: %s %s, sampler %s, pruner %s; %d of %d trials exist",
                  self.study_name, redact(self.storage_url), opts.direction, self.objective_name,
-                 opts.sampler.get("name", "tpe"), self.pruner_spec["name"],
+                 self.sampler_name, self.pruner_spec["name"],
                  sum(map(counts_toward_total, trials)), self.n_trials)
         for name, written in self.space.written.items():
             log.info("  %s: %s", name, written)
@@ -213,10 +213,10 @@ class OptunaSweep:
 
     def _make_sampler(self):
         spec = dict(self.options.sampler or {})
-        name = str(spec.get("name") or "tpe").lower()
+        name = self.sampler_name = str(spec.get("name") or "tpe").lower()
         if name not in _SAMPLERS:
             raise UserError(f"unknown sampler '{name}'; choose one of {', '.join(_SAMPLERS)}")
-        kwargs = dict(spec.get("kwargs") or {})
+        kwargs = dict(spec.get(name) or {})
         if spec.get("seed") is not None:
             kwargs["seed"] = int(spec["seed"])
         cls = getattr(optuna.samplers, _SAMPLERS[name])
@@ -449,7 +449,7 @@ class _ParentRun:
         run = client.create_run(experiment_id, run_name=f"sweep-{sweep.study_name}",
                                 tags={"bloodcell.sweep": "true", "optuna.study_name": sweep.study_name})
         params = {"study_name": sweep.study_name, "direction": opts.direction,
-                  "sampler": str(opts.sampler.get("name", "tpe")), "pruner": sweep.pruner_spec["name"],
+                  "sampler": sweep.sampler_name, "pruner": sweep.pruner_spec["name"],
                   "storage": redact(sweep.storage_url), "objective": sweep.objective_name}
         params.update({f"space.{k}": v for k, v in sweep.space.written.items()})
         for key, value in params.items():
@@ -463,7 +463,8 @@ class _ParentRun:
     def _set_tags(self, sweep: OptunaSweep) -> None:
         opts = sweep.options
         tags = {"n_trials": sweep.n_trials, "n_jobs": opts.n_jobs,
-                "sampler.config": json.dumps(opts.sampler, sort_keys=True),
+                "sampler.config": json.dumps({"name": sweep.sampler_name, "seed": opts.sampler.get("seed"),
+                                              **(opts.sampler.get(sweep.sampler_name) or {})}, sort_keys=True),
                 "pruner.config": json.dumps(sweep.pruner_spec, sort_keys=True),
                 "search_space": " ".join(f"{k}={v}" for k, v in sweep.space.written.items()),
                 "fixed_overrides": " ".join(sweep.rerun_prefix)}

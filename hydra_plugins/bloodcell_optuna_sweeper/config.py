@@ -7,21 +7,43 @@ from typing import Any, Dict, Optional
 from hydra.core.config_store import ConfigStore
 
 
+def _settings(**defaults: Any) -> Any:
+    return field(default_factory=lambda: dict(defaults))
+
+
 @dataclass
 class SamplerConf:
+    """``name`` picks the sampler; the block of that name holds its keyword arguments (any keyword of the
+    Optuna class; add one that is not listed with ``+hydra.sweeper.sampler.tpe.<keyword>=...``)."""
+
     #: tpe | random | grid | cmaes | qmc | gp
     name: str = "tpe"
     seed: Optional[int] = None
-    #: any other keyword of the Optuna sampler class, e.g. {n_startup_trials: 5}
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    tpe: Dict[str, Any] = _settings(n_startup_trials=10, multivariate=False, constant_liar=False)
+    random: Dict[str, Any] = _settings()
+    grid: Dict[str, Any] = _settings()  # the grid itself is the search space (choice / range only)
+    cmaes: Dict[str, Any] = _settings(n_startup_trials=1, consider_pruned_trials=False)
+    qmc: Dict[str, Any] = _settings(qmc_type="sobol", scramble=False)
+    gp: Dict[str, Any] = _settings(n_startup_trials=10)
 
 
 @dataclass
 class PrunerConf:
+    """``name`` picks the pruner; the block of that name holds its keyword arguments. Steps are epochs,
+    counted across both training phases."""
+
     #: median | percentile | successive_halving | hyperband | threshold | none
     name: str = "median"
-    #: keywords of the Optuna pruner class, e.g. {n_startup_trials: 3, n_warmup_steps: 2}
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    median: Dict[str, Any] = _settings(n_startup_trials=5, n_warmup_steps=0, interval_steps=1, n_min_trials=1)
+    percentile: Dict[str, Any] = _settings(percentile=25.0, n_startup_trials=5, n_warmup_steps=0,
+                                           interval_steps=1, n_min_trials=1)
+    successive_halving: Dict[str, Any] = _settings(min_resource="auto", reduction_factor=4,
+                                                   min_early_stopping_rate=0, bootstrap_count=0)
+    hyperband: Dict[str, Any] = _settings(min_resource=1, max_resource="auto", reduction_factor=3,
+                                          bootstrap_count=0)
+    #: prunes a trial whose objective is below lower / above upper (e.g. lower: 0.3 for accuracy)
+    threshold: Dict[str, Any] = _settings(lower=None, upper=None, n_warmup_steps=0, interval_steps=1)
+    none: Dict[str, Any] = _settings()
 
 
 @dataclass

@@ -1,0 +1,233 @@
+"""Optuna sweeps as Hydra multiruns (issue 4): the sweeper plugin, pruning, resuming, parallel sweeps.
+
+End-to-end tests run `python -m bloodcell.train -m ...` as a user would, on the tiny quickstart run (32x32
+synthetic images, one epoch per phase), each with its own Optuna storage and MLflow store in tmp_path.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY, assert_ok, assert_user_error, run_module
+
+# Speeds a trial up: no model logging (the train tests cover it).
+TRIAL = [o for o in TINY if o != "+experiment=quickstart"] + ["tracking.log_model=false"]
+# (no +experiment: sweeps/quick.yaml pulls in the quickstart experiment itself)
+
+
+def sweep_args(tmp: Path, *extra: str, storage: str | None = None) -> list[str]:
+    storage = storage or f"sqlite:///{tmp / 'optuna.db'}"
+    return ["-m", "+sweeps=quick", *TRIAL, f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+            f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp / 'multirun'}", *extra]
+
+
+def load_study(storage: str, name: str = "quick"):
+    import optuna
+
+    from bloodcell.trial import open_storage
+
+    return optuna.load_study(study_name=name, storage=open_storage(storage))
+
+
+def mlflow_runs(tmp: Path, experiment: str = "quickstart"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("bloodcell.sweep") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def states(study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in study.trials:
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------- fast checks
+def test_search_space_syntax_maps_to_optuna_distributions():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from hydra_plugins.bloodcell_optuna_sweeper._search_space import parse_search_space
+
+    space = parse_search_space([
+        "finetune.lr=tag(log, interval(1e-5, 1e-3))", "augmentation.strength=interval(0, 1)",
+        "finetune.unfreeze_blocks=int(interval(0, 4))", "trainer.batch_size=range(16, 65, 16)",
+        "+head.extra=choice(a, b)", "backbone=small_cnn,mobilenet", "+experiment=quickstart",
+        "trainer.epochs=2", "trainer.epochs=interval(1, 3)", "augmentation.strength=0.3"])
+    d = space.distributions
+    assert d["finetune.lr"] == FloatDistribution(1e-5, 1e-3, log=True)
+    assert d["finetune.unfreeze_blocks"] == IntDistribution(0, 4)
+    assert d["trainer.batch_size"] == IntDistribution(16, 64, step=16)  # range's stop is excluded
+    assert d["head.extra"] == CategoricalDistribution(["a", "b"])
+    assert d["backbone"] == CategoricalDistribution(["small_cnn", "mobilenet"])
+    assert d["trainer.epochs"] == FloatDistribution(1, 3)  # the later override of a key wins
+    assert "augmentation.strength" not in d
+    assert space.fixed == ["+experiment=quickstart", "augmentation.strength=0.3"]
+    assert space.overrides_for({"head.extra": "a"})[-1] == "+head.extra=a"
+
+
+@pytest.mark.parametrize("bad, fragment", [
+    ("finetune.lr=tag(log, interval(0, 1e-3))", "log scale"),
+    ("finetune.lr=interval(1e-3, 1e-5)", "above high"),
+    ("finetune.unfreeze_blocks=range(4, 1)", "empty"),
+    ("finetune.lrr=interval(1e-5, 1e-3)", "do not compose"),
+])
+def test_invalid_search_space_fails_before_any_trial_with_one_line(tmp_path, bad, fragment):
+    proc = run_module("bloodcell.train", *sweep_args(tmp_path, bad), cwd=tmp_path, timeout=120)
+    assert_user_error(proc, fragment)
+    assert not (tmp_path / "optuna.db").exists() or not load_study(f"sqlite:///{tmp_path / 'optuna.db'}").trials
+
+
+def test_pruning_callback_reports_on_one_step_axis_and_raises_when_median_prunes(tmp_path):
+    import optuna
+    from omegaconf import OmegaConf
+
+    from bloodcell.trial import PRUNER_ATTR, open_storage, pruning_callback
+
+    url = f"journal:{tmp_path / 'optuna.journal'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
+    for _ in range(2):  # two good trials: 0.8, 0.9 at steps 0..3
+        good = study.ask()
+        for step in range(4):
+            good.report(0.8 + step * 0.03, step)
+        study.tell(good, 0.9)
+    trial = study.ask()
+    study._storage.set_trial_system_attr(trial._trial_id, PRUNER_ATTR,
+                                         {"name": "median", "kwargs": {"n_startup_trials": 1}})
+    cfg = OmegaConf.create({"objective": "val_accuracy", "trial": {
+        "storage": url, "study_name": "s", "trial_id": trial._trial_id, "number": trial.number}})
+    assert pruning_callback(OmegaConf.create({"objective": "val_accuracy"})) is None
+    callback = pruning_callback(cfg)
+    callback.on_epoch_end(0, {"val_accuracy": 0.81})  # not below the median at step 0 (0.8): goes on
+    # a second callback (phase 2) whose Keras epochs restart at 0 still reports after step 0; its best
+    # (0.81) is below the median at step 1 (0.83)
+    again = pruning_callback(cfg)
+    with pytest.raises(optuna.TrialPruned):
+        again.on_epoch_end(0, {"val_accuracy": 0.1})
+    assert study._storage.get_trial(trial._trial_id).intermediate_values == {0: 0.81, 1: 0.1}
+
+
+# ---------------------------------------------------------------------------------------- sweeps
+def test_tiny_sweep_with_two_parallel_jobs_fills_optuna_and_mlflow(tmp_path):
+    proc = run_module("bloodcell.train", *sweep_args(
+        tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2"), cwd=tmp_path, timeout=600)
+    assert_ok(proc)
+    study = load_study(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert states(study) == {"COMPLETE": 2}
+    assert len(study.trials[0].intermediate_values) == 2  # one report per epoch of both phases
+    log = proc.stdout + proc.stderr
+    assert "trial 0 COMPLETE" in log and "trial 1 COMPLETE" in log and "2/2 trials done" in log
+
+    client, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.params["study_name"] == "quick"
+    assert parent.data.params["space.finetune.lr"] == "tag(log, interval(1e-5, 1e-2))"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert sorted(c.data.tags["trial_number"] for c in children) == ["0", "1"]
+    assert {c.data.tags["optuna.trial_state"] for c in children} == {"COMPLETE"}
+    assert math.isclose(parent.data.metrics["best_value"], study.best_value)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"best.yaml", "trials.csv", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/param_importances.png",
+            "plots/parallel_coordinate.png"} <= plots
+
+    from omegaconf import OmegaConf
+
+    best = OmegaConf.load(tmp_path / "multirun" / "best.yaml")
+    assert best.trial_number == study.best_trial.number
+    assert best.overrides[0] == "+experiment=quickstart"
+    assert f"finetune.lr={study.best_params['finetune.lr']}" in best.overrides
+    assert not any(o.startswith(("+sweeps", "++trial", "++tracking.parent")) for o in best.overrides)
+
+
+def test_a_setting_that_cannot_learn_is_pruned_at_once(tmp_path):
+    # lr 0 cannot learn: chance accuracy (1/8) stays under the threshold pruner's floor after epoch 1
+    proc = run_module("bloodcell.train", *sweep_args(
+        tmp_path, "hydra.sweeper.n_trials=2", "trainer.epochs=3", "trainer.lr=0", "finetune.lr=0",
+        "hydra.sweeper.pruner.name=threshold", "hydra.sweeper.pruner.threshold.lower=0.6"),
+        cwd=tmp_path, timeout=600)
+    assert_ok(proc)
+    study = load_study(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert states(study) == {"PRUNED": 2}
+    assert all(list(t.intermediate_values) == [0] for t in study.trials)  # stopped after the first epoch
+    _, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1 and len(children) == 2
+    for child in children:
+        assert child.info.status == "KILLED"
+        assert child.data.tags["optuna.trial_state"] == "PRUNED"
+        assert "val_accuracy" in child.data.metrics  # the partial metrics stay
+    assert "2 pruned" in proc.stdout + proc.stderr
+
+
+def _start_sweep(tmp: Path, *extra: str, storage: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.Popen([sys.executable, "-m", "bloodcell.train", *sweep_args(tmp, *extra, storage=storage)],
+                            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_resume_after_sigkill_reruns_the_interrupted_trial_only(tmp_path):
+    storage = f"journal:{tmp_path / 'optuna.journal'}"
+    args = ("hydra.sweeper.n_trials=2", "trainer.epochs=3", "hydra.sweeper.pruner.name=none")
+    sweep = _start_sweep(tmp_path, *args, storage=storage)
+    deadline = time.monotonic() + 300
+    try:  # kill it in the middle of trial 0: after its first epoch was reported
+        while time.monotonic() < deadline and sweep.poll() is None:
+            time.sleep(0.5)
+            if (tmp_path / "optuna.journal").exists():
+                running = [t for t in load_study(storage).trials if t.state.name == "RUNNING"]
+                if running and running[0].intermediate_values:
+                    break
+        assert sweep.poll() is None, "the sweep ended before it could be killed"
+        sweep.send_signal(signal.SIGKILL)
+    finally:
+        sweep.kill()
+        sweep.communicate()
+    assert states(load_study(storage)) == {"RUNNING": 1}
+
+    proc = run_module("bloodcell.train", *sweep_args(tmp_path, *args, storage=storage), cwd=tmp_path,
+                      timeout=600)
+    assert_ok(proc)
+    study = load_study(storage)
+    assert states(study) == {"FAIL": 1, "COMPLETE": 2}
+    interrupted = study.trials[0]
+    assert interrupted.state.name == "FAIL" and "interrupted" in interrupted.user_attrs
+    assert "trial 0 interrupted" in proc.stdout + proc.stderr
+
+    _, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1  # the resumed sweep logs to the same parent run
+    numbers = sorted(c.data.tags["trial_number"] for c in children)
+    assert numbers == ["0", "1", "2"]  # one child run per Optuna trial, none twice
+    by_number = {c.data.tags["trial_number"]: c for c in children}
+    assert by_number["0"].info.status == "FAILED" and by_number["0"].data.tags["optuna.trial_state"] == "FAIL"
+    assert {by_number[n].info.status for n in ("1", "2")} == {"FINISHED"}
+
+
+def test_two_sweep_processes_share_one_study_without_extra_or_lost_trials(tmp_path):
+    storage = f"journal:{tmp_path / 'optuna.journal'}"
+    args = ("hydra.sweeper.n_trials=3",)
+    first = _start_sweep(tmp_path, *args, f"hydra.sweep.dir={tmp_path / 'a'}", storage=storage)
+    second = _start_sweep(tmp_path, *args, f"hydra.sweep.dir={tmp_path / 'b'}", storage=storage)
+    outputs = [p.communicate(timeout=900)[0] for p in (first, second)]
+    for process, output in zip((first, second), outputs):
+        assert process.returncode == 0, output[-4000:]
+    study = load_study(storage)
+    assert states(study) == {"COMPLETE": 3}
+    assert sorted(t.number for t in study.trials) == [0, 1, 2]
+    # both processes ran trials
+    assert all("COMPLETE val_accuracy=" in output for output in outputs), outputs
+    _, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1
+    assert sorted(c.data.tags["trial_number"] for c in children) == ["0", "1", "2"]
