@@ -275,6 +275,8 @@ def check_output(output: str | None, overwrite: bool) -> Path:
 def predict(cfg: DictConfig) -> np.ndarray:
     """Everything cheap is checked first (output, input), then the model is loaded once."""
     output = check_output(cfg.output, bool(cfg.overwrite))
+    if int(cfg.batch_size) < 1:
+        raise UserError(f"batch_size={cfg.batch_size} must be >= 1")
     if not cfg.input:
         raise UserError("say what to predict: input=<file.npz | image folder | image file>")
     data = read_images(cfg.input)
@@ -290,7 +292,7 @@ def predict(cfg: DictConfig) -> np.ndarray:
     write_predictions(output, probabilities, data.names, data.labels)
     counts = np.bincount(probabilities.argmax(axis=1), minlength=NUM_CLASSES)
     summary = ", ".join(f"{CLASS_NAMES[c]} {n}" for c, n in enumerate(counts) if n)
-    print(f"wrote {len(probabilities)} predictions to {output}{' (TTA)' if cfg.tta else ''}: {summary}")
+    print(f"wrote {len(probabilities)} prediction{'s' * (len(probabilities) != 1)} to {output}{' (TTA)' if cfg.tta else ''}: {summary}")
     if data.labels is not None:
         print(f"accuracy against the input's labels: {(probabilities.argmax(1) == data.labels).mean():.4f}")
     return probabilities

@@ -204,7 +204,7 @@ def promote(client, *, experiment: str | None, metric: str = "best_val_accuracy"
     version, created = register(client, model_name, run, experiment, metric)
     holder = alias_holder(client, model_name, alias)
     label = f"{model_name}@{alias}"
-    if holder is not None and holder.version == version.version:
+    if holder is not None and str(holder.version) == str(version.version):
         moved, reason = False, f"version {version.version} already holds {label}"
     elif holder is None:
         moved, reason = True, f"{label} was unset"
@@ -223,7 +223,7 @@ def promote(client, *, experiment: str | None, metric: str = "best_val_accuracy"
                                     f"({held:.4f}); use force=true to move the alias anyway")
     if moved:
         client.set_registered_model_alias(model_name, alias, version.version)
-    return Promotion(run.info.run_id, version.version, created, moved, reason, value)
+    return Promotion(run.info.run_id, str(version.version), created, moved, reason, value)
 
 
 def main_task(cfg: DictConfig) -> Promotion:

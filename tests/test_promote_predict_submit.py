@@ -1,0 +1,285 @@
+"""`bloodcell.promote`, `bloodcell.predict` and `bloodcell.submit` end to end, as a user runs them.
+
+Two tiny runs are trained once for the module, each in its own experiment: run A in ``first``, run B in
+``second`` as the child of a hand-made sweep parent. Which run is "better" is made deterministic with a
+metric the test logs itself (``score``: A 0.8, B 0.4), since 1-epoch accuracies on 15 images tie.
+The registry steps below depend on each other and run in file order.
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bloodcell import CLASS_NAMES
+from conftest import TINY, assert_ok, assert_user_error, run_module
+
+SCORE = {"A": 0.8, "B": 0.4}
+# Fine-tuning adds nothing these tests look at: skip it to halve the training time.
+TRAIN = [arg for arg in TINY if not arg.startswith("finetune.epochs=")] + ["finetune.epochs=0"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    import mlflow
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    run_a = run_module("bloodcell.train", *TRAIN, f"tracking.uri={uri}", "tracking.experiment=first")
+    assert_ok(run_a)
+    client = mlflow.MlflowClient(uri)
+    second = client.create_experiment("second", artifact_location=(root / "artifacts").as_uri())
+    sweep = client.create_run(second, run_name="sweep-parent").info.run_id
+    run_b = run_module("bloodcell.train", *TRAIN, f"tracking.uri={uri}", "tracking.experiment=second",
+                       f"tracking.parent_run_id={sweep}", "seed=7")
+    assert_ok(run_b)
+    client.set_terminated(sweep, "FINISHED")
+    client.create_experiment("empty", artifact_location=(root / "artifacts").as_uri())
+    ids = {}
+    for key, experiment in (("A", "first"), ("B", "second")):
+        exp = client.get_experiment_by_name(experiment)
+        [run] = client.search_runs([exp.experiment_id], "tags.model_uri != ''")
+        client.log_metric(run.info.run_id, "score", SCORE[key])
+        ids[key] = run.info.run_id
+    from bloodcell.data import make_demo_set
+
+    images, labels = make_demo_set(per_class=2, image_size=32, seed=3)
+    np.savez(root / "cells.npz", images=images, labels=labels)
+    np.savez(root / "cells48.npz", images=make_demo_set(per_class=1, image_size=48, seed=3)[0])
+    return SimpleNamespace(root=root, uri=uri, client=client, run=ids, sweep=sweep, images=images)
+
+
+def promote(store, *args):
+    return run_module("bloodcell.promote", f"tracking.uri={store.uri}", *args)
+
+
+def versions(store) -> dict[str, str]:
+    """version -> run id of every version of `bloodcell`."""
+    return {str(v.version): v.run_id for v in store.client.search_model_versions("name = 'bloodcell'")}
+
+
+def champion(store) -> str | None:
+    from bloodcell.promote import alias_holder
+
+    holder = alias_holder(store.client, "bloodcell", "champion")
+    return str(holder.version) if holder else None
+
+
+# ------------------------------------------------------------------------------------------- promote
+
+def test_promote_registers_best_run_with_provenance_and_sets_alias(store):
+    proc = promote(store, "experiment=first", "metric=score")
+    assert_ok(proc)
+    assert versions(store) == {"1": store.run["A"]}
+    assert champion(store) == "1"
+    assert "bloodcell@champion -> version 1" in proc.stdout
+    version = store.client.get_model_version("bloodcell", "1")
+    run = store.client.get_run(store.run["A"])
+    assert version.tags["run_id"] == store.run["A"]
+    assert float(version.tags["metric.score"]) == pytest.approx(0.8)
+    assert float(version.tags["metric.best_val_accuracy"]) == pytest.approx(run.data.metrics["best_val_accuracy"])
+    assert version.tags["data_fingerprint"] == run.data.tags["data_fingerprint"]
+    assert version.tags["git_commit"] == run.data.tags["git_commit"]
+    assert "backbone:" in version.tags["config"] and "small_cnn" in version.tags["config"]
+    assert store.run["A"] in version.description and "score=0.8000" in version.description
+    assert version.source == run.data.tags["model_uri"]
+
+
+def test_worse_run_is_registered_but_does_not_take_the_alias(store):
+    proc = promote(store, "experiment=second", "metric=score", f"sweep={store.sweep}")
+    assert_ok(proc)
+    assert versions(store) == {"1": store.run["A"], "2": store.run["B"]}
+    assert champion(store) == "1"
+    assert "unchanged" in proc.stdout and "does not beat" in proc.stdout
+
+
+def test_promoting_the_same_run_twice_makes_no_second_version(store):
+    proc = promote(store, "experiment=second", "metric=score")
+    assert_ok(proc)
+    assert len(versions(store)) == 2
+    assert "is already version 2" in proc.stdout
+
+
+def test_force_moves_the_alias_and_a_better_run_takes_it_back(store):
+    assert_ok(promote(store, "experiment=second", "metric=score", "force=true"))
+    assert champion(store) == "2"
+    proc = promote(store, "experiment=first", "metric=score")
+    assert_ok(proc)
+    assert champion(store) == "1" and len(versions(store)) == 2
+    assert "beats holder version 2" in proc.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["experiment=nope"], "experiment 'nope' not found"),
+    (["experiment=empty"], "no FINISHED runs"),
+    (["experiment=first", "metric=nope"], "metric 'nope'"),
+    (["experiment=first", "sweep=0123abc"], "not a run id"),
+    (["experiment=first", "alias=latest"], "reserved"),
+])
+def test_promote_bad_input_is_one_line_and_leaves_the_registry_alone(store, args, fragment):
+    before = (versions(store), champion(store))
+    assert_user_error(promote(store, *args), fragment)
+    assert (versions(store), champion(store)) == before
+
+
+def test_best_run_ranks_by_metric_direction_and_skips_runs_without_a_model():
+    from bloodcell.errors import UserError
+    from bloodcell.promote import best_run
+
+    def run(name, start, model=True, **metrics):
+        return SimpleNamespace(info=SimpleNamespace(run_id=name, start_time=start),
+                               data=SimpleNamespace(metrics=metrics, tags={"model_uri": "models:/m-1"} if model else {}))
+
+    runs = [run("a", 1, val_accuracy=0.5, val_loss=0.9), run("b", 2, val_accuracy=0.7, val_loss=0.4),
+            run("c", 3, val_accuracy=0.7, val_loss=0.2), run("d", 4, model=False, val_accuracy=0.99)]
+    assert best_run(runs, "val_accuracy", "x").info.run_id == "b"  # tie: the earlier run
+    assert best_run(runs, "val_loss", "x").info.run_id == "c"      # losses rank lower-is-better
+    with pytest.raises(UserError, match="no FINISHED runs"):
+        best_run([], "val_accuracy", "x")
+    with pytest.raises(UserError, match="logged a model"):
+        best_run([runs[3]], "val_accuracy", "x")
+
+
+# ------------------------------------------------------------------------------------------- predict
+
+@pytest.fixture(scope="module")
+def predictions(store):
+    output = store.root / "pred.csv"
+    proc = run_module("bloodcell.predict", "model=models:/bloodcell@champion", f"input={store.root / 'cells.npz'}",
+                      f"output={output}", "batch_size=5", f"tracking.uri={store.uri}")
+    assert_ok(proc)
+    with output.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_writes_one_row_per_image_with_probabilities_summing_to_one(store, predictions):
+    assert len(predictions) == len(store.images)
+    for row in predictions:
+        probs = np.array([float(row[f"p_{c}"]) for c in CLASS_NAMES])
+        assert probs.sum() == pytest.approx(1.0, abs=1e-4)
+        assert int(row["class_id"]) == probs.argmax() and row["class_name"] == CLASS_NAMES[probs.argmax()]
+    assert [row["image"] for row in predictions] == [str(i) for i in range(len(store.images))]
+
+
+@pytest.mark.parametrize("model, fragment", [
+    ("models:/nope@champion", "registered model 'nope' not found"),
+    ("models:/bloodcell@gold", "no alias 'gold'"),
+    ("models:/bloodcell/99", "no version '99'"),
+])
+def test_predict_unknown_model_or_alias_is_one_line(store, model, fragment):
+    proc = run_module("bloodcell.predict", f"model={model}", f"input={store.root / 'cells.npz'}",
+                      f"output={store.root / 'never.csv'}", f"tracking.uri={store.uri}")
+    assert_user_error(proc, fragment)
+    assert not (store.root / "never.csv").exists()
+
+
+def test_predict_refuses_images_the_model_was_not_trained_for(store, tmp_path):
+    proc = run_module("bloodcell.predict", "model=models:/bloodcell@champion", f"input={store.root / 'cells48.npz'}",
+                      f"output={tmp_path / 'p.csv'}", f"tracking.uri={store.uri}")
+    assert_user_error(proc, "48x48", "32x32")
+    np.savez(tmp_path / "gray.npz", images=np.zeros((3, 32, 32), np.uint8))
+    proc = run_module("bloodcell.predict", "model=models:/bloodcell@champion", f"input={tmp_path / 'gray.npz'}",
+                      f"output={tmp_path / 'p.csv'}", f"tracking.uri={store.uri}")
+    assert_user_error(proc, "(N, H, W, 3)")
+
+
+def test_predict_does_not_overwrite_unless_asked(store, predictions, tmp_path):
+    existing = tmp_path / "p.csv"
+    existing.write_text("keep me")
+    proc = run_module("bloodcell.predict", "model=models:/bloodcell@champion", f"input={store.root / 'cells.npz'}",
+                      f"output={existing}", f"tracking.uri={store.uri}")
+    assert_user_error(proc, "overwrite=true")
+    assert existing.read_text() == "keep me"
+
+
+class _MeanColourModel:
+    """Stands in for a Keras model: probabilities from each image's mean colour, so invariant under flips
+    and rotations; counts the views it is shown."""
+    def __init__(self):
+        self.views = 0
+
+    def predict_on_batch(self, batch):
+        self.views += 1
+        logits = np.concatenate([batch.mean(axis=(1, 2)), np.zeros((len(batch), 5))], axis=1) / 100
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+
+def test_predict_arrays_batches_and_averages_over_flips_and_rotations():
+    from bloodcell.data import make_demo_set
+    from bloodcell.predict import predict_arrays
+
+    images = make_demo_set(per_class=2, image_size=32, seed=3)[0]
+    model = _MeanColourModel()
+    plain = predict_arrays(model, images, batch_size=5)
+    assert model.views == 4 and plain.shape == (16, 8)  # 16 images in batches of 5
+    model.views = 0
+    averaged = predict_arrays(model, images, batch_size=16, tta=True)
+    assert model.views == 8 and np.allclose(averaged, plain, atol=1e-6)
+    model.views = 0
+    predict_arrays(model, images[:, :, :20], batch_size=16, tta=True)
+    assert model.views == 4  # not square: flips only
+
+
+# ------------------------------------------------------------------------------------------- submit
+
+ISOLATED_RUNNER = """
+import os, sys
+sys.modules["bloodcell"] = None  # the editable install would otherwise make it importable anywhere
+try:
+    import bloodcell
+except ImportError:
+    print("bloodcell not importable")
+sys.path.insert(0, os.getcwd())
+import numpy as np
+from model import Model
+model = Model()
+np.save("ids.npy", model.predict(np.load(sys.argv[1])["images"]))
+np.save("ids96.npy", model.predict(np.zeros((3, 96, 96, 3), np.uint8)))
+"""
+
+
+def test_submission_predicts_like_predict_without_bloodcell(store, predictions, tmp_path):
+    bundle = tmp_path / "submission.zip"
+    proc = run_module("bloodcell.submit", "model=models:/bloodcell@champion", f"output={bundle}",
+                      f"tracking.uri={store.uri}")
+    assert_ok(proc)
+    assert_user_error(run_module("bloodcell.submit", f"output={bundle}", f"tracking.uri={store.uri}"),
+                      "overwrite=true")
+    unpacked = tmp_path / "fresh"
+    with zipfile.ZipFile(bundle) as zf:
+        assert sorted(zf.namelist()) == ["model.keras", "model.py"]
+        zf.extractall(unpacked)
+    imports = set()
+    for node in ast.walk(ast.parse((unpacked / "model.py").read_text())):
+        if isinstance(node, ast.Import):
+            imports |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imports.add(node.module.split(".")[0])
+    assert imports <= {"os", "numpy", "keras", "tensorflow"}, imports
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-I", "-c", ISOLATED_RUNNER, str(store.root / "cells.npz")],
+                          cwd=unpacked, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bloodcell not importable" in proc.stdout
+    ids = np.load(unpacked / "ids.npy")
+    assert ids.tolist() == [int(row["class_id"]) for row in predictions]
+    ids96 = np.load(unpacked / "ids96.npy")
+    assert ids96.shape == (3,) and ((ids96 >= 0) & (ids96 < 8)).all()
+
+
+def test_submit_unknown_model_is_one_line(store, tmp_path):
+    proc = run_module("bloodcell.submit", "model=models:/bloodcell@nope", f"output={tmp_path / 's.zip'}",
+                      f"tracking.uri={store.uri}")
+    assert_user_error(proc, "no alias 'nope'")
+    assert not (tmp_path / "s.zip").exists()
