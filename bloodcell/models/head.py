@@ -16,7 +16,7 @@ def build_head(features, head_cfg):
     for i, (width, rate) in enumerate(zip(units, dropout), start=1):
         x = layers.Dense(width, use_bias=not head_cfg.batchnorm, name=f"head_dense{i}")(x)
         if head_cfg.batchnorm:
-            x = layers.BatchNormalization(name=f"head_bn{i}")(x)
+            x = layers.BatchNormalization(momentum=head_cfg.get("batchnorm_momentum", 0.99), name=f"head_bn{i}")(x)
         x = layers.LeakyReLU(negative_slope=head_cfg.leaky_relu_slope, name=f"head_act{i}")(x)
         if rate:
             x = layers.Dropout(rate, name=f"head_dropout{i}")(x)
