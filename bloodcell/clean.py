@@ -52,9 +52,10 @@ DEFAULTS: dict[str, Any] = {
     "corrupt": {"max_repeated_rows": 0.25, "max_extreme_pixels": 0.02},
     "flat": {"min_std": 4.0},
     "outliers": {"enabled": True, "max_z": 10.0, "plane_tolerance": 0.15, "blocks": 4,
-                 "min_samples": 50},
+                 "min_samples": 30},
     "duplicates": {"exact": True, "near": True, "neighbours": 3, "coarse_correlation": 0.85,
-                   "min_correlation": 0.95, "max_shift": 6, "match_flips": True, "conflicting_labels": "drop_group"},
+                   "min_correlation": 0.95, "min_detail_correlation": 0.6,
+                   "max_shift": 6, "match_flips": True, "conflicting_labels": "drop_group"},
 }
 
 _CHUNK = 512  # images per vectorised step: bounds memory at a few hundred MB
@@ -307,21 +308,35 @@ def near_duplicate_pairs(images: np.ndarray, candidates: np.ndarray, dup_cfg: Ma
     # full resolution: the transformed query's centre against the other image at whole-pixel shifts
     # around the coarse best shift
     from numpy.lib.stride_tricks import sliding_window_view
+    from scipy.ndimage import gaussian_filter
 
     m = min(max_shift + f, h // 4, w // 4)
+    ch, cw = h - 2 * m, w - 2 * m
+    min_corr, min_detail = float(dup_cfg["min_correlation"]), float(dup_cfg["min_detail_correlation"])
     best_corr: dict[tuple[int, int], float] = {}
     for (i, j, t_id), (dy, dx) in found.items():
-        a = _standardise(transforms[t_id](grey[i:i + 1])[:, m:h - m, m:w - m])[0]
+        key = (min(i, j), max(i, j))
+        if key in best_corr:
+            continue
+        gi = transforms[t_id](grey[i:i + 1])[0]
+        a = _standardise(gi[None, m:h - m, m:w - m])[0]
         y0, y1 = max(-m, dy * f - f) + m, min(m, dy * f + f) + m
         x0, x1 = max(-m, dx * f - f) + m, min(m, dx * f + f) + m
-        region = grey[j, y0:y1 + h - 2 * m, x0:x1 + w - 2 * m]
-        wins = sliding_window_view(region, (h - 2 * m, w - 2 * m))
-        corr = float((_standardise(wins.reshape(-1, (h - 2 * m) * (w - 2 * m))) @ a).max())
-        key = (min(i, j), max(i, j))
-        if corr > best_corr.get(key, -1.0):
-            best_corr[key] = corr
-    min_corr = float(dup_cfg["min_correlation"])
-    return [(int(idx[i]), int(idx[j]), c) for (i, j), c in sorted(best_corr.items()) if c >= min_corr]
+        wins = sliding_window_view(grey[j, y0:y1 + ch, x0:x1 + cw], (ch, cw))
+        corr = _standardise(wins.reshape(-1, ch * cw)) @ a
+        b = int(corr.argmax())
+        if corr[b] < min_corr:
+            continue
+        # same picture, or two look-alike cells? copies share their fine detail (texture, noise, sharp
+        # edges) pixel for pixel; look-alikes share only the coarse shape
+        by, bx = y0 + b // wins.shape[1], x0 + b % wins.shape[1]
+        detail_i = gi - gaussian_filter(gi, 1.0)
+        detail_j = grey[j] - gaussian_filter(grey[j], 1.0)
+        detail = float(_standardise(detail_i[None, m:h - m, m:w - m])[0]
+                       @ _standardise(detail_j[None, by:by + ch, bx:bx + cw])[0])
+        if detail >= min_detail:
+            best_corr[key] = float(corr[b])
+    return [(int(idx[i]), int(idx[j]), c) for (i, j), c in sorted(best_corr.items())]
 
 
 # ------------------------------------------------------------------------------------------ find_unwanted
@@ -379,6 +394,15 @@ def find_unwanted(images: np.ndarray, labels: np.ndarray, cleaning_cfg=None, *, 
         else:
             names = list(_OUTLIER_FEATURES)
             z = np.stack([robust_z(feats[k], d, reference, m) for k, (d, m) in _OUTLIER_FEATURES.items()])
+            # Classes look different (a platelet is a speck, a monocyte fills the frame): an image is odd
+            # only if it is odd both against all images and against its own class, so a rare class is
+            # never an outlier for being rare. Pollution carries random labels and is odd either way.
+            for c in np.unique(labels):
+                in_c = labels == c
+                if (reference & in_c).sum() >= oc["min_samples"]:
+                    zc = np.stack([robust_z(feats[k][in_c], d, reference[in_c], m)
+                                   for k, (d, m) in _OUTLIER_FEATURES.items()])
+                    z[:, in_c] = np.minimum(z[:, in_c], zc)
             z_max = z.max(0)
             which = z.argmax(0)
             hit = (z_max > oc["max_z"]) & (reason == "")

@@ -1,0 +1,303 @@
+"""bloodcell.clean: duplicates, conflicting labels, non-cell images, the report and the CLI.
+
+All data is generated here (no ../shared needed): smear-like images made the way a stained smear is, as
+two stains mixed in optical density (pale pink background, red cells with a central pallor, a stained
+white cell with a nucleus and granules, fine texture, sensor noise), and pollution made from them.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bloodcell import PROJECT_ROOT
+from bloodcell.clean import DEFAULTS, find_unwanted, find_unwanted_cached, write_report
+
+SIZE = 48
+EOSIN = np.array([0.08, 0.62, 0.30])   # optical density per unit of stain: absorbs green -> pink
+AZURE = np.array([0.65, 0.70, 0.22])   # absorbs red and green -> blue-purple
+# per class: cell radius (fraction of the image), nucleus size (fraction of the cell), granules
+LOOK = [(0.30, 0.7, 40), (0.32, 0.5, 30), (0.22, 0.7, 0), (0.34, 0.6, 8),
+        (0.24, 0.85, 0), (0.36, 0.6, 0), (0.31, 0.45, 6), (0.12, 0.0, 5)]
+
+
+def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(a, sigma)
+
+
+def smear(rng: np.random.Generator, cls: int, size: int = SIZE) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    eosin = np.full((size, size), rng.uniform(0.05, 0.09), np.float32)
+    azure = np.full((size, size), rng.uniform(0.0, 0.02), np.float32)
+    for _ in range(rng.integers(6, 12)):  # red cells: a pink disc with a pale centre
+        cy, cx = rng.uniform(0, size, 2)
+        r = size * rng.uniform(0.1, 0.14)
+        d = np.hypot(yy - cy, xx - cx)
+        eosin += np.where(d < r, rng.uniform(0.2, 0.3) - 0.12 * (d < 0.5 * r), 0)
+    radius, nucleus, granules = LOOK[cls]
+    r = size * radius * rng.uniform(0.85, 1.15)
+    cy, cx = size / 2 + rng.normal(0, size * 0.03, 2)
+    a, b = rng.uniform(0.8, 1.2, 2)
+    d = np.hypot((yy - cy) / a, (xx - cx) / b)
+    cell = d < r
+    eosin[cell], azure[cell] = rng.uniform(0.08, 0.2), rng.uniform(0.2, 0.4)
+    if nucleus:  # one to three lobes at random places: no two nuclei alike
+        for _ in range(rng.integers(1, 4)):
+            ny, nx = cy + rng.normal(0, r * 0.25), cx + rng.normal(0, r * 0.25)
+            lobe = r * nucleus * rng.uniform(0.5, 0.8)
+            azure[(np.hypot((yy - ny) * b, (xx - nx) * a) < lobe) & cell] = rng.uniform(1.0, 1.4)
+    for _ in range(granules):
+        gy, gx = cy + rng.uniform(-r, r) * 0.7, cx + rng.uniform(-r, r) * 0.7
+        spot = np.hypot(yy - gy, xx - gx) < 1.2
+        (azure if cls != 1 else eosin)[spot] += 0.6
+    # fine texture: no two smears share it, every copy of one does
+    eosin += _blur(rng.normal(0, 0.06, (size, size)), 0.6)
+    azure += _blur(rng.normal(0, 0.04, (size, size)), 0.6)
+    od = _blur(eosin, 0.5)[..., None] * EOSIN + _blur(azure, 0.5)[..., None] * AZURE
+    image = 255 * np.exp(-od) + rng.normal(0, 2.5, (size, size, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def smear_set(n_per_class: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(8), n_per_class)
+    rng.shuffle(labels)
+    return np.stack([smear(rng, int(c)) for c in labels]), labels.astype(np.int64)
+
+
+def foreign_picture(rng: np.random.Generator, size: int = SIZE, photo_like: bool = True) -> np.ndarray:
+    """Coloured shapes on a green ground, nothing like a smear; photo_like adds shading and sensor noise."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (size, size), (90, 200, 120))
+    draw = ImageDraw.Draw(im)
+    for _ in range(6):
+        x0, y0 = (int(v) for v in rng.integers(0, size - 10, 2))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        draw.ellipse([x0, y0, x0 + 14, y0 + 14], fill=colour, outline=(0, 0, 0))
+    draw.rectangle([4, size - 8, size - 4, size - 4], fill=(250, 240, 20))
+    picture = np.asarray(im, dtype=np.float32)
+    if photo_like:
+        picture = picture * np.linspace(0.8, 1.1, size)[:, None, None] + rng.normal(0, 3, picture.shape)
+    return np.clip(picture, 0, 255).astype(np.uint8)
+
+
+def jpeg(im: np.ndarray, quality: int) -> np.ndarray:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(im).save(buf, "JPEG", quality=quality)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def shifted(im: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    padded = np.pad(im, ((4, 4), (4, 4), (0, 0)), mode="reflect")
+    return padded[4 - dy:4 - dy + im.shape[0], 4 - dx:4 - dx + im.shape[1]]
+
+
+def recoloured(im: np.ndarray) -> np.ndarray:
+    return np.clip(im.astype(np.float32) * np.array([1.04, 0.97, 1.02]) + 3, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def clean_set():
+    return smear_set()
+
+
+def _with(images, labels, extra_images, extra_labels):
+    return (np.concatenate([images, np.stack(extra_images)]),
+            np.concatenate([labels, np.asarray(extra_labels, dtype=np.int64)]))
+
+
+def _reasons(result) -> dict[int, str]:
+    return {e["index"]: e["reason"] for e in result.removed}
+
+
+# ------------------------------------------------------------------------------------------- detection
+
+def test_clean_data_passes_untouched(clean_set):
+    images, labels = clean_set
+    result = find_unwanted(images, labels)
+    assert result.keep.all(), result.removed
+    assert result.removed == [] and result.counts == {}
+
+
+def test_exact_and_near_duplicates_keep_one_copy(clean_set):
+    images, labels = clean_set
+    n = len(labels)
+    originals = [3, 10, 17, 24, 31]
+    copies = [images[3].copy(), jpeg(images[10], 70), shifted(images[17], 2, -1), shifted(images[24], -1, 0),
+              recoloured(images[31])]
+    x, y = _with(images, labels, copies, labels[originals])
+    result = find_unwanted(x, y)
+    reasons = _reasons(result)
+    assert {i: reasons.get(i) for i in range(n, n + 5)} == {i: "duplicate" for i in range(n, n + 5)}
+    assert all(result.keep[originals]), "the first copy of each group is kept"
+    assert result.counts == {"duplicate": 5}
+    assert sorted(result.groups) == sorted([[o, n + k] for k, o in enumerate(originals)])
+    exact = next(e for e in result.removed if e["index"] == n)
+    assert exact["score"] == 1.0 and "group" in exact
+
+
+def test_conflicting_labels_drop_group_or_keep_majority(clean_set):
+    images, labels = clean_set
+    n = len(labels)
+    other = (labels[5] + 1) % 8
+    # image 5 twice more: one copy with its own label, one with another label
+    x, y = _with(images, labels, [images[5].copy(), jpeg(images[5], 80)], [labels[5], other])
+    dropped = find_unwanted(x, y)
+    assert {i: r for i, r in _reasons(dropped).items()} == {5: "conflicting_labels", n: "conflicting_labels",
+                                                            n + 1: "conflicting_labels"}
+    majority = find_unwanted(x, y, {"duplicates": {"conflicting_labels": "keep_majority"}})
+    assert majority.keep[5] and not majority.keep[n] and not majority.keep[n + 1]
+    # a tie has no majority: the whole group goes
+    x2, y2 = _with(images, labels, [images[5].copy()], [other])
+    tie = find_unwanted(x2, y2, {"duplicates": {"conflicting_labels": "keep_majority"}})
+    assert not tie.keep[5] and not tie.keep[n]
+
+
+def test_pasted_and_blended_pictures_are_outliers(clean_set):
+    images, labels = clean_set
+    n = len(labels)
+    rng = np.random.default_rng(1)
+    pasted = foreign_picture(rng)
+    blended = (0.6 * foreign_picture(rng) + 0.4 * images[7]).astype(np.uint8)
+    noise = rng.integers(0, 256, images[0].shape).astype(np.uint8)
+    cartoon = foreign_picture(rng, photo_like=False)  # flat rows: may read as a corrupt decode
+    x, y = _with(images, labels, [pasted, blended, noise, cartoon], [0, 7, 3, 4])
+    result = find_unwanted(x, y)
+    reasons = _reasons(result)
+    assert set(reasons) == {n, n + 1, n + 2, n + 3}
+    assert reasons[n] == reasons[n + 1] == reasons[n + 2] == "outlier"
+    assert reasons[n + 3] in ("outlier", "corrupt")
+    outliers = [e for e in result.removed if e["reason"] == "outlier"]
+    assert all(e["score"] > DEFAULTS["outliers"]["max_z"] and e["feature"] for e in outliers)
+
+
+def test_blank_frames_and_corrupt_values(clean_set):
+    images, labels = clean_set
+    n = len(labels)
+    rng = np.random.default_rng(2)
+    flat = np.clip(np.full(images[0].shape, 200.0) + rng.normal(0, 1.0, images[0].shape), 0, 255).astype(np.uint8)
+    black = np.zeros_like(images[0])
+    truncated = images[9].copy()
+    truncated[SIZE // 2:] = 128  # a decode that stopped half way
+    salt = images[11].copy()
+    hit = rng.random(salt.shape[:2]) < 0.1
+    salt[hit] = rng.choice([0, 255], (int(hit.sum()), 1))
+    x, y = _with(images, labels, [flat, black, truncated, salt], [1, 2, 3, 4])
+    reasons = _reasons(find_unwanted(x, y))
+    assert reasons[n] == "flat"
+    assert reasons[n + 1] in ("corrupt", "flat")
+    assert reasons[n + 2] == "corrupt" and reasons[n + 3] == "corrupt"
+    assert set(reasons) == {n, n + 1, n + 2, n + 3}
+
+
+def test_small_sets_skip_the_outlier_check_with_a_note(clean_set):
+    images, labels = clean_set
+    result = find_unwanted(images[:10], labels[:10])
+    assert result.keep.all()
+    assert any("outlier check skipped" in note for note in result.notes)
+
+
+def test_unknown_setting_is_a_user_error(clean_set):
+    from bloodcell.errors import UserError
+
+    with pytest.raises(UserError, match="unknown key"):
+        find_unwanted(*clean_set, {"duplicates": {"treshold": 0.9}})
+    with pytest.raises(UserError, match="keep_majority"):
+        find_unwanted(*clean_set, {"duplicates": {"conflicting_labels": "vote"}})
+
+
+def test_config_file_matches_library_defaults():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(PROJECT_ROOT / "conf" / "cleaning" / "default.yaml"))
+    assert cfg == DEFAULTS
+
+
+# ---------------------------------------------------------------------------------------- report, cache
+
+def test_report_json_and_contact_sheet(clean_set, tmp_path):
+    images, labels = clean_set
+    n = len(labels)
+    x, y = _with(images, labels, [images[2].copy(), foreign_picture(np.random.default_rng(3))], [labels[2], 5])
+    result = find_unwanted(x, y)
+    paths = write_report(result, x, y, tmp_path / "report")
+    report = json.loads(paths["json"].read_text())
+    assert report["n_input"] == n + 2 and report["n_kept"] == n
+    assert report["counts"] == {"outlier": 1, "duplicate": 1}
+    assert {(e["index"], e["reason"]) for e in report["removed"]} == {(n, "duplicate"), (n + 1, "outlier")}
+    assert all({"index", "reason", "score", "label"} <= set(e) for e in report["removed"])
+    from PIL import Image
+
+    with Image.open(paths["png"]) as sheet:
+        assert sheet.width > 0 and sheet.height > 96
+
+
+def test_cached_result_is_reused(clean_set, tmp_path):
+    images, labels = clean_set
+    x, y = _with(images, labels, [images[4].copy()], [labels[4]])
+    first, hit1 = find_unwanted_cached(x, y, None, "abc123", tmp_path)
+    second, hit2 = find_unwanted_cached(x, y, None, "abc123", tmp_path)
+    assert (hit1, hit2) == (False, True)
+    assert (first.keep == second.keep).all() and first.counts == second.counts
+    # other settings, other entry
+    _, hit3 = find_unwanted_cached(x, y, {"duplicates": {"near": False}}, "abc123", tmp_path)
+    assert hit3 is False
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-m", "bloodcell.clean", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_refuses_missing_input(tmp_path):
+    proc = _cli("input=nowhere.npz", "output=out.npz", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: input nowhere.npz not found")
+    assert not (tmp_path / "out.npz").exists()
+
+
+def test_cli_cleans_end_to_end_and_refuses_existing_output(clean_set, tmp_path):
+    images, labels = clean_set
+    n = len(labels)
+    x, y = _with(images, labels, [jpeg(images[6], 75), foreign_picture(np.random.default_rng(4))], [labels[6], 2])
+    src = tmp_path / "polluted.npz"
+    np.savez(src, images=x, labels=y.astype(np.uint8).reshape(-1, 1))
+    before = hashlib.sha256(src.read_bytes()).hexdigest()
+
+    proc = _cli(f"input={src}", "output=cleaned.npz", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "removed 2 of" in proc.stdout
+    with np.load(tmp_path / "cleaned.npz") as out:
+        assert out["images"].dtype == np.uint8 and out["images"].shape == (n, SIZE, SIZE, 3)
+        assert out["labels"].dtype == np.uint8 and out["labels"].shape == (n, 1)
+        assert (out["images"] == images).all() and (out["labels"][:, 0] == labels).all()
+    report = json.loads((tmp_path / "cleaned_cleaning" / "cleaning_report.json").read_text())
+    assert {e["index"] for e in report["removed"]} == {n, n + 1}
+    assert (tmp_path / "cleaned_cleaning" / "cleaning_removed.png").stat().st_size > 0
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == before, "the input is never modified"
+
+    again = _cli(f"input={src}", "output=cleaned.npz", cwd=tmp_path)
+    assert again.returncode == 2
+    lines = again.stderr.strip().splitlines()
+    assert len(lines) == 1 and "already exists" in lines[0] and "overwrite=true" in lines[0]
+
+    forced = _cli(f"input={src}", "output=cleaned.npz", "overwrite=true", f"report_dir={tmp_path / 'rep'}",
+                  cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert (tmp_path / "rep" / "cleaning_report.json").exists()
