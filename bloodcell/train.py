@@ -76,6 +76,25 @@ def _best(history: list[dict], objective: str) -> float:
     return min(values) if "loss" in objective else max(values)
 
 
+def _time_limit_callback():
+    import keras
+
+    class TimeLimit(keras.callbacks.Callback):
+        """Stop after the epoch that crosses a wall-clock deadline (``trainer.time_limit_minutes``,
+        counted from the start of phase 1 across both phases): compare recipes at equal cost."""
+
+        def __init__(self, deadline: float):
+            super().__init__()
+            self.deadline = deadline
+
+        def on_epoch_end(self, epoch, logs=None):
+            if time.monotonic() >= self.deadline:
+                log.info("time limit reached after epoch %d", epoch + 1)
+                self.model.stop_training = True
+
+    return TimeLimit
+
+
 def train(cfg: DictConfig) -> float:
     """Run both phases, evaluate, record everything in MLflow; return the best ``cfg.objective``."""
     check_config(cfg)
@@ -134,6 +153,7 @@ def train(cfg: DictConfig) -> float:
             _compile(trainable_model, cfg.trainer.lr, cfg.trainer.lr_decay_steps, cfg.trainer.lr_decay_rate,
                      cfg.trainer.label_smoothing)
 
+        TimeLimit = _time_limit_callback()
         weights = class_weights(splits.train.labels) if cfg.trainer.class_weight == "balanced" else None
         epoch_log = tracking.epoch_logger()
         try:  # TODO(lead): plain import once bloodcell/trial.py (sweep helper) lands
@@ -142,10 +162,14 @@ def train(cfg: DictConfig) -> float:
             pruning_callback = lambda cfg: None  # noqa: E731
         pruner = pruning_callback(cfg)
 
+        deadline = (time.monotonic() + 60 * cfg.trainer.time_limit_minutes
+                    if cfg.trainer.get("time_limit_minutes") else None)
+
         def callbacks(patience: int) -> list:
             stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience,
                                                  restore_best_weights=True, verbose=1)
-            return [epoch_log, stop] + ([pruner] if pruner is not None else [])
+            extra = [TimeLimit(deadline)] if deadline else []
+            return [epoch_log, stop, *extra] + ([pruner] if pruner is not None else [])
 
         verbose = cfg.trainer.verbose
         log.info("phase 1: %d epochs, backbone %s, lr %g", cfg.trainer.epochs,
@@ -157,8 +181,12 @@ def train(cfg: DictConfig) -> float:
                                       verbose=verbose)
         fit_seconds += time.perf_counter() - tic
         phase1_epochs = len(history.epoch)
+        phase1_best = _best(epoch_log.history, "val_accuracy")
+        phase1_weights = model.get_weights()
         phase2_start = None
-        if cfg.finetune.epochs > 0 and (cfg.finetune.unfreeze_blocks != 0 or cfg.finetune.get("unfreeze_layers")):
+        out_of_time = deadline is not None and time.monotonic() >= deadline
+        if cfg.finetune.epochs > 0 and not out_of_time and \
+                (cfg.finetune.unfreeze_blocks != 0 or cfg.finetune.get("unfreeze_layers")):
             with strategy.scope():
                 trainable_layers = finetune.unfreeze(backbone, cfg)
                 _compile(trainable_model, cfg.finetune.lr, cfg.finetune.lr_decay_steps,
@@ -172,6 +200,12 @@ def train(cfg: DictConfig) -> float:
                                 epochs=phase1_epochs + cfg.finetune.epochs, class_weight=weights,
                                 callbacks=callbacks(cfg.finetune.early_stopping_patience), verbose=verbose)
             fit_seconds += time.perf_counter() - tic
+            # Early stopping restored phase 2's best epoch; if fine-tuning never beat phase 1, the model
+            # the run reports and saves is phase 1's best, as "restore the best weights" promises.
+            phase2_best = _best(epoch_log.history[phase1_epochs:], "val_accuracy")
+            if phase2_best < phase1_best:
+                model.set_weights(phase1_weights)
+            mlflow.set_tag("final_weights", "phase2" if phase2_best >= phase1_best else "phase1")
 
         objective = _best(epoch_log.history, cfg.objective)
         test_ds = make_tf_dataset(splits.test, batch, training=False, seed=cfg.seed)
