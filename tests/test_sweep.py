@@ -186,10 +186,12 @@ def test_resume_after_sigkill_reruns_the_interrupted_trial_only(tmp_path):
     try:  # kill it in the middle of trial 0: after its first epoch was reported
         while time.monotonic() < deadline and sweep.poll() is None:
             time.sleep(0.5)
-            if (tmp_path / "optuna.journal").exists():
+            try:
                 running = [t for t in load_study(storage).trials if t.state.name == "RUNNING"]
-                if running and running[0].intermediate_values:
-                    break
+            except KeyError:  # no study yet
+                continue
+            if running and running[0].intermediate_values:
+                break
         assert sweep.poll() is None, "the sweep ended before it could be killed"
         sweep.send_signal(signal.SIGKILL)
     finally:
@@ -226,8 +228,24 @@ def test_two_sweep_processes_share_one_study_without_extra_or_lost_trials(tmp_pa
     study = load_study(storage)
     assert states(study) == {"COMPLETE": 3}
     assert sorted(t.number for t in study.trials) == [0, 1, 2]
+    # the second process seeds its sampler differently: no point is tried twice
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 3
     # both processes ran trials
     assert all("COMPLETE val_accuracy=" in output for output in outputs), outputs
     _, parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1
     assert sorted(c.data.tags["trial_number"] for c in children) == ["0", "1", "2"]
+
+
+def test_a_trial_that_raises_is_fail_in_optuna_and_mlflow_and_the_sweep_goes_on(tmp_path):
+    # trainer.epochs=0 is refused by train (a UserError) before any training: two quick failing trials
+    proc = run_module("bloodcell.train", *sweep_args(tmp_path, "hydra.sweeper.n_trials=2",
+                                                     "trainer.epochs=choice(0)"), cwd=tmp_path, timeout=300)
+    assert_ok(proc)
+    study = load_study(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert states(study) == {"FAIL": 2}
+    assert all("trainer.epochs=0 must be >= 1" in t.user_attrs["error"] for t in study.trials)
+    assert "2 failed" in proc.stdout + proc.stderr
+    _, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1 and sorted(c.data.tags["trial_number"] for c in children) == ["0", "1"]
+    assert all(c.info.status == "FAILED" and "epochs" in c.data.tags["error"] for c in children)

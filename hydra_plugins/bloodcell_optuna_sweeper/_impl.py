@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 OWNER_ATTR = "bloodcell:owner"
 HEARTBEAT_ATTR = "bloodcell:heartbeat"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+RUNS_ATTR = "bloodcell:sweep_runs"
 STALE_AFTER_BEATS = 4
 
 _SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler",
@@ -167,7 +168,7 @@ class OptunaSweep:
                             "override such as 'finetune.lr=tag(log, interval(1e-5, 1e-3))'")
         self._check_composes()
         self.n_trials = int(opts.n_trials)
-        sampler = self._make_sampler()
+        self._make_sampler()  # fails on bad settings before the storage is touched
         pruner_name = str(opts.pruner.get("name") or "none").lower()
         self.pruner_spec = {"name": pruner_name, "kwargs": dict(opts.pruner.get(pruner_name) or {})}
         pruner = make_pruner(self.pruner_spec)
@@ -178,18 +179,25 @@ class OptunaSweep:
         try:
             with self._lock():
                 self.study = optuna.create_study(study_name=self.study_name, storage=self.storage,
-                                                 sampler=sampler, pruner=pruner, direction=opts.direction,
-                                                 load_if_exists=True)
+                                                 pruner=pruner, direction=opts.direction, load_if_exists=True)
+                # The n-th sweep process of a study seeds its sampler with seed + n: a resumed or parallel
+                # sweep must not draw the same points again, and a fresh one stays reproducible.
+                attrs = self.storage.get_study_system_attrs(self.study._study_id)
+                self.run_index = int(attrs.get(RUNS_ATTR, 0))
+                self.storage.set_study_system_attr(self.study._study_id, RUNS_ATTR, self.run_index + 1)
         except ValueError as err:  # e.g. the stored study optimizes the other way
             raise UserError(f"study '{self.study_name}' in {redact(self.storage_url)}: {err}") from None
+        self.study.sampler = self._make_sampler(seed_offset=self.run_index)
         self.rerun_prefix = self._rerun_prefix()
         if "tracking" in self.config:
             with self._lock():
                 self.mlflow = _ParentRun.open(self)
         trials = self.study.get_trials(deepcopy=False)
-        log.info("study '%s' in %s: %s %s, sampler %s, pruner %s; %d of %d trials exist",
+        seed = opts.sampler.get("seed")
+        log.info("study '%s' in %s: %s %s, sampler %s%s, pruner %s; %d of %d trials exist",
                  self.study_name, redact(self.storage_url), opts.direction, self.objective_name,
-                 self.sampler_name, self.pruner_spec["name"],
+                 self.sampler_name, "" if seed is None else f" (seed {int(seed) + self.run_index})",
+                 self.pruner_spec["name"],
                  sum(map(counts_toward_total, trials)), self.n_trials)
         for name, written in self.space.written.items():
             log.info("  %s: %s", name, written)
@@ -211,22 +219,23 @@ class OptunaSweep:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise UserError(f"the sweep's overrides do not compose ({first})") from None
 
-    def _make_sampler(self):
+    def _make_sampler(self, seed_offset: int = 0):
         spec = dict(self.options.sampler or {})
         name = self.sampler_name = str(spec.get("name") or "tpe").lower()
         if name not in _SAMPLERS:
             raise UserError(f"unknown sampler '{name}'; choose one of {', '.join(_SAMPLERS)}")
         kwargs = dict(spec.get(name) or {})
         if spec.get("seed") is not None:
-            kwargs["seed"] = int(spec["seed"])
+            kwargs["seed"] = int(spec["seed"]) + seed_offset
         cls = getattr(optuna.samplers, _SAMPLERS[name])
         try:
             if name == "grid":
                 grid = grid_of(self.space)
                 size = math.prod(len(v) for v in grid.values())
-                if size < int(self.options.n_trials):
-                    log.info("the grid has %d points: n_trials %d -> %d", size, self.options.n_trials, size)
-                    self.options.n_trials = size
+                if size < self.n_trials:
+                    if seed_offset == 0:
+                        log.info("the grid has %d points: n_trials %d -> %d", size, self.n_trials, size)
+                    self.n_trials = size
                 return cls(grid, **kwargs)
             return cls(**kwargs)
         except (TypeError, ValueError, ImportError) as err:
@@ -439,12 +448,13 @@ class _ParentRun:
                 run = client.get_run(run_id)
                 if run.info.experiment_id == experiment_id and run.info.lifecycle_stage == "active":
                     client.update_run(run_id, status="RUNNING")
-                    log.info("MLflow: resuming parent run %s of study '%s'", run_id, sweep.study_name)
+                    log.info("MLflow: logging to the parent run %s of study '%s'", run_id, sweep.study_name)
                     parent = cls(client, run_id, experiment_id)
                     parent._set_tags(sweep)
                     return parent
-            except Exception:
-                pass  # gone, or another tracking store: start a new parent run
+            except Exception as err:  # gone, or another tracking store: start a new parent run
+                log.info("MLflow: parent run %s of the study is not usable here (%s); starting a new one",
+                         run_id, err)
         opts = sweep.options
         run = client.create_run(experiment_id, run_name=f"sweep-{sweep.study_name}",
                                 tags={"bloodcell.sweep": "true", "optuna.study_name": sweep.study_name})
