@@ -79,8 +79,9 @@ def finished_runs(client, experiment: str | None, sweep: str | None = None) -> l
             raise UserError(f"sweep={sweep!r} is not a run id in this tracking store; "
                             "pass the sweep's parent run id (see the MLflow UI)") from None
         if parent.info.experiment_id != exp.experiment_id:
-            raise UserError(f"sweep run {sweep} belongs to another experiment than {experiment!r}; "
-                            "set experiment= to the sweep's experiment")
+            other = client.get_experiment(parent.info.experiment_id).name
+            raise UserError(f"sweep run {sweep} belongs to experiment {other!r}, not {experiment!r}; "
+                            f"set experiment={other}")
         query += f" and tags.mlflow.parentRunId = '{sweep}'"
     runs, token = [], None
     while True:
@@ -88,7 +89,11 @@ def finished_runs(client, experiment: str | None, sweep: str | None = None) -> l
         runs.extend(page)
         token = page.token
         if not token:
-            return runs
+            break
+    if sweep and not runs:
+        raise UserError(f"sweep {sweep} has no FINISHED trial runs; pass the parent run id of a sweep "
+                        "(its trials are nested under it) or drop sweep=")
+    return runs
 
 
 def best_run(runs: list, metric: str, where: str):
@@ -97,7 +102,8 @@ def best_run(runs: list, metric: str, where: str):
         raise UserError(f"{where} has no FINISHED runs; train one first (python -m bloodcell.train ...)")
     scored = [r for r in runs if math.isfinite(r.data.metrics.get(metric, math.nan))]
     if not scored:
-        known = sorted({m for r in runs for m in r.data.metrics if not m.startswith("test_")})
+        known = sorted({m for r in runs for m in r.data.metrics
+                        if not m.startswith(("test_precision_", "test_recall_"))})
         raise UserError(f"no FINISHED run of {where} has metric {metric!r}; use one of: {', '.join(known)}")
     with_model = [r for r in scored if r.data.tags.get("model_uri")]
     if not with_model:
@@ -148,7 +154,6 @@ def _run_config(run) -> str:
     import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small text file
-
     try:
         return mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml")
     except Exception:  # older run or artifact store gone: the version still registers

@@ -30,14 +30,14 @@ class Model:
     def predict(self, X):
         """Class ids (N,) int64 for images X uint8 (N, H, W, 3), pixel values 0-255.
 
-        Images of another size than the model's input are resized to it first (bilinear)."""
+        Images of another size than the model's fixed input size are resized to it first (bilinear)."""
         X = np.asarray(X)
         if X.ndim == 3:  # one image
             X = X[None]
         ids = []
         for start in range(0, len(X), BATCH_SIZE):
             batch = X[start:start + BATCH_SIZE].astype(np.float32)
-            if batch.shape[1:3] != (self.height, self.width):
+            if self.height and self.width and batch.shape[1:3] != (self.height, self.width):
                 batch = _resize(batch, (self.height, self.width))
             probabilities = np.asarray(self.model.predict_on_batch(batch))
             ids.append(probabilities.argmax(axis=1))

@@ -69,9 +69,9 @@ def export_keras_file(spec: str, dest: Path) -> Path:
     return dest
 
 
-def check_bundle(folder: Path) -> tuple[int, int]:
+def check_bundle(folder: Path) -> tuple[int | None, int | None]:
     """Import the bundle's model.py from ``folder`` and predict a blank competition batch; return the
-    model's input size (H, W)."""
+    model's input size (H, W) (None where the model takes any size)."""
     spec = importlib.util.spec_from_file_location("bloodcell_submission_check", folder / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -84,10 +84,10 @@ def check_bundle(folder: Path) -> tuple[int, int]:
     if np.shape(ids) != (2,) or not np.all((ids >= 0) & (ids < NUM_CLASSES)):
         raise UserError(f"the bundle's predict returned {ids!r}, expected 2 class ids 0-{NUM_CLASSES - 1}; "
                         "is the model a bloodcell classifier with 8 outputs?")
-    return int(model.height), int(model.width)
+    return model.height, model.width
 
 
-def build_submission(spec: str, output: Path) -> tuple[int, int]:
+def build_submission(spec: str, output: Path) -> tuple[int | None, int | None]:
     """model.py + model.keras, checked, zipped to ``output``; returns the model's input size."""
     with tempfile.TemporaryDirectory(prefix="bloodcell-submit-") as scratch:
         bundle = Path(scratch) / "bundle"
@@ -110,7 +110,7 @@ def submit(cfg: DictConfig) -> Path:
 
     set_tracking(cfg.tracking)
     height, width = build_submission(str(cfg.model) if cfg.model else "", output)
-    note = "" if (height, width) == COMPETITION_SHAPE[:2] else \
+    note = "" if (height, width) == COMPETITION_SHAPE[:2] or not (height and width) else \
         f"; the model takes {height}x{width}, so model.py resizes 96x96 inputs to that"
     print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB: model.py + {MODEL_FILE}) from {cfg.model}{note}")
     return output

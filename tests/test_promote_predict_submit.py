@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import csv
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -120,13 +121,29 @@ def test_force_moves_the_alias_and_a_better_run_takes_it_back(store):
 @pytest.mark.parametrize("args, fragment", [
     (["experiment=nope"], "experiment 'nope' not found"),
     (["experiment=empty"], "no FINISHED runs"),
-    (["experiment=first", "metric=nope"], "metric 'nope'"),
-    (["experiment=first", "sweep=0123abc"], "not a run id"),
-    (["experiment=first", "alias=latest"], "reserved"),
 ])
 def test_promote_bad_input_is_one_line_and_leaves_the_registry_alone(store, args, fragment):
     before = (versions(store), champion(store))
     assert_user_error(promote(store, *args), fragment)
+    assert (versions(store), champion(store)) == before
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"metric": "nope"}, "metric 'nope'"),
+    ({"sweep": "0123abc"}, "not a run id"),
+    ({"sweep": "{run_a}"}, "no FINISHED trial runs"),  # a run, but no sweep's parent
+    ({"experiment": "second", "sweep": "{run_a}"}, "belongs to experiment 'first'"),
+    ({"alias": "latest"}, "reserved"),
+    ({"model_name": "a/b"}, "not a valid registered model name"),
+])
+def test_promote_library_rejects_bad_input_before_touching_the_registry(store, kwargs, fragment):
+    from bloodcell.errors import UserError
+    from bloodcell.promote import promote as promote_run
+
+    kwargs = {"experiment": "first", **{k: v.format(run_a=store.run["A"]) for k, v in kwargs.items()}}
+    before = (versions(store), champion(store))
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        promote_run(store.client, **kwargs)
     assert (versions(store), champion(store)) == before
 
 
@@ -172,13 +189,27 @@ def test_predict_writes_one_row_per_image_with_probabilities_summing_to_one(stor
 @pytest.mark.parametrize("model, fragment", [
     ("models:/nope@champion", "registered model 'nope' not found"),
     ("models:/bloodcell@gold", "no alias 'gold'"),
-    ("models:/bloodcell/99", "no version '99'"),
 ])
 def test_predict_unknown_model_or_alias_is_one_line(store, model, fragment):
     proc = run_module("bloodcell.predict", f"model={model}", f"input={store.root / 'cells.npz'}",
                       f"output={store.root / 'never.csv'}", f"tracking.uri={store.uri}")
     assert_user_error(proc, fragment)
     assert not (store.root / "never.csv").exists()
+
+
+@pytest.mark.parametrize("model, fragment", [
+    ("models:/bloodcell/99", "no version '99'"),
+    ("models:/m-0000", "logged model m-0000 not found"),
+    ("runs:/0123abc/model", "run '0123abc' not found"),
+    ("no/such/model.keras", "neither an existing file"),
+])
+def test_resolve_model_uri_names_what_is_missing(store, model, fragment):
+    from bloodcell.errors import UserError
+    from bloodcell.predict import resolve_model_uri
+
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        resolve_model_uri(model, store.client)
+    assert resolve_model_uri("models:/bloodcell@champion", store.client) == "models:/bloodcell@champion"
 
 
 def test_predict_refuses_images_the_model_was_not_trained_for(store, tmp_path):
