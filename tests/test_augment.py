@@ -117,9 +117,10 @@ def test_heavy_changes_images_more_at_strength_1_than_at_0_3(cells):
 
 
 def test_base_at_default_strength_is_the_seed_recipe():
+    """Keras core layers one by one (fuse_geometry=false) or fused into one resampling: same parameters."""
     from bloodcell.augment import build_augmentation
 
-    layer = build_augmentation(load("base"), seed=0)
+    layer = build_augmentation(load("base", fuse_geometry=False), seed=0)
     kinds = {type(stage).__name__: stage for stage in layer.stages}
     assert list(kinds) == ["RandomFlip", "RandomRotation", "RandomBrightness", "RandomTranslation", "RandomZoom"]
     assert kinds["RandomFlip"].mode == "horizontal"
@@ -127,6 +128,65 @@ def test_base_at_default_strength_is_the_seed_recipe():
     assert kinds["RandomBrightness"].factor == pytest.approx((-0.2, 0.2))
     assert kinds["RandomTranslation"].height_factor == pytest.approx(0.15)
     assert kinds["RandomZoom"].height_factor == pytest.approx(0.3)
+
+    geometry, brightness = build_augmentation(load("base"), seed=0).stages
+    assert type(geometry).__name__ == "RandomAffine" and geometry.flip_mode == "horizontal"
+    assert (geometry.rotation, geometry.translation, geometry.zoom) == pytest.approx((0.7, 0.15, 0.3))
+    assert brightness.factor == pytest.approx((-0.2, 0.2))
+
+
+@pytest.mark.parametrize("op,params", [("rotation", {"factor": 0.7}), ("translation", {"factor": 0.15}),
+                                       ("zoom", {"factor": 0.3})])
+def test_fused_geometry_changes_images_as_much_as_the_keras_layers(op, params, cells):
+    from bloodcell.augment import build_augmentation
+
+    images, _ = cells
+    change = {}
+    for fuse in (True, False):
+        cfg = {"strength": 1.0, "fuse_geometry": fuse, "layers": {op: params}}
+        change[fuse] = np.mean([np.abs(run_in_tf_data(build_augmentation(cfg, seed), images) - images).mean()
+                                for seed in range(3)])
+    assert change[True] == pytest.approx(change[False], rel=0.3), change
+
+
+def test_fused_flips_are_exact_mirrors():
+    from bloodcell.augment import build_augmentation
+
+    images = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3)).astype(np.uint8)
+    out = run_in_tf_data(build_augmentation({"strength": 1.0, "layers": {"flip": {"mode": "horizontal_and_vertical"}}}, 0),
+                         images)
+    kinds = [next(k for k, candidate in enumerate([im, im[:, ::-1], im[::-1], im[::-1, ::-1]])
+                  if np.array_equal(o, candidate)) for o, im in zip(out, images.astype(np.float32))]
+    assert set(kinds) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("fill_mode", ["reflect", "nearest", "constant"])
+def test_xla_sampler_matches_keras_affine_transform(fill_mode, cells):
+    """The tf.data path (XLA bilinear sampler) and the model path (keras.ops.image.affine_transform)."""
+    from bloodcell.augment import build_augmentation
+
+    images, _ = cells
+    cfg = {"strength": 1.0, "layers": {"rotation": {"factor": 0.7, "fill_mode": fill_mode},
+                                       "zoom": {"factor": 0.3, "fill_mode": fill_mode}}}
+    fast = run_in_tf_data(build_augmentation(cfg, 3), images)
+    keras_path = run_in_tf_data(build_augmentation({**cfg, "where": "model"}, 3), images)
+    np.testing.assert_allclose(fast, keras_path, atol=0.02)
+
+
+def test_cell_randaugment_applies_what_keras_randaugment_would(cells):
+    """Only the drawn op runs (switch instead of computing all of them), with the same result."""
+    import keras
+
+    from bloodcell.augment import RANDAUGMENT_OPS, _classes
+
+    images = cells[0].astype(np.float32)
+    ops = [op for op in RANDAUGMENT_OPS if op != "solarization"]
+    ours = _classes()["CellRandAugment"](factor=0.5, num_ops=2, ops=ops, seed=4)
+    theirs = type("KerasRandAugment", (keras.layers.RandAugment,), {"_AUGMENT_LAYERS": ops})(factor=0.5, num_ops=2,
+                                                                                            seed=4)
+    transformation = ours.get_random_transformation(images, training=True)
+    np.testing.assert_allclose(np.asarray(ours.transform_images(images, transformation)),
+                               np.asarray(theirs.transform_images(images, transformation)), atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["base", "heavy"])
@@ -183,6 +243,9 @@ def test_layers_can_be_overridden_dropped_and_unknown_ops_are_user_errors(cells)
     cfg = load("base")
     cfg.layers.zoom = None
     cfg.layers.rotation.factor = 0.25
+    geometry, _ = build_augmentation(cfg, 0).stages
+    assert (geometry.rotation, geometry.translation, geometry.zoom) == pytest.approx((0.25, 0.15, 0.0))
+    cfg.fuse_geometry = False
     layer = build_augmentation(cfg, 0)
     assert [type(s).__name__ for s in layer.stages] == ["RandomFlip", "RandomRotation", "RandomBrightness",
                                                        "RandomTranslation"]
