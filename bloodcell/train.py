@@ -38,17 +38,28 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(f"finetune.epochs={cfg.finetune.epochs} must be >= 0 (0 skips fine-tuning)")
 
 
+CLEANING_CACHE = PROJECT_ROOT / "mlruns" / "cleaning_cache"
+
+
 def load_splits(cfg: DictConfig):
-    """Validated arrays (cleaned if ``data.clean``), stratified split; returns (splits, cleaning summary)."""
-    from bloodcell.data import load_arrays, split_arrays
+    """Validated arrays, cleaned when ``data.clean`` (cached by data fingerprint and cleaning settings, so a
+    sweep cleans once), then the stratified split. Returns (arrays as loaded, splits, cleaning report or None)."""
+    from bloodcell.data import Arrays, fingerprint, load_arrays, split_arrays
 
     arrays = load_arrays(cfg.data)
     cleaning = None
     if cfg.data.get("clean"):
-        from bloodcell.clean import clean_cached
+        from bloodcell.clean import find_unwanted_cached, report_dict, summary
 
-        arrays, cleaning = clean_cached(arrays, cfg.cleaning)
-    splits = split_arrays(arrays, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+        result, cached = find_unwanted_cached(arrays.images, arrays.labels, cfg.cleaning,
+                                              arrays.fingerprint, CLEANING_CACHE)
+        log.info("cleaning%s: %s", " (cached)" if cached else "", summary(result))
+        cleaning = report_dict(result, arrays.labels, arrays.source)
+        images, labels = arrays.images[result.keep], arrays.labels[result.keep]
+        kept = Arrays(images, labels, fingerprint(images, labels), f"{arrays.source} (cleaned)")
+    else:
+        kept = arrays
+    splits = split_arrays(kept, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     return arrays, splits, cleaning
 
 
@@ -105,6 +116,11 @@ def train(cfg: DictConfig) -> float:
     arrays, splits, cleaning = load_splits(cfg)
     log.info("data: %s, %d images %s -> train %d / val %d / test %d", arrays.source, len(arrays),
              arrays.images.shape[1:], len(splits.train), len(splits.val), len(splits.test))
+    if cleaning is None:
+        tags = {"data_fingerprint": arrays.fingerprint, "data_source": arrays.source}
+    else:
+        tags = {"data_fingerprint": arrays.fingerprint, "data_source": arrays.source,
+                "data_fingerprint_cleaned": splits.train.fingerprint}
 
     import keras
     import mlflow
@@ -121,15 +137,15 @@ def train(cfg: DictConfig) -> float:
     strategy = tf.distribute.MirroredStrategy() if cfg.trainer.distribute == "mirrored" \
         else tf.distribute.get_strategy()
 
-    tags = {"data_fingerprint": arrays.fingerprint, "data_source": arrays.source}
     if "trial" in cfg:
         tags["trial_number"] = str(cfg.trial.number)
     with tracking.start_run(cfg, tags=tags) as run:
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         mlflow.log_text(OmegaConf.to_yaml(_hydra_overrides()), "overrides.yaml")
         if cleaning is not None:
-            mlflow.log_metrics({f"cleaning_removed_{k}": v for k, v in cleaning["counts"].items()})
-            mlflow.log_dict(cleaning["report"], "cleaning/report.json")
+            mlflow.log_metrics({"cleaning_removed": cleaning["n_removed"],
+                                **{f"cleaning_removed_{k}": v for k, v in cleaning["counts"].items()}})
+            mlflow.log_dict(cleaning, "cleaning/report.json")
 
         augmentation = augment.build_augmentation(cfg.augmentation, cfg.seed)
         mixer = augment.build_mixer(cfg.augmentation, NUM_CLASSES, cfg.seed)
@@ -138,7 +154,7 @@ def train(cfg: DictConfig) -> float:
         train_ds = make_tf_dataset(splits.train, batch, training=True, seed=cfg.seed,
                                    augment=None if in_model else augmentation, mixer=mixer)
         val_ds = make_tf_dataset(splits.val, batch, training=False, seed=cfg.seed)
-        if augmentation is not None and hasattr(augment, "preview_grid"):  # TODO(lead): drop hasattr
+        if augmentation is not None:
             grid = augment.preview_grid(splits.train.images[:6], augmentation, views=5, seed=cfg.seed)
             mlflow.log_image(grid, "plots/augmentation_preview.png")
 
@@ -156,10 +172,8 @@ def train(cfg: DictConfig) -> float:
         TimeLimit = _time_limit_callback()
         weights = class_weights(splits.train.labels) if cfg.trainer.class_weight == "balanced" else None
         epoch_log = tracking.epoch_logger()
-        try:  # TODO(lead): plain import once bloodcell/trial.py (sweep helper) lands
-            from bloodcell.trial import pruning_callback
-        except ImportError:
-            pruning_callback = lambda cfg: None  # noqa: E731
+        from bloodcell.trial import pruning_callback
+
         pruner = pruning_callback(cfg)
 
         deadline = (time.monotonic() + 60 * cfg.trainer.time_limit_minutes

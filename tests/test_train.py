@@ -111,3 +111,24 @@ def test_mobilenet_with_the_shared_imagenet_weights(tracking):
     assert "phase 1: 1 epochs, backbone frozen" in proc.stdout + proc.stderr
     # blocks 12 and 13 of MobileNet: dw + pw convs (BatchNorm stays frozen) -> 4 layers with weights
     assert run.data.metrics["finetune_trainable_layers"] == 4
+
+
+def test_data_clean_true_removes_unwanted_samples_and_reports_to_mlflow(tmp_path, tracking):
+    """Duplicates and a blank frame in the training file are removed before the split; counts and the
+    report land in the run."""
+    import mlflow
+    from bloodcell.data import make_demo_set
+    from conftest import write_npz
+
+    images, labels = make_demo_set(per_class=10, image_size=32, seed=2)
+    images = np.concatenate([images, images[:4], np.full((1, 32, 32, 3), 255, np.uint8)])
+    labels = np.concatenate([labels, labels[:4], [0]])
+    path = write_npz(tmp_path / "polluted.npz", images, labels.astype(np.uint8).reshape(-1, 1))
+    proc = run_module("bloodcell.train", *TINY, "data=npz", f"data.path={path}", "data.clean=true",
+                      "finetune.epochs=0", f"tracking.uri={tracking}")
+    assert_ok(proc)
+    (run,) = mlflow_runs(tracking, "quickstart")
+    assert run.data.metrics["cleaning_removed"] >= 5
+    report = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/cleaning/report.json")
+    assert report["n_input"] == 85 and report["n_removed"] == run.data.metrics["cleaning_removed"]
+    assert run.data.tags["data_fingerprint"] != run.data.tags["data_fingerprint_cleaned"]
