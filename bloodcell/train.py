@@ -10,6 +10,7 @@ objective (best epoch's ``cfg.objective``) for a sweeper.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -87,6 +88,25 @@ def _best(history: list[dict], objective: str) -> float:
     return min(values) if "loss" in objective else max(values)
 
 
+class Stopwatch:
+    """Wall seconds per part of a run, logged as ``seconds_<part>`` metrics: where the time outside
+    Keras' fit goes (benchmarks/overhead.py reads them)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, part: str):
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - tic
+
+    def metrics(self) -> dict[str, float]:
+        return {f"seconds_{part}": value for part, value in self.seconds.items()}
+
+
 def _time_limit_callback():
     import keras
 
@@ -113,7 +133,9 @@ def train(cfg: DictConfig) -> float:
 
     check_reachable(resolve_tracking_uri(cfg.tracking))
     started = time.perf_counter()
-    arrays, splits, cleaning = load_splits(cfg)
+    timed = Stopwatch()
+    with timed("data"):
+        arrays, splits, cleaning = load_splits(cfg)
     log.info("data: %s, %d images %s -> train %d / val %d / test %d", arrays.source, len(arrays),
              arrays.images.shape[1:], len(splits.train), len(splits.val), len(splits.test))
     if cleaning is None:
@@ -188,12 +210,10 @@ def train(cfg: DictConfig) -> float:
         verbose = cfg.trainer.verbose
         log.info("phase 1: %d epochs, backbone %s, lr %g", cfg.trainer.epochs,
                  "frozen" if finetune.freeze_backbone_in_phase1(cfg) else "trainable", cfg.trainer.lr)
-        fit_seconds = 0.0
-        tic = time.perf_counter()
-        history = trainable_model.fit(train_ds, validation_data=val_ds, epochs=cfg.trainer.epochs, shuffle=False,
-                                      class_weight=weights, callbacks=callbacks(cfg.trainer.early_stopping_patience),
-                                      verbose=verbose)
-        fit_seconds += time.perf_counter() - tic
+        with timed("fit"):
+            history = trainable_model.fit(train_ds, validation_data=val_ds, epochs=cfg.trainer.epochs, shuffle=False,
+                                          class_weight=weights,
+                                          callbacks=callbacks(cfg.trainer.early_stopping_patience), verbose=verbose)
         phase1_epochs = len(history.epoch)
         phase1_best = _best(epoch_log.history, "val_accuracy")
         phase1_weights = model.get_weights()
@@ -209,11 +229,10 @@ def train(cfg: DictConfig) -> float:
                      trainable_layers, cfg.finetune.lr)
             mlflow.log_metric("finetune_trainable_layers", trainable_layers)
             phase2_start = phase1_epochs
-            tic = time.perf_counter()
-            trainable_model.fit(train_ds, validation_data=val_ds, initial_epoch=phase1_epochs, shuffle=False,
-                                epochs=phase1_epochs + cfg.finetune.epochs, class_weight=weights,
-                                callbacks=callbacks(cfg.finetune.early_stopping_patience), verbose=verbose)
-            fit_seconds += time.perf_counter() - tic
+            with timed("fit"):
+                trainable_model.fit(train_ds, validation_data=val_ds, initial_epoch=phase1_epochs,
+                                    shuffle=False, epochs=phase1_epochs + cfg.finetune.epochs, class_weight=weights,
+                                    callbacks=callbacks(cfg.finetune.early_stopping_patience), verbose=verbose)
             # Early stopping restored phase 2's best epoch; if fine-tuning never beat phase 1, the model
             # the run reports and saves is phase 1's best, as "restore the best weights" promises.
             phase2_best = _best(epoch_log.history[phase1_epochs:], "val_accuracy")
@@ -222,27 +241,30 @@ def train(cfg: DictConfig) -> float:
             mlflow.set_tag("final_weights", "phase2" if phase2_best >= phase1_best else "phase1")
 
         objective = _best(epoch_log.history, cfg.objective)
-        test_ds = make_tf_dataset(splits.test, batch, training=False, seed=cfg.seed)
-        probabilities = model.predict(test_ds.map(lambda x, y: x), verbose=0)
-        result = evaluate.evaluate_predictions(splits.test.labels, probabilities)
-        mlflow.log_metrics({f"best_{cfg.objective}": objective, **result.metrics,
-                            "fit_seconds": fit_seconds})
-        mlflow.log_dict(result.report, "classification_report.json")
-        mlflow.log_figure(evaluate.confusion_figure(result.confusion), "plots/confusion_matrix.png")
-        mlflow.log_figure(evaluate.curves_figure(epoch_log.history, phase2_start), "plots/training_curves.png")
+        with timed("evaluate"):
+            test_ds = make_tf_dataset(splits.test, batch, training=False, seed=cfg.seed)
+            probabilities = model.predict(test_ds.map(lambda x, y: x), verbose=0)
+            result = evaluate.evaluate_predictions(splits.test.labels, probabilities)
+            mlflow.log_metrics({f"best_{cfg.objective}": objective, **result.metrics})
+            mlflow.log_dict(result.report, "classification_report.json")
+            mlflow.log_figure(evaluate.confusion_figure(result.confusion), "plots/confusion_matrix.png")
+            mlflow.log_figure(evaluate.curves_figure(epoch_log.history, phase2_start), "plots/training_curves.png")
 
         if cfg.tracking.log_model:
             from mlflow.models import infer_signature
 
-            sample = splits.test.images[:2].astype(np.float32)
-            info = mlflow.keras.log_model(
-                model, name="model", signature=infer_signature(sample, model.predict(sample, verbose=0)),
-                # pinned rather than inferred: inference imports and inspects every module (seconds).
-                pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
-            mlflow.set_tag("model_uri", info.model_uri)
+            with timed("log_model"):
+                sample = splits.test.images[:2].astype(np.float32)
+                info = mlflow.keras.log_model(
+                    model, name="model", signature=infer_signature(sample, model.predict(sample, verbose=0)),
+                    # pinned rather than inferred: inference imports and inspects every module (seconds).
+                    pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
+                mlflow.set_tag("model_uri", info.model_uri)
+        timed.seconds["in_train"] = time.perf_counter() - started
+        mlflow.log_metrics(timed.metrics())
         log.info("test accuracy %.4f, macro-F1 %.4f; best %s %.4f; run %s (%.0f s, %.0f s in fit)",
                  result.metrics["test_accuracy"], result.metrics["test_macro_f1"], cfg.objective, objective,
-                 run.info.run_id, time.perf_counter() - started, fit_seconds)
+                 run.info.run_id, timed.seconds["in_train"], timed.seconds["fit"])
     return objective
 
 
