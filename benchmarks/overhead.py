@@ -1,0 +1,65 @@
+"""The framework's overhead: wall time of `python -m bloodcell.train` against the time spent inside Keras'
+fit in the same run (start-up, data, MLflow logging and saving are the rest).
+
+    python benchmarks/overhead.py                       # mobilenet_cpu on data/training_set.npz, 3 epochs
+    python benchmarks/overhead.py --preset quickstart   # no data file needed
+
+Prints one table: wall seconds, seconds inside fit, and each part bloodcell logs (seconds_* metrics).
+The goal is at most 10% overhead for a 3-epoch CPU run. Machines here are shared: run it twice.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="mobilenet_cpu")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
+    args = ap.parse_args()
+    if args.preset == "mobilenet_cpu" and not (REPO / "data" / "training_set.npz").is_file():
+        sys.exit("data/training_set.npz missing: python ../shared/data/build_training_set.py data/training_set.npz")
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        cmd = [sys.executable, "-m", "bloodcell.train", f"+experiment={args.preset}",
+               f"trainer.epochs={args.epochs}", "finetune.epochs=0", "trainer.early_stopping_patience=100",
+               "trainer.verbose=0", f"tracking.uri={uri}", *args.overrides]
+        tic = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        wall = time.perf_counter() - tic
+        if proc.returncode:
+            sys.exit(proc.stderr[-3000:])
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    parts = {k[len("seconds_"):]: v for k, v in run.data.metrics.items() if k.startswith("seconds_")}
+    fit = parts["fit"]
+    outside_train = wall - parts["in_train"]
+    rest = parts["in_train"] - sum(v for k, v in parts.items() if k != "in_train")
+    print(f"{args.preset}, {args.epochs} epochs, {os.cpu_count()} CPUs")
+    print(f"{'part':<38}{'seconds':>9}{'share':>8}")
+    rows = [("wall (python -m bloodcell.train)", wall),
+            ("inside Keras fit", fit),
+            ("interpreter + imports + Hydra (outside train())", outside_train),
+            ("data: load, validate, fingerprint, split", parts.get("data", 0.0)),
+            ("setup: TF import, model build, MLflow run", rest),
+            ("evaluate: test predictions, metrics, plots", parts.get("evaluate", 0.0)),
+            ("log_model: save + upload the model", parts.get("log_model", 0.0))]
+    for name, value in rows:
+        print(f"{name:<38}{value:>9.1f}{value / wall:>8.1%}")
+    print(f"overhead (wall - fit) / wall: {(wall - fit) / wall:.1%}")
+
+
+if __name__ == "__main__":
+    main()
