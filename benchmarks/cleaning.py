@@ -11,6 +11,7 @@ Three parts, all on the real cells of ../shared/data/pbc96 (skipped with a messa
 2. **Clean set** (``--unwanted 0``): the fraction of real cells removed, per class and per reason.
 3. **Unseen pollution**, kinds the builder does not make (natural photos from sklearn's and
    matplotlib's bundled samples, pasted whole, blended at several alphas or as a patch; drawn shapes;
+   two real cells blended half and half;
    flat frames; gradients; noise; truncated, salt-and-pepper, inverted, striped images; near duplicates
    re-encoded, shifted, recoloured, flipped or all at once), added to the clean set: recall per kind and
    overall precision.
@@ -221,6 +222,8 @@ def unseen_pollution(images: np.ndarray, labels: np.ndarray, rng: np.random.Gene
         makers[f"photo_blend_{alpha}"] = lambda a=alpha: a * photo() + (1 - a) * cell()
     makers.update({
         "shapes_blend_0.6": lambda: 0.6 * _shapes(rng, size) + 0.4 * cell(),
+        # two real cells blended half and half (mixup-like): colours and texture stay smear-like
+        "cell_blend_0.5": lambda: 0.5 * cell() + 0.5 * cell(),
         "photo_patch": patch,
         "flat": lambda: np.broadcast_to(rng.integers(0, 256, 3), (size, size, 3)) + rng.normal(0, 1.5, (size, size, 3)),
         "gradient": gradient,

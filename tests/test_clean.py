@@ -202,6 +202,15 @@ def test_blank_frames_and_corrupt_values(clean_set):
     assert set(reasons) == {n, n + 1, n + 2, n + 3}
 
 
+def test_label_outside_the_classes_is_corrupt(clean_set):
+    images, labels = clean_set
+    bad = labels.copy()
+    bad[4] = 9
+    result = find_unwanted(images, bad)
+    assert _reasons(result) == {4: "corrupt"}
+    assert result.removed[0]["bad_label"] == 9
+
+
 def test_small_sets_skip_the_outlier_check_with_a_note(clean_set):
     images, labels = clean_set
     result = find_unwanted(images[:10], labels[:10])
