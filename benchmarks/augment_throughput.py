@@ -103,7 +103,7 @@ def training_rates(images, labels, seconds: float) -> tuple[dict, int]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per pipeline / phase")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per pipeline / phase")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's batch size")
     parser.add_argument("--image-size", type=int, default=96)
     args = parser.parse_args(argv)

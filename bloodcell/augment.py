@@ -29,11 +29,16 @@ Public API:
   (``python -m bloodcell.augment_preview`` writes it as a PNG; train logs it to MLflow).
 * ``OPS``: the op names a config may use, each with the builder that reads its parameters.
 
+Speed (CPU): TF's projective-transform kernel is most of the cost of geometric augmentation, so with
+``fuse_geometry: true`` (the shipped default) flip, rotation, translation and zoom are one resampling
+(``RandomAffine``), done in the tf.data map by an XLA-compiled bilinear sampler (same output as Keras'
+``affine_transform``); RandAugment runs only the op it draws. See benchmarks/augment_throughput.py.
+
 Reproducibility: Keras core layers draw from their own seeded state, so a pipeline built with the same
-``seed`` gives the same views when the tf.data map runs sequentially (a parallel map hands the shared
-random state to batches in whatever order its threads run). KerasCV's layers (grid_mask, cutout,
-channel_shuffle) also depend on TF's global seed: call ``keras.utils.set_random_seed(seed)`` first, as
-train does.
+``seed`` gives the same views when its tf.data map runs sequentially (``num_parallel_calls=None``; a
+parallel map hands the shared random state to batches in whatever order its threads run). KerasCV's
+layers (grid_mask, cutout, channel_shuffle) also depend on TF's global seed: call
+``keras.utils.set_random_seed(seed)`` first, as train does.
 """
 from __future__ import annotations
 
