@@ -269,17 +269,20 @@ def near_duplicate_pairs(images: np.ndarray, candidates: np.ndarray, dup_cfg: Ma
     if len(idx) < 2:
         return []
     n, h, w = len(idx), images.shape[1], images.shape[2]
-    grey = np.empty((n, h, w), np.float32)
-    for s in range(0, n, _CHUNK):
-        grey[s:s + _CHUNK] = _grey(images[idx[s:s + _CHUNK]])
-    small = _pool(grey, max(1, h // 12))
     f = max(1, int(round(h / 32)))
-    coarse = _pool(grey, f)
+    # grey kept as uint8 (a quarter of the memory); thumbnails pooled chunk by chunk
+    grey = np.empty((n, h, w), np.uint8)
+    small = np.empty((n, h // max(1, h // 12), w // max(1, h // 12)), np.float32)
+    coarse = np.empty((n, h // f, w // f), np.float32)
+    for s in range(0, n, _CHUNK):
+        g = _grey(images[idx[s:s + _CHUNK]])
+        grey[s:s + _CHUNK] = np.rint(g).astype(np.uint8)
+        small[s:s + _CHUNK] = _pool(g, max(1, h // 12))
+        coarse[s:s + _CHUNK] = _pool(g, f)
     max_shift = int(dup_cfg["max_shift"])
-    cs = min(int(np.ceil(max_shift / f)), coarse.shape[1] // 4)
+    cs = min(int(np.ceil(max_shift / f)), coarse.shape[1] // 4, coarse.shape[2] // 4)
     c_h, c_w = coarse.shape[1] - 2 * cs, coarse.shape[2] - 2 * cs
-    square = h == w
-    transforms = _DIHEDRAL if dup_cfg["match_flips"] and square else _DIHEDRAL[:1]
+    transforms = _DIHEDRAL if dup_cfg["match_flips"] and h == w else _DIHEDRAL[:1]
 
     k = min(int(dup_cfg["neighbours"]) + 1, n)
     # neighbours in the thumbnails' 32 leading principal directions: 4x cheaper than all 144 pixels and,
@@ -289,33 +292,39 @@ def near_duplicate_pairs(images: np.ndarray, candidates: np.ndarray, dup_cfg: Ma
     nn = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(index @ basis)
     coarse_min = float(dup_cfg["coarse_correlation"])
     shifts = [(dy, dx) for dy in range(-cs, cs + 1) for dx in range(-cs, cs + 1)]
-    windows = [_standardise(coarse[:, cs + dy:cs + dy + c_h, cs + dx:cs + dx + c_w]) for dy, dx in shifts]
+    # the norm of every shifted window after removing its mean, from box sums: the query side is
+    # standardised, so its dot product with the raw window over this norm is their correlation
+    size = c_h * c_w
+    win_norm = np.empty((len(shifts), n), np.float32)
+    for b_id, (dy, dx) in enumerate(shifts):
+        win = coarse[:, cs + dy:cs + dy + c_h, cs + dx:cs + dx + c_w]
+        total, squares = win.sum((1, 2)), np.square(win).sum((1, 2))
+        win_norm[b_id] = np.sqrt(np.maximum(squares - total * total / size, 0)) + 1e-6
     found: dict[tuple[int, int, int], tuple[int, int]] = {}  # (i, j, transform) -> coarse best shift
     for t_id, t in enumerate(transforms):
         # a flipped or rotated copy is the nearest neighbour of the matching view: one is enough
         kt = k if not t_id else min(2, n)
         _, nbr = nn.kneighbors(_standardise(t(small)) @ basis, n_neighbors=kt)
         qi, qj = np.repeat(np.arange(n), kt), nbr.ravel()
-        # the identity finds each pair twice (i->j, j->i): score it once
-        ok = qi != qj if t_id else qi < qj
-        if not t_id:
-            qi, qj = np.where(qi < qj, qi, qj), np.where(qi < qj, qj, qi)
-            pairs = np.unique(np.stack([qi, qj], 1)[qi != qj], axis=0)
+        if not t_id:  # the identity finds each pair twice (i->j, j->i): score it once
+            pairs = np.unique(np.stack([np.minimum(qi, qj), np.maximum(qi, qj)], 1), axis=0)
             qi, qj = pairs[:, 0], pairs[:, 1]
-        else:
-            qi, qj = qi[ok], qj[ok]
-        centre = _standardise(t(coarse)[:, cs:cs + c_h, cs:cs + c_w])
-        corr = np.full(len(qi), -1.0, np.float32)
-        best = np.zeros(len(qi), np.int64)
-        for s in range(0, len(qi), 8192):
-            a = centre[qi[s:s + 8192]]
-            for b_id, win in enumerate(windows):
-                c = np.einsum("ij,ij->i", a, win[qj[s:s + 8192]])
-                better = c > corr[s:s + 8192]
-                corr[s:s + 8192][better], best[s:s + 8192][better] = c[better], b_id
-        sel = corr >= coarse_min
-        for i, j, b in zip(qi[sel], qj[sel], best[sel]):
-            found.setdefault((int(i), int(j), t_id), shifts[b])
+        ok = qi != qj
+        qi, qj = qi[ok], qj[ok]
+        for s in range(0, len(qi), 4096):
+            ci, cj = qi[s:s + 4096], qj[s:s + 4096]
+            query = _standardise(t(coarse[ci])[:, cs:cs + c_h, cs:cs + c_w])
+            other = coarse[cj]
+            corr = np.full(len(ci), -1.0, np.float32)
+            best = np.zeros(len(ci), np.int64)
+            for b_id, (dy, dx) in enumerate(shifts):
+                win = other[:, cs + dy:cs + dy + c_h, cs + dx:cs + dx + c_w].reshape(len(cj), size)
+                c = np.einsum("ij,ij->i", query, win) / win_norm[b_id, cj]
+                better = c > corr
+                corr[better], best[better] = c[better], b_id
+            sel = corr >= coarse_min
+            for i, j, b in zip(ci[sel], cj[sel], best[sel]):
+                found.setdefault((int(i), int(j), t_id), shifts[b])
 
     # full resolution: the transformed query's centre against the other image at whole-pixel shifts
     # around the coarse best shift
@@ -330,11 +339,12 @@ def near_duplicate_pairs(images: np.ndarray, candidates: np.ndarray, dup_cfg: Ma
         key = (min(i, j), max(i, j))
         if key in best_corr:
             continue
-        gi = transforms[t_id](grey[i:i + 1])[0]
+        gi = transforms[t_id](grey[i:i + 1])[0].astype(np.float32)
+        gj = grey[j].astype(np.float32)
         a = _standardise(gi[None, m:h - m, m:w - m])[0]
         y0, y1 = max(-m, dy * f - f) + m, min(m, dy * f + f) + m
         x0, x1 = max(-m, dx * f - f) + m, min(m, dx * f + f) + m
-        wins = sliding_window_view(grey[j, y0:y1 + ch, x0:x1 + cw], (ch, cw))
+        wins = sliding_window_view(gj[y0:y1 + ch, x0:x1 + cw], (ch, cw))
         corr = _standardise(wins.reshape(-1, ch * cw)) @ a
         b = int(corr.argmax())
         if corr[b] < min_corr:
@@ -343,7 +353,7 @@ def near_duplicate_pairs(images: np.ndarray, candidates: np.ndarray, dup_cfg: Ma
         # edges) pixel for pixel; look-alikes share only the coarse shape
         by, bx = y0 + b // wins.shape[1], x0 + b % wins.shape[1]
         detail_i = gi - gaussian_filter(gi, 1.0)
-        detail_j = grey[j] - gaussian_filter(grey[j], 1.0)
+        detail_j = gj - gaussian_filter(gj, 1.0)
         detail = float(_standardise(detail_i[None, m:h - m, m:w - m])[0]
                        @ _standardise(detail_j[None, by:by + ch, bx:bx + cw])[0])
         if detail >= min_detail:
