@@ -49,6 +49,15 @@ from bloodcell.errors import UserError
 #: Reasons, in the order the checks run (an image gets the first reason that applies).
 REASONS = ("corrupt", "flat", "outlier", "duplicate", "conflicting_labels")
 
+#: What the ``score`` of a removed sample measures, per reason (also written into the JSON report).
+SCORE_MEANING = {
+    "corrupt": "worst of repeated-row and black/white-pixel fractions, as a multiple of its limit (1.0 for a bad label)",
+    "flat": "grey-level standard deviation (0-255)",
+    "outlier": "largest robust z-score of its features (see 'feature')",
+    "duplicate": "correlation with its closest copy (1.0 = identical pixels)",
+    "conflicting_labels": "correlation with its closest copy (1.0 = identical pixels)",
+}
+
 #: The defaults of conf/cleaning/default.yaml, so the library also works without Hydra.
 DEFAULTS: dict[str, Any] = {
     "corrupt": {"max_repeated_rows": 0.25, "max_extreme_pixels": 0.02},
@@ -509,6 +518,7 @@ def report_dict(result: CleaningResult, labels: np.ndarray, source: str | None =
         "removed_per_class": {CLASS_NAMES[c] if c < len(CLASS_NAMES) else str(c): int(v)
                               for c, v in enumerate(np.bincount(labels[~kept], minlength=len(CLASS_NAMES)))},
         "config": result.config,
+        "score_meaning": SCORE_MEANING,
         "notes": result.notes,
         "removed": result.removed,
         "duplicate_groups": result.groups,
@@ -638,6 +648,7 @@ def clean_file(cfg) -> dict[str, Path]:
         raise UserError(f"output {out} is the input; choose another file (the input is never modified)")
     if out.exists() and not cfg.get("overwrite", False):
         raise UserError(f"output {out} already exists; choose another name or add overwrite=true")
+    _resolve_cfg(cfg.get("cleaning"))  # a bad setting is reported before the data is read
     images, labels = read_folder(src) if src.is_dir() else read_npz(src)
     print(f"cleaning {src}: {len(labels)} images", flush=True)
     result = find_unwanted(images, labels, cfg.get("cleaning"))
