@@ -118,6 +118,7 @@ def test_pruning_callback_reports_on_one_step_axis_and_raises_when_median_prunes
 
 
 # ---------------------------------------------------------------------------------------- sweeps
+@pytest.mark.slow
 def test_tiny_sweep_with_two_parallel_jobs_fills_optuna_and_mlflow(tmp_path):
     proc = run_module("bloodcell.train", *sweep_args(
         tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=joblib",
@@ -153,6 +154,7 @@ def test_tiny_sweep_with_two_parallel_jobs_fills_optuna_and_mlflow(tmp_path):
     assert not any(o.startswith(("+sweeps", "++trial", "++tracking.parent")) for o in best.overrides)
 
 
+@pytest.mark.slow
 def test_a_setting_that_cannot_learn_is_pruned_at_once(tmp_path):
     # lr 0 cannot learn: chance accuracy (1/8) stays under the threshold pruner's floor after epoch 1
     proc = run_module("bloodcell.train", *sweep_args(
@@ -178,9 +180,10 @@ def _start_sweep(tmp: Path, *extra: str, storage: str | None = None) -> subproce
                             cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_reruns_the_interrupted_trial_only(tmp_path):
     storage = f"journal:{tmp_path / 'optuna.journal'}"
-    args = ("hydra.sweeper.n_trials=2", "trainer.epochs=3", "hydra.sweeper.pruner.name=none")
+    args = ("hydra.sweeper.n_trials=2", "trainer.epochs=2", "hydra.sweeper.pruner.name=none")
     sweep = _start_sweep(tmp_path, *args, storage=storage)
     deadline = time.monotonic() + 300
     try:  # kill it in the middle of trial 0: after its first epoch was reported
@@ -217,6 +220,7 @@ def test_resume_after_sigkill_reruns_the_interrupted_trial_only(tmp_path):
     assert {by_number[n].info.status for n in ("1", "2")} == {"FINISHED"}
 
 
+@pytest.mark.slow
 def test_two_sweep_processes_share_one_study_without_extra_or_lost_trials(tmp_path):
     storage = f"journal:{tmp_path / 'optuna.journal'}"
     args = ("hydra.sweeper.n_trials=3",)
@@ -237,6 +241,7 @@ def test_two_sweep_processes_share_one_study_without_extra_or_lost_trials(tmp_pa
     assert sorted(c.data.tags["trial_number"] for c in children) == ["0", "1", "2"]
 
 
+@pytest.mark.slow
 def test_a_trial_that_raises_is_fail_in_optuna_and_mlflow_and_the_sweep_goes_on(tmp_path):
     # trainer.epochs=0 is refused by train (a UserError) before any training: two quick failing trials
     proc = run_module("bloodcell.train", *sweep_args(tmp_path, "hydra.sweeper.n_trials=2",
