@@ -63,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
     "corrupt": {"max_repeated_rows": 0.25, "max_extreme_pixels": 0.02},
     "flat": {"min_std": 4.0},
     "outliers": {"enabled": True, "max_z": 10.0, "plane_tolerance": 0.15, "blocks": 4,
-                 "min_samples": 30},
+                 "min_samples": 30, "min_class_samples": 8},
     "duplicates": {"exact": True, "near": True, "neighbours": 3, "coarse_correlation": 0.85,
                    "min_correlation": 0.95, "min_detail_correlation": 0.6,
                    "max_shift": 6, "match_flips": True, "conflicting_labels": "drop_group"},
@@ -187,8 +187,9 @@ def image_features(images: np.ndarray, plane_normal: np.ndarray, plane_tolerance
         mean_od = od.reshape(m, -1, 3).mean(1)
         out["od_r"][s:s + m], out["od_g"][s:s + m], out["od_b"][s:s + m] = mean_od.T
         tot = (od[..., 0] + od[..., 1] + od[..., 2]).reshape(m, -1)
-        q05, q95, q995 = np.quantile(tot, [0.05, 0.95, 0.995], axis=1)
-        out["od_spread"][s:s + m] = q95 - q05
+        # spread of densities as a standard deviation: smooth in how much of the frame the cell covers
+        out["od_spread"][s:s + m] = tot.std(1)
+        q995 = np.quantile(tot, 0.995, axis=1)
         # the darkest stain: every smear has a nucleus or granules, never pitch black
         out["darkest"][s:s + m] = q995
         # fine texture: pixel-to-pixel differences against the image's own contrast (noise, stripes)
@@ -435,7 +436,7 @@ def find_unwanted(images: np.ndarray, labels: np.ndarray, cleaning_cfg=None, *, 
             # never an outlier for being rare. Pollution carries random labels and is odd either way.
             for c in np.unique(labels):
                 in_c = labels == c
-                if (reference & in_c).sum() >= oc["min_samples"]:
+                if (reference & in_c).sum() >= oc["min_class_samples"]:
                     zc = np.stack([robust_z(feats[k][in_c], d, reference[in_c], m)
                                    for k, (d, m) in _OUTLIER_FEATURES.items()])
                     z[:, in_c] = np.minimum(z[:, in_c], zc)
