@@ -29,9 +29,7 @@ marked by the builder; removing one of them counts as a false positive here (sho
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
-import os
 import subprocess
 import sys
 import tempfile
@@ -318,9 +316,9 @@ def main() -> None:
         print(f"removed {len(removed)} of {len(labels)} real cells = {len(removed) / len(labels):.3%} "
               f"{result.counts}, cpu {cpu:.1f}s")
         print("   per class: " + ", ".join(f"{CLASS_NAMES[c]} {per_class[c]}/{total[c]}" for c in range(8)))
-        dup_groups = [g for g in result.groups if len(g) > 1]
-        print(f"   of which duplicates inside pbc96 itself: {len(dup_groups)} groups "
-              f"(same cell twice; {sum(e['reason'] in ('duplicate', 'conflicting_labels') for e in result.removed)} removed)")
+        n_dup = sum(e["reason"] in ("duplicate", "conflicting_labels") for e in result.removed)
+        print(f"   of which duplicates inside pbc96 itself: {len(result.groups)} groups "
+              f"(the same cell twice; {n_dup} removed)")
 
         if not a.skip_unseen:
             print("\n== unseen pollution kinds added to the clean set (match_flips on, the default) ==")

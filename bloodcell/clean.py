@@ -51,7 +51,8 @@ REASONS = ("corrupt", "flat", "outlier", "duplicate", "conflicting_labels")
 
 #: What the ``score`` of a removed sample measures, per reason (also written into the JSON report).
 SCORE_MEANING = {
-    "corrupt": "worst of repeated-row and black/white-pixel fractions, as a multiple of its limit (1.0 for a bad label)",
+    "corrupt": "worst of the repeated-row and black/white-pixel fractions, as a multiple of its limit "
+               "(1.0 for a bad label)",
     "flat": "grey-level standard deviation (0-255)",
     "outlier": "largest robust z-score of its features (see 'feature')",
     "duplicate": "correlation with its closest copy (1.0 = identical pixels)",
