@@ -165,7 +165,7 @@ def image_features(images: np.ndarray, plane_normal: np.ndarray, plane_tolerance
     """Per-image numbers that describe a stained single-cell smear (each an (N,) float array)."""
     n, h, w, _ = images.shape
     names = ("repeated_rows", "extreme_pixels", "grey_std", "off_plane", "off_plane_block",
-             "od_r", "od_g", "od_b", "od_spread", "darkest", "fine_texture", "centre_contrast")
+             "od_r", "od_g", "od_b", "od_spread", "darkest", "fine_texture", "seam", "centre_contrast")
     out = {k: np.empty(n, np.float32) for k in names}
     b = max(1, min(blocks, h // 4, w // 4))
     yy, xx = np.mgrid[0:h, 0:w]
@@ -196,6 +196,12 @@ def image_features(images: np.ndarray, plane_normal: np.ndarray, plane_tolerance
         # fine texture: pixel-to-pixel differences against the image's own contrast (noise, stripes)
         lap = np.abs(4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:])
         out["fine_texture"][s:s + m] = lap.reshape(m, -1).mean(1) / (out["grey_std"][s:s + m] + 1.0)
+        # a seam: one row (or column) step far larger than the image's usual step (a torn or shifted
+        # decode, the edge of a pasted rectangle); natural edges are curved and never span the frame
+        rows = np.abs(np.diff(g, axis=1)).mean(2)
+        cols = np.abs(np.diff(g, axis=2)).mean(1)
+        out["seam"][s:s + m] = np.maximum(rows.max(1) / (np.median(rows, 1) + 1.0),
+                                          cols.max(1) / (np.median(cols, 1) + 1.0))
         # the cell sits in the middle: the centre is darker (denser) than the border
         tot = tot.reshape(m, h, w)
         out["centre_contrast"][s:s + m] = tot[:, centre].mean(1) - tot[:, border].mean(1)
@@ -208,7 +214,7 @@ def image_features(images: np.ndarray, plane_normal: np.ndarray, plane_tolerance
 _OUTLIER_FEATURES = {
     "off_plane": (+1, 0.01), "off_plane_block": (+1, 0.02),
     "od_r": (0, 0.01), "od_g": (0, 0.01), "od_b": (0, 0.01), "od_spread": (0, 0.02), "darkest": (0, 0.02),
-    "fine_texture": (+1, 0.02), "centre_contrast": (0, 0.01), "grey_std": (0, 0.5),
+    "fine_texture": (+1, 0.02), "seam": (+1, 0.1), "centre_contrast": (0, 0.01), "grey_std": (0, 0.5),
 }
 
 
