@@ -9,21 +9,23 @@ Nothing here is told what the pollution looks like. Every test is relative to th
 * **outlier** -- each image is described by a few numbers that say what a stained smear looks like
   (how much of it, overall and in its worst tile, has colours that no mix of two stains makes, i.e.
   off the plane fitted to the data in optical-density space; its colour cast; its contrast and spread of
-  densities; its darkest stain; its fine texture; how dark its centre is against its border). Each number
-  becomes a robust z-score against the bulk of the data (median and MAD, which a minority of polluted
-  samples cannot move) -- against all images and against the image's own class, the smaller counting --
-  and an image whose largest z-score passes ``outliers.max_z`` is removed.
+  densities; its darkest stain; its fine texture; seams spanning the frame; how dark its centre is
+  against its border). Each number becomes a robust z-score against the bulk of the data (median and
+  MAD, which a minority of polluted samples cannot move) -- against all images and against the image's
+  own class, the smaller counting -- and an image whose largest z-score passes ``outliers.max_z`` is
+  removed.
 * **duplicate / conflicting_labels** -- exact copies by byte hash; near copies (re-encoded, shifted by a
-  few pixels, recoloured, optionally flipped or rotated) by nearest neighbours on a small normalised
-  grey thumbnail, confirmed by the best normalised correlation over small shifts. A group whose labels
+  few pixels, recoloured, flipped or rotated) by nearest neighbours on a small normalised grey thumbnail,
+  confirmed at full resolution by the best correlation over small shifts and by the correlation of their
+  fine detail (a copy shares its texture pixel for pixel, a look-alike cell does not). A group whose labels
   agree keeps one copy; a group whose labels conflict is dropped whole (``conflicting_labels: drop_group``)
   or keeps one copy of a strict majority label (``keep_majority``).
 
 Library use (what training calls when ``data.clean=true``)::
 
-    result = find_unwanted(images, labels, cfg.cleaning)
+    result = find_unwanted(images, labels, cfg.cleaning)      # or find_unwanted_cached(..., fingerprint, dir)
+    write_report(result, images, labels, out_dir)             # JSON + contact sheet of what goes
     images, labels = images[result.keep], labels[result.keep]
-    write_report(result, images_before, labels_before, out_dir)
 
 Command line::
 
