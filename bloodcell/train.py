@@ -169,15 +169,17 @@ def train(cfg: DictConfig) -> float:
                                 **{f"cleaning_removed_{k}": v for k, v in cleaning["counts"].items()}})
             mlflow.log_dict(cleaning, "cleaning/report.json")
 
-        augmentation = augment.build_augmentation(cfg.augmentation, cfg.seed)
-        mixer = augment.build_mixer(cfg.augmentation, NUM_CLASSES, cfg.seed)
         in_model = cfg.augmentation.get("where", "pipeline") == "model"
+        with strategy.scope():  # in the model its seed variables must live on the training devices
+            augmentation = augment.build_augmentation(cfg.augmentation, cfg.seed)
+        mixer = augment.build_mixer(cfg.augmentation, NUM_CLASSES, cfg.seed)
         batch = cfg.trainer.batch_size * strategy.num_replicas_in_sync
         train_ds = make_tf_dataset(splits.train, batch, training=True, seed=cfg.seed,
                                    augment=None if in_model else augmentation, mixer=mixer)
         val_ds = make_tf_dataset(splits.val, batch, training=False, seed=cfg.seed)
         if augmentation is not None:
-            grid = augment.preview_grid(splits.train.images[:6], augmentation, views=5, seed=cfg.seed)
+            grid = augment.preview_grid(splits.train.images[:6], augmentation, views=5, seed=cfg.seed,
+                                        mixer=mixer, labels=splits.train.labels[:6])
             mlflow.log_image(grid, "plots/augmentation_preview.png")
 
         with strategy.scope():

@@ -136,8 +136,11 @@ def make_tf_dataset(arrays: Arrays, batch_size: int, *, training: bool, seed: in
         return tf.cast(images, tf.float32), tf.one_hot(labels, NUM_CLASSES, dtype=tf.float32)
 
     ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
+    # Augmentation and mixing map sequentially: parallel calls draw from the layers' shared random state
+    # in whatever order threads run, so a seed would no longer reproduce a run. prefetch still overlaps
+    # them with training, and on a batch they are vectorised (benchmarks/augment_throughput.py).
     if training and augment is not None:
-        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(lambda x, y: (augment(x, training=True), y))
     if training and mixer is not None:
-        ds = ds.map(mixer, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(mixer)
     return ds.prefetch(tf.data.AUTOTUNE)
