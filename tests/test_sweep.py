@@ -254,3 +254,16 @@ def test_a_trial_that_raises_is_fail_in_optuna_and_mlflow_and_the_sweep_goes_on(
     _, parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1 and sorted(c.data.tags["trial_number"] for c in children) == ["0", "1"]
     assert all(c.info.status == "FAILED" and "epochs" in c.data.tags["error"] for c in children)
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_trials_all_fail_stops_after_max_consecutive_failures(tmp_path):
+    proc = run_module("bloodcell.train", *sweep_args(
+        tmp_path, "hydra.sweeper.n_trials=4", "hydra.sweeper.max_consecutive_failures=1",
+        "trainer.epochs=choice(0)"), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "error: the last 1 trials failed, so the sweep stopped" in proc.stderr
+    study = load_study(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert states(study) == {"FAIL": 1}
+    _, parents, _ = mlflow_runs(tmp_path)
+    assert [p.info.status for p in parents] == ["FAILED"]

@@ -63,6 +63,7 @@ class SweepOptions:
     sampler: dict = field(default_factory=lambda: {"name": "tpe"})  # name, seed, {<name>: kwargs}
     pruner: dict = field(default_factory=lambda: {"name": "median"})  # name, {<name>: kwargs}
     params: dict = field(default_factory=dict)
+    max_consecutive_failures: Optional[int] = 5
     heartbeat_interval: int = 30
 
     @classmethod
@@ -118,6 +119,8 @@ class OptunaSweep:
         self.objective_name = str(config.get("objective") or "objective")
         self.in_flight: dict[int, optuna.trial.Trial] = {}
         self.mlflow: Optional[_ParentRun] = None
+        self.failures_in_a_row = 0
+        self.last_error = ""
 
     # ------------------------------------------------------------------ set-up
     def run(self, arguments: list[str]) -> list[list[JobReturn]]:
@@ -143,6 +146,10 @@ class OptunaSweep:
                 if not batch:
                     break
                 returns.append(self._run_batch(batch))
+                limit = self.options.max_consecutive_failures
+                if limit and self.failures_in_a_row >= limit:
+                    status = "FAILED"
+                    break
         except BaseException:
             status = "KILLED"
             raise
@@ -153,6 +160,11 @@ class OptunaSweep:
             if previous_term is not None:
                 signal.signal(signal.SIGTERM, previous_term)
             self._finish(status)
+        if status == "FAILED":
+            print(f"error: the last {self.failures_in_a_row} trials failed, so the sweep stopped (last error: "
+                  f"{self.last_error}); fix it and rerun the same command to resume the study, or raise "
+                  "hydra.sweeper.max_consecutive_failures", file=sys.stderr, flush=True)
+            sys.exit(1)
         return returns
 
     def _prepare(self, arguments: list[str]) -> None:
@@ -375,6 +387,11 @@ class OptunaSweep:
             pass  # another process judged it interrupted meanwhile
         finally:
             self.in_flight.pop(trial._trial_id, None)
+        if state == TrialState.FAIL:
+            self.failures_in_a_row += 1
+            self.last_error = (error or "").splitlines()[0][:300] if error else ""
+        else:
+            self.failures_in_a_row = 0
         frozen = storage.get_trial(trial._trial_id)
         params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
         if state == TrialState.COMPLETE:

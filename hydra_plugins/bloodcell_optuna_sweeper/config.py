@@ -66,6 +66,9 @@ class BloodcellOptunaSweeperConf:
     #: the search space, in Hydra's sweep syntax: {finetune.lr: "tag(log, interval(1e-5, 1e-3))"};
     #: sweep overrides on the command line add to it
     params: Optional[Dict[str, str]] = None
+    #: stop the sweep (exit 1) after this many trials in a row failed with an error, e.g. a data path that
+    #: does not exist; null = never stop
+    max_consecutive_failures: Optional[int] = 5
     #: seconds between the "still running" marks of this process's trials; a trial whose mark is older
     #: than 4 intervals (or whose sweep process on this host is gone) counts as interrupted
     heartbeat_interval: int = 30
