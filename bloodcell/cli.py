@@ -26,6 +26,12 @@ def run_or_exit(task: Callable[..., T], *args, **kwargs) -> T:
     Inside a Hydra multirun the error is re-raised instead, so that the sweeper records the one
     trial as failed and goes on with the others.
     """
+    import signal
+
+    # SIGTERM (kill, a scheduler's time limit) becomes SystemExit, so `finally` blocks run and an MLflow
+    # run ends KILLED instead of staying RUNNING forever.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return task(*args, **kwargs)
     except UserError as err:

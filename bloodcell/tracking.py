@@ -124,6 +124,10 @@ def start_run(cfg, *, tags: dict[str, str]) -> Iterator[Any]:
         if isinstance(err, optuna.TrialPruned):
             mlflow.set_tags({"optuna.trial_state": "PRUNED", "pruned": "true", "pruned_reason": str(err)[:5000]})
             mlflow.end_run("KILLED")
+        elif isinstance(err, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, or SIGTERM (see bloodcell.cli)
+            with contextlib.suppress(Exception):
+                mlflow.set_tag("error", f"interrupted ({type(err).__name__})")
+            mlflow.end_run("KILLED")
         else:
             reason = f"{type(err).__name__}: {err}"[:5000]
             tags = {"error": reason}

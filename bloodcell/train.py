@@ -44,24 +44,41 @@ CLEANING_CACHE = PROJECT_ROOT / "mlruns" / "cleaning_cache"
 
 def load_splits(cfg: DictConfig):
     """Validated arrays, cleaned when ``data.clean`` (cached by data fingerprint and cleaning settings, so a
-    sweep cleans once), then the stratified split. Returns (arrays as loaded, splits, cleaning report or None)."""
+    sweep cleans once), then the stratified split. Returns (arrays as loaded, splits, CleaningResult or None)."""
     from bloodcell.data import Arrays, fingerprint, load_arrays, split_arrays
 
     arrays = load_arrays(cfg.data)
     cleaning = None
     if cfg.data.get("clean"):
-        from bloodcell.clean import find_unwanted_cached, report_dict, summary
+        from bloodcell.clean import find_unwanted_cached, summary
 
-        result, cached = find_unwanted_cached(arrays.images, arrays.labels, cfg.cleaning,
-                                              arrays.fingerprint, CLEANING_CACHE)
-        log.info("cleaning%s: %s", " (cached)" if cached else "", summary(result))
-        cleaning = report_dict(result, arrays.labels, arrays.source)
-        images, labels = arrays.images[result.keep], arrays.labels[result.keep]
+        cleaning, cached = find_unwanted_cached(arrays.images, arrays.labels, cfg.cleaning,
+                                                arrays.fingerprint, CLEANING_CACHE)
+        log.info("cleaning%s: %s", " (cached)" if cached else "", summary(cleaning))
+        images, labels = arrays.images[cleaning.keep], arrays.labels[cleaning.keep]
         kept = Arrays(images, labels, fingerprint(images, labels), f"{arrays.source} (cleaned)")
     else:
         kept = arrays
     splits = split_arrays(kept, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     return arrays, splits, cleaning
+
+
+def log_cleaning(result, arrays) -> None:
+    """Counts as metrics, the JSON report and the contact sheet of removed samples into the active run."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    from bloodcell.clean import contact_sheet, report_dict
+
+    mlflow.log_metrics({"cleaning_removed": result.n_removed,
+                        **{f"cleaning_removed_{k}": v for k, v in result.counts.items()}})
+    mlflow.log_dict(report_dict(result, arrays.labels, arrays.source), "cleaning/report.json")
+    if result.n_removed:
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifact(str(contact_sheet(result, arrays.images, arrays.labels, Path(tmp) / "removed.png")),
+                                "cleaning")
 
 
 def _hydra_overrides() -> list[str]:
@@ -165,9 +182,7 @@ def train(cfg: DictConfig) -> float:
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         mlflow.log_text(OmegaConf.to_yaml(_hydra_overrides()), "overrides.yaml")
         if cleaning is not None:
-            mlflow.log_metrics({"cleaning_removed": cleaning["n_removed"],
-                                **{f"cleaning_removed_{k}": v for k, v in cleaning["counts"].items()}})
-            mlflow.log_dict(cleaning, "cleaning/report.json")
+            log_cleaning(cleaning, arrays)
 
         in_model = cfg.augmentation.get("where", "pipeline") == "model"
         with strategy.scope():  # in the model its seed variables must live on the training devices

@@ -132,3 +132,4 @@ def test_data_clean_true_removes_unwanted_samples_and_reports_to_mlflow(tmp_path
     report = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/cleaning/report.json")
     assert report["n_input"] == 85 and report["n_removed"] == run.data.metrics["cleaning_removed"]
     assert run.data.tags["data_fingerprint"] != run.data.tags["data_fingerprint_cleaned"]
+    assert "cleaning/removed.png" in {a.path for a in mlflow.MlflowClient(tracking).list_artifacts(run.info.run_id, "cleaning")}
