@@ -1,7 +1,7 @@
 """Pruning efficiency: the same Optuna study run twice, without and with a pruner; prints each one's best
 objective and the epochs it trained in total.
 
-    python benchmarks/pruning_efficiency.py                       # ~5-10 min on 2 CPU cores
+    python benchmarks/pruning_efficiency.py                       # ~15 min on 2 busy CPU cores
     python benchmarks/pruning_efficiency.py --trials 16 --image-size 64 --per-class 120
 
 The study is sweeps/quick.yaml (quickstart preset: built-in SYNTHETIC demo data, small CNN) with the phase-1
