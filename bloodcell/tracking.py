@@ -115,7 +115,9 @@ def start_run(cfg, *, tags: dict[str, str]) -> Iterator[Any]:
                            parent_run_id=parent, nested=bool(parent),
                            tags={"bloodcell_version": __version__, **git_tags(), **tags})
     try:
-        params = flatten(OmegaConf.to_container(cfg, resolve=True))
+        # `trial` (set by the sweeper) is the link to Optuna's storage, whose URL may hold a password:
+        # the trial number is a tag instead.
+        params = flatten({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "trial"})
         mlflow.log_params({k: ("null" if v is None else str(v)[:6000]) for k, v in params.items()})
         yield run
     except BaseException as err:

@@ -170,7 +170,6 @@ def train(cfg: DictConfig) -> float:
     from bloodcell.data import class_weights, make_tf_dataset
     from bloodcell.models import BACKBONE_LAYER, build_model
 
-    keras.utils.set_random_seed(cfg.seed)
     if cfg.trainer.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     strategy = tf.distribute.MirroredStrategy() if cfg.trainer.distribute == "mirrored" \
@@ -179,6 +178,8 @@ def train(cfg: DictConfig) -> float:
     if "trial" in cfg:
         tags["trial_number"] = str(cfg.trial.number)
     with tracking.start_run(cfg, tags=tags) as run:
+        # seeded only now: MLflow draws its friendly run names from Python's `random`
+        keras.utils.set_random_seed(cfg.seed)
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         mlflow.log_text(OmegaConf.to_yaml(_hydra_overrides()), "overrides.yaml")
         if cleaning is not None:
