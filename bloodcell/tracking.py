@@ -36,8 +36,6 @@ def artifact_location(uri: str) -> str | None:
     ./mlartifacts, would follow the CWD). A server decides for itself (None)."""
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
-    if uri.startswith(("file:", "/")):
-        return None
     return None
 
 
