@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO / "data" / "training_set.npz"))
     ap.add_argument("--minutes", type=float, default=45)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--size", type=int, default=160, help="input side inside the model (the preset's)")
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -57,9 +58,9 @@ def main() -> None:
 
     train_ds, val_ds, test_ds = dataset(train, True), dataset(val, False), dataset(test, False)
     backbone = keras.applications.MobileNet(alpha=0.25, include_top=False, weights=str(WEIGHTS),
-                                            input_shape=(128, 128, 3), pooling="avg")
+                                            input_shape=(args.size, args.size, 3), pooling="avg")
     inputs = keras.Input((96, 96, 3))
-    h = layers.Resizing(128, 128)(inputs)
+    h = layers.Resizing(args.size, args.size)(inputs)
     h = layers.Rescaling(1 / 127.5, offset=-1)(h)
     h = backbone(h, training=False)  # BatchNorm stays in inference mode, as in the preset
     for units, rate in ((256, 0.2), (128, 0.1)):
