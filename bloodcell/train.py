@@ -158,6 +158,7 @@ def train(cfg: DictConfig) -> float:
     if cleaning is None:
         tags = {"data_fingerprint": arrays.fingerprint, "data_source": arrays.source}
     else:
+        # every split carries the fingerprint of the cleaned set it was cut from
         tags = {"data_fingerprint": arrays.fingerprint, "data_source": arrays.source,
                 "data_fingerprint_cleaned": splits.train.fingerprint}
 

@@ -34,6 +34,8 @@ class Arrays:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> "Arrays":
+        """Part of this set; keeps the fingerprint of the whole set it came from (a split is named by
+        its source data, the seed and the fractions)."""
         return Arrays(self.images[index], self.labels[index], self.fingerprint, self.source)
 
 
