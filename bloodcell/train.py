@@ -210,6 +210,11 @@ def train(cfg: DictConfig) -> float:
             _compile(trainable_model, cfg.trainer.lr, cfg.trainer.lr_decay_steps, cfg.trainer.lr_decay_rate,
                      cfg.trainer.label_smoothing)
 
+        from bloodcell.models.head import precise_batchnorm_callback
+
+        clean_sample = np.random.default_rng(cfg.seed).permutation(len(splits.train))[
+            :int(cfg.head.get("precise_bn_images") or 0)]
+        precise_bn = precise_batchnorm_callback(model, splits.train.images[np.sort(clean_sample)], batch)
         TimeLimit = _time_limit_callback()
         weights = class_weights(splits.train.labels) if cfg.trainer.class_weight == "balanced" else None
         epoch_log = tracking.epoch_logger()
@@ -224,7 +229,8 @@ def train(cfg: DictConfig) -> float:
             stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience,
                                                  restore_best_weights=True, verbose=1)
             extra = [TimeLimit(deadline)] if deadline else []
-            return [epoch_log, stop, *extra] + ([pruner] if pruner is not None else [])
+            first = [precise_bn] if precise_bn is not None else []  # its statistics are what validation sees
+            return [*first, epoch_log, stop, *extra] + ([pruner] if pruner is not None else [])
 
         verbose = cfg.trainer.verbose
         log.info("phase 1: %d epochs, backbone %s, lr %g", cfg.trainer.epochs,

@@ -21,3 +21,36 @@ def build_head(features, head_cfg):
         if rate:
             x = layers.Dropout(rate, name=f"head_dropout{i}")(x)
     return layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probabilities")(x)
+
+
+def precise_batchnorm_callback(model, images, batch_size: int):
+    """A Keras callback that, before every validation, recomputes the statistics of the head's BatchNorm
+    layers from ``images``: clean (un-augmented) training images ("precise BN", Wu & Johnson, *Rethinking
+    'Batch' in BatchNorm*, 2021). During training those layers normalise augmented batches, and their moving
+    averages lag weights that change every step; at inference they meet clean images. On real cells
+    (mobilenet_cpu) that mismatch cost 0.7 accuracy points and made validation accuracy swing by several
+    points from one epoch to the next. The backbone's BatchNorm is left alone (frozen ImageNet statistics,
+    or trained with the backbone). Returns None when the head has no BatchNorm or no images are given."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not norms or len(images) == 0:
+        return None
+    # one pass through the backbone up to the first BatchNorm, then only the small head parts in between
+    parts = [keras.Model(model.inputs, norms[0].input)] + \
+            [keras.Model(before.input, after.input) for before, after in zip(norms, norms[1:])]
+    batches = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).map(lambda x: tf.cast(x, tf.float32))
+
+    class PreciseBatchNorm(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            x = parts[0].predict(batches, verbose=0)
+            for i, norm in enumerate(norms):
+                if i:
+                    x = parts[i].predict(x, batch_size=batch_size, verbose=0)
+                x64 = x.astype(np.float64)
+                norm.moving_mean.assign(x64.mean(axis=0).astype(np.float32))
+                norm.moving_variance.assign(x64.var(axis=0).astype(np.float32))
+
+    return PreciseBatchNorm()
