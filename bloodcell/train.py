@@ -271,6 +271,13 @@ def train(cfg: DictConfig) -> float:
             probabilities = model.predict(test_ds.map(lambda x, y: x), verbose=0)
             result = evaluate.evaluate_predictions(splits.test.labels, probabilities)
             mlflow.log_metrics({f"best_{cfg.objective}": objective, **result.metrics})
+            if cfg.trainer.get("test_tta"):
+                from bloodcell.predict import predict_arrays
+
+                tta = evaluate.evaluate_predictions(
+                    splits.test.labels, predict_arrays(model, splits.test.images, batch, tta=True), "test_tta_")
+                mlflow.log_metrics(tta.metrics)
+                log.info("test accuracy with test-time augmentation %.4f", tta.metrics["test_tta_accuracy"])
             mlflow.log_dict(result.report, "classification_report.json")
             mlflow.log_figure(evaluate.confusion_figure(result.confusion), "plots/confusion_matrix.png")
             mlflow.log_figure(evaluate.curves_figure(epoch_log.history, phase2_start), "plots/training_curves.png")
