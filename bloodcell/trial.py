@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +88,29 @@ def open_storage(url: str):
             return JournalStorage(JournalFileBackend(url[len("journal:"):]))
         if url.startswith("sqlite:"):
             # trials of a batch write at once; wait for the file lock rather than fail at once
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-        return optuna.storages.RDBStorage(url)
+            return _rdb_storage(url, engine_kwargs={"connect_args": {"timeout": 60}})
+        return _rdb_storage(url)
     except ImportError as err:
-        raise UserError(f"the Optuna storage {redact(url)} needs a database driver: {err}") from None
+        raise UserError(f"the Optuna storage {redact(url)} needs a database driver ({err}); for PostgreSQL: "
+                        'pip install "psycopg[binary]" (or pip install -e ".[cluster]")') from None
     except Exception as err:  # unreachable server, bad credentials, not a database ...
         raise UserError(f"cannot open the Optuna storage {redact(url)}: {str(err).splitlines()[0]}") from None
+
+
+def _rdb_storage(url: str, **kwargs):
+    """RDBStorage, retried when several processes create the schema of a new database at once: on
+    PostgreSQL the losers of that race get a duplicate-type or duplicate-table error, and find the schema
+    made on the next try."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(4):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (IntegrityError, ProgrammingError):
+            if attempt == 3:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def redact(url: str) -> str:

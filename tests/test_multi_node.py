@@ -1,0 +1,113 @@
+"""The multi-node sweep recipe of docs/sweeps.md, on one machine: an `mlflow server` holds the runs, a shared
+Optuna storage holds the study, Hydra's submitit launcher starts every trial as its own job (the same code
+path as `hydra/launcher=submitit_slurm`, minus the queue), and two sweep processes work on one study.
+
+The storage is PostgreSQL when BLOODCELL_TEST_POSTGRES names a database the test may write to, e.g.
+    BLOODCELL_TEST_POSTGRES=postgresql://bloodcell:bloodcell@localhost/optuna python -m pytest tests/test_multi_node.py
+(needs `pip install "psycopg[binary]"`); otherwise Optuna's journal file, as on a shared file system.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
+
+TRIAL = [o for o in TINY if o != "+experiment=quickstart"] + ["tracking.log_model=false"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on a free local port, SQLite behind it, artifacts served by it."""
+    port = _free_port()
+    log = open(tmp_path / "mlflow_server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server_artifacts")],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"mlflow server did not start: {(tmp_path / 'mlflow_server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield uri
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+def _storage(tmp_path: Path) -> str:
+    return os.environ.get("BLOODCELL_TEST_POSTGRES") or f"journal:{tmp_path / 'optuna.journal'}"
+
+
+@pytest.mark.slow
+def test_two_sweeps_with_submitit_jobs_share_one_study_and_one_mlflow_server(tmp_path, mlflow_server):
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from bloodcell.trial import open_storage
+
+    storage = _storage(tmp_path)
+    study_name = f"multinode-{uuid.uuid4().hex[:8]}"  # a shared database may hold earlier studies
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+    def start(folder: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bloodcell.train", "-m", "+sweeps=quick", *TRIAL,
+             f"tracking.uri={mlflow_server}", f"hydra.sweeper.storage={storage}",
+             f"hydra.sweeper.study_name={study_name}", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+             "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+             f"hydra.sweep.dir={tmp_path / folder}"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    sweeps = [start("a"), start("b")]
+    outputs = [p.communicate(timeout=1200)[0] for p in sweeps]
+    for process, output in zip(sweeps, outputs):
+        assert process.returncode == 0, output[-4000:]
+
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert {t.state.name for t in study.trials} == {"COMPLETE"}
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 4  # no point tried twice
+    # every trial ran in a submitit job of its own, which reopened its Optuna trial to report epochs
+    assert all(len(t.intermediate_values) >= 1 for t in study.trials)
+    assert len(list((tmp_path / "a" / ".submitit").iterdir())) + \
+        len(list((tmp_path / "b" / ".submitit").iterdir())) >= 4
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("bloodcell.sweep") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1  # both sweep processes log under the study's one parent run
+    assert sorted(c.data.tags["trial_number"] for c in children) == ["0", "1", "2", "3"]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert all(len(client.get_metric_history(c.info.run_id, "val_accuracy")) == 2 for c in children)
+    # artifacts went through the server
+    assert "trials.csv" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
