@@ -1,19 +1,22 @@
-"""Pruning efficiency: the same Optuna study run twice, without and with a pruner; prints each one's best
-objective and the epochs it trained in total.
+"""Pruning efficiency: best value and epochs trained of one study, unpruned and with each pruner.
 
-    python benchmarks/pruning_efficiency.py                       # ~15 min on 2 busy CPU cores
-    python benchmarks/pruning_efficiency.py --trials 16 --image-size 64 --per-class 120
+One Optuna study is run without a pruner, then again with each pruner; prints each run's best objective
+and the epochs it trained in total.
 
-The study is sweeps/quick.yaml (quickstart preset: built-in SYNTHETIC demo data, small CNN) with the phase-1
-learning rate added to its space, so some trials learn slowly and a pruner has something to stop. Both runs
-use the random sampler with one seed, so they draw the same trials in the same order: the difference is
-the pruner alone (TPE would steer each run differently). Accuracy on the demo data says nothing about real
-cells; the figures are about how many epochs pruning saves. Goal (issue 4): best value within 0.5 accuracy
-points of the unpruned run with at most 40% of its epochs.
+    python benchmarks/pruning_efficiency.py                                  # ~17 min on 2 CPU cores
+    python benchmarks/pruning_efficiency.py --pruners successive_halving:reduction_factor=3 --trials 10
+    python benchmarks/pruning_efficiency.py --replay benchmarks/results/pruning_<time> --pruners median ...
+
+The study is sweeps/quick.yaml on the mobilenet_cpu preset (`experiment=mobilenet_cpu`: the shared ImageNet
+MobileNet, real cells from data/training_set.npz), cut to CPU size: a stratified subset of the cells
+(`data.limit`), 96 px input, a few epochs per phase, early stopping off. The phase-1 learning rate is added
+to the space (log 1e-5 ... 1e-1), so some trials learn slowly or not at all and a pruner has something to
+stop. Every run uses the random sampler with one seed, so all draw the same trials in the same order: the
+difference is the pruner alone (TPE would steer each run differently). Goal (issue 4): best value within
+0.5 accuracy points of the unpruned run with at most 40% of its epochs.
 
 Each run is a real `python -m bloodcell.train -m` sweep; its Optuna journal and MLflow store go to
-benchmarks/results/pruning_<time>/ (git-ignored).
-"""
+benchmarks/results/pruning_<time>/ (git-ignored)."""
 from __future__ import annotations
 
 import argparse
@@ -27,17 +30,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_sweep(out: Path, name: str, pruner: list[str], args: argparse.Namespace) -> float:
-    command = [sys.executable, "-m", "bloodcell.train", "-m", "+sweeps=quick",
+    command = [sys.executable, "-m", "bloodcell.train", "-m", "+sweeps=quick", "experiment=mobilenet_cpu",
                f"hydra.sweeper.study_name={name}", f"hydra.sweeper.storage=journal:{out / 'optuna.journal'}",
                f"hydra.sweeper.n_trials={args.trials}", "hydra.sweeper.sampler.name=random",
                f"hydra.sweeper.sampler.seed={args.seed}", *pruner,
                "trainer.lr=tag(log, interval(1e-5, 1e-1))",
-               f"data.image_size={args.image_size}", f"data.per_class={args.per_class}",
+               f"data.path={args.data}", f"data.limit={args.limit}", f"backbone.input_size={args.input_size}",
                f"trainer.epochs={args.epochs}", f"finetune.epochs={args.finetune_epochs}",
                # no early stopping: both runs train every epoch a trial is given
                f"trainer.early_stopping_patience={args.epochs}",
                f"finetune.early_stopping_patience={args.finetune_epochs}",
-               "trainer.verbose=0", "tracking.log_model=false", f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
+               "trainer.verbose=0", "trainer.test_tta=false", "tracking.log_model=false", f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
                f"hydra.sweep.dir={out / name}"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
     tic = time.perf_counter()
@@ -48,52 +51,115 @@ def run_sweep(out: Path, name: str, pruner: list[str], args: argparse.Namespace)
     return time.perf_counter() - tic
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--per-class", type=int, default=40)
-    parser.add_argument("--epochs", type=int, default=6, help="phase 1 epochs per trial")
-    parser.add_argument("--finetune-epochs", type=int, default=2, help="phase 2 epochs per trial")
-    parser.add_argument("--pruner", default="median", help="median | successive_halving | hyperband ...")
-    parser.add_argument("--warmup", type=int, default=1, help="epochs before the median pruner may prune")
-    args = parser.parse_args()
+# The pruners compared by default, as name:key=value,... (keys are the Optuna pruner's arguments; steps are
+# epochs across both phases, counted from 0).
+DEFAULT_PRUNERS = [
+    # below the median of earlier complete trials at the same epoch; 4 run whole first, 1 epoch of grace
+    "median:n_startup_trials=4,n_warmup_steps=1",
+    # the same, aggressive: 2 trials run whole, pruning from the first epoch
+    "median:n_startup_trials=2,n_warmup_steps=0",
+    # asynchronous successive halving: only the top third at steps 2 and 6 (epochs 3 and 7) go on
+    "successive_halving:min_resource=2,reduction_factor=3",
+]
 
-    out = ROOT / "benchmarks" / "results" / time.strftime("pruning_%Y%m%d-%H%M%S")
-    out.mkdir(parents=True)
-    pruner = [f"hydra.sweeper.pruner.name={args.pruner}"]
-    if args.pruner == "median":
-        pruner += ["hydra.sweeper.pruner.median.n_startup_trials=2",
-                   f"hydra.sweeper.pruner.median.n_warmup_steps={args.warmup}"]
-    seconds = {"unpruned": run_sweep(out, "unpruned", ["hydra.sweeper.pruner.name=none"], args),
-               "pruned": run_sweep(out, "pruned", pruner, args)}
+
+def parse_pruner(spec: str) -> tuple[str, dict]:
+    name, _, args = spec.partition(":")
+    kwargs = {}
+    for item in filter(None, args.split(",")):
+        key, _, value = item.partition("=")
+        kwargs[key] = float(value) if "." in value else int(value)
+    return name, kwargs
+
+
+def summarize(trials, seconds: float = float("nan")) -> dict:
+    best = max((t.value for t in trials if t.value is not None and t.state.name == "COMPLETE"), default=float("nan"))
+    return {"best": best, "epochs": sum(len(t.intermediate_values) for t in trials),
+            "pruned": sum(t.state.name == "PRUNED" for t in trials), "trials": len(trials), "seconds": seconds}
+
+
+def replay(trials, name: str, kwargs: dict):
+    """The unpruned study's learning curves fed, in trial order, through a pruner: what a pruned run of the
+    same (random-sampler) study would have trained, without training it. Exact as far as training is
+    deterministic, since a pruned trial's curve is the prefix of its unpruned one."""
+    import optuna
+
+    from bloodcell.trial import make_pruner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=make_pruner({"name": name, "kwargs": kwargs}))
+    for frozen in sorted(trials, key=lambda t: t.number):
+        if frozen.state.name != "COMPLETE":
+            continue
+        trial = study.ask()
+        for step, value in sorted(frozen.intermediate_values.items()):
+            trial.report(value, step)
+            if trial.should_prune():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, frozen.value)
+    return study.trials
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="pruner specs: name:key=value,... e.g. percentile:percentile=75,n_warmup_steps=2")
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default=str(ROOT / "data" / "training_set.npz"))
+    parser.add_argument("--limit", type=int, default=2000, help="cells used (stratified subset)")
+    parser.add_argument("--input-size", type=int, default=96, help="backbone input side")
+    parser.add_argument("--epochs", type=int, default=4, help="phase 1 epochs per trial")
+    parser.add_argument("--finetune-epochs", type=int, default=4, help="phase 2 epochs per trial")
+    parser.add_argument("--pruners", nargs="*", default=DEFAULT_PRUNERS, metavar="SPEC")
+    parser.add_argument("--replay", metavar="RESULTS_DIR",
+                        help="train nothing: replay the unpruned study of an earlier run through --pruners")
+    args = parser.parse_args()
 
     import optuna
 
     from bloodcell.trial import open_storage
 
-    storage = open_storage(f"journal:{out / 'optuna.journal'}")
     rows = {}
-    for name in ("unpruned", "pruned"):
-        trials = optuna.load_study(study_name=name, storage=storage).trials
-        best = max((t.value for t in trials if t.value is not None and t.state.name == "COMPLETE"), default=float("nan"))
-        rows[name] = {"best": best, "epochs": sum(len(t.intermediate_values) for t in trials),
-                      "pruned": sum(t.state.name == "PRUNED" for t in trials), "trials": len(trials)}
+    if args.replay:
+        out = Path(args.replay)
+        base = optuna.load_study(study_name="none", storage=open_storage(f"journal:{out / 'optuna.journal'}")).trials
+        rows["none"] = summarize(base)
+        for spec in args.pruners:
+            rows[spec] = summarize(replay(base, *parse_pruner(spec)))
+        title = f"replay of {out} (no training)"
+    else:
+        if not Path(args.data).is_file():
+            sys.exit(f"{args.data} missing: python ../shared/data/build_training_set.py data/training_set.npz")
+        out = ROOT / "benchmarks" / "results" / time.strftime("pruning_%Y%m%d-%H%M%S")
+        out.mkdir(parents=True)
+        studies = {"none": run_sweep(out, "none", ["hydra.sweeper.pruner.name=none"], args)}
+        for index, spec in enumerate(args.pruners):
+            name, kwargs = parse_pruner(spec)
+            overrides = [f"hydra.sweeper.pruner.name={name}",
+                         *(f"hydra.sweeper.pruner.{name}.{k}={v}" for k, v in kwargs.items())]
+            studies[spec] = run_sweep(out, f"pruned{index}", overrides, args)
+        storage = open_storage(f"journal:{out / 'optuna.journal'}")
+        for index, (spec, seconds) in enumerate(studies.items()):
+            study_name = "none" if spec == "none" else f"pruned{index - 1}"
+            rows[spec] = summarize(optuna.load_study(study_name=study_name, storage=storage).trials, seconds)
+        title = (f"sweeps/quick.yaml on mobilenet_cpu + trainer.lr, {args.trials} trials, random sampler seed "
+                 f"{args.seed}, {args.limit} real cells at {args.input_size}px, "
+                 f"{args.epochs}+{args.finetune_epochs} epochs per trial")
 
-    print(f"\npruning efficiency: sweeps/quick.yaml + trainer.lr, {args.trials} trials, random sampler seed "
-          f"{args.seed}, demo data {args.per_class}/class at {args.image_size}px, "
-          f"{args.epochs}+{args.finetune_epochs} epochs per trial, pruner {args.pruner}")
-    print(f"{'run':<10}{'best val_accuracy':>19}{'epochs trained':>16}{'pruned trials':>15}{'wall s':>9}")
-    for name, row in rows.items():
-        print(f"{name:<10}{row['best']:>19.4f}{row['epochs']:>16d}{row['pruned']:>11d}/{row['trials']:<3d}"
-              f"{seconds[name]:>9.0f}")
-    base, fast = rows["unpruned"], rows["pruned"]
-    gap = 100 * (base["best"] - fast["best"])
-    share = fast["epochs"] / max(base["epochs"], 1)
-    verdict = "met" if gap <= 0.5 and share <= 0.4 else "NOT met"
-    print(f"pruned vs unpruned: {gap:+.2f} accuracy points below, {100 * share:.0f}% of the epochs "
-          f"(goal: <= 0.5 points, <= 40%: {verdict})")
+    print(f"\npruning efficiency: {title}")
+    width = max(len(spec) for spec in rows) + 2
+    print(f"{'pruner':<{width}}{'best val_accuracy':>18}{'epochs':>8}{'share':>7}{'pruned':>10}{'wall s':>8}"
+          f"   goal: <= 0.5 points below, <= 40% of the epochs")
+    base = rows["none"]
+    for spec, row in rows.items():
+        gap = 100 * (base["best"] - row["best"])
+        share = row["epochs"] / max(base["epochs"], 1)
+        verdict = "" if spec == "none" else \
+            f"   {gap:+.2f} points: {'met' if gap <= 0.5 and share <= 0.4 else 'NOT met'}"
+        print(f"{spec:<{width}}{row['best']:>18.4f}{row['epochs']:>8d}{share:>7.0%}{row['pruned']:>6d}/{row['trials']:<3d}"
+              f"{row['seconds']:>8.0f}{verdict}")
     print(f"results: {out}")
 
 
