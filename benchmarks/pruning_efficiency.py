@@ -134,15 +134,14 @@ def main() -> None:
             sys.exit(f"{args.data} missing: python ../shared/data/build_training_set.py data/training_set.npz")
         out = ROOT / "benchmarks" / "results" / time.strftime("pruning_%Y%m%d-%H%M%S")
         out.mkdir(parents=True)
-        studies = {"none": run_sweep(out, "none", ["hydra.sweeper.pruner.name=none"], args)}
+        studies = {"none": ("none", run_sweep(out, "none", ["hydra.sweeper.pruner.name=none"], args))}
         for index, spec in enumerate(args.pruners):
             name, kwargs = parse_pruner(spec)
             overrides = [f"hydra.sweeper.pruner.name={name}",
                          *(f"hydra.sweeper.pruner.{name}.{k}={v}" for k, v in kwargs.items())]
-            studies[spec] = run_sweep(out, f"pruned{index}", overrides, args)
+            studies[spec] = (f"pruned{index}", run_sweep(out, f"pruned{index}", overrides, args))
         storage = open_storage(f"journal:{out / 'optuna.journal'}")
-        for index, (spec, seconds) in enumerate(studies.items()):
-            study_name = "none" if spec == "none" else f"pruned{index - 1}"
+        for spec, (study_name, seconds) in studies.items():
             rows[spec] = summarize(optuna.load_study(study_name=study_name, storage=storage).trials, seconds)
         title = (f"sweeps/quick.yaml on mobilenet_cpu + trainer.lr, {args.trials} trials, random sampler seed "
                  f"{args.seed}, {args.limit} real cells at {args.input_size}px, "

@@ -212,9 +212,8 @@ def train(cfg: DictConfig) -> float:
 
         from bloodcell.models.head import precise_batchnorm_callback
 
-        clean_sample = np.random.default_rng(cfg.seed).permutation(len(splits.train))[
-            :int(cfg.head.get("precise_bn_images") or 0)]
-        precise_bn = precise_batchnorm_callback(model, splits.train.images[np.sort(clean_sample)], batch)
+        precise_bn = precise_batchnorm_callback(model, splits.train.images, cfg.head.get("precise_bn_images") or 0,
+                                                cfg.seed, batch)
         TimeLimit = _time_limit_callback()
         weights = class_weights(splits.train.labels) if cfg.trainer.class_weight == "balanced" else None
         epoch_log = tracking.epoch_logger()

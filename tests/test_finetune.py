@@ -80,7 +80,7 @@ def test_precise_batchnorm_sets_head_statistics_from_clean_images_before_each_va
     clean = rng.integers(0, 120, (64, 32, 32, 3)).astype(np.uint8)
     labels = keras.utils.to_categorical(rng.integers(0, 8, 64), 8)
     model.compile(optimizer="adam", loss="categorical_crossentropy")
-    callback = precise_batchnorm_callback(model, clean, batch_size=16)
+    callback = precise_batchnorm_callback(model, clean, count=len(clean), seed=0, batch_size=16)
     assert callback is not None
     seen = []
 
@@ -114,4 +114,4 @@ def test_no_precise_batchnorm_without_head_batchnorm():
     cfg = config("small_cnn", filters=[8])
     cfg.head.batchnorm = False
     model = build_model(cfg, (32, 32, 3))
-    assert precise_batchnorm_callback(model, np.zeros((4, 32, 32, 3), np.uint8), 4) is None
+    assert precise_batchnorm_callback(model, np.zeros((4, 32, 32, 3), np.uint8), 4, 0, 4) is None

@@ -35,12 +35,12 @@ def _free_port() -> int:
 def mlflow_server(tmp_path):
     """A real `mlflow server` on a free local port, SQLite behind it, artifacts served by it."""
     port = _free_port()
-    log = open(tmp_path / "mlflow_server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server_artifacts")],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp_path / "mlflow_server.log", "w") as log:  # the child keeps its own handle
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+             "--artifacts-destination", str(tmp_path / "server_artifacts")],
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -58,7 +58,6 @@ def mlflow_server(tmp_path):
         server.wait(timeout=20)
     except subprocess.TimeoutExpired:
         server.kill()
-    log.close()
 
 
 def _storage(tmp_path: Path) -> str:
