@@ -25,12 +25,30 @@ from bloodcell.errors import UserError
 log = logging.getLogger("bloodcell.train")
 
 
+#: trainer.mixed_precision values and the Keras dtype policy each sets (true = mixed_float16, the usual choice)
+PRECISION_POLICIES = {False: None, True: "mixed_float16", "mixed_float16": "mixed_float16",
+                      "mixed_bfloat16": "mixed_bfloat16"}
+
+
+def precision_policy(trainer_cfg) -> str | None:
+    """The Keras dtype policy ``trainer.mixed_precision`` asks for; None keeps float32. bfloat16 needs no loss
+    scaling and on Hopper/Ampere GPUs beat float16 (benchmarks/gpu_throughput.py, README)."""
+    value = trainer_cfg.get("mixed_precision")
+    if value is None:
+        return None
+    if value not in PRECISION_POLICIES:
+        raise UserError(f"trainer.mixed_precision={value!r} is unknown; use false, true (mixed_float16) or "
+                        "mixed_bfloat16")
+    return PRECISION_POLICIES[value]
+
+
 def check_config(cfg: DictConfig) -> None:
     """Everything that can be checked without TensorFlow, so a typo costs a second, not a model build."""
     from bloodcell.models.backbones import check_weights, get_spec
 
     get_spec(cfg.backbone.name)
     check_weights(cfg.backbone.weights)
+    precision_policy(cfg.trainer)
     if cfg.trainer.distribute not in (None, "mirrored"):
         raise UserError(f"trainer.distribute={cfg.trainer.distribute!r} is unknown; use null or mirrored")
     if cfg.trainer.epochs < 1:
@@ -171,8 +189,8 @@ def train(cfg: DictConfig) -> float:
     from bloodcell.data import class_weights, make_tf_dataset
     from bloodcell.models import BACKBONE_LAYER, build_model
 
-    if cfg.trainer.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    if precision_policy(cfg.trainer):
+        keras.mixed_precision.set_global_policy(precision_policy(cfg.trainer))
     strategy = tf.distribute.MirroredStrategy() if cfg.trainer.distribute == "mirrored" \
         else tf.distribute.get_strategy()
 

@@ -57,6 +57,12 @@ def test_missing_weights_file(tmp_path):
     assert_no_run(db)
 
 
+def test_unknown_precision_policy_lists_the_known_ones(tmp_path):
+    proc, db = train(tmp_path, "trainer.mixed_precision=float8")
+    assert_user_error(proc, "trainer.mixed_precision='float8'", "mixed_bfloat16")
+    assert_no_run(db)
+
+
 def test_unreachable_tracking_server(tmp_path):
     proc = run_module("bloodcell.train", *TINY, "tracking.uri=http://127.0.0.1:9", timeout=120)
     assert_user_error(proc, "http://127.0.0.1:9", "unreachable")
