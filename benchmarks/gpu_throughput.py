@@ -33,24 +33,6 @@ def compose(experiment: str, overrides: list[str]):
         return hydra_compose("train", overrides=[f"+experiment={experiment}", "backbone.weights=null", *overrides])
 
 
-class EpochClock:
-    """Wall time at the end of each epoch (epoch ends are sync points on every backend: the logs are read)."""
-
-    def __init__(self):
-        import keras
-
-        times = self.times = []
-
-        class Clock(keras.callbacks.Callback):
-            def on_train_begin(self, logs=None):
-                times.append(time.perf_counter())
-
-            def on_epoch_end(self, epoch, logs=None):
-                times.append(time.perf_counter())
-
-        self.callback = Clock()
-
-
 def measure(cfg, policy: str, batch_size: int, images, labels, epochs: int) -> dict:
     import keras
 
@@ -71,10 +53,13 @@ def measure(cfg, policy: str, batch_size: int, images, labels, epochs: int) -> d
             lr = cfg.finetune.lr
         model.compile(optimizer=optimizer(lr, cfg.trainer.lr_decay_steps, cfg.trainer.lr_decay_rate),
                       loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        clock = EpochClock()
+        # wall time when training starts and at each epoch end (a sync point on every backend: logs are read)
+        times = []
+        clock = keras.callbacks.LambdaCallback(on_train_begin=lambda logs: times.append(time.perf_counter()),
+                                               on_epoch_end=lambda epoch, logs: times.append(time.perf_counter()))
         model.fit(images, labels, batch_size=batch_size, epochs=1 + epochs, verbose=0, shuffle=False,
-                  callbacks=[clock.callback])
-        start, first, *rest = clock.times
+                  callbacks=[clock])
+        start, first, *rest = times
         row[f"{phase} first pass s"] = first - start
         row[f"{phase} img/s"] = epochs * len(images) / (rest[-1] - first)
     predict_batch = batch_size * 4
@@ -103,7 +88,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, 96, 96, 3)).astype("float32")
     labels = rng.integers(0, 8, args.images)
-    devices = keras.distribution.list_devices() if hasattr(keras, "distribution") else ["?"]
+    devices = keras.distribution.list_devices()
     print(f"{args.experiment} ({cfg.backbone.name} at {cfg.backbone.input_size or 'native'} px, unfreeze_blocks="
           f"{cfg.finetune.unfreeze_blocks}), Keras {keras.__version__} on {keras.backend.backend()}, "
           f"devices {devices}, {args.images} images x {args.epochs} timed passes")
@@ -124,6 +109,7 @@ def main() -> None:
             ratios = ", ".join(f"{key} x{row[key] / base[row['batch']][key]:.2f}"
                                for key in ("phase 1 img/s", "phase 2 img/s", "predict img/s"))
             print(f"{row['policy']} vs {args.policies[0]} at batch {row['batch']}: {ratios}")
+
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ and the epochs it trained in total.
 
 The study is sweeps/quick.yaml on the mobilenet_cpu preset (`experiment=mobilenet_cpu`: the shared ImageNet
 MobileNet, real cells from data/training_set.npz), cut to CPU size: a stratified subset of the cells
-(`data.limit`: 3,000 cells, so 450 in the validation split), 96 px input, 3 epochs with the backbone frozen
+(`data.limit`: 3,000 cells, so 451 in the validation split), 96 px input, 3 epochs with the backbone frozen
 then 9 fine-tuning (12 steps for a pruner), early stopping off. The phase-1 learning rate is added
 to the space (log 1e-5 ... 1e-1), so some trials learn slowly or not at all and a pruner has something to
 stop. Every run uses the random sampler with one seed, so all draw the same trials in the same order: the
@@ -55,9 +55,8 @@ def run_sweep(out: Path, name: str, pruner: list[str], args: argparse.Namespace)
 
 
 # The pruners compared by default, as name:key=value,... (keys are the Optuna pruner's arguments; steps are
-# epochs across both phases, counted from 0).
-# The pruners compared by default, chosen by replaying the 20-trial studies of seeds 0 and 1 through GRID
-# (`--replay <two dirs> --pruners grid`, docs/sweeps.md) and checked on seed 2's 30 trials, not chosen on.
+# epochs across both phases, counted from 0). Chosen by replaying the 20-trial studies of seeds 0 and 1
+# through GRID (`--replay <two dirs> --pruners grid`, docs/sweeps.md), then checked on seed 2's 30 trials.
 DEFAULT_PRUNERS = [
     # the setting whose worst share over seeds 0 and 1 was lowest with the best kept: below the median of the
     # complete trials at the same epoch, from the first epoch, once 4 trials have run whole (seed 2: 22% of
@@ -70,7 +69,8 @@ DEFAULT_PRUNERS = [
 
 
 # `--pruners grid`: the settings replayed to choose DEFAULT_PRUNERS (92: median, percentile, successive halving
-# with and without a higher minimum early-stopping rate, Hyperband), in the name:key=value form.
+# with and without a higher minimum early-stopping rate, Hyperband), in the name:key=value form. Hyperband's
+# max_resource is the default trial's 3 + 9 epochs.
 GRID = [
     *(f"median:n_startup_trials={n},n_warmup_steps={w}" for n in (1, 2, 3, 4, 5) for w in (0, 1, 2, 3)),
     *(f"percentile:percentile={p},n_startup_trials={n},n_warmup_steps={w}"

@@ -36,7 +36,7 @@ def precision_policy(trainer_cfg) -> str | None:
     value = trainer_cfg.get("mixed_precision")
     if value is None:
         return None
-    if value not in PRECISION_POLICIES:
+    if not isinstance(value, (bool, str)) or value not in PRECISION_POLICIES:
         raise UserError(f"trainer.mixed_precision={value!r} is unknown; use false, true (mixed_float16) or "
                         "mixed_bfloat16")
     return PRECISION_POLICIES[value]
@@ -189,8 +189,9 @@ def train(cfg: DictConfig) -> float:
     from bloodcell.data import class_weights, make_tf_dataset
     from bloodcell.models import BACKBONE_LAYER, build_model
 
-    if precision_policy(cfg.trainer):
-        keras.mixed_precision.set_global_policy(precision_policy(cfg.trainer))
+    policy = precision_policy(cfg.trainer)
+    if policy:
+        keras.mixed_precision.set_global_policy(policy)
     strategy = tf.distribute.MirroredStrategy() if cfg.trainer.distribute == "mirrored" \
         else tf.distribute.get_strategy()
 
