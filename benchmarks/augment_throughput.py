@@ -26,17 +26,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bloodcell.cli import compose  # noqa: E402
+
 PIPELINES = ["none", "base", "heavy", "randaugment", "augmix", "mixup", "cutmix"]
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from bloodcell import PROJECT_ROOT
-
-    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
-        return hydra_compose("train", overrides=overrides)
 
 
 def timed(iterator_step, seconds: float, warmup: int) -> tuple[float, int]:

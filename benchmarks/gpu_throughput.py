@@ -25,14 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def compose(experiment: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return hydra_compose("train", overrides=[f"+experiment={experiment}", "backbone.weights=null", *overrides])
-
-
 def measure(cfg, policy: str, batch_size: int, images, labels, epochs: int) -> dict:
     import keras
 
@@ -84,7 +76,9 @@ def main() -> None:
     import keras
     import numpy as np
 
-    cfg = compose(args.experiment, args.overrides)
+    from bloodcell.cli import compose
+
+    cfg = compose([f"+experiment={args.experiment}", "backbone.weights=null", *args.overrides])
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, 96, 96, 3)).astype("float32")
     labels = rng.integers(0, 8, args.images)

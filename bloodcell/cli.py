@@ -1,5 +1,6 @@
 """What every entry point (train, clean, promote, predict, submit, ...) shares: turning a UserError
-into one line on stderr and exit status 2, instead of a traceback."""
+into one line on stderr and exit status 2, instead of a traceback; and, for scripts and notebooks, the
+config an entry point would compose."""
 from __future__ import annotations
 
 import sys
@@ -39,3 +40,15 @@ def run_or_exit(task: Callable[..., T], *args, **kwargs) -> T:
             raise
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def compose(overrides: list[str], config_name: str = "train"):
+    """The config ``python -m bloodcell.<config_name> <overrides>`` would run with, through Hydra's compose
+    API (benchmarks, notebooks): same conf/ groups, presets and override grammar, no run directory."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from bloodcell import PROJECT_ROOT
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        return hydra_compose(config_name, overrides=overrides)
