@@ -168,7 +168,7 @@ def main() -> None:
     rows = {spec: summarize(optuna.load_study(study_name=study_name, storage=storage).trials, seconds)
             for spec, (study_name, seconds) in studies.items()}
     print_table(f"sweeps/quick.yaml on mobilenet_cpu + trainer.lr, {args.trials} trials, random sampler seed "
-                f"{args.seed}, {args.limit} real cells at {args.input_size}px, "
+                f"{args.seed}, {args.limit} real cells ({args.val_fraction:.0%} validation) at {args.input_size}px, "
                 f"{args.epochs}+{args.finetune_epochs} epochs per trial", rows, out)
 
 
