@@ -128,7 +128,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=7000, help="cells used (stratified subset)")
     parser.add_argument("--val-fraction", type=float, default=0.6,
                         help="validation share: large, so that its noise is below the goal's 0.5 points")
-    parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--test-fraction", type=float, default=0.1,
+                        help="held-out share (each trial's final test; the pruners never see it)")
     parser.add_argument("--input-size", type=int, default=96, help="backbone input side")
     parser.add_argument("--epochs", type=int, default=3, help="phase 1 epochs per trial")
     parser.add_argument("--finetune-epochs", type=int, default=9, help="phase 2 epochs per trial")
