@@ -14,6 +14,7 @@ Pipelines and training are timed one after the other on the same cores; during r
 them, so the ratios are upper bounds. On a small shared machine the figures are noisy (+-20 % or more).
 About 1.5-2 minutes on 2 cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bloodcell.cli import compose  # noqa: E402
+from bloodcell.cli import compose
 
 PIPELINES = ["none", "base", "heavy", "randaugment", "augmix", "mixup", "cutmix"]
 
@@ -42,18 +43,24 @@ def timed(iterator_step, seconds: float, warmup: int) -> tuple[float, int]:
     return time.perf_counter() - start, steps
 
 
-def pipeline_rate(name: str, strength: float | None, images, labels, batch_size: int, seconds: float) -> float:
+def pipeline_rate(
+    name: str, strength: float | None, images, labels, batch_size: int, seconds: float
+) -> float:
     import tensorflow as tf
 
     from bloodcell import NUM_CLASSES
     from bloodcell.augment import build_augmentation, build_mixer
 
-    overrides = [f"augmentation={name}"] + ([f"augmentation.strength={strength}"] if strength is not None else [])
+    overrides = [f"augmentation={name}"] + (
+        [f"augmentation.strength={strength}"] if strength is not None else []
+    )
     aug_cfg = compose(overrides).augmentation
     layer = build_augmentation(aug_cfg, seed=0)
     mixer = build_mixer(aug_cfg, NUM_CLASSES, seed=0)
     ds = tf.data.Dataset.from_tensor_slices((images, labels)).repeat().batch(batch_size, drop_remainder=True)
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, NUM_CLASSES)), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(
+        lambda x, y: (tf.cast(x, tf.float32), tf.one_hot(y, NUM_CLASSES)), num_parallel_calls=tf.data.AUTOTUNE
+    )
     if layer is not None:
         ds = ds.map(lambda x, y: (layer(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
     if mixer is not None:
@@ -76,13 +83,20 @@ def training_rates(images, labels, seconds: float) -> tuple[dict, int]:
     cfg = compose(["+experiment=mobilenet_cpu", "backbone.weights=null"])
     batch = int(cfg.trainer.batch_size)
     onehot = np.eye(NUM_CLASSES, dtype=np.float32)[labels]
-    ds = tf.data.Dataset.from_tensor_slices((images.astype(np.float32), onehot)).repeat().batch(batch).prefetch(2)
+    ds = (
+        tf.data.Dataset.from_tensor_slices((images.astype(np.float32), onehot))
+        .repeat()
+        .batch(batch)
+        .prefetch(2)
+    )
     rates = {}
     for phase, trainable in (("phase 1 (frozen backbone)", False), ("phase 2 (all layers)", True)):
         keras.utils.set_random_seed(0)
         model = build_model(cfg, images.shape[1:])
         set_backbone_trainable(model.get_layer(BACKBONE_LAYER), trainable, keep_batchnorm_frozen=True)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"])
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy", metrics=["accuracy"]
+        )
         model.fit(ds, steps_per_epoch=2, epochs=1, verbose=0)  # trace + warm up
         start = time.perf_counter()
         steps = 0
@@ -116,13 +130,19 @@ def main(argv=None) -> None:
     for name in PIPELINES:
         strength = default_strength if name == default_name else None
         rate = pipeline_rate(name, strength, images, labels, batch, args.seconds)
-        label_strength = strength if strength is not None else float(compose([f"augmentation={name}"]).augmentation.strength)
+        label_strength = (
+            strength
+            if strength is not None
+            else float(compose([f"augmentation={name}"]).augmentation.strength)
+        )
         rows.append((name, label_strength, rate))
         print(f"  measured {name}: {rate:,.0f} img/s", file=sys.stderr, flush=True)
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"\naugmentation throughput vs training, {args.image_size}x{args.image_size}, batch {batch}, "
-          f"{cores} CPU cores, TF {tf.__version__} (noisy: shared machine)\n")
+    print(
+        f"\naugmentation throughput vs training, {args.image_size}x{args.image_size}, batch {batch}, "
+        f"{cores} CPU cores, TF {tf.__version__} (noisy: shared machine)\n"
+    )
     print("| what | strength | images/s | x phase-1 training |")
     print("|---|---:|---:|---:|")
     for name, strength, rate in rows:
@@ -132,8 +152,10 @@ def main(argv=None) -> None:
         print(f"| training mobilenet_cpu, {phase} | | {rate:,.0f} | |")
     default_ratio = dict((n, r) for n, _, r in rows)[default_name] / consume
     verdict = "meets" if default_ratio >= 3 else "MISSES"
-    print(f"\ndefault pipeline ({default_name} @ {default_strength:g}) delivers {default_ratio:.1f}x what phase-1 "
-          f"training consumes: {verdict} the 3x goal. ({time.perf_counter() - started:.0f} s)")
+    print(
+        f"\ndefault pipeline ({default_name} @ {default_strength:g}) delivers {default_ratio:.1f}x what phase-1 "
+        f"training consumes: {verdict} the 3x goal. ({time.perf_counter() - started:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

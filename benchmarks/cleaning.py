@@ -26,6 +26,7 @@ are unwanted, so dropping the correctly-labelled original counts as a false posi
 Real near-duplicate pairs that already exist inside pbc96 (the same cell photographed twice) are not
 marked by the builder; removing one of them counts as a false positive here (shown per reason).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,8 @@ BUILDER = SHARED / "build_training_set.py"
 from bloodcell import CLASS_NAMES  # noqa: E402
 from bloodcell.clean import find_unwanted  # noqa: E402
 
-
 # ------------------------------------------------------------------------------------------- scoring
+
 
 def _pixel_groups(images: np.ndarray) -> list[list[int]]:
     """Groups (size >= 2) of pixel-identical images."""
@@ -58,8 +59,9 @@ def _pixel_groups(images: np.ndarray) -> list[list[int]]:
     return [g for g in by_hash.values() if len(g) > 1]
 
 
-def score(removed: np.ndarray, unwanted: np.ndarray, labels: np.ndarray,
-          groups: list[list[int]]) -> dict[str, dict[str, float]]:
+def score(
+    removed: np.ndarray, unwanted: np.ndarray, labels: np.ndarray, groups: list[list[int]]
+) -> dict[str, dict[str, float]]:
     """Precision / recall under the 'policy' and 'strict' rules of the module docstring.
 
     ``groups`` are the true duplicate groups (identical or deliberately near-identical copies); every
@@ -91,12 +93,18 @@ def score(removed: np.ndarray, unwanted: np.ndarray, labels: np.ndarray,
         tp += len(rest_removed & rest_unwanted)
         fp += len(rest_removed - rest_unwanted)
         fn += len(rest_unwanted - rest_removed)
-        out[rule] = {"tp": tp, "fp": fp, "fn": fn,
-                     "precision": tp / max(tp + fp, 1), "recall": tp / max(tp + fn, 1)}
+        out[rule] = {
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "precision": tp / max(tp + fp, 1),
+            "recall": tp / max(tp + fn, 1),
+        }
     return out
 
 
 # --------------------------------------------------------------------------------- unseen pollution
+
 
 def photo_sources() -> list[np.ndarray]:
     """Natural and drawn pictures that ship inside installed packages (no download)."""
@@ -124,7 +132,7 @@ def _crop(pic: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray:
     h, w = pic.shape[:2]
     s = int(rng.uniform(0.15, 0.9) * min(h, w))
     y, x = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
-    return np.asarray(Image.fromarray(pic[y:y + s, x:x + s]).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(pic[y : y + s, x : x + s]).resize((size, size), Image.BILINEAR))
 
 
 def _jpeg(im: np.ndarray, quality: int) -> np.ndarray:
@@ -138,7 +146,7 @@ def _jpeg(im: np.ndarray, quality: int) -> np.ndarray:
 def _shift(im: np.ndarray, dy: int, dx: int) -> np.ndarray:
     p = 8
     a = np.pad(im, ((p, p), (p, p), (0, 0)), mode="reflect")
-    return a[p - dy:p - dy + im.shape[0], p - dx:p - dx + im.shape[1]]
+    return a[p - dy : p - dy + im.shape[0], p - dx : p - dx + im.shape[1]]
 
 
 def _recolour(im: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -156,8 +164,11 @@ def _shapes(rng: np.random.Generator, size: int) -> np.ndarray:
         (x0, x1), (y0, y1) = sorted(rng.integers(0, size, 2)), sorted(rng.integers(0, size, 2))
         colour = tuple(int(v) for v in rng.integers(0, 256, 3))
         (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1 + 3, y1 + 3], fill=colour)
-    draw.text((int(rng.integers(0, size // 2)), int(rng.integers(0, size - 12))), f"TEXT {rng.integers(100)}",
-              fill=(0, 0, 0))
+    draw.text(
+        (int(rng.integers(0, size // 2)), int(rng.integers(0, size - 12))),
+        f"TEXT {rng.integers(100)}",
+        fill=(0, 0, 0),
+    )
     return np.asarray(im)
 
 
@@ -166,13 +177,13 @@ def unseen_pollution(images: np.ndarray, labels: np.ndarray, rng: np.random.Gene
     real cell a near duplicate was made from (-1 for the rest)."""
     pics = photo_sources()
     n, size = len(images), images.shape[1]
-    cell = lambda: images[rng.integers(n)].astype(np.float32)  # noqa: E731
-    photo = lambda: _crop(pics[rng.integers(len(pics))], rng, size).astype(np.float32)  # noqa: E731
+    cell = lambda: images[rng.integers(n)].astype(np.float32)
+    photo = lambda: _crop(pics[rng.integers(len(pics))], rng, size).astype(np.float32)
 
     def patch():
         im, s = cell(), int(rng.integers(size // 3, size // 2 + 1))
         y, x = rng.integers(0, size - s, 2)
-        im[y:y + s, x:x + s] = _crop(pics[rng.integers(len(pics))], rng, s)
+        im[y : y + s, x : x + s] = _crop(pics[rng.integers(len(pics))], rng, s)
         return im
 
     def gradient():
@@ -182,7 +193,7 @@ def unseen_pollution(images: np.ndarray, labels: np.ndarray, rng: np.random.Gene
 
     def truncated():
         im = cell()
-        im[rng.integers(size // 4, 3 * size // 4):] = rng.choice([0, 128])
+        im[rng.integers(size // 4, 3 * size // 4) :] = rng.choice([0, 128])
         return im
 
     def salt_pepper():
@@ -213,24 +224,30 @@ def unseen_pollution(images: np.ndarray, labels: np.ndarray, rng: np.random.Gene
                 im = _jpeg(_recolour(_shift(im, *rng.integers(-2, 3, 2)), rng), rng.integers(60, 90))
             label = labels[i] if rng.random() < 0.5 else rng.integers(8)
             return im.astype(np.float32), label, i
+
         return make
 
     makers = {"photo": photo}
     for alpha in (0.7, 0.5, 0.35):
         makers[f"photo_blend_{alpha}"] = lambda a=alpha: a * photo() + (1 - a) * cell()
-    makers.update({
-        "shapes_blend_0.6": lambda: 0.6 * _shapes(rng, size) + 0.4 * cell(),
-        # two real cells blended half and half (mixup-like): colours and texture stay smear-like
-        "cell_blend_0.5": lambda: 0.5 * cell() + 0.5 * cell(),
-        "photo_patch": patch,
-        "flat": lambda: np.broadcast_to(rng.integers(0, 256, 3), (size, size, 3)) + rng.normal(0, 1.5, (size, size, 3)),
-        "gradient": gradient,
-        "noise": lambda: rng.integers(0, 256, (size, size, 3)),
-        "truncated": truncated,
-        "salt_pepper": salt_pepper,
-        "inverted": lambda: 255 - cell(),
-        "row_noise": row_noise,
-    })
+    makers.update(
+        {
+            "shapes_blend_0.6": lambda: 0.6 * _shapes(rng, size) + 0.4 * cell(),
+            # two real cells blended half and half (mixup-like): colours and texture stay smear-like
+            "cell_blend_0.5": lambda: 0.5 * cell() + 0.5 * cell(),
+            "photo_patch": patch,
+            "flat": lambda: (
+                np.broadcast_to(rng.integers(0, 256, 3), (size, size, 3))
+                + rng.normal(0, 1.5, (size, size, 3))
+            ),
+            "gradient": gradient,
+            "noise": lambda: rng.integers(0, 256, (size, size, 3)),
+            "truncated": truncated,
+            "salt_pepper": salt_pepper,
+            "inverted": lambda: 255 - cell(),
+            "row_noise": row_noise,
+        }
+    )
     for k in ("jpeg", "shift", "recolour", "flip", "combo"):
         makers[f"near_dup_{k}"] = near(k)
     out = {}
@@ -247,6 +264,7 @@ def unseen_pollution(images: np.ndarray, labels: np.ndarray, rng: np.random.Gene
 
 
 # ------------------------------------------------------------------------------------------------ main
+
 
 def build(out: Path, unwanted: float, seed: int, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     cmd = [sys.executable, str(BUILDER), str(out), "--unwanted", str(unwanted), "--seed", str(seed)]
@@ -267,8 +285,10 @@ def clean(images, labels, flips=None):
 
 
 def _line(name: str, s: dict) -> str:
-    return (f"{name:<22} precision {s['precision']:.4f}  recall {s['recall']:.4f}  "
-            f"(tp {s['tp']}, fp {s['fp']}, fn {s['fn']})")
+    return (
+        f"{name:<22} precision {s['precision']:.4f}  recall {s['recall']:.4f}  "
+        f"(tp {s['tp']}, fp {s['fp']}, fn {s['fn']})"
+    )
 
 
 def main() -> None:
@@ -295,15 +315,20 @@ def main() -> None:
             for rule in s:
                 totals[rule].update({k: s[rule][k] for k in ("tp", "fp", "fn")})
             fp = sorted(set(removed) - set(unwanted))
-            print(f"seed {seed}: {len(labels)} images, {len(unwanted)} marked unwanted, removed {len(removed)} "
-                  f"{result.counts}, cpu {cpu:.1f}s")
+            print(
+                f"seed {seed}: {len(labels)} images, {len(unwanted)} marked unwanted, removed {len(removed)} "
+                f"{result.counts}, cpu {cpu:.1f}s"
+            )
             print("   " + _line("policy", s["policy"]))
             print("   " + _line("strict", s["strict"]))
             why = Counter(e["reason"] for e in result.removed if e["index"] in set(fp))
             print(f"   removed but not marked by the builder, by reason: {dict(why)}")
         for rule, c in totals.items():
             c = dict(c)
-            c["precision"], c["recall"] = c["tp"] / max(c["tp"] + c["fp"], 1), c["tp"] / max(c["tp"] + c["fn"], 1)
+            c["precision"], c["recall"] = (
+                c["tp"] / max(c["tp"] + c["fp"], 1),
+                c["tp"] / max(c["tp"] + c["fn"], 1),
+            )
             print(_line(f"all seeds, {rule}", c))
 
         print("\n== clean set (--unwanted 0) ==")
@@ -313,12 +338,16 @@ def main() -> None:
         removed = np.where(~result.keep)[0]
         per_class = np.bincount(labels[removed], minlength=8)
         total = np.bincount(labels, minlength=8)
-        print(f"removed {len(removed)} of {len(labels)} real cells = {len(removed) / len(labels):.3%} "
-              f"{result.counts}, cpu {cpu:.1f}s")
+        print(
+            f"removed {len(removed)} of {len(labels)} real cells = {len(removed) / len(labels):.3%} "
+            f"{result.counts}, cpu {cpu:.1f}s"
+        )
         print("   per class: " + ", ".join(f"{CLASS_NAMES[c]} {per_class[c]}/{total[c]}" for c in range(8)))
         n_dup = sum(e["reason"] in ("duplicate", "conflicting_labels") for e in result.removed)
-        print(f"   of which duplicates inside pbc96 itself: {len(result.groups)} groups "
-              f"(the same cell twice; {n_dup} removed)")
+        print(
+            f"   of which duplicates inside pbc96 itself: {len(result.groups)} groups "
+            f"(the same cell twice; {n_dup} removed)"
+        )
 
         if not a.skip_unseen:
             print("\n== unseen pollution kinds added to the clean set (match_flips on, the default) ==")
@@ -344,12 +373,16 @@ def main() -> None:
             cpu_total += cpu
             removed = set(np.where(~result.keep)[0].tolist())
             s = score(np.array(sorted(removed)), np.array(unwanted), ally, groups)
-            print(f"{len(ally)} images ({len(unwanted)} unseen unwanted, {a.per_kind} per kind), "
-                  f"removed {len(removed)} {result.counts}, cpu {cpu:.1f}s")
+            print(
+                f"{len(ally)} images ({len(unwanted)} unseen unwanted, {a.per_kind} per kind), "
+                f"removed {len(removed)} {result.counts}, cpu {cpu:.1f}s"
+            )
             print("   " + _line("policy", s["policy"]))
             print("   " + _line("strict", s["strict"]))
             real_removed = sum(i < len(labels) for i in removed)
-            print(f"   real cells removed: {real_removed} (incl. near-duplicate sources and pbc96's own duplicates)")
+            print(
+                f"   real cells removed: {real_removed} (incl. near-duplicate sources and pbc96's own duplicates)"
+            )
             for kind, idx in spans.items():
                 if kind.startswith("near_dup"):
                     # a copy counts as found when it or its source is removed

@@ -10,6 +10,7 @@ a hand-written Keras script (benchmarks/plain_keras.py), right after, and prints
 outside fit: interpreter, TensorFlow import, data, model build and test predictions cost any script, so
 the difference is what bloodcell itself adds. Machines here are shared: run it twice.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,9 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = ap.parse_args()
     if args.preset == "mobilenet_cpu" and not (REPO / "data" / "training_set.npz").is_file():
-        sys.exit("data/training_set.npz missing: python ../shared/data/build_training_set.py data/training_set.npz")
+        sys.exit(
+            "data/training_set.npz missing: python ../shared/data/build_training_set.py data/training_set.npz"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         import mlflow
@@ -40,48 +43,73 @@ def main() -> None:
         # A user's store exists after their first run; creating its tables (~2 s, once) is not per-run cost.
         mlflow.set_tracking_uri(uri)
         mlflow.search_experiments()
-        cmd = [sys.executable, "-m", "bloodcell.train", f"+experiment={args.preset}",
-               f"trainer.epochs={args.epochs}", "finetune.epochs=0", "trainer.early_stopping_patience=100",
-               # test-time augmentation is an optional 8x test pass (the preset turns it on), not overhead
-               "trainer.test_tta=false", "trainer.verbose=0", f"tracking.uri={uri}", *args.overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bloodcell.train",
+            f"+experiment={args.preset}",
+            f"trainer.epochs={args.epochs}",
+            "finetune.epochs=0",
+            "trainer.early_stopping_patience=100",
+            # test-time augmentation is an optional 8x test pass (the preset turns it on), not overhead
+            "trainer.test_tta=false",
+            "trainer.verbose=0",
+            f"tracking.uri={uri}",
+            *args.overrides,
+        ]
         tic = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                              env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        proc = subprocess.run(
+            cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+        )
         wall = time.perf_counter() - tic
         if proc.returncode:
             sys.exit(proc.stderr[-3000:])
         (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    parts = {k[len("seconds_"):]: v for k, v in run.data.metrics.items() if k.startswith("seconds_")}
+    parts = {k[len("seconds_") :]: v for k, v in run.data.metrics.items() if k.startswith("seconds_")}
     fit = parts["fit"]
     outside_train = wall - parts["in_train"]
     rest = parts["in_train"] - sum(v for k, v in parts.items() if k != "in_train")
     print(f"{args.preset}, {args.epochs} epochs, {os.cpu_count()} CPUs")
     print(f"{'part':<38}{'seconds':>9}{'share':>8}")
-    rows = [("wall (python -m bloodcell.train)", wall),
-            ("inside Keras fit", fit),
-            ("interpreter + imports + Hydra (outside train())", outside_train),
-            ("data: load, validate, fingerprint, split", parts.get("data", 0.0)),
-            ("setup: TF import, model build, MLflow run", rest),
-            ("evaluate: test predictions, metrics, plots", parts.get("evaluate", 0.0)),
-            ("log_model: save + upload the model", parts.get("log_model", 0.0))]
+    rows = [
+        ("wall (python -m bloodcell.train)", wall),
+        ("inside Keras fit", fit),
+        ("interpreter + imports + Hydra (outside train())", outside_train),
+        ("data: load, validate, fingerprint, split", parts.get("data", 0.0)),
+        ("setup: TF import, model build, MLflow run", rest),
+        ("evaluate: test predictions, metrics, plots", parts.get("evaluate", 0.0)),
+        ("log_model: save + upload the model", parts.get("log_model", 0.0)),
+    ]
     for name, value in rows:
         print(f"{name:<38}{value:>9.1f}{value / wall:>8.1%}")
     print(f"overhead (wall - fit) / wall: {(wall - fit) / wall:.1%}")
     if args.preset != "mobilenet_cpu" or args.no_plain:
         return
     plain_wall, plain_fit = plain_keras_run(args.epochs)
-    print(f"plain Keras script, same {args.epochs} epochs: {plain_wall:.1f} s wall, {plain_fit:.1f} s in fit, "
-          f"{plain_wall - plain_fit:.1f} s outside fit ({(plain_wall - plain_fit) / plain_wall:.1%})")
+    print(
+        f"plain Keras script, same {args.epochs} epochs: {plain_wall:.1f} s wall, {plain_fit:.1f} s in fit, "
+        f"{plain_wall - plain_fit:.1f} s outside fit ({(plain_wall - plain_fit) / plain_wall:.1%})"
+    )
     extra = (wall - fit) - (plain_wall - plain_fit)
-    print(f"bloodcell's own overhead beyond the plain script: {extra:+.1f} s ({extra / wall:+.1%} of its wall)")
+    print(
+        f"bloodcell's own overhead beyond the plain script: {extra:+.1f} s ({extra / wall:+.1%} of its wall)"
+    )
 
 
 def plain_keras_run(epochs: int) -> tuple[float, float]:
     """Wall and fit seconds of benchmarks/plain_keras.py for the same phase-1 epochs (no fine-tuning)."""
-    cmd = [sys.executable, str(REPO / "benchmarks" / "plain_keras.py"), "--epochs", str(epochs),
-           "--finetune-epochs", "0"]
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "plain_keras.py"),
+        "--epochs",
+        str(epochs),
+        "--finetune-epochs",
+        "0",
+    ]
     tic = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    )
     wall = time.perf_counter() - tic
     if proc.returncode:
         sys.exit(proc.stderr[-3000:])

@@ -8,6 +8,7 @@ two can be compared side by side:
 Prints held-out test accuracy, epochs trained and seconds inside fit. benchmarks/overhead.py runs it with
 `--epochs 3 --finetune-epochs 0` beside bloodcell's 3-epoch run: a script's own cost outside fit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,10 +46,15 @@ def main() -> None:
     train, val = train_test_split(rest, test_size=0.15 / 0.85, random_state=args.seed, stratify=y[rest])
     keras.utils.set_random_seed(args.seed)
 
-    augment = keras.Sequential([
-        layers.RandomFlip("horizontal"), layers.RandomRotation(0.35, fill_mode="reflect"),
-        layers.RandomBrightness(0.1, value_range=(0, 255)), layers.RandomTranslation(0.075, 0.075, fill_mode="reflect"),
-        layers.RandomZoom(0.15, fill_mode="reflect")])
+    augment = keras.Sequential(
+        [
+            layers.RandomFlip("horizontal"),
+            layers.RandomRotation(0.35, fill_mode="reflect"),
+            layers.RandomBrightness(0.1, value_range=(0, 255)),
+            layers.RandomTranslation(0.075, 0.075, fill_mode="reflect"),
+            layers.RandomZoom(0.15, fill_mode="reflect"),
+        ]
+    )
 
     def dataset(idx, training):
         ds = tf.data.Dataset.from_tensor_slices((x[idx], y[idx]))
@@ -60,8 +66,13 @@ def main() -> None:
         return ds.prefetch(tf.data.AUTOTUNE)
 
     train_ds, val_ds, test_ds = dataset(train, True), dataset(val, False), dataset(test, False)
-    backbone = keras.applications.MobileNet(alpha=0.25, include_top=False, weights=str(WEIGHTS),
-                                            input_shape=(args.size, args.size, 3), pooling="avg")
+    backbone = keras.applications.MobileNet(
+        alpha=0.25,
+        include_top=False,
+        weights=str(WEIGHTS),
+        input_shape=(args.size, args.size, 3),
+        pooling="avg",
+    )
     inputs = keras.Input((96, 96, 3))
     h = layers.Resizing(args.size, args.size)(inputs)
     h = layers.Rescaling(1 / 127.5, offset=-1)(h)
@@ -82,10 +93,21 @@ def main() -> None:
 
     def fit(lr, decay_steps, decay_rate, epochs, initial_epoch, patience):
         schedule = keras.optimizers.schedules.ExponentialDecay(lr, decay_steps, decay_rate)
-        model.compile(optimizer=keras.optimizers.Adam(schedule), loss="categorical_crossentropy", metrics=["accuracy"])
-        stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience, restore_best_weights=True)
-        return model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=initial_epoch,
-                         class_weight=weights, callbacks=[stop, Deadline()], verbose=2)
+        model.compile(
+            optimizer=keras.optimizers.Adam(schedule), loss="categorical_crossentropy", metrics=["accuracy"]
+        )
+        stop = keras.callbacks.EarlyStopping(
+            monitor="val_accuracy", patience=patience, restore_best_weights=True
+        )
+        return model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            class_weight=weights,
+            callbacks=[stop, Deadline()],
+            verbose=2,
+        )
 
     tic = time.perf_counter()
     backbone.trainable = False
@@ -100,8 +122,10 @@ def main() -> None:
     fit_seconds = time.perf_counter() - tic
     probabilities = model.predict(test_ds.map(lambda a, b: a), verbose=0)
     accuracy = float(np.mean(probabilities.argmax(1) == y[test]))
-    print(f"plain Keras: test accuracy {accuracy:.4f} on {len(test)} held-out images, {done} epochs, "
-          f"{fit_seconds:.1f} s in fit (budget {args.minutes} min)")
+    print(
+        f"plain Keras: test accuracy {accuracy:.4f} on {len(test)} held-out images, {done} epochs, "
+        f"{fit_seconds:.1f} s in fit (budget {args.minutes} min)"
+    )
 
 
 if __name__ == "__main__":

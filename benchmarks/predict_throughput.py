@@ -7,6 +7,7 @@ without test-time augmentation, and the held-out accuracy each gives.
 The test split is rebuilt exactly as training made it (same data file, fractions and seed), so these
 images were never trained on nor used for early stopping.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,12 @@ def main() -> None:
     from bloodcell.tracking import resolve_tracking_uri
 
     mlflow.set_tracking_uri(resolve_tracking_uri(OmegaConf.create({"uri": None})))
-    runs = mlflow.search_runs(experiment_names=[args.experiment], filter_string="attributes.status = 'FINISHED'",
-                              order_by=["metrics.best_val_accuracy DESC"], output_format="list")
+    runs = mlflow.search_runs(
+        experiment_names=[args.experiment],
+        filter_string="attributes.status = 'FINISHED'",
+        order_by=["metrics.best_val_accuracy DESC"],
+        output_format="list",
+    )
     if not runs:
         raise SystemExit(f"no finished run in experiment {args.experiment}; train one first")
     run = runs[0]

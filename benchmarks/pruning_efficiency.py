@@ -22,6 +22,7 @@ unpruned run with at most 40% of its epochs.
 
 Each run is a real `python -m bloodcell.train -m` sweep; its Optuna journal and MLflow store go to
 benchmarks/results/pruning_<time>/ (git-ignored)."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,19 +36,36 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_sweep(out: Path, name: str, pruner: list[str], args: argparse.Namespace) -> float:
-    command = [sys.executable, "-m", "bloodcell.train", "-m", "+sweeps=quick", "experiment=mobilenet_cpu",
-               f"hydra.sweeper.study_name={name}", f"hydra.sweeper.storage=journal:{out / 'optuna.journal'}",
-               f"hydra.sweeper.n_trials={args.trials}", "hydra.sweeper.sampler.name=random",
-               f"hydra.sweeper.sampler.seed={args.seed}", *pruner,
-               "trainer.lr=tag(log, interval(1e-5, 1e-1))",
-               f"data.path={args.data}", f"data.limit={args.limit}", f"data.val_fraction={args.val_fraction}",
-               f"data.test_fraction={args.test_fraction}", f"backbone.input_size={args.input_size}",
-               f"trainer.epochs={args.epochs}", f"finetune.epochs={args.finetune_epochs}",
-               # no early stopping: both runs train every epoch a trial is given
-               f"trainer.early_stopping_patience={args.epochs}",
-               f"finetune.early_stopping_patience={args.finetune_epochs}",
-               "trainer.verbose=0", "trainer.test_tta=false", "tracking.log_model=false", f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
-               f"hydra.sweep.dir={out / name}"]
+    command = [
+        sys.executable,
+        "-m",
+        "bloodcell.train",
+        "-m",
+        "+sweeps=quick",
+        "experiment=mobilenet_cpu",
+        f"hydra.sweeper.study_name={name}",
+        f"hydra.sweeper.storage=journal:{out / 'optuna.journal'}",
+        f"hydra.sweeper.n_trials={args.trials}",
+        "hydra.sweeper.sampler.name=random",
+        f"hydra.sweeper.sampler.seed={args.seed}",
+        *pruner,
+        "trainer.lr=tag(log, interval(1e-5, 1e-1))",
+        f"data.path={args.data}",
+        f"data.limit={args.limit}",
+        f"data.val_fraction={args.val_fraction}",
+        f"data.test_fraction={args.test_fraction}",
+        f"backbone.input_size={args.input_size}",
+        f"trainer.epochs={args.epochs}",
+        f"finetune.epochs={args.finetune_epochs}",
+        # no early stopping: both runs train every epoch a trial is given
+        f"trainer.early_stopping_patience={args.epochs}",
+        f"finetune.early_stopping_patience={args.finetune_epochs}",
+        "trainer.verbose=0",
+        "trainer.test_tta=false",
+        "tracking.log_model=false",
+        f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
+        f"hydra.sweep.dir={out / name}",
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
     tic = time.perf_counter()
     with open(out / f"{name}.log", "w") as log:
@@ -72,10 +90,18 @@ DEFAULT_PRUNERS = [
 # max_resource is the default trial's 3 + 9 epochs.
 GRID = [
     *(f"median:n_startup_trials={n},n_warmup_steps={w}" for n in (1, 2, 3, 4, 5) for w in (0, 1, 2, 3)),
-    *(f"percentile:percentile={p},n_startup_trials={n},n_warmup_steps={w}"
-      for p in (25, 40, 60, 75) for n in (1, 2, 3) for w in (0, 1, 2)),
-    *(f"successive_halving:min_resource={m},reduction_factor={r},min_early_stopping_rate={e}"
-      for m in (1, 2, 3) for r in (2, 3, 4, 5, 6) for e in (0, 1)),
+    *(
+        f"percentile:percentile={p},n_startup_trials={n},n_warmup_steps={w}"
+        for p in (25, 40, 60, 75)
+        for n in (1, 2, 3)
+        for w in (0, 1, 2)
+    ),
+    *(
+        f"successive_halving:min_resource={m},reduction_factor={r},min_early_stopping_rate={e}"
+        for m in (1, 2, 3)
+        for r in (2, 3, 4, 5, 6)
+        for e in (0, 1)
+    ),
     *(f"hyperband:min_resource={m},max_resource=12,reduction_factor={r}" for m in (1, 2) for r in (2, 3, 4)),
 ]
 
@@ -90,9 +116,16 @@ def parse_pruner(spec: str) -> tuple[str, dict]:
 
 
 def summarize(trials, seconds: float = float("nan")) -> dict:
-    best = max((t.value for t in trials if t.value is not None and t.state.name == "COMPLETE"), default=float("nan"))
-    return {"best": best, "epochs": sum(len(t.intermediate_values) for t in trials),
-            "pruned": sum(t.state.name == "PRUNED" for t in trials), "trials": len(trials), "seconds": seconds}
+    best = max(
+        (t.value for t in trials if t.value is not None and t.state.name == "COMPLETE"), default=float("nan")
+    )
+    return {
+        "best": best,
+        "epochs": sum(len(t.intermediate_values) for t in trials),
+        "pruned": sum(t.state.name == "PRUNED" for t in trials),
+        "trials": len(trials),
+        "seconds": seconds,
+    }
 
 
 def replay(trials, name: str, kwargs: dict):
@@ -120,24 +153,43 @@ def replay(trials, name: str, kwargs: dict):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     epilog="pruner specs: name:key=value,... e.g. percentile:percentile=75,n_warmup_steps=2")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="pruner specs: name:key=value,... e.g. percentile:percentile=75,n_warmup_steps=2",
+    )
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default=str(ROOT / "data" / "training_set.npz"))
     parser.add_argument("--limit", type=int, default=7000, help="cells used (stratified subset)")
-    parser.add_argument("--val-fraction", type=float, default=0.6,
-                        help="validation share: large, so that its noise is below the goal's 0.5 points")
-    parser.add_argument("--test-fraction", type=float, default=0.1,
-                        help="held-out share (each trial's final test; the pruners never see it)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.6,
+        help="validation share: large, so that its noise is below the goal's 0.5 points",
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.1,
+        help="held-out share (each trial's final test; the pruners never see it)",
+    )
     parser.add_argument("--input-size", type=int, default=96, help="backbone input side")
     parser.add_argument("--epochs", type=int, default=3, help="phase 1 epochs per trial")
     parser.add_argument("--finetune-epochs", type=int, default=9, help="phase 2 epochs per trial")
-    parser.add_argument("--pruners", nargs="*", default=DEFAULT_PRUNERS, metavar="SPEC",
-                        help=f"pruner specs, or 'grid' for {len(GRID)} settings (with --replay)")
-    parser.add_argument("--replay", nargs="+", metavar="RESULTS_DIR",
-                        help="train nothing: replay the unpruned study of earlier runs through --pruners; with "
-                             "several, also each pruner's worst case over them")
+    parser.add_argument(
+        "--pruners",
+        nargs="*",
+        default=DEFAULT_PRUNERS,
+        metavar="SPEC",
+        help=f"pruner specs, or 'grid' for {len(GRID)} settings (with --replay)",
+    )
+    parser.add_argument(
+        "--replay",
+        nargs="+",
+        metavar="RESULTS_DIR",
+        help="train nothing: replay the unpruned study of earlier runs through --pruners; with "
+        "several, also each pruner's worst case over them",
+    )
     args = parser.parse_args()
     specs = GRID if args.pruners == ["grid"] else args.pruners
 
@@ -148,8 +200,13 @@ def main() -> None:
     if args.replay:
         tables = []
         for out in map(Path, args.replay):
-            base = optuna.load_study(study_name="none", storage=open_storage(f"journal:{out / 'optuna.journal'}")).trials
-            rows = {"none": summarize(base), **{spec: summarize(replay(base, *parse_pruner(spec))) for spec in specs}}
+            base = optuna.load_study(
+                study_name="none", storage=open_storage(f"journal:{out / 'optuna.journal'}")
+            ).trials
+            rows = {
+                "none": summarize(base),
+                **{spec: summarize(replay(base, *parse_pruner(spec))) for spec in specs},
+            }
             tables.append(rows)
             print_table(f"replay of {out} (no training)", rows, out)
         if len(tables) > 1:
@@ -162,15 +219,23 @@ def main() -> None:
     studies = {"none": ("none", run_sweep(out, "none", ["hydra.sweeper.pruner.name=none"], args))}
     for index, spec in enumerate(specs):
         name, kwargs = parse_pruner(spec)
-        overrides = [f"hydra.sweeper.pruner.name={name}",
-                     *(f"hydra.sweeper.pruner.{name}.{k}={v}" for k, v in kwargs.items())]
+        overrides = [
+            f"hydra.sweeper.pruner.name={name}",
+            *(f"hydra.sweeper.pruner.{name}.{k}={v}" for k, v in kwargs.items()),
+        ]
         studies[spec] = (f"pruned{index}", run_sweep(out, f"pruned{index}", overrides, args))
     storage = open_storage(f"journal:{out / 'optuna.journal'}")
-    rows = {spec: summarize(optuna.load_study(study_name=study_name, storage=storage).trials, seconds)
-            for spec, (study_name, seconds) in studies.items()}
-    print_table(f"sweeps/quick.yaml on mobilenet_cpu + trainer.lr, {args.trials} trials, random sampler seed "
-                f"{args.seed}, {args.limit} real cells ({args.val_fraction:.0%} validation) at {args.input_size}px, "
-                f"{args.epochs}+{args.finetune_epochs} epochs per trial", rows, out)
+    rows = {
+        spec: summarize(optuna.load_study(study_name=study_name, storage=storage).trials, seconds)
+        for spec, (study_name, seconds) in studies.items()
+    }
+    print_table(
+        f"sweeps/quick.yaml on mobilenet_cpu + trainer.lr, {args.trials} trials, random sampler seed "
+        f"{args.seed}, {args.limit} real cells ({args.val_fraction:.0%} validation) at {args.input_size}px, "
+        f"{args.epochs}+{args.finetune_epochs} epochs per trial",
+        rows,
+        out,
+    )
 
 
 GOAL_POINTS, GOAL_SHARE = 0.5, 0.4
@@ -184,14 +249,21 @@ def gap_and_share(row: dict, base: dict) -> tuple[float, float]:
 def print_table(title: str, rows: dict, out: Path) -> None:
     print(f"\npruning efficiency: {title}")
     width = max(len(spec) for spec in rows) + 2
-    print(f"{'pruner':<{width}}{'best val_accuracy':>18}{'epochs':>8}{'share':>7}{'pruned':>10}{'wall s':>8}"
-          f"   goal: <= {GOAL_POINTS} points below, <= {GOAL_SHARE:.0%} of the epochs")
+    print(
+        f"{'pruner':<{width}}{'best val_accuracy':>18}{'epochs':>8}{'share':>7}{'pruned':>10}{'wall s':>8}"
+        f"   goal: <= {GOAL_POINTS} points below, <= {GOAL_SHARE:.0%} of the epochs"
+    )
     for spec, row in rows.items():
         gap, share = gap_and_share(row, rows["none"])
-        verdict = "" if spec == "none" else \
-            f"   {gap:+.2f} points: {'met' if gap <= GOAL_POINTS and share <= GOAL_SHARE else 'NOT met'}"
-        print(f"{spec:<{width}}{row['best']:>18.4f}{row['epochs']:>8d}{share:>7.0%}{row['pruned']:>6d}/{row['trials']:<3d}"
-              f"{row['seconds']:>8.0f}{verdict}")
+        verdict = (
+            ""
+            if spec == "none"
+            else f"   {gap:+.2f} points: {'met' if gap <= GOAL_POINTS and share <= GOAL_SHARE else 'NOT met'}"
+        )
+        print(
+            f"{spec:<{width}}{row['best']:>18.4f}{row['epochs']:>8d}{share:>7.0%}{row['pruned']:>6d}/{row['trials']:<3d}"
+            f"{row['seconds']:>8.0f}{verdict}"
+        )
     print(f"results: {out}")
 
 
@@ -204,10 +276,13 @@ def print_worst_case(tables: list[dict], dirs: list[str], shown: int = 15) -> No
             pairs = [gap_and_share(rows[spec], rows["none"]) for rows in tables]
             worst.append((max(g for g, _ in pairs) > GOAL_POINTS, max(s for _, s in pairs), spec, pairs))
     worst.sort(key=lambda item: item[:2])
-    print(f"\nworst case over {len(tables)} studies ({', '.join(dirs)}), best {min(shown, len(worst))} of {len(worst)}:")
+    print(
+        f"\nworst case over {len(tables)} studies ({', '.join(dirs)}), best {min(shown, len(worst))} of {len(worst)}:"
+    )
     for _, share, spec, pairs in worst[:shown]:
         each = "; ".join(f"{g:+.2f} points {s:.0%}" for g, s in pairs)
         print(f"{spec:<86} worst share {share:>4.0%}  ({each})")
+
 
 if __name__ == "__main__":
     main()

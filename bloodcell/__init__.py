@@ -1,4 +1,5 @@
 """bloodcell: a Hydra + Optuna + MLflow experiment framework for blood-cell image classifiers."""
+
 import os
 from pathlib import Path
 
@@ -9,8 +10,14 @@ __version__ = "0.1.0"
 
 #: Class ids, in this order everywhere (the competition's label order).
 CLASS_NAMES: tuple[str, ...] = (
-    "basophil", "eosinophil", "erythroblast", "ig",
-    "lymphocyte", "monocyte", "neutrophil", "platelet",
+    "basophil",
+    "eosinophil",
+    "erythroblast",
+    "ig",
+    "lymphocyte",
+    "monocyte",
+    "neutrophil",
+    "platelet",
 )
 NUM_CLASSES = len(CLASS_NAMES)
 

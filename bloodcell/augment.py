@@ -40,6 +40,7 @@ parallel map hands the shared random state to batches in whatever order its thre
 layers (grid_mask, cutout, channel_shuffle) also depend on TF's global seed: call
 ``keras.utils.set_random_seed(seed)`` first, as train does.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -69,7 +70,9 @@ def _cfg_to_dict(cfg: Any) -> dict:
         pass
     if isinstance(cfg, Mapping):
         return dict(cfg)
-    raise UserError(f"augmentation config must be a mapping, got {type(cfg).__name__}; check conf/augmentation/")
+    raise UserError(
+        f"augmentation config must be a mapping, got {type(cfg).__name__}; check conf/augmentation/"
+    )
 
 
 def _strength(aug: dict) -> float:
@@ -183,15 +186,28 @@ def _gaussian_blur(p: dict, s: float, seed: int):
     if sigma <= 0 or prob <= 0:
         return None
     return keras.layers.RandomGaussianBlur(
-        factor=(prob, prob), kernel_size=int(p.get("kernel_size", 3)),
-        sigma=sigma, value_range=VALUE_RANGE, seed=seed,
+        factor=(prob, prob),
+        kernel_size=int(p.get("kernel_size", 3)),
+        sigma=sigma,
+        value_range=VALUE_RANGE,
+        seed=seed,
     )
 
 
 #: Keras RandAugment's ops (CellRandAugment runs only the drawn one of each slot).
-RANDAUGMENT_OPS = ("random_shear", "random_translation", "random_rotation", "random_brightness",
-                   "random_color_degeneration", "random_contrast", "random_sharpness",
-                   "random_posterization", "solarization", "auto_contrast", "equalization")
+RANDAUGMENT_OPS = (
+    "random_shear",
+    "random_translation",
+    "random_rotation",
+    "random_brightness",
+    "random_color_degeneration",
+    "random_contrast",
+    "random_sharpness",
+    "random_posterization",
+    "solarization",
+    "auto_contrast",
+    "equalization",
+)
 #: Left out by default: solarization inverts bright pixels (pink cytoplasm turns green): no stain does that.
 #: (It is also Keras 3.15's slowest op by far: ~25 images/s at 96 px in a CPU tf.data map.)
 OFF_STAIN_OPS = ("solarization",)
@@ -206,8 +222,9 @@ def _randaugment(p: dict, s: float, seed: int):
     unknown = sorted(set(ops_) - set(RANDAUGMENT_OPS))
     if unknown:
         raise ValueError(f"unknown RandAugment ops {unknown}; choose from {', '.join(RANDAUGMENT_OPS)}")
-    return _classes()["CellRandAugment"](value_range=VALUE_RANGE, num_ops=int(p.get("num_ops", 2)), factor=f,
-                                         ops=ops_, seed=seed)
+    return _classes()["CellRandAugment"](
+        value_range=VALUE_RANGE, num_ops=int(p.get("num_ops", 2)), factor=f, ops=ops_, seed=seed
+    )
 
 
 def _augmix(p: dict, s: float, seed: int):
@@ -218,9 +235,13 @@ def _augmix(p: dict, s: float, seed: int):
     classes = _classes()
     copies = [
         classes["SeededAugMix"](
-            value_range=VALUE_RANGE, num_chains=int(p.get("num_chains", 3)),
-            chain_depth=int(p.get("chain_depth", 3)), factor=f, alpha=float(p.get("alpha", 1.0)),
-            all_ops=bool(p.get("all_ops", True)), exclude=tuple(p.get("exclude", OFF_STAIN_OPS)),
+            value_range=VALUE_RANGE,
+            num_chains=int(p.get("num_chains", 3)),
+            chain_depth=int(p.get("chain_depth", 3)),
+            factor=f,
+            alpha=float(p.get("alpha", 1.0)),
+            all_ops=bool(p.get("all_ops", True)),
+            exclude=tuple(p.get("exclude", OFF_STAIN_OPS)),
             seed=seed + k,
         )
         for k in range(max(1, int(p.get("variants", 4))))
@@ -236,8 +257,11 @@ def _erasing(p: dict, s: float, seed: int):
     if f <= 0:
         return None
     return keras.layers.RandomErasing(
-        factor=(f, f), scale=tuple(p.get("scale", (0.02, 0.33))), fill_value=p.get("fill_value"),
-        value_range=VALUE_RANGE, seed=seed,
+        factor=(f, f),
+        scale=tuple(p.get("scale", (0.02, 0.33))),
+        fill_value=p.get("fill_value"),
+        value_range=VALUE_RANGE,
+        seed=seed,
     )
 
 
@@ -249,8 +273,11 @@ def _elastic(p: dict, s: float, seed: int):
     if scale <= 0 or prob <= 0:
         return None
     return keras.layers.RandomElasticTransform(
-        factor=(prob, prob), scale=(0.0, scale), fill_mode=p.get("fill_mode", "reflect"),
-        value_range=VALUE_RANGE, seed=seed,
+        factor=(prob, prob),
+        scale=(0.0, scale),
+        fill_mode=p.get("fill_mode", "reflect"),
+        value_range=VALUE_RANGE,
+        seed=seed,
     )
 
 
@@ -262,8 +289,11 @@ def _grid_mask(p: dict, s: float, seed: int):
     if ratio <= 0:
         return None
     return keras_cv.layers.GridMask(
-        ratio_factor=(0.0, ratio), rotation_factor=float(p.get("rotation", 0.5)),
-        fill_mode=p.get("fill_mode", "constant"), fill_value=float(p.get("fill_value", 0.0)), seed=seed,
+        ratio_factor=(0.0, ratio),
+        rotation_factor=float(p.get("rotation", 0.5)),
+        fill_mode=p.get("fill_mode", "constant"),
+        fill_value=float(p.get("fill_value", 0.0)),
+        seed=seed,
     )
 
 
@@ -275,8 +305,11 @@ def _cutout(p: dict, s: float, seed: int):
     if size <= 0:
         return None
     return keras_cv.layers.RandomCutout(
-        (0.0, size), (0.0, size), fill_mode=p.get("fill_mode", "constant"),
-        fill_value=float(p.get("fill_value", 0.0)), seed=seed,
+        (0.0, size),
+        (0.0, size),
+        fill_mode=p.get("fill_mode", "constant"),
+        fill_value=float(p.get("fill_value", 0.0)),
+        seed=seed,
     )
 
 
@@ -309,9 +342,9 @@ OPS: dict[str, Callable[[dict, float, int], Any]] = {
     "randaugment": _randaugment,
     "augmix": _augmix,
     # occlusion
-    "erasing": _erasing,          # Keras core RandomErasing
-    "grid_mask": _grid_mask,      # KerasCV
-    "cutout": _cutout,            # KerasCV
+    "erasing": _erasing,  # Keras core RandomErasing
+    "grid_mask": _grid_mask,  # KerasCV
+    "cutout": _cutout,  # KerasCV
     "channel_shuffle": _channel_shuffle,  # KerasCV
 }
 
@@ -356,15 +389,19 @@ def _fused_geometry(spec: dict, strength: float, seed: int, sampler: str = "xla"
         return None
     fill_modes = {p.get("fill_mode", "reflect") for op, p in geo.items() if op != "flip"}
     if len(fill_modes) > 1:
-        raise UserError(f"fused geometry needs one fill_mode, got {sorted(fill_modes)}; "
-                        "make them equal or set augmentation.fuse_geometry=false")
+        raise UserError(
+            f"fused geometry needs one fill_mode, got {sorted(fill_modes)}; "
+            "make them equal or set augmentation.fuse_geometry=false"
+        )
     try:
         return _classes()["RandomAffine"](
             flip_mode=geo["flip"].get("mode", "horizontal") if "flip" in geo else None,
             rotation=float(geo.get("rotation", {}).get("factor", 0.0)) * strength,
             translation=float(geo.get("translation", {}).get("factor", 0.0)) * strength,
             zoom=float(geo.get("zoom", {}).get("factor", 0.0)) * strength,
-            fill_mode=fill_modes.pop() if fill_modes else "reflect", sampler=sampler, seed=seed + 1,
+            fill_mode=fill_modes.pop() if fill_modes else "reflect",
+            sampler=sampler,
+            seed=seed + 1,
             name="geometry",
         )
     except (TypeError, ValueError) as err:
@@ -454,8 +491,10 @@ def _classes() -> dict[str, type]:
             if not training or not self.branches:
                 return x
             seed = self._get_seed_generator(b._backend)
-            fns = [(lambda layer: (lambda t: b.cast(layer(t, training=True), "float32")))(layer)
-                   for layer in self.branches]
+            fns = [
+                (lambda layer: lambda t: b.cast(layer(t, training=True), "float32"))(layer)
+                for layer in self.branches
+            ]
             if len(fns) == 1:
                 out = fns[0](x)
             else:
@@ -511,8 +550,18 @@ def _classes() -> dict[str, type]:
         so one pass is about 3x faster (and blurs less).
         """
 
-        def __init__(self, flip_mode=None, rotation=0.0, translation=0.0, zoom=0.0, fill_mode="reflect",
-                     interpolation="bilinear", sampler="keras", seed=0, **kwargs):
+        def __init__(
+            self,
+            flip_mode=None,
+            rotation=0.0,
+            translation=0.0,
+            zoom=0.0,
+            fill_mode="reflect",
+            interpolation="bilinear",
+            sampler="keras",
+            seed=0,
+            **kwargs,
+        ):
             super().__init__(**kwargs)
             self.sampler = sampler  # "xla": _xla_bilinear (TF only, ~3x faster in a CPU tf.data map)
             self.flip_mode = flip_mode
@@ -554,11 +603,20 @@ def _classes() -> dict[str, type]:
             a2 = cx - sx * (cos * dx - sin * dy) - (a0 * cx + a1 * cy)
             b2 = cy - sy * (sin * dx + cos * dy) - (b0 * cx + b1 * cy)
             transform = b.numpy.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
-            if (self.sampler == "xla" and self.interpolation == "bilinear" and b.name == "tensorflow"
-                    and self.fill_mode in ("reflect", "nearest")):
+            if (
+                self.sampler == "xla"
+                and self.interpolation == "bilinear"
+                and b.name == "tensorflow"
+                and self.fill_mode in ("reflect", "nearest")
+            ):
                 return _xla_bilinear(x, transform, self.fill_mode)
-            return b.image.affine_transform(x, transform, interpolation=self.interpolation,
-                                            fill_mode=self.fill_mode, data_format="channels_last")
+            return b.image.affine_transform(
+                x,
+                transform,
+                interpolation=self.interpolation,
+                fill_mode=self.fill_mode,
+                data_format="channels_last",
+            )
 
         def compute_output_shape(self, input_shape):
             return input_shape
@@ -612,8 +670,13 @@ def _classes() -> dict[str, type]:
             finally:
                 keras_aug_mix.py_random = saved
 
-    _CLASSES.update(RandomChoice=RandomChoice, AugmentationPipeline=AugmentationPipeline,
-                    RandomAffine=RandomAffine, CellRandAugment=CellRandAugment, SeededAugMix=SeededAugMix)
+    _CLASSES.update(
+        RandomChoice=RandomChoice,
+        AugmentationPipeline=AugmentationPipeline,
+        RandomAffine=RandomAffine,
+        CellRandAugment=CellRandAugment,
+        SeededAugMix=SeededAugMix,
+    )
     return _CLASSES
 
 
@@ -632,8 +695,9 @@ def build_augmentation(aug_cfg: Any, seed: int):
     # In the tf.data map the fused geometry uses the XLA sampler; inside a model (where=model, maybe on
     # a GPU) Keras' own affine_transform.
     sampler = "keras" if aug.get("where", "pipeline") == "model" else "xla"
-    fused = (_fused_geometry(layers_spec, strength, int(seed), sampler)
-             if aug.get("fuse_geometry", True) else None)
+    fused = (
+        _fused_geometry(layers_spec, strength, int(seed), sampler) if aug.get("fuse_geometry", True) else None
+    )
     if fused is not None:
         layers_spec = {k: v for k, v in layers_spec.items() if _op_of(k, v) not in AFFINE_OPS}
     stages = ([fused] if fused is not None else []) + _build_ops(layers_spec, strength, int(seed), "layers")
@@ -647,7 +711,9 @@ def build_augmentation(aug_cfg: Any, seed: int):
         stages.append(_classes()["RandomChoice"](choices, rate=rate, seed=int(seed) + 11, name="one_of"))
     if not stages:
         return None
-    layer = _classes()["AugmentationPipeline"](stages, seed=int(seed), name=f"augment_{aug.get('name', 'custom')}")
+    layer = _classes()["AugmentationPipeline"](
+        stages, seed=int(seed), name=f"augment_{aug.get('name', 'custom')}"
+    )
     layer.aug_config = aug  # lets preview_grid rebuild an independent copy under another seed
     return layer
 
@@ -688,8 +754,10 @@ def build_mixer(aug_cfg: Any, num_classes: int, seed: int):
     def mix(images, onehot_labels):
         from keras import ops
 
-        out = layer({"images": ops.cast(images, "float32"), "labels": ops.cast(onehot_labels, "float32")},
-                    training=True)
+        out = layer(
+            {"images": ops.cast(images, "float32"), "labels": ops.cast(onehot_labels, "float32")},
+            training=True,
+        )
         return ops.clip(ops.cast(out["images"], "float32"), *VALUE_RANGE), ops.cast(out["labels"], "float32")
 
     mix.layer = layer  # for inspection (tests, preview)
@@ -697,8 +765,15 @@ def build_mixer(aug_cfg: Any, num_classes: int, seed: int):
     return mix
 
 
-def preview_grid(images_uint8: np.ndarray, aug_layer, views: int = 6, seed: int | None = None, *,
-                 mixer=None, labels: np.ndarray | None = None) -> np.ndarray:
+def preview_grid(
+    images_uint8: np.ndarray,
+    aug_layer,
+    views: int = 6,
+    seed: int | None = None,
+    *,
+    mixer=None,
+    labels: np.ndarray | None = None,
+) -> np.ndarray:
     """Original + ``views`` augmented views of each image, as one uint8 (rows, cols, 3) image.
 
     Row i is ``images_uint8[i]``; column 0 the original, then the views. Tiles are upscaled to at least
@@ -710,7 +785,9 @@ def preview_grid(images_uint8: np.ndarray, aug_layer, views: int = 6, seed: int 
     """
     images_uint8 = np.asarray(images_uint8)
     if images_uint8.ndim != 4 or images_uint8.shape[-1] != 3 or images_uint8.dtype != np.uint8:
-        raise UserError(f"preview needs uint8 images (N, H, W, 3), got {images_uint8.dtype} {images_uint8.shape}")
+        raise UserError(
+            f"preview needs uint8 images (N, H, W, 3), got {images_uint8.dtype} {images_uint8.shape}"
+        )
     if views < 1:
         raise UserError(f"views={views} must be at least 1")
     if seed is not None and getattr(aug_layer, "aug_config", None) is not None:
@@ -737,5 +814,5 @@ def preview_grid(images_uint8: np.ndarray, aug_layer, views: int = 6, seed: int 
         for j in range(cols):
             tile = images_uint8[i] if j == 0 else shown[j - 1][i]
             y, x = PAD + i * (th + PAD), PAD + j * (tw + PAD)
-            grid[y:y + th, x:x + tw] = tile.repeat(scale, axis=0).repeat(scale, axis=1)
+            grid[y : y + th, x : x + tw] = tile.repeat(scale, axis=0).repeat(scale, axis=1)
     return grid

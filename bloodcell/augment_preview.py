@@ -9,6 +9,7 @@ Primary config ``conf/augment_preview.yaml``: the training config (``train``) pl
 The grid itself is ``bloodcell.augment.preview_grid`` (what train logs to MLflow as
 ``plots/augmentation_preview.png``); ``write_preview`` adds sample picking, column titles and the file.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,8 +54,17 @@ def _save_png(grid: np.ndarray, path: Path, titles: list[str], tile_w: int) -> N
     canvas.save(path, format="PNG")
 
 
-def write_preview(aug_cfg, images_uint8: np.ndarray, labels: np.ndarray | None, path: str | Path, *,
-                  seed: int = 0, samples: int = 6, views: int = 6, overwrite: bool = True) -> Path:
+def write_preview(
+    aug_cfg,
+    images_uint8: np.ndarray,
+    labels: np.ndarray | None,
+    path: str | Path,
+    *,
+    seed: int = 0,
+    samples: int = 6,
+    views: int = 6,
+    overwrite: bool = True,
+) -> Path:
     """Build the pipeline ``aug_cfg`` describes (fresh layers seeded by ``seed``, so the training layer's
     random stream is untouched), pick ``samples`` images (classes in turn), and write the grid as a PNG.
 
@@ -90,10 +100,20 @@ def run(cfg) -> Path:
     if output.exists() and not cfg.get("overwrite", False):
         raise UserError(f"{output} already exists; pass overwrite=true or choose another output=")
     arrays = load_arrays(cfg.data)
-    path = write_preview(cfg.augmentation, arrays.images, arrays.labels, output, seed=int(cfg.seed),
-                         samples=int(cfg.samples), views=int(cfg.views), overwrite=bool(cfg.get("overwrite")))
-    print(f"wrote {path} ({cfg.augmentation.name}, strength {cfg.augmentation.strength}, "
-          f"{cfg.samples} samples x {cfg.views} views)")
+    path = write_preview(
+        cfg.augmentation,
+        arrays.images,
+        arrays.labels,
+        output,
+        seed=int(cfg.seed),
+        samples=int(cfg.samples),
+        views=int(cfg.views),
+        overwrite=bool(cfg.get("overwrite")),
+    )
+    print(
+        f"wrote {path} ({cfg.augmentation.name}, strength {cfg.augmentation.strength}, "
+        f"{cfg.samples} samples x {cfg.views} views)"
+    )
     return path
 
 

@@ -31,14 +31,16 @@ Command line::
 
     python -m bloodcell.clean input=data/training_set.npz output=data/training_set_clean.npz
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import hydra
 import numpy as np
@@ -54,7 +56,7 @@ REASONS = ("corrupt", "flat", "outlier", "duplicate", "conflicting_labels")
 #: What the ``score`` of a removed sample measures, per reason (also written into the JSON report).
 SCORE_MEANING = {
     "corrupt": "worst of the repeated-row and black/white-pixel fractions, as a multiple of its limit "
-               "(1.0 for a bad label)",
+    "(1.0 for a bad label)",
     "flat": "grey-level standard deviation (0-255)",
     "outlier": "largest robust z-score of its features (see 'feature')",
     "duplicate": "correlation with its closest copy (1.0 = identical pixels)",
@@ -65,11 +67,25 @@ SCORE_MEANING = {
 DEFAULTS: dict[str, Any] = {
     "corrupt": {"max_repeated_rows": 0.25, "max_extreme_pixels": 0.02},
     "flat": {"min_std": 4.0},
-    "outliers": {"enabled": True, "max_z": 10.0, "plane_tolerance": 0.15, "blocks": 4,
-                 "min_samples": 30, "min_class_samples": 8},
-    "duplicates": {"exact": True, "near": True, "neighbours": 3, "coarse_correlation": 0.85,
-                   "min_correlation": 0.95, "min_detail_correlation": 0.6,
-                   "max_shift": 6, "match_flips": True, "conflicting_labels": "drop_group"},
+    "outliers": {
+        "enabled": True,
+        "max_z": 10.0,
+        "plane_tolerance": 0.15,
+        "blocks": 4,
+        "min_samples": 30,
+        "min_class_samples": 8,
+    },
+    "duplicates": {
+        "exact": True,
+        "near": True,
+        "neighbours": 3,
+        "coarse_correlation": 0.85,
+        "min_correlation": 0.95,
+        "min_detail_correlation": 0.6,
+        "max_shift": 6,
+        "match_flips": True,
+        "conflicting_labels": "drop_group",
+    },
 }
 
 _CHUNK = 512  # images per vectorised step: bounds memory at a few hundred MB
@@ -98,6 +114,7 @@ class CleaningResult:
 
 # ----------------------------------------------------------------------------------------------- config
 
+
 def _resolve_cfg(cfg) -> dict:
     """The defaults, overlaid with ``cfg`` (a dict, an OmegaConf node or None)."""
     if cfg is not None and not isinstance(cfg, Mapping):
@@ -109,8 +126,9 @@ def _resolve_cfg(cfg) -> dict:
         if section in out and isinstance(values, Mapping):
             unknown = set(values) - set(out[section])
             if unknown:
-                raise UserError(f"cleaning.{section}: unknown key(s) {sorted(unknown)}; "
-                                f"known: {sorted(out[section])}")
+                raise UserError(
+                    f"cleaning.{section}: unknown key(s) {sorted(unknown)}; known: {sorted(out[section])}"
+                )
             out[section].update(values)
         elif section not in out:
             raise UserError(f"cleaning: unknown section {section!r}; known: {sorted(out)}")
@@ -136,7 +154,7 @@ def _pool(a: np.ndarray, f: int) -> np.ndarray:
     """Mean over f x f blocks of the two axes after the first (crops any remainder)."""
     n, h, w = a.shape[:3]
     h2, w2 = h // f, w // f
-    a = a[:, :h2 * f, :w2 * f]
+    a = a[:, : h2 * f, : w2 * f]
     return a.reshape(n, h2, f, w2, f, *a.shape[3:]).mean((2, 4))
 
 
@@ -162,51 +180,68 @@ def fit_stain_plane(images: np.ndarray, rng: np.random.Generator, n_pixels: int 
     return normal.astype(np.float32)
 
 
-def image_features(images: np.ndarray, plane_normal: np.ndarray, plane_tolerance: float,
-                   blocks: int) -> dict[str, np.ndarray]:
+def image_features(
+    images: np.ndarray, plane_normal: np.ndarray, plane_tolerance: float, blocks: int
+) -> dict[str, np.ndarray]:
     """Per-image numbers that describe a stained single-cell smear (each an (N,) float array)."""
     n, h, w, _ = images.shape
-    names = ("repeated_rows", "extreme_pixels", "grey_std", "off_plane", "off_plane_block",
-             "od_r", "od_g", "od_b", "od_spread", "darkest", "fine_texture", "seam", "centre_contrast")
+    names = (
+        "repeated_rows",
+        "extreme_pixels",
+        "grey_std",
+        "off_plane",
+        "off_plane_block",
+        "od_r",
+        "od_g",
+        "od_b",
+        "od_spread",
+        "darkest",
+        "fine_texture",
+        "seam",
+        "centre_contrast",
+    )
     out = {k: np.empty(n, np.float32) for k in names}
     b = max(1, min(blocks, h // 4, w // 4))
     yy, xx = np.mgrid[0:h, 0:w]
     r = np.hypot((yy - (h - 1) / 2) / h, (xx - (w - 1) / 2) / w)
     centre, border = r < 0.2, r > 0.42
     for s in range(0, n, _CHUNK):
-        x = images[s:s + _CHUNK]
+        x = images[s : s + _CHUNK]
         m = len(x)
         # corrupt: rows identical to the row above (truncated decodes, pasted bars); pure black/white pixels
-        out["repeated_rows"][s:s + m] = (x[:, 1:] == x[:, :-1]).all(axis=(2, 3)).mean(1)
+        out["repeated_rows"][s : s + m] = (x[:, 1:] == x[:, :-1]).all(axis=(2, 3)).mean(1)
         flat_px = x.reshape(m, -1, 3)
-        out["extreme_pixels"][s:s + m] = ((flat_px == 0).all(-1) | (flat_px == 255).all(-1)).mean(1)
+        out["extreme_pixels"][s : s + m] = ((flat_px == 0).all(-1) | (flat_px == 255).all(-1)).mean(1)
         g = _grey(x)
-        out["grey_std"][s:s + m] = g.reshape(m, -1).std(1)
-        od = _OD[x]                                                # (m, h, w, 3)
+        out["grey_std"][s : s + m] = g.reshape(m, -1).std(1)
+        od = _OD[x]  # (m, h, w, 3)
         resid = od[..., 0] * plane_normal[0] + od[..., 1] * plane_normal[1] + od[..., 2] * plane_normal[2]
-        off = np.abs(resid) > plane_tolerance                      # a colour no two-stain mix makes
-        out["off_plane"][s:s + m] = off.reshape(m, -1).mean(1)
-        out["off_plane_block"][s:s + m] = _pool(off.astype(np.float32), h // b).reshape(m, -1).max(1)
+        off = np.abs(resid) > plane_tolerance  # a colour no two-stain mix makes
+        out["off_plane"][s : s + m] = off.reshape(m, -1).mean(1)
+        out["off_plane_block"][s : s + m] = _pool(off.astype(np.float32), h // b).reshape(m, -1).max(1)
         mean_od = od.reshape(m, -1, 3).mean(1)
-        out["od_r"][s:s + m], out["od_g"][s:s + m], out["od_b"][s:s + m] = mean_od.T
+        out["od_r"][s : s + m], out["od_g"][s : s + m], out["od_b"][s : s + m] = mean_od.T
         tot = (od[..., 0] + od[..., 1] + od[..., 2]).reshape(m, -1)
         # spread of densities as a standard deviation: smooth in how much of the frame the cell covers
-        out["od_spread"][s:s + m] = tot.std(1)
+        out["od_spread"][s : s + m] = tot.std(1)
         q995 = np.quantile(tot, 0.995, axis=1)
         # the darkest stain: every smear has a nucleus or granules, never pitch black
-        out["darkest"][s:s + m] = q995
+        out["darkest"][s : s + m] = q995
         # fine texture: pixel-to-pixel differences against the image's own contrast (noise, stripes)
-        lap = np.abs(4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:])
-        out["fine_texture"][s:s + m] = lap.reshape(m, -1).mean(1) / (out["grey_std"][s:s + m] + 1.0)
+        lap = np.abs(
+            4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
+        )
+        out["fine_texture"][s : s + m] = lap.reshape(m, -1).mean(1) / (out["grey_std"][s : s + m] + 1.0)
         # a seam: one row (or column) step far larger than the image's usual step (a torn or shifted
         # decode, the edge of a pasted rectangle); natural edges are curved and never span the frame
         rows = np.abs(np.diff(g, axis=1)).mean(2)
         cols = np.abs(np.diff(g, axis=2)).mean(1)
-        out["seam"][s:s + m] = np.maximum(rows.max(1) / (np.median(rows, 1) + 1.0),
-                                          cols.max(1) / (np.median(cols, 1) + 1.0))
+        out["seam"][s : s + m] = np.maximum(
+            rows.max(1) / (np.median(rows, 1) + 1.0), cols.max(1) / (np.median(cols, 1) + 1.0)
+        )
         # the cell sits in the middle: the centre is darker (denser) than the border
         tot = tot.reshape(m, h, w)
-        out["centre_contrast"][s:s + m] = tot[:, centre].mean(1) - tot[:, border].mean(1)
+        out["centre_contrast"][s : s + m] = tot[:, centre].mean(1) - tot[:, border].mean(1)
     return out
 
 
@@ -214,9 +249,17 @@ def image_features(images: np.ndarray, plane_normal: np.ndarray, plane_tolerance
 # (robust standard deviation) each is trusted to have, so that a feature that hardly varies in a given
 # data set (e.g. synthetic images with flat colours) does not turn tiny differences into huge scores.
 _OUTLIER_FEATURES = {
-    "off_plane": (+1, 0.01), "off_plane_block": (+1, 0.02),
-    "od_r": (0, 0.01), "od_g": (0, 0.01), "od_b": (0, 0.01), "od_spread": (0, 0.02), "darkest": (0, 0.02),
-    "fine_texture": (+1, 0.02), "seam": (+1, 0.1), "centre_contrast": (0, 0.01), "grey_std": (0, 0.5),
+    "off_plane": (+1, 0.01),
+    "off_plane_block": (+1, 0.02),
+    "od_r": (0, 0.01),
+    "od_g": (0, 0.01),
+    "od_b": (0, 0.01),
+    "od_spread": (0, 0.02),
+    "darkest": (0, 0.02),
+    "fine_texture": (+1, 0.02),
+    "seam": (+1, 0.1),
+    "centre_contrast": (0, 0.01),
+    "grey_std": (0, 0.5),
 }
 
 
@@ -233,6 +276,7 @@ def robust_z(values: np.ndarray, direction: int, reference: np.ndarray, min_spre
 
 
 # ------------------------------------------------------------------------------------------- duplicates
+
 
 def _standardise(a: np.ndarray) -> np.ndarray:
     """Rows to zero mean and unit norm: correlation becomes a dot product, and brightness, contrast and
@@ -273,7 +317,9 @@ _DIHEDRAL = (
 )
 
 
-def near_duplicate_pairs(images: np.ndarray, candidates: np.ndarray, dup_cfg: Mapping) -> list[tuple[int, int, float]]:
+def near_duplicate_pairs(
+    images: np.ndarray, candidates: np.ndarray, dup_cfg: Mapping
+) -> list[tuple[int, int, float]]:
     """Pairs (i, j, correlation) of near copies among ``images[candidates]`` (indices into images).
 
     Three steps, each cheap enough for the next: the nearest neighbours of a 12 x 12 standardised grey
@@ -294,10 +340,10 @@ def near_duplicate_pairs(images: np.ndarray, candidates: np.ndarray, dup_cfg: Ma
     small = np.empty((n, h // max(1, h // 12), w // max(1, h // 12)), np.float32)
     coarse = np.empty((n, h // f, w // f), np.float32)
     for s in range(0, n, _CHUNK):
-        g = _grey(images[idx[s:s + _CHUNK]])
-        grey[s:s + _CHUNK] = np.rint(g).astype(np.uint8)
-        small[s:s + _CHUNK] = _pool(g, max(1, h // 12))
-        coarse[s:s + _CHUNK] = _pool(g, f)
+        g = _grey(images[idx[s : s + _CHUNK]])
+        grey[s : s + _CHUNK] = np.rint(g).astype(np.uint8)
+        small[s : s + _CHUNK] = _pool(g, max(1, h // 12))
+        coarse[s : s + _CHUNK] = _pool(g, f)
     max_shift = int(dup_cfg["max_shift"])
     cs = min(int(np.ceil(max_shift / f)), coarse.shape[1] // 4, coarse.shape[2] // 4)
     c_h, c_w = coarse.shape[1] - 2 * cs, coarse.shape[2] - 2 * cs
@@ -316,7 +362,7 @@ def near_duplicate_pairs(images: np.ndarray, candidates: np.ndarray, dup_cfg: Ma
     size = c_h * c_w
     win_norm = np.empty((len(shifts), n), np.float32)
     for b_id, (dy, dx) in enumerate(shifts):
-        win = coarse[:, cs + dy:cs + dy + c_h, cs + dx:cs + dx + c_w]
+        win = coarse[:, cs + dy : cs + dy + c_h, cs + dx : cs + dx + c_w]
         total, squares = win.sum((1, 2)), np.square(win).sum((1, 2))
         win_norm[b_id] = np.sqrt(np.maximum(squares - total * total / size, 0)) + 1e-6
     found: dict[tuple[int, int, int], tuple[int, int]] = {}  # (i, j, transform) -> coarse best shift
@@ -331,13 +377,13 @@ def near_duplicate_pairs(images: np.ndarray, candidates: np.ndarray, dup_cfg: Ma
         ok = qi != qj
         qi, qj = qi[ok], qj[ok]
         for s in range(0, len(qi), 4096):
-            ci, cj = qi[s:s + 4096], qj[s:s + 4096]
-            query = _standardise(t(coarse[ci])[:, cs:cs + c_h, cs:cs + c_w])
+            ci, cj = qi[s : s + 4096], qj[s : s + 4096]
+            query = _standardise(t(coarse[ci])[:, cs : cs + c_h, cs : cs + c_w])
             other = coarse[cj]
             corr = np.full(len(ci), -1.0, np.float32)
             best = np.zeros(len(ci), np.int64)
             for b_id, (dy, dx) in enumerate(shifts):
-                win = other[:, cs + dy:cs + dy + c_h, cs + dx:cs + dx + c_w].reshape(len(cj), size)
+                win = other[:, cs + dy : cs + dy + c_h, cs + dx : cs + dx + c_w].reshape(len(cj), size)
                 c = np.einsum("ij,ij->i", query, win) / win_norm[b_id, cj]
                 better = c > corr
                 corr[better], best[better] = c[better], b_id
@@ -358,12 +404,12 @@ def near_duplicate_pairs(images: np.ndarray, candidates: np.ndarray, dup_cfg: Ma
         key = (min(i, j), max(i, j))
         if key in best_corr:
             continue
-        gi = transforms[t_id](grey[i:i + 1])[0].astype(np.float32)
+        gi = transforms[t_id](grey[i : i + 1])[0].astype(np.float32)
         gj = grey[j].astype(np.float32)
-        a = _standardise(gi[None, m:h - m, m:w - m])[0]
+        a = _standardise(gi[None, m : h - m, m : w - m])[0]
         y0, y1 = max(-m, dy * f - f) + m, min(m, dy * f + f) + m
         x0, x1 = max(-m, dx * f - f) + m, min(m, dx * f + f) + m
-        wins = sliding_window_view(gj[y0:y1 + ch, x0:x1 + cw], (ch, cw))
+        wins = sliding_window_view(gj[y0 : y1 + ch, x0 : x1 + cw], (ch, cw))
         corr = _standardise(wins.reshape(-1, ch * cw)) @ a
         b = int(corr.argmax())
         if corr[b] < min_corr:
@@ -373,8 +419,10 @@ def near_duplicate_pairs(images: np.ndarray, candidates: np.ndarray, dup_cfg: Ma
         by, bx = y0 + b // wins.shape[1], x0 + b % wins.shape[1]
         detail_i = gi - gaussian_filter(gi, 1.0)
         detail_j = gj - gaussian_filter(gj, 1.0)
-        detail = float(_standardise(detail_i[None, m:h - m, m:w - m])[0]
-                       @ _standardise(detail_j[None, by:by + ch, bx:bx + cw])[0])
+        detail = float(
+            _standardise(detail_i[None, m : h - m, m : w - m])[0]
+            @ _standardise(detail_j[None, by : by + ch, bx : bx + cw])[0]
+        )
         if detail >= min_detail:
             best_corr[key] = float(corr[b])
     return [(int(idx[i]), int(idx[j]), c) for (i, j), c in sorted(best_corr.items())]
@@ -382,17 +430,22 @@ def near_duplicate_pairs(images: np.ndarray, candidates: np.ndarray, dup_cfg: Ma
 
 # ------------------------------------------------------------------------------------------ find_unwanted
 
+
 def _check_arrays(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     images = np.asarray(images)
     labels = np.asarray(labels).reshape(-1)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise UserError(f"cleaning needs uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+        raise UserError(
+            f"cleaning needs uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}"
+        )
     if len(labels) != len(images):
         raise UserError(f"cleaning got {len(images)} images but {len(labels)} labels")
     return images, labels.astype(np.int64)
 
 
-def find_unwanted(images: np.ndarray, labels: np.ndarray, cleaning_cfg=None, *, seed: int = 0) -> CleaningResult:
+def find_unwanted(
+    images: np.ndarray, labels: np.ndarray, cleaning_cfg=None, *, seed: int = 0
+) -> CleaningResult:
     """Decide which samples to remove; the arrays are not modified.
 
     ``cleaning_cfg`` is the ``cleaning`` config group (conf/cleaning/default.yaml), a plain dict with
@@ -414,13 +467,16 @@ def find_unwanted(images: np.ndarray, labels: np.ndarray, cleaning_cfg=None, *, 
 
     # corrupt: a truncated or garbled decode
     cc = cfg["corrupt"]
-    corrupt = np.maximum(feats["repeated_rows"] / cc["max_repeated_rows"],
-                         feats["extreme_pixels"] / cc["max_extreme_pixels"])
+    corrupt = np.maximum(
+        feats["repeated_rows"] / cc["max_repeated_rows"], feats["extreme_pixels"] / cc["max_extreme_pixels"]
+    )
     hit = corrupt > 1.0
     reason[hit], score[hit] = "corrupt", corrupt[hit]
     for i in np.where(hit)[0]:
-        detail[int(i)] = {"repeated_rows": round(float(feats["repeated_rows"][i]), 4),
-                          "extreme_pixels": round(float(feats["extreme_pixels"][i]), 4)}
+        detail[int(i)] = {
+            "repeated_rows": round(float(feats["repeated_rows"][i]), 4),
+            "extreme_pixels": round(float(feats["extreme_pixels"][i]), 4),
+        }
     # a label that is no class id (the file readers refuse these; arrays handed in directly may have them)
     bad_label = (labels < 0) | (labels >= NUM_CLASSES)
     reason[bad_label], score[bad_label] = "corrupt", 1.0
@@ -435,8 +491,10 @@ def find_unwanted(images: np.ndarray, labels: np.ndarray, cleaning_cfg=None, *, 
     if oc["enabled"]:
         reference = reason == ""
         if reference.sum() < oc["min_samples"]:
-            notes.append(f"outlier check skipped: {int(reference.sum())} samples, fewer than "
-                         f"outliers.min_samples={oc['min_samples']}")
+            notes.append(
+                f"outlier check skipped: {int(reference.sum())} samples, fewer than "
+                f"outliers.min_samples={oc['min_samples']}"
+            )
         else:
             names = list(_OUTLIER_FEATURES)
             z = np.stack([robust_z(feats[k], d, reference, m) for k, (d, m) in _OUTLIER_FEATURES.items()])
@@ -446,8 +504,12 @@ def find_unwanted(images: np.ndarray, labels: np.ndarray, cleaning_cfg=None, *, 
             for c in np.unique(labels):
                 in_c = labels == c
                 if (reference & in_c).sum() >= oc["min_class_samples"]:
-                    zc = np.stack([robust_z(feats[k][in_c], d, reference[in_c], m)
-                                   for k, (d, m) in _OUTLIER_FEATURES.items()])
+                    zc = np.stack(
+                        [
+                            robust_z(feats[k][in_c], d, reference[in_c], m)
+                            for k, (d, m) in _OUTLIER_FEATURES.items()
+                        ]
+                    )
                     z[:, in_c] = np.minimum(z[:, in_c], zc)
             z_max = z.max(0)
             which = z.argmax(0)
@@ -490,7 +552,7 @@ def find_unwanted(images: np.ndarray, labels: np.ndarray, cleaning_cfg=None, *, 
         if len(counts) == 1:
             drop, why = g[1:], "duplicate"
         else:
-            (top, top_n), = counts.most_common(1)
+            ((top, top_n),) = counts.most_common(1)
             if dc["conflicting_labels"] == "keep_majority" and top_n * 2 > len(g):
                 keeper = next(i for i in g if labels[i] == top)
                 drop, why = [i for i in g if i != keeper], "conflicting_labels"
@@ -502,18 +564,30 @@ def find_unwanted(images: np.ndarray, labels: np.ndarray, cleaning_cfg=None, *, 
     keep = reason == ""
     removed = []
     for i in np.where(~keep)[0]:
-        entry = {"index": int(i), "label": int(labels[i]), "reason": str(reason[i]),
-                 "score": round(float(score[i]), 4)}
+        entry = {
+            "index": int(i),
+            "label": int(labels[i]),
+            "reason": str(reason[i]),
+            "score": round(float(score[i]), 4),
+        }
         if int(i) in group_of:
             entry["group"] = group_of[int(i)]
         entry.update(detail.get(int(i), {}))
         removed.append(entry)
     counts = {r: int((reason == r).sum()) for r in REASONS if (reason == r).any()}
-    return CleaningResult(keep=keep, removed=removed, counts=counts, groups=groups,
-                          scores={"outlier_z": z_max}, config=cfg, notes=notes)
+    return CleaningResult(
+        keep=keep,
+        removed=removed,
+        counts=counts,
+        groups=groups,
+        scores={"outlier_z": z_max},
+        config=cfg,
+        notes=notes,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ report
+
 
 def report_dict(result: CleaningResult, labels: np.ndarray, source: str | None = None) -> dict:
     """The JSON report: counts, settings, each removed sample (index, label, reason, score), groups."""
@@ -525,8 +599,10 @@ def report_dict(result: CleaningResult, labels: np.ndarray, source: str | None =
         "n_kept": int(kept.sum()),
         "n_removed": result.n_removed,
         "counts": result.counts,
-        "removed_per_class": {CLASS_NAMES[c] if c < len(CLASS_NAMES) else str(c): int(v)
-                              for c, v in enumerate(np.bincount(labels[~kept], minlength=len(CLASS_NAMES)))},
+        "removed_per_class": {
+            CLASS_NAMES[c] if c < len(CLASS_NAMES) else str(c): int(v)
+            for c, v in enumerate(np.bincount(labels[~kept], minlength=len(CLASS_NAMES)))
+        },
         "config": result.config,
         "score_meaning": SCORE_MEANING,
         "notes": result.notes,
@@ -535,8 +611,14 @@ def report_dict(result: CleaningResult, labels: np.ndarray, source: str | None =
     }
 
 
-def contact_sheet(result: CleaningResult, images: np.ndarray, labels: np.ndarray, path: Path,
-                  per_reason: int = 60, columns: int = 15) -> Path:
+def contact_sheet(
+    result: CleaningResult,
+    images: np.ndarray,
+    labels: np.ndarray,
+    path: Path,
+    per_reason: int = 60,
+    columns: int = 15,
+) -> Path:
     """A PNG of removed samples, one block per reason; duplicate groups sit side by side with their
     kept copy (framed green). Each tile is captioned with its index and label."""
     from PIL import Image, ImageDraw
@@ -557,7 +639,9 @@ def contact_sheet(result: CleaningResult, images: np.ndarray, labels: np.ndarray
             items = [(e["index"], False) for e in entries]
         by_reason[reason] = items[:per_reason]
     header = 18
-    height = sum(header + ((len(v) + columns - 1) // columns) * (tile + cap) for v in by_reason.values()) or header
+    height = (
+        sum(header + ((len(v) + columns - 1) // columns) * (tile + cap) for v in by_reason.values()) or header
+    )
     sheet = Image.new("RGB", (columns * tile, max(height, header)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     y = 0
@@ -587,8 +671,9 @@ def contact_sheet(result: CleaningResult, images: np.ndarray, labels: np.ndarray
     return path
 
 
-def write_report(result: CleaningResult, images: np.ndarray, labels: np.ndarray, out_dir,
-                 source: str | None = None) -> dict[str, Path]:
+def write_report(
+    result: CleaningResult, images: np.ndarray, labels: np.ndarray, out_dir, source: str | None = None
+) -> dict[str, Path]:
     """Write ``cleaning_report.json`` and ``cleaning_removed.png`` (contact sheet) into ``out_dir``;
     ``images`` and ``labels`` are the arrays the result was computed on. Returns {"json": ..., "png": ...}."""
     out_dir = Path(out_dir)
@@ -607,14 +692,16 @@ def summary(result: CleaningResult) -> str:
 
 # ----------------------------------------------------------------------------------- cache for training
 
+
 def config_digest(cleaning_cfg) -> str:
     """A short hash of the resolved cleaning settings (part of the cache key)."""
     cfg = _resolve_cfg(cleaning_cfg)
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def find_unwanted_cached(images: np.ndarray, labels: np.ndarray, cleaning_cfg, fingerprint: str,
-                         cache_dir) -> tuple[CleaningResult, bool]:
+def find_unwanted_cached(
+    images: np.ndarray, labels: np.ndarray, cleaning_cfg, fingerprint: str, cache_dir
+) -> tuple[CleaningResult, bool]:
     """:func:`find_unwanted`, remembered in ``cache_dir`` under the data fingerprint and the settings'
     digest, so that the trials of a sweep clean the same data once. Returns (result, from_cache)."""
     cache_dir = Path(cache_dir)
@@ -625,9 +712,14 @@ def find_unwanted_cached(images: np.ndarray, labels: np.ndarray, cleaning_cfg, f
             keep = np.ones(saved["n_input"], bool)
             keep[[e["index"] for e in saved["removed"]]] = False
             if len(keep) == len(images):
-                return CleaningResult(keep=keep, removed=saved["removed"], counts=saved["counts"],
-                                      groups=saved["duplicate_groups"], config=saved["config"],
-                                      notes=saved.get("notes", [])), True
+                return CleaningResult(
+                    keep=keep,
+                    removed=saved["removed"],
+                    counts=saved["counts"],
+                    groups=saved["duplicate_groups"],
+                    config=saved["config"],
+                    notes=saved.get("notes", []),
+                ), True
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is recomputed
     result = find_unwanted(images, labels, cleaning_cfg)
@@ -640,12 +732,15 @@ def find_unwanted_cached(images: np.ndarray, labels: np.ndarray, cleaning_cfg, f
 
 # -------------------------------------------------------------------------------------------------- CLI
 
+
 def clean_file(cfg) -> dict[str, Path]:
     """What ``python -m bloodcell.clean`` does: read, find, write the cleaned npz and the report."""
     from bloodcell.data import read_folder, read_npz, resolve_path
 
     if not cfg.get("input"):
-        raise UserError("no input given; run python -m bloodcell.clean input=<file.npz or folder> output=<file.npz>")
+        raise UserError(
+            "no input given; run python -m bloodcell.clean input=<file.npz or folder> output=<file.npz>"
+        )
     if not cfg.get("output"):
         raise UserError("no output given; add output=<file.npz> (the input is never modified)")
     src = resolve_path(cfg.input)
@@ -653,7 +748,9 @@ def clean_file(cfg) -> dict[str, Path]:
     if out.suffix != ".npz":
         raise UserError(f"output={out} must end in .npz (the competition layout)")
     if not src.exists():
-        raise UserError(f"input {cfg.input} not found; give an .npz file or a folder with one sub-folder per class")
+        raise UserError(
+            f"input {cfg.input} not found; give an .npz file or a folder with one sub-folder per class"
+        )
     if out.resolve() == src.resolve():
         raise UserError(f"output {out} is the input; choose another file (the input is never modified)")
     if out.exists() and not cfg.get("overwrite", False):
@@ -671,7 +768,9 @@ def clean_file(cfg) -> dict[str, Path]:
     for note in result.notes:
         print(f"note: {note}")
     print(summary(result))
-    print(f"wrote {out} ({int(result.keep.sum())} images), report {paths['json']}, contact sheet {paths['png']}")
+    print(
+        f"wrote {out} ({int(result.keep.sum())} images), report {paths['json']}, contact sheet {paths['png']}"
+    )
     return {"output": out, **paths}
 
 

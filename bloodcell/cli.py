@@ -1,10 +1,12 @@
 """What every entry point (train, clean, promote, predict, submit, ...) shares: turning a UserError
 into one line on stderr and exit status 2, instead of a traceback; and, for scripts and notebooks, the
 config an entry point would compose."""
+
 from __future__ import annotations
 
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from bloodcell.errors import UserError
 

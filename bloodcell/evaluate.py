@@ -1,4 +1,5 @@
 """Final evaluation on the held-out test split: metrics (sklearn), confusion matrix and curve plots."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,9 +11,9 @@ from bloodcell import CLASS_NAMES, NUM_CLASSES
 
 @dataclass
 class Evaluation:
-    metrics: dict[str, float]       # test_accuracy, test_macro_f1, test_precision_<class>, test_recall_<class>
-    report: dict                    # sklearn classification_report (output_dict=True)
-    confusion: np.ndarray           # (8, 8) counts, rows = true class
+    metrics: dict[str, float]  # test_accuracy, test_macro_f1, test_precision_<class>, test_recall_<class>
+    report: dict  # sklearn classification_report (output_dict=True)
+    confusion: np.ndarray  # (8, 8) counts, rows = true class
 
 
 def evaluate_predictions(labels: np.ndarray, probabilities: np.ndarray, prefix: str = "test_") -> Evaluation:
@@ -20,11 +21,15 @@ def evaluate_predictions(labels: np.ndarray, probabilities: np.ndarray, prefix: 
 
     predicted = probabilities.argmax(axis=1)
     classes = list(range(NUM_CLASSES))
-    report = classification_report(labels, predicted, labels=classes, target_names=list(CLASS_NAMES),
-                                   output_dict=True, zero_division=0)
-    metrics = {f"{prefix}accuracy": float(accuracy_score(labels, predicted)),
-               f"{prefix}macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro",
-                                                   zero_division=0))}
+    report = classification_report(
+        labels, predicted, labels=classes, target_names=list(CLASS_NAMES), output_dict=True, zero_division=0
+    )
+    metrics = {
+        f"{prefix}accuracy": float(accuracy_score(labels, predicted)),
+        f"{prefix}macro_f1": float(
+            f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)
+        ),
+    }
     for name in CLASS_NAMES:
         metrics[f"{prefix}precision_{name}"] = float(report[name]["precision"])
         metrics[f"{prefix}recall_{name}"] = float(report[name]["recall"])
@@ -40,7 +45,8 @@ def confusion_figure(confusion: np.ndarray, title: str = "Test confusion matrix"
 
     fig, ax = plt.subplots(figsize=(7, 6))
     ConfusionMatrixDisplay(confusion, display_labels=list(CLASS_NAMES)).plot(
-        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45)
+        ax=ax, cmap="Blues", colorbar=False, xticks_rotation=45
+    )
     ax.set_title(title)
     fig.tight_layout()
     return fig
@@ -59,8 +65,13 @@ def curves_figure(history: list[dict[str, float]], phase2_start: int | None):
         for split, style in (("train_", "-"), ("val_", "--"), ("", "-")):
             key = f"{split}{metric}"
             if any(key in h for h in history):
-                ax.plot(epochs, [h.get(key, np.nan) for h in history], style, marker=".",
-                        label=key if split else metric)
+                ax.plot(
+                    epochs,
+                    [h.get(key, np.nan) for h in history],
+                    style,
+                    marker=".",
+                    label=key if split else metric,
+                )
         if phase2_start is not None:
             ax.axvline(phase2_start - 0.5, color="grey", linestyle=":", label="fine-tuning starts")
         ax.set_xlabel("epoch")

@@ -1,5 +1,6 @@
 """Phase 2 policy (config group ``finetune``): which backbone layers to unfreeze, the BatchNorm policy,
 and the fine-tuning optimizer with its schedule."""
+
 from __future__ import annotations
 
 from bloodcell.errors import UserError
@@ -41,7 +42,7 @@ def layers_to_unfreeze(backbone, cfg) -> list:
         count = int(ft.unfreeze_layers)
         if count < 0:
             raise UserError(f"finetune.unfreeze_layers={count} must be >= 0 (or null to use unfreeze_blocks)")
-        return list(backbone.layers[len(backbone.layers) - count:]) if count else []
+        return list(backbone.layers[len(backbone.layers) - count :]) if count else []
     blocks = layer_blocks(backbone, cfg.backbone.name)
     count = int(ft.unfreeze_blocks)
     if count < -1:
@@ -49,7 +50,7 @@ def layers_to_unfreeze(backbone, cfg) -> list:
     if count == -1 or count >= len(blocks):
         chosen = blocks
     else:
-        chosen = blocks[len(blocks) - count:] if count else []
+        chosen = blocks[len(blocks) - count :] if count else []
     return [layer for _, block in chosen for layer in block]
 
 

@@ -14,6 +14,7 @@ Output: CSV with one row per image (image, class_id, class_name, one probability
 ``label`` when the input had labels), or .npy holding a structured array with fields image, class_id,
 class_name, probabilities (8,) (``np.load(path)`` -- no pickle needed).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,12 +33,13 @@ OUTPUT_SUFFIXES = (".csv", ".npy")
 
 @dataclass
 class Images:
-    images: np.ndarray          # uint8 (N, H, W, 3)
-    names: list[str]            # per image: file path relative to the input, or the npz index
-    labels: np.ndarray | None   # int64 (N,) when the input carries them
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    names: list[str]  # per image: file path relative to the input, or the npz index
+    labels: np.ndarray | None  # int64 (N,) when the input carries them
 
 
 # ---------------------------------------------------------------------------------------------- models
+
 
 def resolve_model_uri(spec: str, client=None) -> str:
     """Check that ``spec`` names an existing model and return a URI/path MLflow or Keras can load.
@@ -45,21 +47,25 @@ def resolve_model_uri(spec: str, client=None) -> str:
     Registry names, aliases, versions and run ids are looked up first so that a typo is one clear line
     instead of an MLflow stack trace."""
     if not spec:
-        raise UserError("say which model: model=models:/<name>@<alias> | models:/<name>/<version> | "
-                        "runs:/<run id>/model | <path to .keras file or MLflow model folder>")
+        raise UserError(
+            "say which model: model=models:/<name>@<alias> | models:/<name>/<version> | "
+            "runs:/<run id>/model | <path to .keras file or MLflow model folder>"
+        )
     spec = str(spec)
     if spec.startswith("models:/"):
         import mlflow
         from mlflow.exceptions import MlflowException
 
         client = client or mlflow.MlflowClient()
-        ref = spec[len("models:/"):].strip("/")
+        ref = spec[len("models:/") :].strip("/")
         if ref.startswith("m-") and "/" not in ref and "@" not in ref:  # a logged model id
             try:
                 client.get_logged_model(ref)
             except MlflowException:
-                raise UserError(f"logged model {ref} not found in this tracking store; check the id "
-                                "(tag model_uri of the run) or tracking.uri") from None
+                raise UserError(
+                    f"logged model {ref} not found in this tracking store; check the id "
+                    "(tag model_uri of the run) or tracking.uri"
+                ) from None
             return spec
         name, sep_alias, alias = ref.partition("@")
         name, _, version = name.partition("/") if not sep_alias else (name, "", "")
@@ -67,8 +73,10 @@ def resolve_model_uri(spec: str, client=None) -> str:
             client.get_registered_model(name)
         except MlflowException:
             known = ", ".join(sorted(m.name for m in client.search_registered_models())) or "none"
-            raise UserError(f"registered model {name!r} not found (registered: {known}); "
-                            "promote a run first: python -m bloodcell.promote experiment=<name>") from None
+            raise UserError(
+                f"registered model {name!r} not found (registered: {known}); "
+                "promote a run first: python -m bloodcell.promote experiment=<name>"
+            ) from None
         try:
             if sep_alias:
                 client.get_model_version_by_alias(name, alias)
@@ -77,30 +85,36 @@ def resolve_model_uri(spec: str, client=None) -> str:
         except MlflowException:
             what = f"alias {alias!r}" if sep_alias else f"version {version!r}"
             aliases = sorted(client.get_registered_model(name).aliases or {})
-            raise UserError(f"registered model {name!r} has no {what} (aliases: {', '.join(aliases) or 'none'}); "
-                            f"use models:/{name}@<alias> or models:/{name}/<version>") from None
+            raise UserError(
+                f"registered model {name!r} has no {what} (aliases: {', '.join(aliases) or 'none'}); "
+                f"use models:/{name}@<alias> or models:/{name}/<version>"
+            ) from None
         return spec
     if spec.startswith("runs:/"):
         import mlflow
         from mlflow.exceptions import MlflowException
 
         client = client or mlflow.MlflowClient()
-        run_id = spec[len("runs:/"):].split("/", 1)[0]
+        run_id = spec[len("runs:/") :].split("/", 1)[0]
         try:
             client.get_run(run_id)
         except MlflowException:
-            raise UserError(f"run {run_id!r} not found in this tracking store; check the run id or "
-                            "tracking.uri") from None
+            raise UserError(
+                f"run {run_id!r} not found in this tracking store; check the run id or tracking.uri"
+            ) from None
         return spec
     path = Path(spec).expanduser()
     if not path.exists():
-        raise UserError(f"model {spec!r} is neither an existing file/folder nor a models:/ or runs:/ URI; "
-                        "e.g. model=models:/bloodcell@champion")
+        raise UserError(
+            f"model {spec!r} is neither an existing file/folder nor a models:/ or runs:/ URI; "
+            "e.g. model=models:/bloodcell@champion"
+        )
     if path.is_file() and path.suffix not in (".keras", ".h5"):
         raise UserError(f"model file {path} is not a Keras model (.keras or .h5)")
     if path.is_dir() and not (path / "MLmodel").is_file():
-        raise UserError(f"model folder {path} has no MLmodel file; point to an MLflow model folder "
-                        "or a .keras file")
+        raise UserError(
+            f"model folder {path} has no MLmodel file; point to an MLflow model folder or a .keras file"
+        )
     return str(path.resolve())
 
 
@@ -153,6 +167,7 @@ def model_image_shape(model) -> tuple[int | None, int | None, int]:
 
 # ---------------------------------------------------------------------------------------------- inputs
 
+
 def read_images(path: str | Path) -> Images:
     """An npz (``images``, optional ``labels``), a folder of images, or one image file."""
     from bloodcell.data import resolve_path
@@ -169,28 +184,36 @@ def read_images(path: str | Path) -> Images:
         images = [read_image(f)[0] for f in files]
         shapes = {im.shape for im in images}
         if len(shapes) > 1:
-            raise UserError(f"{path}: images have different sizes {sorted(shapes)[:3]}; resize them to the "
-                            "size the model was trained on")
+            raise UserError(
+                f"{path}: images have different sizes {sorted(shapes)[:3]}; resize them to the "
+                "size the model was trained on"
+            )
         return Images(np.stack(images), [str(f.relative_to(path)) for f in files], None)
     if path.suffix.lower() == ".npz":
         try:
             with np.load(path, allow_pickle=False) as npz:
                 key = "images" if "images" in npz.files else (npz.files[0] if len(npz.files) == 1 else None)
                 if key is None:
-                    raise UserError(f"{path}: no array 'images' (found {npz.files}); save the images as "
-                                    "np.savez(path, images=...)")
+                    raise UserError(
+                        f"{path}: no array 'images' (found {npz.files}); save the images as "
+                        "np.savez(path, images=...)"
+                    )
                 images = npz[key]
                 labels = npz["labels"].reshape(-1) if "labels" in npz.files else None
         except (ValueError, OSError) as err:
-            raise UserError(f"{path}: cannot be read as an npz archive ({err}); re-export it with "
-                            "numpy.savez") from None
+            raise UserError(
+                f"{path}: cannot be read as an npz archive ({err}); re-export it with numpy.savez"
+            ) from None
         if labels is not None and (len(labels) != len(images) or labels.dtype.kind not in "iu"):
             labels = None  # not usable as class ids: predict without them
-        return Images(images, [str(i) for i in range(len(images))],
-                      None if labels is None else labels.astype(np.int64))
+        return Images(
+            images, [str(i) for i in range(len(images))], None if labels is None else labels.astype(np.int64)
+        )
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return Images(read_image(path), [path.name], None)
-    raise UserError(f"input {path} is not an .npz, a folder or an image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    raise UserError(
+        f"input {path} is not an .npz, a folder or an image ({', '.join(sorted(IMAGE_SUFFIXES))})"
+    )
 
 
 def check_images(images: np.ndarray, model_shape: tuple, source: str) -> None:
@@ -200,15 +223,20 @@ def check_images(images: np.ndarray, model_shape: tuple, source: str) -> None:
     if len(images) == 0:
         raise UserError(f"{source}: holds no images")
     if images.dtype != np.uint8:
-        raise UserError(f"{source}: images are {images.dtype}, expected uint8 pixel values 0-255; "
-                        "save them with images.astype('uint8')")
+        raise UserError(
+            f"{source}: images are {images.dtype}, expected uint8 pixel values 0-255; "
+            "save them with images.astype('uint8')"
+        )
     height, width = model_shape[0], model_shape[1]
     if (height and images.shape[1] != height) or (width and images.shape[2] != width):
-        raise UserError(f"{source}: images are {images.shape[1]}x{images.shape[2]} but the model takes "
-                        f"{height}x{width} (the size it was trained on); resize the images to {height}x{width}")
+        raise UserError(
+            f"{source}: images are {images.shape[1]}x{images.shape[2]} but the model takes "
+            f"{height}x{width} (the size it was trained on); resize the images to {height}x{width}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- predict
+
 
 def tta_views(batch: np.ndarray) -> list[np.ndarray]:
     """The flips and 90-degree rotations of a batch (8 views when square, 4 flips otherwise)."""
@@ -219,8 +247,9 @@ def tta_views(batch: np.ndarray) -> list[np.ndarray]:
     return flips + [rotated, rotated[:, :, ::-1], rotated[:, ::-1, :], rotated[:, ::-1, ::-1]]
 
 
-def predict_arrays(model, images: np.ndarray, batch_size: int = 64, tta: bool = False,
-                   progress: bool = False) -> np.ndarray:
+def predict_arrays(
+    model, images: np.ndarray, batch_size: int = 64, tta: bool = False, progress: bool = False
+) -> np.ndarray:
     """Softmax probabilities (N, 8) float32 for uint8 images (N, H, W, 3), in batches; with ``tta`` the
     average over flips and 90-degree rotations."""
     if batch_size < 1:
@@ -230,20 +259,25 @@ def predict_arrays(model, images: np.ndarray, batch_size: int = 64, tta: bool = 
     out = np.empty((len(images), NUM_CLASSES), dtype=np.float32)
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
-        batch = images[start:start + batch_size].astype(np.float32)
+        batch = images[start : start + batch_size].astype(np.float32)
         views = tta_views(batch) if tta else [batch]
         probs = [np.asarray(model.predict_on_batch(np.ascontiguousarray(v))) for v in views]
-        out[start:start + len(batch)] = np.mean(probs, axis=0)
+        out[start : start + len(batch)] = np.mean(probs, axis=0)
     return out
 
 
-def write_predictions(path: Path, probabilities: np.ndarray, names: list[str],
-                      labels: np.ndarray | None = None) -> None:
+def write_predictions(
+    path: Path, probabilities: np.ndarray, names: list[str], labels: np.ndarray | None = None
+) -> None:
     ids = probabilities.argmax(axis=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
-        dtype = [("image", f"U{max(map(len, names))}"), ("class_id", np.int64), ("class_name", "U16"),
-                 ("probabilities", np.float32, (NUM_CLASSES,))]
+        dtype = [
+            ("image", f"U{max(map(len, names))}"),
+            ("class_id", np.int64),
+            ("class_name", "U16"),
+            ("probabilities", np.float32, (NUM_CLASSES,)),
+        ]
         table = np.empty(len(ids), dtype=dtype)
         table["image"], table["class_id"] = names, ids
         table["class_name"] = [CLASS_NAMES[i] for i in ids]
@@ -254,11 +288,25 @@ def write_predictions(path: Path, probabilities: np.ndarray, names: list[str],
 
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "class_id", "class_name", *(f"p_{c}" for c in CLASS_NAMES),
-                         *(["label"] if labels is not None else [])])
+        writer.writerow(
+            [
+                "image",
+                "class_id",
+                "class_name",
+                *(f"p_{c}" for c in CLASS_NAMES),
+                *(["label"] if labels is not None else []),
+            ]
+        )
         for row, (name, cid, probs) in enumerate(zip(names, ids, probabilities)):
-            writer.writerow([name, int(cid), CLASS_NAMES[cid], *(f"{p:.6f}" for p in probs),
-                             *([int(labels[row])] if labels is not None else [])])
+            writer.writerow(
+                [
+                    name,
+                    int(cid),
+                    CLASS_NAMES[cid],
+                    *(f"{p:.6f}" for p in probs),
+                    *([int(labels[row])] if labels is not None else []),
+                ]
+            )
 
 
 def check_output(output: str | None, overwrite: bool) -> Path:
@@ -292,7 +340,9 @@ def predict(cfg: DictConfig) -> np.ndarray:
     write_predictions(output, probabilities, data.names, data.labels)
     counts = np.bincount(probabilities.argmax(axis=1), minlength=NUM_CLASSES)
     summary = ", ".join(f"{CLASS_NAMES[c]} {n}" for c, n in enumerate(counts) if n)
-    print(f"wrote {len(probabilities)} prediction{'s' * (len(probabilities) != 1)} to {output}{' (TTA)' if cfg.tta else ''}: {summary}")
+    print(
+        f"wrote {len(probabilities)} prediction{'s' * (len(probabilities) != 1)} to {output}{' (TTA)' if cfg.tta else ''}: {summary}"
+    )
     if data.labels is not None:
         print(f"accuracy against the input's labels: {(probabilities.argmax(1) == data.labels).mean():.4f}")
     return probabilities

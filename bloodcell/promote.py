@@ -9,6 +9,7 @@ logged model as a new version of ``model_name`` (or reuse the version already ma
 move ``alias`` to it only when it beats the version holding the alias on the same metric (or ``force``).
 Everything the user can get wrong is checked before the registry is touched.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,14 +25,22 @@ from bloodcell.cli import run_or_exit
 from bloodcell.errors import UserError
 
 #: Run tags copied onto the model version, so the registry alone says where a model came from.
-PROVENANCE_TAGS = ("data_fingerprint", "data_source", "git_commit", "git_dirty", "bloodcell_version",
-                   "model_uri", "trial_number")
+PROVENANCE_TAGS = (
+    "data_fingerprint",
+    "data_source",
+    "git_commit",
+    "git_dirty",
+    "bloodcell_version",
+    "model_uri",
+    "trial_number",
+)
 _ALIAS = re.compile(r"^[\w\-]{1,255}$")
 
 
 @dataclass
 class Promotion:
     """What promote did: the version it registered (or found) and whether the alias moved, and why."""
+
     run_id: str
     version: str
     created: bool
@@ -50,11 +59,15 @@ def _beats(challenger: float, holder: float, metric: str) -> bool:
 
 def check_names(model_name: str, alias: str) -> None:
     if not model_name or "/" in model_name or ":" in model_name:
-        raise UserError(f"model_name={model_name!r} is not a valid registered model name; "
-                        "use letters, digits, '-', '_' or '.' (no '/' or ':')")
+        raise UserError(
+            f"model_name={model_name!r} is not a valid registered model name; "
+            "use letters, digits, '-', '_' or '.' (no '/' or ':')"
+        )
     if not _ALIAS.match(alias or "") or alias.lower() == "latest" or re.fullmatch(r"v\d+", alias):
-        raise UserError(f"alias={alias!r} is not a valid alias; use letters, digits, '-' or '_' "
-                        "('latest' and 'v<number>' are reserved), e.g. alias=champion")
+        raise UserError(
+            f"alias={alias!r} is not a valid alias; use letters, digits, '-' or '_' "
+            "('latest' and 'v<number>' are reserved), e.g. alias=champion"
+        )
 
 
 def _experiments(client) -> str:
@@ -64,11 +77,15 @@ def _experiments(client) -> str:
 def finished_runs(client, experiment: str | None, sweep: str | None = None) -> list:
     """All FINISHED runs of ``experiment`` (only the children of run ``sweep`` when given)."""
     if not experiment:
-        raise UserError(f"say which experiment's runs compete: experiment=<name> (known: {_experiments(client)})")
+        raise UserError(
+            f"say which experiment's runs compete: experiment=<name> (known: {_experiments(client)})"
+        )
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        raise UserError(f"experiment {experiment!r} not found in the tracking store; "
-                        f"known: {_experiments(client)} (set experiment=... or tracking.uri=...)")
+        raise UserError(
+            f"experiment {experiment!r} not found in the tracking store; "
+            f"known: {_experiments(client)} (set experiment=... or tracking.uri=...)"
+        )
     query = "attributes.status = 'FINISHED'"
     if sweep:
         from mlflow.exceptions import MlflowException
@@ -76,23 +93,31 @@ def finished_runs(client, experiment: str | None, sweep: str | None = None) -> l
         try:
             parent = client.get_run(sweep)
         except MlflowException:
-            raise UserError(f"sweep={sweep!r} is not a run id in this tracking store; "
-                            "pass the sweep's parent run id (see the MLflow UI)") from None
+            raise UserError(
+                f"sweep={sweep!r} is not a run id in this tracking store; "
+                "pass the sweep's parent run id (see the MLflow UI)"
+            ) from None
         if parent.info.experiment_id != exp.experiment_id:
             other = client.get_experiment(parent.info.experiment_id).name
-            raise UserError(f"sweep run {sweep} belongs to experiment {other!r}, not {experiment!r}; "
-                            f"set experiment={other}")
+            raise UserError(
+                f"sweep run {sweep} belongs to experiment {other!r}, not {experiment!r}; "
+                f"set experiment={other}"
+            )
         query += f" and tags.mlflow.parentRunId = '{sweep}'"
     runs, token = [], None
     while True:
-        page = client.search_runs([exp.experiment_id], filter_string=query, max_results=1000, page_token=token)
+        page = client.search_runs(
+            [exp.experiment_id], filter_string=query, max_results=1000, page_token=token
+        )
         runs.extend(page)
         token = page.token
         if not token:
             break
     if sweep and not runs:
-        raise UserError(f"sweep {sweep} has no FINISHED trial runs; pass the parent run id of a sweep "
-                        "(its trials are nested under it) or drop sweep=")
+        raise UserError(
+            f"sweep {sweep} has no FINISHED trial runs; pass the parent run id of a sweep "
+            "(its trials are nested under it) or drop sweep="
+        )
     return runs
 
 
@@ -102,13 +127,16 @@ def best_run(runs: list, metric: str, where: str):
         raise UserError(f"{where} has no FINISHED runs; train one first (python -m bloodcell.train ...)")
     scored = [r for r in runs if math.isfinite(r.data.metrics.get(metric, math.nan))]
     if not scored:
-        known = sorted({m for r in runs for m in r.data.metrics
-                        if not m.startswith(("test_precision_", "test_recall_"))})
+        known = sorted(
+            {m for r in runs for m in r.data.metrics if not m.startswith(("test_precision_", "test_recall_"))}
+        )
         raise UserError(f"no FINISHED run of {where} has metric {metric!r}; use one of: {', '.join(known)}")
     with_model = [r for r in scored if r.data.tags.get("model_uri")]
     if not with_model:
-        raise UserError(f"no FINISHED run of {where} with {metric!r} logged a model "
-                        "(trained with tracking.log_model=false?); train with tracking.log_model=true")
+        raise UserError(
+            f"no FINISHED run of {where} with {metric!r} logged a model "
+            "(trained with tracking.log_model=false?); train with tracking.log_model=true"
+        )
     sign = 1 if higher_is_better(metric) else -1
     return max(with_model, key=lambda r: (sign * r.data.metrics[metric], -r.info.start_time))
 
@@ -163,17 +191,28 @@ def _run_config(run) -> str:
 def version_record(run, experiment: str, metric: str) -> tuple[dict[str, str], str]:
     """Tags and description of the model version made from ``run``."""
     metrics = run.data.metrics
-    headline_metrics = {metric, "test_accuracy", "test_macro_f1", *(k for k in metrics if k.startswith("best_"))}
-    tags = {"run_id": run.info.run_id, "experiment": experiment, "ranked_by": metric,
-            **{f"metric.{k}": repr(v) for k, v in sorted(metrics.items()) if k in headline_metrics},
-            **{k: run.data.tags[k] for k in PROVENANCE_TAGS if k in run.data.tags}}
+    headline_metrics = {
+        metric,
+        "test_accuracy",
+        "test_macro_f1",
+        *(k for k in metrics if k.startswith("best_")),
+    }
+    tags = {
+        "run_id": run.info.run_id,
+        "experiment": experiment,
+        "ranked_by": metric,
+        **{f"metric.{k}": repr(v) for k, v in sorted(metrics.items()) if k in headline_metrics},
+        **{k: run.data.tags[k] for k in PROVENANCE_TAGS if k in run.data.tags},
+    }
     config = _run_config(run)
     if config:
         tags["config"] = config
     headline = ", ".join(f"{k}={metrics[k]:.4f}" for k in sorted(headline_metrics) if k in metrics)
-    description = (f"Run {run.info.run_id} of experiment '{experiment}' ({headline}).\n"
-                   f"Data fingerprint {run.data.tags.get('data_fingerprint', 'unknown')}, "
-                   f"git commit {run.data.tags.get('git_commit', 'unknown')}.\n")
+    description = (
+        f"Run {run.info.run_id} of experiment '{experiment}' ({headline}).\n"
+        f"Data fingerprint {run.data.tags.get('data_fingerprint', 'unknown')}, "
+        f"git commit {run.data.tags.get('git_commit', 'unknown')}.\n"
+    )
     if config:
         description += f"\nResolved config:\n\n```yaml\n{config.rstrip()}\n```\n"
     return tags, description
@@ -188,20 +227,36 @@ def register(client, model_name: str, run, experiment: str, metric: str):
         return found, False
     try:
         client.create_registered_model(
-            model_name, description="Blood-cell classifiers (bloodcell): 96x96 RGB -> 8 classes, "
-                                    "input float32 pixels 0-255, output softmax.")
+            model_name,
+            description="Blood-cell classifiers (bloodcell): 96x96 RGB -> 8 classes, "
+            "input float32 pixels 0-255, output softmax.",
+        )
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     model_uri = run.data.tags["model_uri"]  # models:/<logged model id>
     tags, description = version_record(run, experiment, metric)
-    version = client.create_model_version(model_name, source=model_uri, run_id=run.info.run_id, tags=tags,
-                                          description=description, model_id=model_uri.split("/", 1)[1])
+    version = client.create_model_version(
+        model_name,
+        source=model_uri,
+        run_id=run.info.run_id,
+        tags=tags,
+        description=description,
+        model_id=model_uri.split("/", 1)[1],
+    )
     return version, True
 
 
-def promote(client, *, experiment: str | None, metric: str = "best_val_accuracy", model_name: str = "bloodcell",
-            alias: str = "champion", sweep: str | None = None, force: bool = False) -> Promotion:
+def promote(
+    client,
+    *,
+    experiment: str | None,
+    metric: str = "best_val_accuracy",
+    model_name: str = "bloodcell",
+    alias: str = "champion",
+    sweep: str | None = None,
+    force: bool = False,
+) -> Promotion:
     check_names(model_name, alias)
     where = f"sweep {sweep} in experiment {experiment!r}" if sweep else f"experiment {experiment!r}"
     run = best_run(finished_runs(client, experiment, sweep), metric, where)
@@ -218,14 +273,23 @@ def promote(client, *, experiment: str | None, metric: str = "best_val_accuracy"
         if force:
             moved, reason = True, f"force=true (holder version {holder.version} has {metric}={held})"
         elif held is None:
-            moved, reason = False, (f"holder version {holder.version} has no {metric} to compare; "
-                                    "use force=true to move the alias anyway")
+            moved, reason = (
+                False,
+                (
+                    f"holder version {holder.version} has no {metric} to compare; "
+                    "use force=true to move the alias anyway"
+                ),
+            )
         elif _beats(value, held, metric):
-            moved, reason = True, (f"{metric} {value:.4f} beats holder version {holder.version} "
-                                   f"({held:.4f})")
+            moved, reason = True, (f"{metric} {value:.4f} beats holder version {holder.version} ({held:.4f})")
         else:
-            moved, reason = False, (f"{metric} {value:.4f} does not beat holder version {holder.version} "
-                                    f"({held:.4f}); use force=true to move the alias anyway")
+            moved, reason = (
+                False,
+                (
+                    f"{metric} {value:.4f} does not beat holder version {holder.version} "
+                    f"({held:.4f}); use force=true to move the alias anyway"
+                ),
+            )
     if moved:
         client.set_registered_model_alias(model_name, alias, version.version)
     return Promotion(run.info.run_id, str(version.version), created, moved, reason, value)
@@ -241,12 +305,21 @@ def main_task(cfg: DictConfig) -> Promotion:
 
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
-    result = promote(client, experiment=cfg.tracking.experiment, metric=cfg.metric, model_name=cfg.model_name,
-                     alias=cfg.alias, sweep=cfg.sweep, force=bool(cfg.force))
+    result = promote(
+        client,
+        experiment=cfg.tracking.experiment,
+        metric=cfg.metric,
+        model_name=cfg.model_name,
+        alias=cfg.alias,
+        sweep=cfg.sweep,
+        force=bool(cfg.force),
+    )
     label = f"{cfg.model_name}@{cfg.alias}"
     verb = "registered as" if result.created else "is already"
-    print(f"best run {result.run_id}: {cfg.metric}={result.value:.4f}, {verb} version {result.version} "
-          f"of '{cfg.model_name}'")
+    print(
+        f"best run {result.run_id}: {cfg.metric}={result.value:.4f}, {verb} version {result.version} "
+        f"of '{cfg.model_name}'"
+    )
     if result.alias_moved:
         print(f"{label} -> version {result.version}: {result.reason}")
     else:

@@ -7,6 +7,7 @@ Depends on numpy and Keras 3 / TensorFlow only; the model file lies beside this 
 Class ids: 0 basophil, 1 eosinophil, 2 erythroblast, 3 ig, 4 lymphocyte, 5 monocyte, 6 neutrophil,
 7 platelet.
 """
+
 import os
 
 import numpy as np
@@ -36,7 +37,7 @@ class Model:
             X = X[None]
         ids = []
         for start in range(0, len(X), BATCH_SIZE):
-            batch = X[start:start + BATCH_SIZE].astype(np.float32)
+            batch = X[start : start + BATCH_SIZE].astype(np.float32)
             if self.height and self.width and batch.shape[1:3] != (self.height, self.width):
                 batch = _resize(batch, (self.height, self.width))
             probabilities = np.asarray(self.model.predict_on_batch(batch))

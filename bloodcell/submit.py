@@ -7,6 +7,7 @@ uint8 images (N, 96, 96, 3) to class ids (N,)) and ``model.keras`` beside it. It
 TensorFlow/Keras only, not bloodcell. Before the zip is written the bundle is loaded from a scratch
 folder and run on a blank batch, so a bundle that cannot load never leaves this command.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,7 +25,7 @@ from bloodcell.cli import run_or_exit
 from bloodcell.errors import UserError
 
 TEMPLATE = Path(__file__).with_name("submission_template.py")
-MODEL_FILE = "model.keras"      # the name model.py loads
+MODEL_FILE = "model.keras"  # the name model.py loads
 COMPETITION_SHAPE = (96, 96, 3)
 
 
@@ -58,7 +59,9 @@ def export_keras_file(spec: str, dest: Path) -> Path:
         shutil.copyfile(local, dest)
         return dest
     if not local.exists():  # a models:/ or runs:/ URI
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest.parent / "mlflow")))
+        local = Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest.parent / "mlflow"))
+        )
     keras_file = _keras_file_in(local) if local.is_dir() else None
     if keras_file is not None:
         shutil.copyfile(keras_file, dest)
@@ -79,11 +82,15 @@ def check_bundle(folder: Path) -> tuple[int | None, int | None]:
         model = module.Model()
         ids = model.predict(np.zeros((2, *COMPETITION_SHAPE), dtype=np.uint8))
     except Exception as err:  # the bundle would fail in the competition too
-        raise UserError(f"the bundle does not work: {type(err).__name__}: {err}; is the model a "
-                        "bloodcell classifier (input (H, W, 3) pixels 0-255, output 8 probabilities)?") from None
+        raise UserError(
+            f"the bundle does not work: {type(err).__name__}: {err}; is the model a "
+            "bloodcell classifier (input (H, W, 3) pixels 0-255, output 8 probabilities)?"
+        ) from None
     if np.shape(ids) != (2,) or not np.all((ids >= 0) & (ids < NUM_CLASSES)):
-        raise UserError(f"the bundle's predict returned {ids!r}, expected 2 class ids 0-{NUM_CLASSES - 1}; "
-                        "is the model a bloodcell classifier with 8 outputs?")
+        raise UserError(
+            f"the bundle's predict returned {ids!r}, expected 2 class ids 0-{NUM_CLASSES - 1}; "
+            "is the model a bloodcell classifier with 8 outputs?"
+        )
     return model.height, model.width
 
 
@@ -110,9 +117,14 @@ def submit(cfg: DictConfig) -> Path:
 
     set_tracking(cfg.tracking)
     height, width = build_submission(str(cfg.model) if cfg.model else "", output)
-    note = "" if (height, width) == COMPETITION_SHAPE[:2] or not (height and width) else \
-        f"; the model takes {height}x{width}, so model.py resizes 96x96 inputs to that"
-    print(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB: model.py + {MODEL_FILE}) from {cfg.model}{note}")
+    note = (
+        ""
+        if (height, width) == COMPETITION_SHAPE[:2] or not (height and width)
+        else f"; the model takes {height}x{width}, so model.py resizes 96x96 inputs to that"
+    )
+    print(
+        f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB: model.py + {MODEL_FILE}) from {cfg.model}{note}"
+    )
     return output
 
 

@@ -3,6 +3,7 @@
 Default store: SQLite in <project root>/mlruns/mlflow.db with artifacts beside it in mlruns/artifacts
 (MLflow 3 refuses a plain folder store). ``tracking.uri`` may name any store or an `mlflow server`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -10,8 +11,9 @@ import logging
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from bloodcell import PROJECT_ROOT, __version__
 from bloodcell.errors import UserError
@@ -27,7 +29,7 @@ def resolve_tracking_uri(tracking_cfg) -> str:
         DEFAULT_DB.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{DEFAULT_DB}"
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     return uri
 
 
@@ -35,7 +37,7 @@ def artifact_location(uri: str) -> str | None:
     """Artifacts of a SQLite store live in an ``artifacts`` folder beside the db file (MLflow's own default,
     ./mlartifacts, would follow the CWD). A server decides for itself (None)."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts").as_uri()
+        return (Path(uri[len("sqlite:///") :]).resolve().parent / "artifacts").as_uri()
     return None
 
 
@@ -48,8 +50,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
-        raise UserError(f"MLflow tracking server {uri} is unreachable ({reason}); start it "
-                        "(mlflow server ...) or drop tracking.uri to use the local SQLite store") from None
+        raise UserError(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+            "(mlflow server ...) or drop tracking.uri to use the local SQLite store"
+        ) from None
 
 
 def setup_experiment(tracking_cfg) -> str:
@@ -74,13 +78,17 @@ def setup_experiment(tracking_cfg) -> str:
 
 def git_tags() -> dict[str, str]:
     """Commit of the project checkout and whether it had uncommitted changes; 'unknown' outside git."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
 
     try:
-        return {"git_commit": git("rev-parse", "HEAD"),
-                "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no")))}
+        return {
+            "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))),
+        }
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
 
@@ -109,9 +117,13 @@ def start_run(cfg, *, tags: dict[str, str]) -> Iterator[Any]:
 
     experiment_id = setup_experiment(cfg.tracking)
     parent = cfg.tracking.get("parent_run_id")
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=cfg.tracking.get("run_name"),
-                           parent_run_id=parent, nested=bool(parent),
-                           tags={"bloodcell_version": __version__, **git_tags(), **tags})
+    run = mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=cfg.tracking.get("run_name"),
+        parent_run_id=parent,
+        nested=bool(parent),
+        tags={"bloodcell_version": __version__, **git_tags(), **tags},
+    )
     try:
         # `trial` (set by the sweeper) is the link to Optuna's storage, whose URL may hold a password:
         # the trial number is a tag instead.
@@ -122,7 +134,9 @@ def start_run(cfg, *, tags: dict[str, str]) -> Iterator[Any]:
         import optuna
 
         if isinstance(err, optuna.TrialPruned):
-            mlflow.set_tags({"optuna.trial_state": "PRUNED", "pruned": "true", "pruned_reason": str(err)[:5000]})
+            mlflow.set_tags(
+                {"optuna.trial_state": "PRUNED", "pruned": "true", "pruned_reason": str(err)[:5000]}
+            )
             mlflow.end_run("KILLED")
         elif isinstance(err, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, or SIGTERM (see bloodcell.cli)
             with contextlib.suppress(Exception):

@@ -8,6 +8,7 @@ Flow: config -> data (load, validate, clean, split) -> model -> phase 1 (backbon
 phase 2 (top blocks unfrozen, low learning rate) -> test evaluation -> MLflow. ``train(cfg)`` returns the
 objective (best epoch's ``cfg.objective``) for a sweeper.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,12 @@ log = logging.getLogger("bloodcell.train")
 
 
 #: trainer.mixed_precision values and the Keras dtype policy each sets (true = mixed_float16, the usual choice)
-PRECISION_POLICIES = {False: None, True: "mixed_float16", "mixed_float16": "mixed_float16",
-                      "mixed_bfloat16": "mixed_bfloat16"}
+PRECISION_POLICIES = {
+    False: None,
+    True: "mixed_float16",
+    "mixed_float16": "mixed_float16",
+    "mixed_bfloat16": "mixed_bfloat16",
+}
 
 
 def precision_policy(trainer_cfg) -> str | None:
@@ -37,8 +42,9 @@ def precision_policy(trainer_cfg) -> str | None:
     if value is None:
         return None
     if not isinstance(value, (bool, str)) or value not in PRECISION_POLICIES:
-        raise UserError(f"trainer.mixed_precision={value!r} is unknown; use false, true (mixed_float16) or "
-                        "mixed_bfloat16")
+        raise UserError(
+            f"trainer.mixed_precision={value!r} is unknown; use false, true (mixed_float16) or mixed_bfloat16"
+        )
     return PRECISION_POLICIES[value]
 
 
@@ -70,8 +76,9 @@ def load_splits(cfg: DictConfig):
     if cfg.data.get("clean"):
         from bloodcell.clean import find_unwanted_cached, summary
 
-        cleaning, cached = find_unwanted_cached(arrays.images, arrays.labels, cfg.cleaning,
-                                                arrays.fingerprint, CLEANING_CACHE)
+        cleaning, cached = find_unwanted_cached(
+            arrays.images, arrays.labels, cfg.cleaning, arrays.fingerprint, CLEANING_CACHE
+        )
         log.info("cleaning%s: %s", " (cached)" if cached else "", summary(cleaning))
         images, labels = arrays.images[cleaning.keep], arrays.labels[cleaning.keep]
         kept = Arrays(images, labels, fingerprint(images, labels), f"{arrays.source} (cleaned)")
@@ -90,13 +97,19 @@ def log_cleaning(result, arrays) -> None:
 
     from bloodcell.clean import contact_sheet, report_dict
 
-    mlflow.log_metrics({"cleaning_removed": result.n_removed,
-                        **{f"cleaning_removed_{k}": v for k, v in result.counts.items()}})
+    mlflow.log_metrics(
+        {
+            "cleaning_removed": result.n_removed,
+            **{f"cleaning_removed_{k}": v for k, v in result.counts.items()},
+        }
+    )
     mlflow.log_dict(report_dict(result, arrays.labels, arrays.source), "cleaning/report.json")
     if result.n_removed:
         with tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_artifact(str(contact_sheet(result, arrays.images, arrays.labels, Path(tmp) / "removed.png")),
-                                "cleaning")
+            mlflow.log_artifact(
+                str(contact_sheet(result, arrays.images, arrays.labels, Path(tmp) / "removed.png")),
+                "cleaning",
+            )
 
 
 def _hydra_overrides() -> list[str]:
@@ -110,16 +123,20 @@ def _compile(model, lr: float, decay_steps: int, decay_rate: float, label_smooth
 
     from bloodcell.finetune import optimizer
 
-    model.compile(optimizer=optimizer(lr, decay_steps, decay_rate),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=optimizer(lr, decay_steps, decay_rate),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+        metrics=["accuracy"],
+    )
 
 
 def _best(history: list[dict], objective: str) -> float:
     values = [h[objective] for h in history if objective in h and math.isfinite(h[objective])]
     if not values:
-        raise RuntimeError(f"objective {objective!r} was never logged (or only NaN); "
-                           f"logged: {sorted(history[0]) if history else 'nothing'}")
+        raise RuntimeError(
+            f"objective {objective!r} was never logged (or only NaN); "
+            f"logged: {sorted(history[0]) if history else 'nothing'}"
+        )
     return min(values) if "loss" in objective else max(values)
 
 
@@ -171,14 +188,24 @@ def train(cfg: DictConfig) -> float:
     timed = Stopwatch()
     with timed("data"):
         arrays, splits, cleaning = load_splits(cfg)
-    log.info("data: %s, %d images %s -> train %d / val %d / test %d", arrays.source, len(arrays),
-             arrays.images.shape[1:], len(splits.train), len(splits.val), len(splits.test))
+    log.info(
+        "data: %s, %d images %s -> train %d / val %d / test %d",
+        arrays.source,
+        len(arrays),
+        arrays.images.shape[1:],
+        len(splits.train),
+        len(splits.val),
+        len(splits.test),
+    )
     if cleaning is None:
         tags = {"data_fingerprint": arrays.fingerprint, "data_source": arrays.source}
     else:
         # every split carries the fingerprint of the cleaned set it was cut from
-        tags = {"data_fingerprint": arrays.fingerprint, "data_source": arrays.source,
-                "data_fingerprint_cleaned": splits.train.fingerprint}
+        tags = {
+            "data_fingerprint": arrays.fingerprint,
+            "data_source": arrays.source,
+            "data_fingerprint_cleaned": splits.train.fingerprint,
+        }
 
     import keras
     import mlflow
@@ -192,8 +219,11 @@ def train(cfg: DictConfig) -> float:
     policy = precision_policy(cfg.trainer)
     if policy:
         keras.mixed_precision.set_global_policy(policy)
-    strategy = tf.distribute.MirroredStrategy() if cfg.trainer.distribute == "mirrored" \
+    strategy = (
+        tf.distribute.MirroredStrategy()
+        if cfg.trainer.distribute == "mirrored"
         else tf.distribute.get_strategy()
+    )
 
     if "trial" in cfg:
         tags["trial_number"] = str(cfg.trial.number)
@@ -210,12 +240,24 @@ def train(cfg: DictConfig) -> float:
             augmentation = augment.build_augmentation(cfg.augmentation, cfg.seed)
         mixer = augment.build_mixer(cfg.augmentation, NUM_CLASSES, cfg.seed)
         batch = cfg.trainer.batch_size * strategy.num_replicas_in_sync
-        train_ds = make_tf_dataset(splits.train, batch, training=True, seed=cfg.seed,
-                                   augment=None if in_model else augmentation, mixer=mixer)
+        train_ds = make_tf_dataset(
+            splits.train,
+            batch,
+            training=True,
+            seed=cfg.seed,
+            augment=None if in_model else augmentation,
+            mixer=mixer,
+        )
         val_ds = make_tf_dataset(splits.val, batch, training=False, seed=cfg.seed)
         if augmentation is not None:
-            grid = augment.preview_grid(splits.train.images[:6], augmentation, views=5, seed=cfg.seed,
-                                        mixer=mixer, labels=splits.train.labels[:6])
+            grid = augment.preview_grid(
+                splits.train.images[:6],
+                augmentation,
+                views=5,
+                seed=cfg.seed,
+                mixer=mixer,
+                labels=splits.train.labels[:6],
+            )
             mlflow.log_image(grid, "plots/augmentation_preview.png")
 
         with strategy.scope():
@@ -224,15 +266,24 @@ def train(cfg: DictConfig) -> float:
             # is saved, so the logged model needs neither bloodcell nor KerasCV to load.
             trainable_model = keras.Sequential([augmentation, model]) if in_model and augmentation else model
             backbone = model.get_layer(BACKBONE_LAYER)
-            finetune.set_backbone_trainable(backbone, not finetune.freeze_backbone_in_phase1(cfg),
-                                            keep_batchnorm_frozen=finetune.freeze_batchnorm(cfg))
-            _compile(trainable_model, cfg.trainer.lr, cfg.trainer.lr_decay_steps, cfg.trainer.lr_decay_rate,
-                     cfg.trainer.label_smoothing)
+            finetune.set_backbone_trainable(
+                backbone,
+                not finetune.freeze_backbone_in_phase1(cfg),
+                keep_batchnorm_frozen=finetune.freeze_batchnorm(cfg),
+            )
+            _compile(
+                trainable_model,
+                cfg.trainer.lr,
+                cfg.trainer.lr_decay_steps,
+                cfg.trainer.lr_decay_rate,
+                cfg.trainer.label_smoothing,
+            )
 
         from bloodcell.models.head import precise_batchnorm_callback
 
-        precise_bn = precise_batchnorm_callback(model, splits.train.images, cfg.head.get("precise_bn_images") or 0,
-                                                cfg.seed, batch)
+        precise_bn = precise_batchnorm_callback(
+            model, splits.train.images, cfg.head.get("precise_bn_images") or 0, cfg.seed, batch
+        )
         TimeLimit = _time_limit_callback()
         weights = class_weights(splits.train.labels) if cfg.trainer.class_weight == "balanced" else None
         epoch_log = tracking.epoch_logger()
@@ -240,42 +291,75 @@ def train(cfg: DictConfig) -> float:
 
         pruner = pruning_callback(cfg)
 
-        deadline = (time.monotonic() + 60 * cfg.trainer.time_limit_minutes
-                    if cfg.trainer.get("time_limit_minutes") else None)
+        deadline = (
+            time.monotonic() + 60 * cfg.trainer.time_limit_minutes
+            if cfg.trainer.get("time_limit_minutes")
+            else None
+        )
 
         def callbacks(patience: int) -> list:
-            stop = keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience,
-                                                 restore_best_weights=True, verbose=1)
+            stop = keras.callbacks.EarlyStopping(
+                monitor="val_accuracy", patience=patience, restore_best_weights=True, verbose=1
+            )
             extra = [TimeLimit(deadline)] if deadline else []
             first = [precise_bn] if precise_bn is not None else []  # its statistics are what validation sees
             return [*first, epoch_log, stop, *extra] + ([pruner] if pruner is not None else [])
 
         verbose = cfg.trainer.verbose
-        log.info("phase 1: %d epochs, backbone %s, lr %g", cfg.trainer.epochs,
-                 "frozen" if finetune.freeze_backbone_in_phase1(cfg) else "trainable", cfg.trainer.lr)
+        log.info(
+            "phase 1: %d epochs, backbone %s, lr %g",
+            cfg.trainer.epochs,
+            "frozen" if finetune.freeze_backbone_in_phase1(cfg) else "trainable",
+            cfg.trainer.lr,
+        )
         with timed("fit"):
-            history = trainable_model.fit(train_ds, validation_data=val_ds, epochs=cfg.trainer.epochs, shuffle=False,
-                                          class_weight=weights,
-                                          callbacks=callbacks(cfg.trainer.early_stopping_patience), verbose=verbose)
+            history = trainable_model.fit(
+                train_ds,
+                validation_data=val_ds,
+                epochs=cfg.trainer.epochs,
+                shuffle=False,
+                class_weight=weights,
+                callbacks=callbacks(cfg.trainer.early_stopping_patience),
+                verbose=verbose,
+            )
         phase1_epochs = len(history.epoch)
         phase1_best = _best(epoch_log.history, "val_accuracy")
         phase1_weights = model.get_weights()
         phase2_start = None
         out_of_time = deadline is not None and time.monotonic() >= deadline
-        if cfg.finetune.epochs > 0 and not out_of_time and \
-                (cfg.finetune.unfreeze_blocks != 0 or cfg.finetune.get("unfreeze_layers")):
+        if (
+            cfg.finetune.epochs > 0
+            and not out_of_time
+            and (cfg.finetune.unfreeze_blocks != 0 or cfg.finetune.get("unfreeze_layers"))
+        ):
             with strategy.scope():
                 trainable_layers = finetune.unfreeze(backbone, cfg)
-                _compile(trainable_model, cfg.finetune.lr, cfg.finetune.lr_decay_steps,
-                         cfg.finetune.lr_decay_rate, cfg.trainer.label_smoothing)
-            log.info("phase 2: %d epochs, %d backbone layers trainable, lr %g", cfg.finetune.epochs,
-                     trainable_layers, cfg.finetune.lr)
+                _compile(
+                    trainable_model,
+                    cfg.finetune.lr,
+                    cfg.finetune.lr_decay_steps,
+                    cfg.finetune.lr_decay_rate,
+                    cfg.trainer.label_smoothing,
+                )
+            log.info(
+                "phase 2: %d epochs, %d backbone layers trainable, lr %g",
+                cfg.finetune.epochs,
+                trainable_layers,
+                cfg.finetune.lr,
+            )
             mlflow.log_metric("finetune_trainable_layers", trainable_layers)
             phase2_start = phase1_epochs
             with timed("fit"):
-                trainable_model.fit(train_ds, validation_data=val_ds, initial_epoch=phase1_epochs,
-                                    shuffle=False, epochs=phase1_epochs + cfg.finetune.epochs, class_weight=weights,
-                                    callbacks=callbacks(cfg.finetune.early_stopping_patience), verbose=verbose)
+                trainable_model.fit(
+                    train_ds,
+                    validation_data=val_ds,
+                    initial_epoch=phase1_epochs,
+                    shuffle=False,
+                    epochs=phase1_epochs + cfg.finetune.epochs,
+                    class_weight=weights,
+                    callbacks=callbacks(cfg.finetune.early_stopping_patience),
+                    verbose=verbose,
+                )
             # Early stopping restored phase 2's best epoch; if fine-tuning never beat phase 1, the model
             # the run reports and saves is phase 1's best, as "restore the best weights" promises.
             phase2_best = _best(epoch_log.history[phase1_epochs:], "val_accuracy")
@@ -293,12 +377,17 @@ def train(cfg: DictConfig) -> float:
                 from bloodcell.predict import predict_arrays
 
                 tta = evaluate.evaluate_predictions(
-                    splits.test.labels, predict_arrays(model, splits.test.images, batch, tta=True), "test_tta_")
+                    splits.test.labels,
+                    predict_arrays(model, splits.test.images, batch, tta=True),
+                    "test_tta_",
+                )
                 mlflow.log_metrics(tta.metrics)
                 log.info("test accuracy with test-time augmentation %.4f", tta.metrics["test_tta_accuracy"])
             mlflow.log_dict(result.report, "classification_report.json")
             mlflow.log_figure(evaluate.confusion_figure(result.confusion), "plots/confusion_matrix.png")
-            mlflow.log_figure(evaluate.curves_figure(epoch_log.history, phase2_start), "plots/training_curves.png")
+            mlflow.log_figure(
+                evaluate.curves_figure(epoch_log.history, phase2_start), "plots/training_curves.png"
+            )
 
         if cfg.tracking.log_model:
             from mlflow.models import infer_signature
@@ -307,15 +396,25 @@ def train(cfg: DictConfig) -> float:
                 # the test predictions give the output example: another predict call would trace anew
                 sample = splits.test.images[:2].astype(np.float32)
                 info = mlflow.keras.log_model(
-                    model, name="model", signature=infer_signature(sample, probabilities[:2]),
+                    model,
+                    name="model",
+                    signature=infer_signature(sample, probabilities[:2]),
                     # pinned rather than inferred: inference imports and inspects every module (seconds).
-                    pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"])
+                    pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+                )
                 mlflow.set_tag("model_uri", info.model_uri)
         timed.seconds["in_train"] = time.perf_counter() - started
         mlflow.log_metrics(timed.metrics())
-        log.info("test accuracy %.4f, macro-F1 %.4f; best %s %.4f; run %s (%.0f s, %.0f s in fit)",
-                 result.metrics["test_accuracy"], result.metrics["test_macro_f1"], cfg.objective, objective,
-                 run.info.run_id, timed.seconds["in_train"], timed.seconds["fit"])
+        log.info(
+            "test accuracy %.4f, macro-F1 %.4f; best %s %.4f; run %s (%.0f s, %.0f s in fit)",
+            result.metrics["test_accuracy"],
+            result.metrics["test_macro_f1"],
+            cfg.objective,
+            objective,
+            run.info.run_id,
+            timed.seconds["in_train"],
+            timed.seconds["fit"],
+        )
     return objective
 
 

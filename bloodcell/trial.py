@@ -15,6 +15,7 @@ Storage URLs (``hydra.sweeper.storage``):
 - any SQLAlchemy URL Optuna accepts: ``sqlite:///mlruns/optuna.db`` (relative to the project root),
   ``postgresql://user:pw@host/db`` or ``mysql+pymysql://...`` for sweeps over several machines.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,13 +50,15 @@ def resolve_storage_url(storage: str | None) -> str:
         return f"journal:{DEFAULT_JOURNAL}"
     storage = str(storage)
     if storage.startswith("journal:"):
-        return f"journal:{_project_path(storage[len('journal:'):].removeprefix('//'))}"
+        return f"journal:{_project_path(storage[len('journal:') :].removeprefix('//'))}"
     if storage.startswith("sqlite:///"):
-        path = storage[len("sqlite:///"):]
+        path = storage[len("sqlite:///") :]
         return f"sqlite:///{_project_path(path)}" if path and path != ":memory:" else storage
     if "://" not in storage:
-        raise UserError(f"storage '{storage}' is not a storage URL; use journal:<file>, "
-                        "sqlite:///<file>.db or a database URL such as postgresql://user@host/db")
+        raise UserError(
+            f"storage '{storage}' is not a storage URL; use journal:<file>, "
+            "sqlite:///<file>.db or a database URL such as postgresql://user@host/db"
+        )
     return storage
 
 
@@ -71,28 +74,29 @@ def lock_path(url: str) -> Path | None:
     None for a database server (there the sweeper checks its trial's rank after asking instead)."""
     # not "<file>.lock": Optuna's journal backend takes that name for its own (symlink) lock
     if url.startswith("journal:"):
-        return Path(url[len("journal:"):] + ".sweep-lock")
+        return Path(url[len("journal:") :] + ".sweep-lock")
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        return Path(url[len("sqlite:///"):] + ".sweep-lock")
+        return Path(url[len("sqlite:///") :] + ".sweep-lock")
     return None
 
 
 def open_storage(url: str):
     """An Optuna storage for a URL from `resolve_storage_url`."""
-    import optuna
 
     try:
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-            return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+            return JournalStorage(JournalFileBackend(url[len("journal:") :]))
         if url.startswith("sqlite:"):
             # trials of a batch write at once; wait for the file lock rather than fail at once
             return _rdb_storage(url, engine_kwargs={"connect_args": {"timeout": 60}})
         return _rdb_storage(url)
     except ImportError as err:
-        raise UserError(f"the Optuna storage {redact(url)} needs a database driver ({err}); for PostgreSQL: "
-                        'pip install "psycopg[binary]" (or pip install -e ".[cluster]")') from None
+        raise UserError(
+            f"the Optuna storage {redact(url)} needs a database driver ({err}); for PostgreSQL: "
+            'pip install "psycopg[binary]" (or pip install -e ".[cluster]")'
+        ) from None
     except Exception as err:  # unreachable server, bad credentials, not a database ...
         raise UserError(f"cannot open the Optuna storage {redact(url)}: {str(err).splitlines()[0]}") from None
 
@@ -154,9 +158,12 @@ def pruning_callback(cfg):
     trial_id = int(trial_cfg.trial_id)
     frozen = storage.get_trial(trial_id)
     # the sampler is the sweeper's business; a random one keeps reopening the trial cheap
-    study = optuna.load_study(study_name=str(trial_cfg.study_name), storage=storage,
-                              sampler=optuna.samplers.RandomSampler(),
-                              pruner=make_pruner(frozen.system_attrs.get(PRUNER_ATTR)))
+    study = optuna.load_study(
+        study_name=str(trial_cfg.study_name),
+        storage=storage,
+        sampler=optuna.samplers.RandomSampler(),
+        pruner=make_pruner(frozen.system_attrs.get(PRUNER_ATTR)),
+    )
     trial = optuna.trial.Trial(study, trial_id)
     objective = str(cfg.get("objective") or "val_accuracy")
 
@@ -171,8 +178,12 @@ def pruning_callback(cfg):
             value = (logs or {}).get(objective)
             if value is None:
                 if not self.warned:
-                    log.warning("objective %r is not an epoch metric (%s): trial %d cannot be pruned",
-                                objective, ", ".join(sorted(logs or {})), frozen.number)
+                    log.warning(
+                        "objective %r is not an epoch metric (%s): trial %d cannot be pruned",
+                        objective,
+                        ", ".join(sorted(logs or {})),
+                        frozen.number,
+                    )
                     self.warned = True
                 return
             step = max(int(epoch), self.next_step)

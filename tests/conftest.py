@@ -1,4 +1,5 @@
 """Shared test helpers: run bloodcell's commands as a user would (subprocesses), tiny data files."""
+
 from __future__ import annotations
 
 import os
@@ -15,24 +16,40 @@ SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
 SHARED_CELLS = SHARED / "data" / "pbc96"
 
 # The smallest run that still goes through every step: 96 synthetic 32x32 images, 1 epoch per phase.
-TINY = ["+experiment=quickstart", "data.image_size=32", "data.per_class=12",
-        "trainer.epochs=1", "finetune.epochs=1", "trainer.verbose=0"]
+TINY = [
+    "+experiment=quickstart",
+    "data.image_size=32",
+    "data.per_class=12",
+    "trainer.epochs=1",
+    "finetune.epochs=1",
+    "trainer.verbose=0",
+]
 
-needs_shared_weights = pytest.mark.skipif(not SHARED_WEIGHTS.is_file(),
-                                          reason="../shared/weights (MobileNet alpha 0.25) not present")
+needs_shared_weights = pytest.mark.skipif(
+    not SHARED_WEIGHTS.is_file(), reason="../shared/weights (MobileNet alpha 0.25) not present"
+)
 needs_shared_cells = pytest.mark.skipif(not SHARED_CELLS.is_dir(), reason="../shared/data/pbc96 not present")
 
 
-def run_module(module: str, *args: str, cwd: Path | None = None, timeout: float = 600,
-               env: dict | None = None) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, *args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """``python -m <module> args...`` with no GPU and quiet TensorFlow, as a user would type it."""
     full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    )
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:

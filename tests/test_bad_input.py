@@ -1,12 +1,12 @@
 """Bad input: one `error:` line naming the problem and the fix, exit 2, before any training and
 without creating an MLflow run."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY, assert_user_error, run_module, write_npz
 
 
@@ -30,14 +30,18 @@ def test_missing_data_file_says_where_to_put_it(tmp_path):
     assert_no_run(db)
 
 
-@pytest.mark.parametrize("images, labels, fragment", [
-    (np.zeros((16, 32, 32), np.uint8), np.zeros(16, np.uint8), "expected (N, H, W, 3)"),
-    (np.zeros((16, 32, 32, 3), np.float32), np.zeros(16, np.uint8), "expected uint8"),
-    (np.zeros((16, 32, 32, 3), np.uint8), np.full((16, 1), 9, np.uint8), "outside 0-7"),
-    (np.full((16, 32, 32, 3), np.nan, np.float32), np.zeros(16, np.uint8), "NaN"),
-    (np.zeros((16, 32, 32, 3), np.uint8), np.full(16, np.nan), "NaN"),
-    (np.zeros((16, 32, 32, 3), np.uint8), np.zeros(15, np.uint8), "labels have shape"),
-], ids=["greyscale", "float-pixels", "label-9", "nan-pixels", "nan-labels", "count-mismatch"])
+@pytest.mark.parametrize(
+    "images, labels, fragment",
+    [
+        (np.zeros((16, 32, 32), np.uint8), np.zeros(16, np.uint8), "expected (N, H, W, 3)"),
+        (np.zeros((16, 32, 32, 3), np.float32), np.zeros(16, np.uint8), "expected uint8"),
+        (np.zeros((16, 32, 32, 3), np.uint8), np.full((16, 1), 9, np.uint8), "outside 0-7"),
+        (np.full((16, 32, 32, 3), np.nan, np.float32), np.zeros(16, np.uint8), "NaN"),
+        (np.zeros((16, 32, 32, 3), np.uint8), np.full(16, np.nan), "NaN"),
+        (np.zeros((16, 32, 32, 3), np.uint8), np.zeros(15, np.uint8), "labels have shape"),
+    ],
+    ids=["greyscale", "float-pixels", "label-9", "nan-pixels", "nan-labels", "count-mismatch"],
+)
 def test_malformed_npz(tmp_path, images, labels, fragment):
     path = write_npz(tmp_path / "bad.npz", images, labels)
     proc, db = train(tmp_path, "data=npz", f"data.path={path}")

@@ -4,6 +4,7 @@ All data is generated here (no ../shared needed): smear-like images made the way
 two stains mixed in optical density (pale pink background, red cells with a central pallor, a stained
 white cell with a nucleus and granules, fine texture, sensor noise), and pollution made from them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,11 +22,19 @@ from bloodcell import PROJECT_ROOT
 from bloodcell.clean import DEFAULTS, find_unwanted, find_unwanted_cached, write_report
 
 SIZE = 48
-EOSIN = np.array([0.08, 0.62, 0.30])   # optical density per unit of stain: absorbs green -> pink
-AZURE = np.array([0.65, 0.70, 0.22])   # absorbs red and green -> blue-purple
+EOSIN = np.array([0.08, 0.62, 0.30])  # optical density per unit of stain: absorbs green -> pink
+AZURE = np.array([0.65, 0.70, 0.22])  # absorbs red and green -> blue-purple
 # per class: cell radius (fraction of the image), nucleus size (fraction of the cell), granules
-LOOK = [(0.30, 0.7, 40), (0.32, 0.5, 30), (0.22, 0.7, 0), (0.34, 0.6, 8),
-        (0.24, 0.85, 0), (0.36, 0.6, 0), (0.31, 0.45, 6), (0.12, 0.0, 5)]
+LOOK = [
+    (0.30, 0.7, 40),
+    (0.32, 0.5, 30),
+    (0.22, 0.7, 0),
+    (0.34, 0.6, 8),
+    (0.24, 0.85, 0),
+    (0.36, 0.6, 0),
+    (0.31, 0.45, 6),
+    (0.12, 0.0, 5),
+]
 
 
 def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
@@ -101,7 +110,7 @@ def jpeg(im: np.ndarray, quality: int) -> np.ndarray:
 
 def shifted(im: np.ndarray, dy: int, dx: int) -> np.ndarray:
     padded = np.pad(im, ((4, 4), (4, 4), (0, 0)), mode="reflect")
-    return padded[4 - dy:4 - dy + im.shape[0], 4 - dx:4 - dx + im.shape[1]]
+    return padded[4 - dy : 4 - dy + im.shape[0], 4 - dx : 4 - dx + im.shape[1]]
 
 
 def recoloured(im: np.ndarray) -> np.ndarray:
@@ -114,8 +123,10 @@ def clean_set():
 
 
 def _with(images, labels, extra_images, extra_labels):
-    return (np.concatenate([images, np.stack(extra_images)]),
-            np.concatenate([labels, np.asarray(extra_labels, dtype=np.int64)]))
+    return (
+        np.concatenate([images, np.stack(extra_images)]),
+        np.concatenate([labels, np.asarray(extra_labels, dtype=np.int64)]),
+    )
 
 
 def _reasons(result) -> dict[int, str]:
@@ -123,6 +134,7 @@ def _reasons(result) -> dict[int, str]:
 
 
 # ------------------------------------------------------------------------------------------- detection
+
 
 def test_clean_data_passes_untouched(clean_set):
     images, labels = clean_set
@@ -135,8 +147,13 @@ def test_exact_and_near_duplicates_keep_one_copy(clean_set):
     images, labels = clean_set
     n = len(labels)
     originals = [3, 10, 17, 24, 31]
-    copies = [images[3].copy(), jpeg(images[10], 70), shifted(images[17], 2, -1), shifted(images[24], -1, 0),
-              recoloured(images[31])]
+    copies = [
+        images[3].copy(),
+        jpeg(images[10], 70),
+        shifted(images[17], 2, -1),
+        shifted(images[24], -1, 0),
+        recoloured(images[31]),
+    ]
     x, y = _with(images, labels, copies, labels[originals])
     result = find_unwanted(x, y)
     reasons = _reasons(result)
@@ -155,8 +172,11 @@ def test_conflicting_labels_drop_group_or_keep_majority(clean_set):
     # image 5 twice more: one copy with its own label, one with another label
     x, y = _with(images, labels, [images[5].copy(), jpeg(images[5], 80)], [labels[5], other])
     dropped = find_unwanted(x, y)
-    assert {i: r for i, r in _reasons(dropped).items()} == {5: "conflicting_labels", n: "conflicting_labels",
-                                                            n + 1: "conflicting_labels"}
+    assert {i: r for i, r in _reasons(dropped).items()} == {
+        5: "conflicting_labels",
+        n: "conflicting_labels",
+        n + 1: "conflicting_labels",
+    }
     majority = find_unwanted(x, y, {"duplicates": {"conflicting_labels": "keep_majority"}})
     assert majority.keep[5] and not majority.keep[n] and not majority.keep[n + 1]
     # a tie has no majority: the whole group goes
@@ -187,10 +207,12 @@ def test_blank_frames_and_corrupt_values(clean_set):
     images, labels = clean_set
     n = len(labels)
     rng = np.random.default_rng(2)
-    flat = np.clip(np.full(images[0].shape, 200.0) + rng.normal(0, 1.0, images[0].shape), 0, 255).astype(np.uint8)
+    flat = np.clip(np.full(images[0].shape, 200.0) + rng.normal(0, 1.0, images[0].shape), 0, 255).astype(
+        np.uint8
+    )
     black = np.zeros_like(images[0])
     truncated = images[9].copy()
-    truncated[SIZE // 2:] = 128  # a decode that stopped half way
+    truncated[SIZE // 2 :] = 128  # a decode that stopped half way
     salt = images[11].copy()
     hit = rng.random(salt.shape[:2]) < 0.1
     salt[hit] = rng.choice([0, 255], (int(hit.sum()), 1))
@@ -236,10 +258,13 @@ def test_config_file_matches_library_defaults():
 
 # ---------------------------------------------------------------------------------------- report, cache
 
+
 def test_report_json_and_contact_sheet(clean_set, tmp_path):
     images, labels = clean_set
     n = len(labels)
-    x, y = _with(images, labels, [images[2].copy(), foreign_picture(np.random.default_rng(3))], [labels[2], 5])
+    x, y = _with(
+        images, labels, [images[2].copy(), foreign_picture(np.random.default_rng(3))], [labels[2], 5]
+    )
     result = find_unwanted(x, y)
     paths = write_report(result, x, y, tmp_path / "report")
     report = json.loads(paths["json"].read_text())
@@ -267,10 +292,17 @@ def test_cached_result_is_reused(clean_set, tmp_path):
 
 # ------------------------------------------------------------------------------------------------- CLI
 
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, "-m", "bloodcell.clean", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "bloodcell.clean", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_refuses_missing_input(tmp_path):
@@ -284,7 +316,9 @@ def test_cli_refuses_missing_input(tmp_path):
 def test_cli_cleans_end_to_end_and_refuses_existing_output(clean_set, tmp_path):
     images, labels = clean_set
     n = len(labels)
-    x, y = _with(images, labels, [jpeg(images[6], 75), foreign_picture(np.random.default_rng(4))], [labels[6], 2])
+    x, y = _with(
+        images, labels, [jpeg(images[6], 75), foreign_picture(np.random.default_rng(4))], [labels[6], 2]
+    )
     src = tmp_path / "polluted.npz"
     np.savez(src, images=x, labels=y.astype(np.uint8).reshape(-1, 1))
     before = hashlib.sha256(src.read_bytes()).hexdigest()
@@ -306,7 +340,8 @@ def test_cli_cleans_end_to_end_and_refuses_existing_output(clean_set, tmp_path):
     lines = again.stderr.strip().splitlines()
     assert len(lines) == 1 and "already exists" in lines[0] and "overwrite=true" in lines[0]
 
-    forced = _cli(f"input={src}", "output=cleaned.npz", "overwrite=true", f"report_dir={tmp_path / 'rep'}",
-                  cwd=tmp_path)
+    forced = _cli(
+        f"input={src}", "output=cleaned.npz", "overwrite=true", f"report_dir={tmp_path / 'rep'}", cwd=tmp_path
+    )
     assert forced.returncode == 0, forced.stderr
     assert (tmp_path / "rep" / "cleaning_report.json").exists()

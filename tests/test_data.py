@@ -1,15 +1,25 @@
 """Loaders for each data format, the split, class weights and the tf.data pipeline."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import write_npz
 from omegaconf import OmegaConf
 
 from bloodcell import CLASS_NAMES
-from bloodcell.data import (class_weights, fingerprint, load_arrays, make_demo_set, make_tf_dataset,
-                            read_folder, read_medmnist, read_npz, split_arrays)
+from bloodcell.data import (
+    class_weights,
+    fingerprint,
+    load_arrays,
+    make_demo_set,
+    make_tf_dataset,
+    read_folder,
+    read_medmnist,
+    read_npz,
+    split_arrays,
+)
 from bloodcell.errors import UserError
-from conftest import write_npz
 
 
 def cfg(**kw):
@@ -54,10 +64,17 @@ def test_medmnist_layout_from_a_local_file(tmp_path):
     """The official layout ({train,val,test}_{images,labels}), written here: no download in tests."""
     images, labels = make_demo_set(6, 28, seed=5)
     parts = np.array_split(np.arange(len(labels)), 3)
-    np.savez(tmp_path / "bloodmnist.npz",
-             **{f"{s}_images": images[p] for s, p in zip(("train", "val", "test"), parts)},
-             **{f"{s}_labels": labels[p].reshape(-1, 1).astype(np.uint8) for s, p in zip(("train", "val", "test"), parts)})
-    arrays = load_arrays(cfg(format="medmnist", size=28, path=str(tmp_path / "bloodmnist.npz"), cache_dir=str(tmp_path)))
+    np.savez(
+        tmp_path / "bloodmnist.npz",
+        **{f"{s}_images": images[p] for s, p in zip(("train", "val", "test"), parts)},
+        **{
+            f"{s}_labels": labels[p].reshape(-1, 1).astype(np.uint8)
+            for s, p in zip(("train", "val", "test"), parts)
+        },
+    )
+    arrays = load_arrays(
+        cfg(format="medmnist", size=28, path=str(tmp_path / "bloodmnist.npz"), cache_dir=str(tmp_path))
+    )
     assert arrays.images.shape == (48, 28, 28, 3) and len(arrays) == 48
     with pytest.raises(UserError, match="not a BloodMNIST size"):
         read_medmnist(32, None, tmp_path)

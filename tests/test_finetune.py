@@ -1,4 +1,5 @@
 """Unfreezing makes exactly the intended backbone layers trainable."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,22 +10,27 @@ from bloodcell.models import BACKBONE_LAYER, build_model, layer_blocks
 
 
 def config(name, weights=None, blocks=2, layers=None, bn="auto", **backbone_kw):
-    return OmegaConf.create({
-        "backbone": {"name": name, "weights": weights, "input_size": 32, "kwargs": backbone_kw},
-        "head": {"units": [16], "dropout": [0.1], "batchnorm": True, "leaky_relu_slope": 0.05},
-        "finetune": {"unfreeze_blocks": blocks, "unfreeze_layers": layers, "freeze_batchnorm": bn},
-    })
+    return OmegaConf.create(
+        {
+            "backbone": {"name": name, "weights": weights, "input_size": 32, "kwargs": backbone_kw},
+            "head": {"units": [16], "dropout": [0.1], "batchnorm": True, "leaky_relu_slope": 0.05},
+            "finetune": {"unfreeze_blocks": blocks, "unfreeze_layers": layers, "freeze_batchnorm": bn},
+        }
+    )
 
 
 def trainable_names(backbone):
     return {layer.name for layer in backbone.layers if layer.trainable and layer.weights}
 
 
-@pytest.mark.parametrize("name, kwargs, top_blocks", [
-    ("mobilenet", {"alpha": 0.25}, ["12", "13"]),
-    ("small_cnn", {"filters": [8, 8, 8]}, ["conv_block2", "conv_block3"]),
-    ("efficientnetb0", {}, ["block6d", "block7a"]),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, top_blocks",
+    [
+        ("mobilenet", {"alpha": 0.25}, ["12", "13"]),
+        ("small_cnn", {"filters": [8, 8, 8]}, ["conv_block2", "conv_block3"]),
+        ("efficientnetb0", {}, ["block6d", "block7a"]),
+    ],
+)
 def test_unfreeze_blocks_trains_exactly_the_top_blocks_without_batchnorm(name, kwargs, top_blocks):
     cfg = config(name, blocks=2, bn=True, **kwargs)
     backbone = build_model(cfg, (32, 32, 3)).get_layer(BACKBONE_LAYER)
@@ -32,11 +38,17 @@ def test_unfreeze_blocks_trains_exactly_the_top_blocks_without_batchnorm(name, k
     blocks = dict(layer_blocks(backbone, name))
     assert list(blocks)[-2:] == top_blocks
     unfreeze(backbone, cfg)
-    expected = {layer.name for block in top_blocks for layer in blocks[block]
-                if layer.weights and "BatchNormalization" not in type(layer).__name__}
+    expected = {
+        layer.name
+        for block in top_blocks
+        for layer in blocks[block]
+        if layer.weights and "BatchNormalization" not in type(layer).__name__
+    }
     assert trainable_names(backbone) == expected
     assert expected  # something is unfrozen
-    assert all(not layer.trainable for layer in backbone.layers if type(layer).__name__ == "BatchNormalization")
+    assert all(
+        not layer.trainable for layer in backbone.layers if type(layer).__name__ == "BatchNormalization"
+    )
 
 
 def test_efficientnet_top_conv_belongs_to_the_last_block():
@@ -88,8 +100,15 @@ def test_precise_batchnorm_sets_head_statistics_from_clean_images_before_each_va
         def on_test_batch_begin(self, batch, logs=None):
             seen.append(model.get_layer("head_bn2").moving_mean.numpy())
 
-    model.fit(clean.astype(np.float32) + 100.0, labels, validation_data=(clean.astype(np.float32), labels),
-              batch_size=16, epochs=2, verbose=0, callbacks=[callback, Probe()])
+    model.fit(
+        clean.astype(np.float32) + 100.0,
+        labels,
+        validation_data=(clean.astype(np.float32), labels),
+        batch_size=16,
+        epochs=2,
+        verbose=0,
+        callbacks=[callback, Probe()],
+    )
     for name in ("head_bn1", "head_bn2"):
         norm = model.get_layer(name)
         features = keras.Model(model.inputs, norm.input).predict(clean.astype(np.float32), verbose=0)

@@ -6,6 +6,7 @@ The storage is PostgreSQL when BLOODCELL_TEST_POSTGRES names a database the test
     BLOODCELL_TEST_POSTGRES=postgresql://bloodcell:bloodcell@localhost/optuna python -m pytest tests/test_multi_node.py
 (needs `pip install "psycopg[binary]"`); otherwise Optuna's journal file, as on a shared file system.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,10 +38,26 @@ def mlflow_server(tmp_path):
     port = _free_port()
     with open(tmp_path / "mlflow_server.log", "w") as log:  # the child keeps its own handle
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-             "--artifacts-destination", str(tmp_path / "server_artifacts")],
-            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{tmp_path / 'server.db'}",
+                "--artifacts-destination",
+                str(tmp_path / "server_artifacts"),
+            ],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -50,7 +67,9 @@ def mlflow_server(tmp_path):
         except OSError:
             if server.poll() is not None or time.monotonic() > deadline:
                 server.kill()
-                pytest.fail(f"mlflow server did not start: {(tmp_path / 'mlflow_server.log').read_text()[-2000:]}")
+                pytest.fail(
+                    f"mlflow server did not start: {(tmp_path / 'mlflow_server.log').read_text()[-2000:]}"
+                )
             time.sleep(0.5)
     yield uri
     server.terminate()
@@ -77,12 +96,28 @@ def test_two_sweeps_with_submitit_jobs_share_one_study_and_one_mlflow_server(tmp
 
     def start(folder: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", "bloodcell.train", "-m", "+sweeps=quick", *TRIAL,
-             f"tracking.uri={mlflow_server}", f"hydra.sweeper.storage={storage}",
-             f"hydra.sweeper.study_name={study_name}", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
-             "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
-             f"hydra.sweep.dir={tmp_path / folder}"],
-            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "bloodcell.train",
+                "-m",
+                "+sweeps=quick",
+                *TRIAL,
+                f"tracking.uri={mlflow_server}",
+                f"hydra.sweeper.storage={storage}",
+                f"hydra.sweeper.study_name={study_name}",
+                "hydra.sweeper.n_trials=4",
+                "hydra.sweeper.n_jobs=2",
+                "hydra/launcher=submitit_local",
+                "hydra.launcher.timeout_min=10",
+                f"hydra.sweep.dir={tmp_path / folder}",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     sweeps = [start("a"), start("b")]
     outputs = [p.communicate(timeout=1200)[0] for p in sweeps]
@@ -95,8 +130,11 @@ def test_two_sweeps_with_submitit_jobs_share_one_study_and_one_mlflow_server(tmp
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 4  # no point tried twice
     # every trial ran in a submitit job of its own, which reopened its Optuna trial to report epochs
     assert all(len(t.intermediate_values) >= 1 for t in study.trials)
-    assert len(list((tmp_path / "a" / ".submitit").iterdir())) + \
-        len(list((tmp_path / "b" / ".submitit").iterdir())) >= 4
+    assert (
+        len(list((tmp_path / "a" / ".submitit").iterdir()))
+        + len(list((tmp_path / "b" / ".submitit").iterdir()))
+        >= 4
+    )
 
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("quickstart")

@@ -5,6 +5,7 @@ Two tiny runs are trained once for the module, each in its own experiment: run A
 metric the test logs itself (``score``: A 0.8, B 0.4), since 1-epoch accuracies on 15 images tie.
 The registry steps below depend on each other and run in file order.
 """
+
 from __future__ import annotations
 
 import ast
@@ -14,14 +15,13 @@ import re
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import TINY, assert_ok, assert_user_error, run_module
 
 from bloodcell import CLASS_NAMES
-from conftest import TINY, assert_ok, assert_user_error, run_module
 
 SCORE = {"A": 0.8, "B": 0.4}
 # Fine-tuning adds nothing these tests look at: skip it to halve the training time.
@@ -39,8 +39,14 @@ def store(tmp_path_factory):
     client = mlflow.MlflowClient(uri)
     second = client.create_experiment("second", artifact_location=(root / "artifacts").as_uri())
     sweep = client.create_run(second, run_name="sweep-parent").info.run_id
-    run_b = run_module("bloodcell.train", *TRAIN, f"tracking.uri={uri}", "tracking.experiment=second",
-                       f"tracking.parent_run_id={sweep}", "seed=7")
+    run_b = run_module(
+        "bloodcell.train",
+        *TRAIN,
+        f"tracking.uri={uri}",
+        "tracking.experiment=second",
+        f"tracking.parent_run_id={sweep}",
+        "seed=7",
+    )
     assert_ok(run_b)
     client.set_terminated(sweep, "FINISHED")
     client.create_experiment("empty", artifact_location=(root / "artifacts").as_uri())
@@ -76,6 +82,7 @@ def champion(store) -> str | None:
 
 # ------------------------------------------------------------------------------------------- promote
 
+
 def test_promote_registers_best_run_with_provenance_and_sets_alias(store):
     proc = promote(store, "experiment=first", "metric=score")
     assert_ok(proc)
@@ -86,7 +93,9 @@ def test_promote_registers_best_run_with_provenance_and_sets_alias(store):
     run = store.client.get_run(store.run["A"])
     assert version.tags["run_id"] == store.run["A"]
     assert float(version.tags["metric.score"]) == pytest.approx(0.8)
-    assert float(version.tags["metric.best_val_accuracy"]) == pytest.approx(run.data.metrics["best_val_accuracy"])
+    assert float(version.tags["metric.best_val_accuracy"]) == pytest.approx(
+        run.data.metrics["best_val_accuracy"]
+    )
     assert version.tags["data_fingerprint"] == run.data.tags["data_fingerprint"]
     assert version.tags["git_commit"] == run.data.tags["git_commit"]
     assert "backbone:" in version.tags["config"] and "small_cnn" in version.tags["config"]
@@ -118,24 +127,30 @@ def test_force_moves_the_alias_and_a_better_run_takes_it_back(store):
     assert "beats holder version 2" in proc.stdout
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["experiment=nope"], "experiment 'nope' not found"),
-    (["experiment=empty"], "no FINISHED runs"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["experiment=nope"], "experiment 'nope' not found"),
+        (["experiment=empty"], "no FINISHED runs"),
+    ],
+)
 def test_promote_bad_input_is_one_line_and_leaves_the_registry_alone(store, args, fragment):
     before = (versions(store), champion(store))
     assert_user_error(promote(store, *args), fragment)
     assert (versions(store), champion(store)) == before
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    ({"metric": "nope"}, "metric 'nope'"),
-    ({"sweep": "0123abc"}, "not a run id"),
-    ({"sweep": "{run_a}"}, "no FINISHED trial runs"),  # a run, but no sweep's parent
-    ({"experiment": "second", "sweep": "{run_a}"}, "belongs to experiment 'first'"),
-    ({"alias": "latest"}, "reserved"),
-    ({"model_name": "a/b"}, "not a valid registered model name"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"metric": "nope"}, "metric 'nope'"),
+        ({"sweep": "0123abc"}, "not a run id"),
+        ({"sweep": "{run_a}"}, "no FINISHED trial runs"),  # a run, but no sweep's parent
+        ({"experiment": "second", "sweep": "{run_a}"}, "belongs to experiment 'first'"),
+        ({"alias": "latest"}, "reserved"),
+        ({"model_name": "a/b"}, "not a valid registered model name"),
+    ],
+)
 def test_promote_library_rejects_bad_input_before_touching_the_registry(store, kwargs, fragment):
     from bloodcell.errors import UserError
     from bloodcell.promote import promote as promote_run
@@ -152,13 +167,19 @@ def test_best_run_ranks_by_metric_direction_and_skips_runs_without_a_model():
     from bloodcell.promote import best_run
 
     def run(name, start, model=True, **metrics):
-        return SimpleNamespace(info=SimpleNamespace(run_id=name, start_time=start),
-                               data=SimpleNamespace(metrics=metrics, tags={"model_uri": "models:/m-1"} if model else {}))
+        return SimpleNamespace(
+            info=SimpleNamespace(run_id=name, start_time=start),
+            data=SimpleNamespace(metrics=metrics, tags={"model_uri": "models:/m-1"} if model else {}),
+        )
 
-    runs = [run("a", 1, val_accuracy=0.5, val_loss=0.9), run("b", 2, val_accuracy=0.7, val_loss=0.4),
-            run("c", 3, val_accuracy=0.7, val_loss=0.2), run("d", 4, model=False, val_accuracy=0.99)]
+    runs = [
+        run("a", 1, val_accuracy=0.5, val_loss=0.9),
+        run("b", 2, val_accuracy=0.7, val_loss=0.4),
+        run("c", 3, val_accuracy=0.7, val_loss=0.2),
+        run("d", 4, model=False, val_accuracy=0.99),
+    ]
     assert best_run(runs, "val_accuracy", "x").info.run_id == "b"  # tie: the earlier run
-    assert best_run(runs, "val_loss", "x").info.run_id == "c"      # losses rank lower-is-better
+    assert best_run(runs, "val_loss", "x").info.run_id == "c"  # losses rank lower-is-better
     with pytest.raises(UserError, match="no FINISHED runs"):
         best_run([], "val_accuracy", "x")
     with pytest.raises(UserError, match="logged a model"):
@@ -167,11 +188,18 @@ def test_best_run_ranks_by_metric_direction_and_skips_runs_without_a_model():
 
 # ------------------------------------------------------------------------------------------- predict
 
+
 @pytest.fixture(scope="module")
 def predictions(store):
     output = store.root / "pred.csv"
-    proc = run_module("bloodcell.predict", "model=models:/bloodcell@champion", f"input={store.root / 'cells.npz'}",
-                      f"output={output}", "batch_size=5", f"tracking.uri={store.uri}")
+    proc = run_module(
+        "bloodcell.predict",
+        "model=models:/bloodcell@champion",
+        f"input={store.root / 'cells.npz'}",
+        f"output={output}",
+        "batch_size=5",
+        f"tracking.uri={store.uri}",
+    )
     assert_ok(proc)
     with output.open() as f:
         return list(csv.DictReader(f))
@@ -186,23 +214,34 @@ def test_predict_writes_one_row_per_image_with_probabilities_summing_to_one(stor
     assert [row["image"] for row in predictions] == [str(i) for i in range(len(store.images))]
 
 
-@pytest.mark.parametrize("model, fragment", [
-    ("models:/nope@champion", "registered model 'nope' not found"),
-    ("models:/bloodcell@gold", "no alias 'gold'"),
-])
+@pytest.mark.parametrize(
+    "model, fragment",
+    [
+        ("models:/nope@champion", "registered model 'nope' not found"),
+        ("models:/bloodcell@gold", "no alias 'gold'"),
+    ],
+)
 def test_predict_unknown_model_or_alias_is_one_line(store, model, fragment):
-    proc = run_module("bloodcell.predict", f"model={model}", f"input={store.root / 'cells.npz'}",
-                      f"output={store.root / 'never.csv'}", f"tracking.uri={store.uri}")
+    proc = run_module(
+        "bloodcell.predict",
+        f"model={model}",
+        f"input={store.root / 'cells.npz'}",
+        f"output={store.root / 'never.csv'}",
+        f"tracking.uri={store.uri}",
+    )
     assert_user_error(proc, fragment)
     assert not (store.root / "never.csv").exists()
 
 
-@pytest.mark.parametrize("model, fragment", [
-    ("models:/bloodcell/99", "no version '99'"),
-    ("models:/m-0000", "logged model m-0000 not found"),
-    ("runs:/0123abc/model", "run '0123abc' not found"),
-    ("no/such/model.keras", "neither an existing file"),
-])
+@pytest.mark.parametrize(
+    "model, fragment",
+    [
+        ("models:/bloodcell/99", "no version '99'"),
+        ("models:/m-0000", "logged model m-0000 not found"),
+        ("runs:/0123abc/model", "run '0123abc' not found"),
+        ("no/such/model.keras", "neither an existing file"),
+    ],
+)
 def test_resolve_model_uri_names_what_is_missing(store, model, fragment):
     from bloodcell.errors import UserError
     from bloodcell.predict import resolve_model_uri
@@ -213,20 +252,35 @@ def test_resolve_model_uri_names_what_is_missing(store, model, fragment):
 
 
 def test_predict_refuses_images_the_model_was_not_trained_for(store, tmp_path):
-    proc = run_module("bloodcell.predict", "model=models:/bloodcell@champion", f"input={store.root / 'cells48.npz'}",
-                      f"output={tmp_path / 'p.csv'}", f"tracking.uri={store.uri}")
+    proc = run_module(
+        "bloodcell.predict",
+        "model=models:/bloodcell@champion",
+        f"input={store.root / 'cells48.npz'}",
+        f"output={tmp_path / 'p.csv'}",
+        f"tracking.uri={store.uri}",
+    )
     assert_user_error(proc, "48x48", "32x32")
     np.savez(tmp_path / "gray.npz", images=np.zeros((3, 32, 32), np.uint8))
-    proc = run_module("bloodcell.predict", "model=models:/bloodcell@champion", f"input={tmp_path / 'gray.npz'}",
-                      f"output={tmp_path / 'p.csv'}", f"tracking.uri={store.uri}")
+    proc = run_module(
+        "bloodcell.predict",
+        "model=models:/bloodcell@champion",
+        f"input={tmp_path / 'gray.npz'}",
+        f"output={tmp_path / 'p.csv'}",
+        f"tracking.uri={store.uri}",
+    )
     assert_user_error(proc, "(N, H, W, 3)")
 
 
 def test_predict_does_not_overwrite_unless_asked(store, predictions, tmp_path):
     existing = tmp_path / "p.csv"
     existing.write_text("keep me")
-    proc = run_module("bloodcell.predict", "model=models:/bloodcell@champion", f"input={store.root / 'cells.npz'}",
-                      f"output={existing}", f"tracking.uri={store.uri}")
+    proc = run_module(
+        "bloodcell.predict",
+        "model=models:/bloodcell@champion",
+        f"input={store.root / 'cells.npz'}",
+        f"output={existing}",
+        f"tracking.uri={store.uri}",
+    )
     assert_user_error(proc, "overwrite=true")
     assert existing.read_text() == "keep me"
 
@@ -234,6 +288,7 @@ def test_predict_does_not_overwrite_unless_asked(store, predictions, tmp_path):
 class _MeanColourModel:
     """Stands in for a Keras model: probabilities from each image's mean colour, so invariant under flips
     and rotations; counts the views it is shown."""
+
     def __init__(self):
         self.views = 0
 
@@ -280,11 +335,16 @@ np.save("ids96.npy", model.predict(np.zeros((3, 96, 96, 3), np.uint8)))
 
 def test_submission_predicts_like_predict_without_bloodcell(store, predictions, tmp_path):
     bundle = tmp_path / "submission.zip"
-    proc = run_module("bloodcell.submit", "model=models:/bloodcell@champion", f"output={bundle}",
-                      f"tracking.uri={store.uri}")
+    proc = run_module(
+        "bloodcell.submit",
+        "model=models:/bloodcell@champion",
+        f"output={bundle}",
+        f"tracking.uri={store.uri}",
+    )
     assert_ok(proc)
-    assert_user_error(run_module("bloodcell.submit", f"output={bundle}", f"tracking.uri={store.uri}"),
-                      "overwrite=true")
+    assert_user_error(
+        run_module("bloodcell.submit", f"output={bundle}", f"tracking.uri={store.uri}"), "overwrite=true"
+    )
     unpacked = tmp_path / "fresh"
     with zipfile.ZipFile(bundle) as zf:
         assert sorted(zf.namelist()) == ["model.keras", "model.py"]
@@ -299,8 +359,14 @@ def test_submission_predicts_like_predict_without_bloodcell(store, predictions, 
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-I", "-c", ISOLATED_RUNNER, str(store.root / "cells.npz")],
-                          cwd=unpacked, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", ISOLATED_RUNNER, str(store.root / "cells.npz")],
+        cwd=unpacked,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bloodcell not importable" in proc.stdout
     ids = np.load(unpacked / "ids.npy")
@@ -310,7 +376,11 @@ def test_submission_predicts_like_predict_without_bloodcell(store, predictions, 
 
 
 def test_submit_unknown_model_is_one_line(store, tmp_path):
-    proc = run_module("bloodcell.submit", "model=models:/bloodcell@nope", f"output={tmp_path / 's.zip'}",
-                      f"tracking.uri={store.uri}")
+    proc = run_module(
+        "bloodcell.submit",
+        "model=models:/bloodcell@nope",
+        f"output={tmp_path / 's.zip'}",
+        f"tracking.uri={store.uri}",
+    )
     assert_user_error(proc, "no alias 'nope'")
     assert not (tmp_path / "s.zip").exists()

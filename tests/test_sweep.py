@@ -3,6 +3,7 @@
 End-to-end tests run `python -m bloodcell.train -m ...` as a user would, on the tiny quickstart run (32x32
 synthetic images, one epoch per phase), each with its own Optuna storage and MLflow store in tmp_path.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, assert_ok, assert_user_error, run_module
+from conftest import TINY, assert_ok, assert_user_error, run_module
 
 # Speeds a trial up: no model logging (the train tests cover it).
 TRIAL = [o for o in TINY if o != "+experiment=quickstart"] + ["tracking.log_model=false"]
@@ -23,8 +24,15 @@ TRIAL = [o for o in TINY if o != "+experiment=quickstart"] + ["tracking.log_mode
 
 def sweep_args(tmp: Path, *extra: str, storage: str | None = None) -> list[str]:
     storage = storage or f"sqlite:///{tmp / 'optuna.db'}"
-    return ["-m", "+sweeps=quick", *TRIAL, f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-            f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={tmp / 'multirun'}", *extra]
+    return [
+        "-m",
+        "+sweeps=quick",
+        *TRIAL,
+        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        f"hydra.sweeper.storage={storage}",
+        f"hydra.sweep.dir={tmp / 'multirun'}",
+        *extra,
+    ]
 
 
 def load_study(storage: str, name: str = "quick"):
@@ -59,11 +67,20 @@ def test_search_space_syntax_maps_to_optuna_distributions():
 
     from hydra_plugins.bloodcell_optuna_sweeper._search_space import parse_search_space
 
-    space = parse_search_space([
-        "finetune.lr=tag(log, interval(1e-5, 1e-3))", "augmentation.strength=interval(0, 1)",
-        "finetune.unfreeze_blocks=int(interval(0, 4))", "trainer.batch_size=range(16, 65, 16)",
-        "+head.extra=choice(a, b)", "backbone=small_cnn,mobilenet", "+experiment=quickstart",
-        "trainer.epochs=2", "trainer.epochs=interval(1, 3)", "augmentation.strength=0.3"])
+    space = parse_search_space(
+        [
+            "finetune.lr=tag(log, interval(1e-5, 1e-3))",
+            "augmentation.strength=interval(0, 1)",
+            "finetune.unfreeze_blocks=int(interval(0, 4))",
+            "trainer.batch_size=range(16, 65, 16)",
+            "+head.extra=choice(a, b)",
+            "backbone=small_cnn,mobilenet",
+            "+experiment=quickstart",
+            "trainer.epochs=2",
+            "trainer.epochs=interval(1, 3)",
+            "augmentation.strength=0.3",
+        ]
+    )
     d = space.distributions
     assert d["finetune.lr"] == FloatDistribution(1e-5, 1e-3, log=True)
     assert d["finetune.unfreeze_blocks"] == IntDistribution(0, 4)
@@ -76,16 +93,21 @@ def test_search_space_syntax_maps_to_optuna_distributions():
     assert space.overrides_for({"head.extra": "a"})[-1] == "+head.extra=a"
 
 
-@pytest.mark.parametrize("bad, fragment", [
-    ("finetune.lr=tag(log, interval(0, 1e-3))", "log scale"),
-    ("finetune.lr=interval(1e-3, 1e-5)", "above high"),
-    ("finetune.unfreeze_blocks=range(4, 1)", "empty"),
-    ("finetune.lrr=interval(1e-5, 1e-3)", "do not compose"),
-])
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        ("finetune.lr=tag(log, interval(0, 1e-3))", "log scale"),
+        ("finetune.lr=interval(1e-3, 1e-5)", "above high"),
+        ("finetune.unfreeze_blocks=range(4, 1)", "empty"),
+        ("finetune.lrr=interval(1e-5, 1e-3)", "do not compose"),
+    ],
+)
 def test_invalid_search_space_fails_before_any_trial_with_one_line(tmp_path, bad, fragment):
     proc = run_module("bloodcell.train", *sweep_args(tmp_path, bad), cwd=tmp_path, timeout=120)
     assert_user_error(proc, fragment)
-    assert not (tmp_path / "optuna.db").exists() or not load_study(f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    assert (
+        not (tmp_path / "optuna.db").exists() or not load_study(f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    )
 
 
 def test_pruning_callback_reports_on_one_step_axis_and_raises_when_median_prunes(tmp_path):
@@ -102,10 +124,15 @@ def test_pruning_callback_reports_on_one_step_axis_and_raises_when_median_prunes
             good.report(0.8 + step * 0.03, step)
         study.tell(good, 0.9)
     trial = study.ask()
-    study._storage.set_trial_system_attr(trial._trial_id, PRUNER_ATTR,
-                                         {"name": "median", "kwargs": {"n_startup_trials": 1}})
-    cfg = OmegaConf.create({"objective": "val_accuracy", "trial": {
-        "storage": url, "study_name": "s", "trial_id": trial._trial_id, "number": trial.number}})
+    study._storage.set_trial_system_attr(
+        trial._trial_id, PRUNER_ATTR, {"name": "median", "kwargs": {"n_startup_trials": 1}}
+    )
+    cfg = OmegaConf.create(
+        {
+            "objective": "val_accuracy",
+            "trial": {"storage": url, "study_name": "s", "trial_id": trial._trial_id, "number": trial.number},
+        }
+    )
     assert pruning_callback(OmegaConf.create({"objective": "val_accuracy"})) is None
     callback = pruning_callback(cfg)
     callback.on_epoch_end(0, {"val_accuracy": 0.81})  # not below the median at step 0 (0.8): goes on
@@ -120,9 +147,18 @@ def test_pruning_callback_reports_on_one_step_axis_and_raises_when_median_prunes
 # ---------------------------------------------------------------------------------------- sweeps
 @pytest.mark.slow
 def test_tiny_sweep_with_two_parallel_jobs_fills_optuna_and_mlflow(tmp_path):
-    proc = run_module("bloodcell.train", *sweep_args(
-        tmp_path, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2"), cwd=tmp_path, timeout=600)
+    proc = run_module(
+        "bloodcell.train",
+        *sweep_args(
+            tmp_path,
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+        ),
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert_ok(proc)
     study = load_study(f"sqlite:///{tmp_path / 'optuna.db'}")
     assert states(study) == {"COMPLETE": 2}
@@ -142,8 +178,11 @@ def test_tiny_sweep_with_two_parallel_jobs_fills_optuna_and_mlflow(tmp_path):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"best.yaml", "trials.csv", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/optimization_history.png", "plots/param_importances.png",
-            "plots/parallel_coordinate.png"} <= plots
+    assert {
+        "plots/optimization_history.png",
+        "plots/param_importances.png",
+        "plots/parallel_coordinate.png",
+    } <= plots
 
     from omegaconf import OmegaConf
 
@@ -157,10 +196,20 @@ def test_tiny_sweep_with_two_parallel_jobs_fills_optuna_and_mlflow(tmp_path):
 @pytest.mark.slow
 def test_a_setting_that_cannot_learn_is_pruned_at_once(tmp_path):
     # lr 0 cannot learn: chance accuracy (1/8) stays under the threshold pruner's floor after epoch 1
-    proc = run_module("bloodcell.train", *sweep_args(
-        tmp_path, "hydra.sweeper.n_trials=2", "trainer.epochs=3", "trainer.lr=0", "finetune.lr=0",
-        "hydra.sweeper.pruner.name=threshold", "hydra.sweeper.pruner.threshold.lower=0.6"),
-        cwd=tmp_path, timeout=600)
+    proc = run_module(
+        "bloodcell.train",
+        *sweep_args(
+            tmp_path,
+            "hydra.sweeper.n_trials=2",
+            "trainer.epochs=3",
+            "trainer.lr=0",
+            "finetune.lr=0",
+            "hydra.sweeper.pruner.name=threshold",
+            "hydra.sweeper.pruner.threshold.lower=0.6",
+        ),
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert_ok(proc)
     study = load_study(f"sqlite:///{tmp_path / 'optuna.db'}")
     assert states(study) == {"PRUNED": 2}
@@ -176,8 +225,14 @@ def test_a_setting_that_cannot_learn_is_pruned_at_once(tmp_path):
 
 def _start_sweep(tmp: Path, *extra: str, storage: str | None = None) -> subprocess.Popen:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.Popen([sys.executable, "-m", "bloodcell.train", *sweep_args(tmp, *extra, storage=storage)],
-                            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bloodcell.train", *sweep_args(tmp, *extra, storage=storage)],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -202,8 +257,9 @@ def test_resume_after_sigkill_reruns_the_interrupted_trial_only(tmp_path):
         sweep.communicate()
     assert states(load_study(storage)) == {"RUNNING": 1}
 
-    proc = run_module("bloodcell.train", *sweep_args(tmp_path, *args, storage=storage), cwd=tmp_path,
-                      timeout=600)
+    proc = run_module(
+        "bloodcell.train", *sweep_args(tmp_path, *args, storage=storage), cwd=tmp_path, timeout=600
+    )
     assert_ok(proc)
     study = load_study(storage)
     assert states(study) == {"FAIL": 1, "COMPLETE": 2}
@@ -244,8 +300,12 @@ def test_two_sweep_processes_share_one_study_without_extra_or_lost_trials(tmp_pa
 @pytest.mark.slow
 def test_a_trial_that_raises_is_fail_in_optuna_and_mlflow_and_the_sweep_goes_on(tmp_path):
     # trainer.epochs=0 is refused by train (a UserError) before any training: two quick failing trials
-    proc = run_module("bloodcell.train", *sweep_args(tmp_path, "hydra.sweeper.n_trials=2",
-                                                     "trainer.epochs=choice(0)"), cwd=tmp_path, timeout=300)
+    proc = run_module(
+        "bloodcell.train",
+        *sweep_args(tmp_path, "hydra.sweeper.n_trials=2", "trainer.epochs=choice(0)"),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert_ok(proc)
     study = load_study(f"sqlite:///{tmp_path / 'optuna.db'}")
     assert states(study) == {"FAIL": 2}
@@ -258,9 +318,17 @@ def test_a_trial_that_raises_is_fail_in_optuna_and_mlflow_and_the_sweep_goes_on(
 
 @pytest.mark.slow
 def test_a_sweep_whose_trials_all_fail_stops_after_max_consecutive_failures(tmp_path):
-    proc = run_module("bloodcell.train", *sweep_args(
-        tmp_path, "hydra.sweeper.n_trials=4", "hydra.sweeper.max_consecutive_failures=1",
-        "trainer.epochs=choice(0)"), cwd=tmp_path, timeout=300)
+    proc = run_module(
+        "bloodcell.train",
+        *sweep_args(
+            tmp_path,
+            "hydra.sweeper.n_trials=4",
+            "hydra.sweeper.max_consecutive_failures=1",
+            "trainer.epochs=choice(0)",
+        ),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "error: the last 1 trials failed, so the sweep stopped" in proc.stderr
     study = load_study(f"sqlite:///{tmp_path / 'optuna.db'}")

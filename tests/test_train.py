@@ -1,11 +1,12 @@
 """`python -m bloodcell.train` end to end, as a user runs it, and what MLflow then holds."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import SHARED_WEIGHTS, TINY, assert_ok, mlflow_runs, needs_shared_weights, run_module
 
 from bloodcell import CLASS_NAMES
-from conftest import TINY, assert_ok, mlflow_runs, needs_shared_weights, run_module, SHARED_WEIGHTS
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,13 @@ def test_quickstart_run_is_finished_with_params_and_test_metrics(quickstart_run)
     assert params["trainer.epochs"] == "1" and params["finetune.epochs"] == "1"
     assert params["data.format"] == "demo" and params["seed"] == "42"
     metrics = run.data.metrics
-    for name in ["test_accuracy", "test_macro_f1", "best_val_accuracy",
-                 *(f"test_precision_{c}" for c in CLASS_NAMES), *(f"test_recall_{c}" for c in CLASS_NAMES)]:
+    for name in [
+        "test_accuracy",
+        "test_macro_f1",
+        "best_val_accuracy",
+        *(f"test_precision_{c}" for c in CLASS_NAMES),
+        *(f"test_recall_{c}" for c in CLASS_NAMES),
+    ]:
         assert 0.0 <= metrics[name] <= 1.0, name
     tags = run.data.tags
     assert len(tags["data_fingerprint"]) == 64
@@ -66,8 +72,9 @@ def test_artifacts_and_logged_model_reloads_and_predicts(quickstart_run):
 
 
 def test_crash_after_run_start_marks_run_failed_with_reason(tracking):
-    proc = run_module("bloodcell.train", *TINY, "finetune.epochs=0", "objective=no_such_metric",
-                      f"tracking.uri={tracking}")
+    proc = run_module(
+        "bloodcell.train", *TINY, "finetune.epochs=0", "objective=no_such_metric", f"tracking.uri={tracking}"
+    )
     assert proc.returncode != 0
     (run,) = mlflow_runs(tracking, "quickstart")
     assert run.info.status == "FAILED"
@@ -87,9 +94,17 @@ def test_effnetb2_recipe_runs_on_a_small_npz_and_logs_a_registrable_model(tiny_n
     """The issue's 'done when': the reference recipe, random weights, one epoch per phase."""
     import mlflow
 
-    proc = run_module("bloodcell.train", "+experiment=effnetb2", f"data.path={tiny_npz}", "backbone.weights=null",
-                      "trainer.epochs=1", "finetune.epochs=1", "trainer.verbose=0", "backbone.input_size=96",
-                      f"tracking.uri={tracking}")
+    proc = run_module(
+        "bloodcell.train",
+        "+experiment=effnetb2",
+        f"data.path={tiny_npz}",
+        "backbone.weights=null",
+        "trainer.epochs=1",
+        "finetune.epochs=1",
+        "trainer.verbose=0",
+        "backbone.input_size=96",
+        f"tracking.uri={tracking}",
+    )
     assert_ok(proc)
     (run,) = mlflow_runs(tracking, "effnetb2")
     assert run.info.status == "FINISHED"
@@ -101,10 +116,20 @@ def test_effnetb2_recipe_runs_on_a_small_npz_and_logs_a_registrable_model(tiny_n
 @needs_shared_weights
 def test_mobilenet_with_the_shared_imagenet_weights(tracking):
     """Pretrained weights from a file: phase 1 freezes the backbone, phase 2 unfreezes its top blocks."""
-    proc = run_module("bloodcell.train", "+experiment=mobilenet_cpu", "data=demo", "data.image_size=32",
-                      "data.per_class=12", "backbone.input_size=32", f"backbone.weights={SHARED_WEIGHTS}",
-                      "trainer.epochs=1", "finetune.epochs=1", "finetune.unfreeze_blocks=2",
-                      "trainer.verbose=0", f"tracking.uri={tracking}")
+    proc = run_module(
+        "bloodcell.train",
+        "+experiment=mobilenet_cpu",
+        "data=demo",
+        "data.image_size=32",
+        "data.per_class=12",
+        "backbone.input_size=32",
+        f"backbone.weights={SHARED_WEIGHTS}",
+        "trainer.epochs=1",
+        "finetune.epochs=1",
+        "finetune.unfreeze_blocks=2",
+        "trainer.verbose=0",
+        f"tracking.uri={tracking}",
+    )
     assert_ok(proc)
     (run,) = mlflow_runs(tracking, "mobilenet_cpu")
     assert run.info.status == "FINISHED"
@@ -119,19 +144,29 @@ def test_data_clean_true_removes_unwanted_samples_and_reports_to_mlflow(tmp_path
     """Duplicates and a blank frame in the training file are removed before the split; counts and the
     report land in the run."""
     import mlflow
-    from bloodcell.data import make_demo_set
     from conftest import write_npz
+
+    from bloodcell.data import make_demo_set
 
     images, labels = make_demo_set(per_class=10, image_size=32, seed=2)
     images = np.concatenate([images, images[:4], np.full((1, 32, 32, 3), 255, np.uint8)])
     labels = np.concatenate([labels, labels[:4], [0]])
     path = write_npz(tmp_path / "polluted.npz", images, labels.astype(np.uint8).reshape(-1, 1))
-    proc = run_module("bloodcell.train", *TINY, "data=npz", f"data.path={path}", "data.clean=true",
-                      "finetune.epochs=0", f"tracking.uri={tracking}")
+    proc = run_module(
+        "bloodcell.train",
+        *TINY,
+        "data=npz",
+        f"data.path={path}",
+        "data.clean=true",
+        "finetune.epochs=0",
+        f"tracking.uri={tracking}",
+    )
     assert_ok(proc)
     (run,) = mlflow_runs(tracking, "quickstart")
     assert run.data.metrics["cleaning_removed"] >= 5
     report = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/cleaning/report.json")
     assert report["n_input"] == 85 and report["n_removed"] == run.data.metrics["cleaning_removed"]
     assert run.data.tags["data_fingerprint"] != run.data.tags["data_fingerprint_cleaned"]
-    assert "cleaning/removed.png" in {a.path for a in mlflow.MlflowClient(tracking).list_artifacts(run.info.run_id, "cleaning")}
+    assert "cleaning/removed.png" in {
+        a.path for a in mlflow.MlflowClient(tracking).list_artifacts(run.info.run_id, "cleaning")
+    }

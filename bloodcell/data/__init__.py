@@ -3,6 +3,7 @@
 Config group ``data`` (conf/data/*.yaml) maps to this package. Loading and validation use numpy only,
 so bad input is reported before TensorFlow is even imported.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,9 +17,22 @@ from bloodcell.data.demo import make_demo_set
 from bloodcell.data.formats import read_folder, read_image, read_medmnist, read_npz, validate
 from bloodcell.errors import UserError
 
-__all__ = ["Arrays", "Splits", "load_arrays", "split_arrays", "class_weights", "make_tf_dataset",
-           "fingerprint", "resolve_path", "read_npz", "read_folder", "read_image", "read_medmnist",
-           "make_demo_set", "validate"]
+__all__ = [
+    "Arrays",
+    "Splits",
+    "load_arrays",
+    "split_arrays",
+    "class_weights",
+    "make_tf_dataset",
+    "fingerprint",
+    "resolve_path",
+    "read_npz",
+    "read_folder",
+    "read_image",
+    "read_medmnist",
+    "make_demo_set",
+    "validate",
+]
 
 FORMATS = ("npz", "folder", "medmnist", "demo")
 
@@ -33,7 +47,7 @@ class Arrays:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: np.ndarray) -> "Arrays":
+    def subset(self, index: np.ndarray) -> Arrays:
         """Part of this set; keeps the fingerprint of the whole set it came from (a split is named by
         its source data, the seed and the fractions)."""
         return Arrays(self.images[index], self.labels[index], self.fingerprint, self.source)
@@ -80,8 +94,9 @@ def load_arrays(data_cfg) -> Arrays:
         images, labels = read_medmnist(int(data_cfg.size), path, resolve_path(data_cfg.cache_dir))
         source = str(path or f"bloodmnist_{data_cfg.size}")
     elif fmt == "demo":
-        images, labels = make_demo_set(int(data_cfg.per_class), int(data_cfg.image_size),
-                                       int(data_cfg.get("demo_seed", 0)))
+        images, labels = make_demo_set(
+            int(data_cfg.per_class), int(data_cfg.image_size), int(data_cfg.get("demo_seed", 0))
+        )
         source = f"demo (synthetic, {data_cfg.per_class} per class, {data_cfg.image_size}px)"
     else:
         raise UserError(f"data.format={fmt!r} is unknown; use one of {', '.join(FORMATS)}")
@@ -89,8 +104,12 @@ def load_arrays(data_cfg) -> Arrays:
     if limit and limit < len(labels):
         from sklearn.model_selection import train_test_split
 
-        keep, _ = train_test_split(np.arange(len(labels)), train_size=int(limit), random_state=0,
-                                   stratify=labels if np.bincount(labels).min() >= 2 else None)
+        keep, _ = train_test_split(
+            np.arange(len(labels)),
+            train_size=int(limit),
+            random_state=0,
+            stratify=labels if np.bincount(labels).min() >= 2 else None,
+        )
         images, labels = images[np.sort(keep)], labels[np.sort(keep)]
     return Arrays(images, labels, fingerprint(images, labels), source)
 
@@ -105,11 +124,17 @@ def split_arrays(arrays: Arrays, val_fraction: float, test_fraction: float, seed
     try:
         rest, test = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=stratify)
         val_share = val_fraction / (1 - test_fraction)
-        train, val = train_test_split(rest, test_size=val_share, random_state=seed,
-                                      stratify=None if stratify is None else arrays.labels[rest])
+        train, val = train_test_split(
+            rest,
+            test_size=val_share,
+            random_state=seed,
+            stratify=None if stratify is None else arrays.labels[rest],
+        )
     except ValueError as err:
-        raise UserError(f"cannot split {len(arrays)} samples into train/val/test ({err}); "
-                        "use more data or smaller data.val_fraction / data.test_fraction") from None
+        raise UserError(
+            f"cannot split {len(arrays)} samples into train/val/test ({err}); "
+            "use more data or smaller data.val_fraction / data.test_fraction"
+        ) from None
     return Splits(arrays.subset(train), arrays.subset(val), arrays.subset(test))
 
 
@@ -122,8 +147,7 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {int(c): float(w) for c, w in zip(present, weights)}
 
 
-def make_tf_dataset(arrays: Arrays, batch_size: int, *, training: bool, seed: int,
-                    augment=None, mixer=None):
+def make_tf_dataset(arrays: Arrays, batch_size: int, *, training: bool, seed: int, augment=None, mixer=None):
     """(float32 pixels 0-255, one-hot float32 labels) batches. Shuffling, ``augment`` (a Keras layer
     called with training=True) and ``mixer`` (batch-level MixUp/CutMix) apply to training batches only.
     Pixels stay uint8 until batched: a quarter of the memory traffic of float32 slices."""

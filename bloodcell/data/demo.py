@@ -5,6 +5,7 @@ download and no file: each class has its own look (cell size, nucleus shape and 
 granules), with random position, size, rotation, stain and noise, so a model has something real to learn.
 Deterministic for a given (per_class, image_size, seed).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,14 +16,14 @@ from bloodcell import NUM_CLASSES
 # cytoplasm RGB, granule count and granule RGB. Loosely modelled on May-Grünwald-Giemsa smears.
 _CLASS_LOOK = [
     # radius lobes nucleus cytoplasm         granules granule colour
-    (0.30, 2, 0.55, (200, 170, 215), 60, (70, 30, 110)),    # basophil: dark purple granules everywhere
-    (0.32, 2, 0.40, (235, 170, 140), 45, (215, 90, 60)),    # eosinophil: bilobed, orange granules
-    (0.22, 1, 0.62, (170, 120, 150), 0, (0, 0, 0)),         # erythroblast: small, round dense nucleus
-    (0.36, 1, 0.55, (190, 180, 215), 12, (150, 90, 150)),   # immature granulocyte: large, bluish
-    (0.24, 1, 0.80, (160, 185, 230), 0, (0, 0, 0)),         # lymphocyte: nucleus fills the cell
-    (0.40, 1, 0.60, (185, 180, 200), 0, (0, 0, 0)),         # monocyte: largest, folded nucleus
-    (0.31, 4, 0.30, (225, 200, 215), 8, (180, 140, 180)),   # neutrophil: multi-lobed nucleus
-    (0.10, 0, 0.00, (150, 100, 170), 6, (110, 60, 140)),    # platelet: tiny fragment
+    (0.30, 2, 0.55, (200, 170, 215), 60, (70, 30, 110)),  # basophil: dark purple granules everywhere
+    (0.32, 2, 0.40, (235, 170, 140), 45, (215, 90, 60)),  # eosinophil: bilobed, orange granules
+    (0.22, 1, 0.62, (170, 120, 150), 0, (0, 0, 0)),  # erythroblast: small, round dense nucleus
+    (0.36, 1, 0.55, (190, 180, 215), 12, (150, 90, 150)),  # immature granulocyte: large, bluish
+    (0.24, 1, 0.80, (160, 185, 230), 0, (0, 0, 0)),  # lymphocyte: nucleus fills the cell
+    (0.40, 1, 0.60, (185, 180, 200), 0, (0, 0, 0)),  # monocyte: largest, folded nucleus
+    (0.31, 4, 0.30, (225, 200, 215), 8, (180, 140, 180)),  # neutrophil: multi-lobed nucleus
+    (0.10, 0, 0.00, (150, 100, 170), 6, (110, 60, 140)),  # platelet: tiny fragment
 ]
 _NUCLEUS_RGB = np.array([95, 50, 125], dtype=np.float32)
 _BACKGROUND_RGB = np.array([232, 208, 205], dtype=np.float32)
@@ -52,7 +53,9 @@ def _one_image(cls: int, size: int, rng: np.random.Generator) -> np.ndarray:
             ly, lx = cy + spread * np.sin(a), cx + spread * np.cos(a)
             nucleus |= np.hypot(yy - ly, xx - lx) < lobe_r * rng.uniform(0.85, 1.1)
         if cls == 5:  # monocyte: a kidney-shaped, indented nucleus
-            nucleus &= np.hypot(yy - cy - r * 0.5 * np.sin(angle), xx - cx - r * 0.5 * np.cos(angle)) > r * 0.3
+            nucleus &= (
+                np.hypot(yy - cy - r * 0.5 * np.sin(angle), xx - cx - r * 0.5 * np.cos(angle)) > r * 0.3
+            )
     image[nucleus & cell] = _NUCLEUS_RGB * stain
     for _ in range(n_granules):
         gr, ga = r * np.sqrt(rng.uniform(0, 0.9)), rng.uniform(0, 2 * np.pi)

@@ -3,6 +3,7 @@
 Each reader returns ``(images, labels)``: uint8 (N, H, W, 3) and int64 (N,), already validated, or raises
 UserError with one line that says what is wrong and how to fix it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,30 +29,44 @@ MEDMNIST_SPLITS = ("train", "val", "test")
 def validate(images: np.ndarray, labels: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
     """Check the competition contract and return (uint8 images, int64 labels)."""
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise UserError(f"{source}: images have shape {images.shape}, expected (N, H, W, 3) RGB; "
-                        "convert the file to the competition layout (uint8 N x 96 x 96 x 3)")
+        raise UserError(
+            f"{source}: images have shape {images.shape}, expected (N, H, W, 3) RGB; "
+            "convert the file to the competition layout (uint8 N x 96 x 96 x 3)"
+        )
     labels = np.asarray(labels)
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1 or len(labels) != len(images):
-        raise UserError(f"{source}: labels have shape {labels.shape} for {len(images)} images, "
-                        "expected (N,) or (N, 1) class ids")
+        raise UserError(
+            f"{source}: labels have shape {labels.shape} for {len(images)} images, "
+            "expected (N,) or (N, 1) class ids"
+        )
     if len(images) == 0:
         raise UserError(f"{source}: holds no images")
     if images.dtype.kind == "f":
         if not np.isfinite(images).all():
-            raise UserError(f"{source}: images contain NaN or infinite values; remove or repair those samples")
+            raise UserError(
+                f"{source}: images contain NaN or infinite values; remove or repair those samples"
+            )
     if labels.dtype.kind == "f" and not np.isfinite(labels).all():
         raise UserError(f"{source}: labels contain NaN; every image needs a class id 0-{NUM_CLASSES - 1}")
     if images.dtype != np.uint8:
-        raise UserError(f"{source}: images are {images.dtype}, expected uint8 pixel values 0-255; "
-                        "save them with images.astype('uint8')")
-    if labels.dtype.kind not in "iuf" or (labels.dtype.kind == "f" and not np.all(labels == np.round(labels))):
-        raise UserError(f"{source}: labels are {labels.dtype}, expected integer class ids 0-{NUM_CLASSES - 1}")
+        raise UserError(
+            f"{source}: images are {images.dtype}, expected uint8 pixel values 0-255; "
+            "save them with images.astype('uint8')"
+        )
+    if labels.dtype.kind not in "iuf" or (
+        labels.dtype.kind == "f" and not np.all(labels == np.round(labels))
+    ):
+        raise UserError(
+            f"{source}: labels are {labels.dtype}, expected integer class ids 0-{NUM_CLASSES - 1}"
+        )
     bad = (labels < 0) | (labels >= NUM_CLASSES)
     if bad.any():
-        raise UserError(f"{source}: {int(bad.sum())} labels outside 0-{NUM_CLASSES - 1} "
-                        f"(e.g. {labels[bad][0]!r}); class ids are {', '.join(CLASS_NAMES)} in that order")
+        raise UserError(
+            f"{source}: {int(bad.sum())} labels outside 0-{NUM_CLASSES - 1} "
+            f"(e.g. {labels[bad][0]!r}); class ids are {', '.join(CLASS_NAMES)} in that order"
+        )
     return images, labels.astype(np.int64)
 
 
@@ -59,17 +74,23 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The competition layout: ``images`` uint8 (N, 96, 96, 3) and ``labels`` (N, 1) or (N,)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"data file {path} not found; put the course's training_set.npz there "
-                        "(or set data.path=...), or try the built-in demo with +experiment=quickstart")
+        raise UserError(
+            f"data file {path} not found; put the course's training_set.npz there "
+            "(or set data.path=...), or try the built-in demo with +experiment=quickstart"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = {"images", "labels"} - set(npz.files)
             if missing:
-                raise UserError(f"{path}: no array(s) {sorted(missing)} (found {npz.files}); "
-                                "expected the competition layout with 'images' and 'labels'")
+                raise UserError(
+                    f"{path}: no array(s) {sorted(missing)} (found {npz.files}); "
+                    "expected the competition layout with 'images' and 'labels'"
+                )
             return validate(npz["images"], npz["labels"], str(path))
     except (ValueError, OSError) as err:  # corrupt archive, or object arrays refused by allow_pickle=False
-        raise UserError(f"{path}: cannot be read as an npz archive ({err}); re-export it with numpy.savez") from None
+        raise UserError(
+            f"{path}: cannot be read as an npz archive ({err}); re-export it with numpy.savez"
+        ) from None
 
 
 def read_folder(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -79,8 +100,9 @@ def read_folder(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
     path = Path(path)
     if not path.is_dir():
-        raise UserError(f"image folder {path} not found; expected one sub-folder per class "
-                        f"({', '.join(CLASS_NAMES)})")
+        raise UserError(
+            f"image folder {path} not found; expected one sub-folder per class ({', '.join(CLASS_NAMES)})"
+        )
     aliases = {name: cid for cid, name in enumerate(CLASS_NAMES)}
     aliases.update({"immature_granulocyte": 3, "immature_granulocytes": 3})
     unknown = [d.name for d in path.iterdir() if d.is_dir() and d.name.lower() not in aliases]
@@ -97,7 +119,9 @@ def read_folder(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"{path}: no images found in class sub-folders ({', '.join(CLASS_NAMES)})")
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise UserError(f"{path}: images have different sizes {sorted(shapes)[:3]}...; resize them to one size")
+        raise UserError(
+            f"{path}: images have different sizes {sorted(shapes)[:3]}...; resize them to one size"
+        )
     return validate(np.stack(images), np.array(labels), str(path))
 
 
@@ -123,18 +147,28 @@ def read_medmnist(size: int, path: str | Path | None, cache_dir: str | Path) -> 
         import keras
 
         try:
-            path = keras.utils.get_file(filename, f"{MEDMNIST_RECORD}/{filename}?download=1", file_hash=md5,
-                                        hash_algorithm="md5", cache_dir=str(cache_dir), cache_subdir="medmnist")
+            path = keras.utils.get_file(
+                filename,
+                f"{MEDMNIST_RECORD}/{filename}?download=1",
+                file_hash=md5,
+                hash_algorithm="md5",
+                cache_dir=str(cache_dir),
+                cache_subdir="medmnist",
+            )
         except Exception as err:
-            raise UserError(f"could not fetch BloodMNIST ({filename}) from {MEDMNIST_RECORD}: {err}; "
-                            "download it by hand and set data.path=<file>") from None
+            raise UserError(
+                f"could not fetch BloodMNIST ({filename}) from {MEDMNIST_RECORD}: {err}; "
+                "download it by hand and set data.path=<file>"
+            ) from None
     path = Path(path)
     if not path.is_file():
         raise UserError(f"BloodMNIST file {path} not found; set data.path=null to download it")
     with np.load(path, allow_pickle=False) as npz:
         keys = [f"{split}_images" for split in MEDMNIST_SPLITS]
         if not all(k in npz.files for k in keys):
-            raise UserError(f"{path}: not MedMNIST's layout (expected {keys} and *_labels, found {npz.files})")
+            raise UserError(
+                f"{path}: not MedMNIST's layout (expected {keys} and *_labels, found {npz.files})"
+            )
         images = np.concatenate([npz[f"{s}_images"] for s in MEDMNIST_SPLITS])
         labels = np.concatenate([npz[f"{s}_labels"].reshape(-1) for s in MEDMNIST_SPLITS])
     if images.ndim == 3:  # MedMNIST stores greyscale sets without a channel axis; BloodMNIST is RGB

@@ -1,12 +1,21 @@
 """Models: backbone (config group ``backbone``) + head (``head``), with resizing and preprocessing inside
 the model so it takes raw 0-255 pixels of any size and can be loaded with plain Keras."""
+
 from __future__ import annotations
 
 from bloodcell.models.backbones import BACKBONES, build_backbone, get_spec, input_size, layer_blocks
 from bloodcell.models.head import build_head
 
-__all__ = ["BACKBONES", "build_model", "build_backbone", "build_head", "get_spec", "layer_blocks",
-           "pretrained", "BACKBONE_LAYER"]
+__all__ = [
+    "BACKBONES",
+    "build_model",
+    "build_backbone",
+    "build_head",
+    "get_spec",
+    "layer_blocks",
+    "pretrained",
+    "BACKBONE_LAYER",
+]
 
 BACKBONE_LAYER = "backbone"
 

@@ -3,19 +3,19 @@ input size, its own preprocessing and a rule that groups its layers into blocks 
 
 To add a backbone: add a BackboneSpec here and, if users should pick it by file, a conf/backbone/ YAML.
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from bloodcell.errors import UserError
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    constructor: str            # attribute of keras.applications (or "small_cnn")
-    input_size: int             # native input side
+    constructor: str  # attribute of keras.applications (or "small_cnn")
+    input_size: int  # native input side
     # How the model wants its 0-255 pixels: "included" (the application rescales itself),
     # "tf" (scaled to [-1, 1]), "torch" (to [0, 1], then ImageNet mean/std), "unit" (to [0, 1]).
     preprocessing: str
@@ -30,19 +30,29 @@ _EFFNET_SIZES = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "b4": 380, "b5": 45
 _EFFNETV2_SIZES = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "s": 384, "m": 480, "l": 480}
 
 BACKBONES: dict[str, BackboneSpec] = {
-    **{f"efficientnet{v}": BackboneSpec(f"EfficientNet{v.upper()}", s, "included", _EFFNET)
-       for v, s in _EFFNET_SIZES.items()},
-    **{f"efficientnetv2{v}": BackboneSpec(f"EfficientNetV2{v.upper()}", s, "included", _EFFNET)
-       for v, s in _EFFNETV2_SIZES.items()},
+    **{
+        f"efficientnet{v}": BackboneSpec(f"EfficientNet{v.upper()}", s, "included", _EFFNET)
+        for v, s in _EFFNET_SIZES.items()
+    },
+    **{
+        f"efficientnetv2{v}": BackboneSpec(f"EfficientNetV2{v.upper()}", s, "included", _EFFNET)
+        for v, s in _EFFNETV2_SIZES.items()
+    },
     "mobilenet": BackboneSpec("MobileNet", 224, "tf", r"^conv_(?:dw|pw|pad)_(\d+)"),
     "mobilenetv2": BackboneSpec("MobileNetV2", 224, "tf", r"^block_(\d+)_|^(expanded_conv)_"),
     "mobilenetv3small": BackboneSpec("MobileNetV3Small", 224, "included", r"^expanded_conv_?(\d*)_"),
     "mobilenetv3large": BackboneSpec("MobileNetV3Large", 224, "included", r"^expanded_conv_?(\d*)_"),
     "resnet50v2": BackboneSpec("ResNet50V2", 224, "tf", r"^(conv\d)_block"),
     "densenet121": BackboneSpec("DenseNet121", 224, "torch", r"^(conv\d)_block|^(pool\d)_"),
-    "convnext_tiny": BackboneSpec("ConvNeXtTiny", 224, "included", r"_(stage_\d+)_|_(downsampling_block_\d+)"),
-    "convnext_small": BackboneSpec("ConvNeXtSmall", 224, "included", r"_(stage_\d+)_|_(downsampling_block_\d+)"),
-    "convnext_base": BackboneSpec("ConvNeXtBase", 224, "included", r"_(stage_\d+)_|_(downsampling_block_\d+)"),
+    "convnext_tiny": BackboneSpec(
+        "ConvNeXtTiny", 224, "included", r"_(stage_\d+)_|_(downsampling_block_\d+)"
+    ),
+    "convnext_small": BackboneSpec(
+        "ConvNeXtSmall", 224, "included", r"_(stage_\d+)_|_(downsampling_block_\d+)"
+    ),
+    "convnext_base": BackboneSpec(
+        "ConvNeXtBase", 224, "included", r"_(stage_\d+)_|_(downsampling_block_\d+)"
+    ),
     "small_cnn": BackboneSpec("small_cnn", 96, "unit", r"^(conv_block\d+)_"),
 }
 
@@ -61,8 +71,10 @@ def check_weights(weights: str | None) -> str | None:
 
     path = resolve_path(weights)
     if not path.is_file():
-        raise UserError(f"backbone.weights file {weights} not found; give an existing .h5 path, "
-                        "'imagenet' (needs internet once) or null (random initialisation)")
+        raise UserError(
+            f"backbone.weights file {weights} not found; give an existing .h5 path, "
+            "'imagenet' (needs internet once) or null (random initialisation)"
+        )
     return str(path)
 
 
@@ -88,12 +100,16 @@ def build_backbone(backbone_cfg):
         return constructor(include_top=False, weights=weights, input_shape=shape, pooling="avg", **kwargs)
     except ValueError as err:
         # e.g. weights for another alpha/size, or a file that is not a weights file of this model
-        raise UserError(f"cannot build {backbone_cfg.name} with weights={backbone_cfg.weights}: "
-                        f"{str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot build {backbone_cfg.name} with weights={backbone_cfg.weights}: "
+            f"{str(err).splitlines()[0]}"
+        ) from None
     except Exception as err:
         if weights == "imagenet":
-            raise UserError(f"could not fetch ImageNet weights for {backbone_cfg.name} ({type(err).__name__}); "
-                            "without internet use backbone.weights=<local .h5 file> or null") from None
+            raise UserError(
+                f"could not fetch ImageNet weights for {backbone_cfg.name} ({type(err).__name__}); "
+                "without internet use backbone.weights=<local .h5 file> or null"
+            ) from None
         raise
 
 
@@ -111,8 +127,10 @@ def preprocessing_layers(name: str) -> list:
         return [keras.layers.Rescaling(1 / 255.0, name="to_unit")]
     if mode == "torch":
         mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-        return [keras.layers.Rescaling(1 / 255.0, name="to_unit"),
-                keras.layers.Normalization(mean=mean, variance=[s * s for s in std], name="imagenet_norm")]
+        return [
+            keras.layers.Rescaling(1 / 255.0, name="to_unit"),
+            keras.layers.Normalization(mean=mean, variance=[s * s for s in std], name="imagenet_norm"),
+        ]
     raise ValueError(f"unknown preprocessing mode {mode}")
 
 

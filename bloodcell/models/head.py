@@ -1,4 +1,5 @@
 """The classification head: a dense stack on pooled backbone features (config group ``head``)."""
+
 from __future__ import annotations
 
 from bloodcell import NUM_CLASSES
@@ -16,7 +17,9 @@ def build_head(features, head_cfg):
     for i, (width, rate) in enumerate(zip(units, dropout), start=1):
         x = layers.Dense(width, use_bias=not head_cfg.batchnorm, name=f"head_dense{i}")(x)
         if head_cfg.batchnorm:
-            x = layers.BatchNormalization(momentum=head_cfg.get("batchnorm_momentum", 0.99), name=f"head_bn{i}")(x)
+            x = layers.BatchNormalization(
+                momentum=head_cfg.get("batchnorm_momentum", 0.99), name=f"head_bn{i}"
+            )(x)
         x = layers.LeakyReLU(negative_slope=head_cfg.leaky_relu_slope, name=f"head_act{i}")(x)
         if rate:
             x = layers.Dropout(rate, name=f"head_dropout{i}")(x)
@@ -37,14 +40,17 @@ def precise_batchnorm_callback(model, train_images, count: int, seed: int, batch
     import tensorflow as tf
 
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    sample = np.sort(np.random.default_rng(seed).permutation(len(train_images))[:max(int(count), 0)])
+    sample = np.sort(np.random.default_rng(seed).permutation(len(train_images))[: max(int(count), 0)])
     if not norms or len(sample) == 0:
         return None
     images = train_images[sample]
     # one pass through the backbone up to the first BatchNorm, then only the small head parts in between
-    parts = [keras.Model(model.inputs, norms[0].input)] + \
-            [keras.Model(before.input, after.input) for before, after in zip(norms, norms[1:])]
-    batches = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).map(lambda x: tf.cast(x, tf.float32))
+    parts = [keras.Model(model.inputs, norms[0].input)] + [
+        keras.Model(before.input, after.input) for before, after in zip(norms, norms[1:])
+    ]
+    batches = (
+        tf.data.Dataset.from_tensor_slices(images).batch(batch_size).map(lambda x: tf.cast(x, tf.float32))
+    )
 
     class PreciseBatchNorm(keras.callbacks.Callback):
         def on_test_begin(self, logs=None):

@@ -12,6 +12,7 @@ queue (WAITING) for whoever needs a trial next.
 A running trial carries its sweep process (host, pid) and a heartbeat time as system attributes. It is
 interrupted when that process is gone from this host, or its heartbeat is 4 intervals old.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,9 +27,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import optuna
 from hydra.core.utils import JobReturn
@@ -39,7 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 from bloodcell.errors import UserError
 from bloodcell.trial import PRUNER_ATTR, lock_path, make_pruner, open_storage, redact, resolve_storage_url
 
-from ._search_space import SearchSpace, grid_of, parse_search_space
+from ._search_space import grid_of, parse_search_space
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +51,35 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUNS_ATTR = "bloodcell:sweep_runs"
 STALE_AFTER_BEATS = 4
 
-_SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "grid": "GridSampler",
-             "cmaes": "CmaEsSampler", "qmc": "QMCSampler", "gp": "GPSampler"}
+_SAMPLERS = {
+    "tpe": "TPESampler",
+    "random": "RandomSampler",
+    "grid": "GridSampler",
+    "cmaes": "CmaEsSampler",
+    "qmc": "QMCSampler",
+    "gp": "GPSampler",
+}
 
 
 @dataclass
 class SweepOptions:
-    study_name: Optional[str] = None
-    storage: Optional[str] = None
+    study_name: str | None = None
+    storage: str | None = None
     direction: str = "maximize"
     n_trials: int = 20
     n_jobs: int = 1
     sampler: dict = field(default_factory=lambda: {"name": "tpe"})  # name, seed, {<name>: kwargs}
     pruner: dict = field(default_factory=lambda: {"name": "median"})  # name, {<name>: kwargs}
     params: dict = field(default_factory=dict)
-    max_consecutive_failures: Optional[int] = 5
+    max_consecutive_failures: int | None = 5
     heartbeat_interval: int = 30
 
     @classmethod
-    def from_config(cls, options: dict) -> "SweepOptions":
-        plain = {k: (OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v)
-                 for k, v in options.items()}
+    def from_config(cls, options: dict) -> SweepOptions:
+        plain = {
+            k: (OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v)
+            for k, v in options.items()
+        }
         plain["params"] = plain.get("params") or {}
         return cls(**plain)
 
@@ -105,20 +115,31 @@ def _pid_alive(pid: int) -> bool:
 
 
 class OptunaSweep:
-    def __init__(self, options: SweepOptions, *, hydra_context: HydraContext, task_function: TaskFunction,
-                 config: DictConfig) -> None:
+    def __init__(
+        self,
+        options: SweepOptions,
+        *,
+        hydra_context: HydraContext,
+        task_function: TaskFunction,
+        config: DictConfig,
+    ) -> None:
         from hydra.core.plugins import Plugins
 
         self.options = options
         self.hydra_context = hydra_context
         self.config = config
         self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config)
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
-                      "interval": int(options.heartbeat_interval)}
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+        self.owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": uuid.uuid4().hex,
+            "interval": int(options.heartbeat_interval),
+        }
         self.objective_name = str(config.get("objective") or "objective")
         self.in_flight: dict[int, optuna.trial.Trial] = {}
-        self.mlflow: Optional[_ParentRun] = None
+        self.mlflow: _ParentRun | None = None
         self.failures_in_a_row = 0
         self.last_error = ""
 
@@ -161,9 +182,13 @@ class OptunaSweep:
                 signal.signal(signal.SIGTERM, previous_term)
             self._finish(status)
         if status == "FAILED":
-            print(f"error: the last {self.failures_in_a_row} trials failed, so the sweep stopped (last error: "
-                  f"{self.last_error}); fix it and rerun the same command to resume the study, or raise "
-                  "hydra.sweeper.max_consecutive_failures", file=sys.stderr, flush=True)
+            print(
+                f"error: the last {self.failures_in_a_row} trials failed, so the sweep stopped (last error: "
+                f"{self.last_error}); fix it and rerun the same command to resume the study, or raise "
+                "hydra.sweeper.max_consecutive_failures",
+                file=sys.stderr,
+                flush=True,
+            )
             sys.exit(1)
         return returns
 
@@ -176,8 +201,10 @@ class OptunaSweep:
         space_args = [f"{key}={value}" for key, value in opts.params.items()] + list(arguments)
         self.space = parse_search_space(space_args)
         if not self.space.distributions:
-            raise UserError("nothing to search: give hydra.sweeper.params (a sweeps/ file) or a sweep "
-                            "override such as 'finetune.lr=tag(log, interval(1e-5, 1e-3))'")
+            raise UserError(
+                "nothing to search: give hydra.sweeper.params (a sweeps/ file) or a sweep "
+                "override such as 'finetune.lr=tag(log, interval(1e-5, 1e-3))'"
+            )
         self._check_composes()
         self.n_trials = int(opts.n_trials)
         self._make_sampler()  # fails on bad settings before the storage is touched
@@ -190,8 +217,13 @@ class OptunaSweep:
         self.study_name = str(opts.study_name or choices.get("sweeps") or self.config.hydra.job.name)
         try:
             with self._lock():
-                self.study = optuna.create_study(study_name=self.study_name, storage=self.storage,
-                                                 pruner=pruner, direction=opts.direction, load_if_exists=True)
+                self.study = optuna.create_study(
+                    study_name=self.study_name,
+                    storage=self.storage,
+                    pruner=pruner,
+                    direction=opts.direction,
+                    load_if_exists=True,
+                )
                 # The n-th sweep process of a study seeds its sampler with seed + n: a resumed or parallel
                 # sweep must not draw the same points again, and a fresh one stays reproducible.
                 attrs = self.storage.get_study_system_attrs(self.study._study_id)
@@ -206,11 +238,18 @@ class OptunaSweep:
                 self.mlflow = _ParentRun.open(self)
         trials = self.study.get_trials(deepcopy=False)
         seed = opts.sampler.get("seed")
-        log.info("study '%s' in %s: %s %s, sampler %s%s, pruner %s; %d of %d trials exist",
-                 self.study_name, redact(self.storage_url), opts.direction, self.objective_name,
-                 self.sampler_name, "" if seed is None else f" (seed {int(seed) + self.run_index})",
-                 self.pruner_spec["name"],
-                 sum(map(counts_toward_total, trials)), self.n_trials)
+        log.info(
+            "study '%s' in %s: %s %s, sampler %s%s, pruner %s; %d of %d trials exist",
+            self.study_name,
+            redact(self.storage_url),
+            opts.direction,
+            self.objective_name,
+            self.sampler_name,
+            "" if seed is None else f" (seed {int(seed) + self.run_index})",
+            self.pruner_spec["name"],
+            sum(map(counts_toward_total, trials)),
+            self.n_trials,
+        )
         for name, written in self.space.written.items():
             log.info("  %s: %s", name, written)
 
@@ -286,7 +325,7 @@ class OptunaSweep:
             batch.append(trial)
         return batch
 
-    def _claim(self) -> Optional[optuna.trial.Trial]:
+    def _claim(self) -> optuna.trial.Trial | None:
         with self._lock():
             self._recover_interrupted()
             if sum(map(counts_toward_total, self.study.get_trials(deepcopy=False))) >= self.n_trials:
@@ -297,14 +336,17 @@ class OptunaSweep:
             storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_ATTR, time.time())
             self.in_flight[trial._trial_id] = trial
         # Processes on other machines share no lock: the trial's rank among the counted ones decides.
-        ahead = [t for t in self.study.get_trials(deepcopy=False)
-                 if t._trial_id < trial._trial_id and counts_toward_total(t)]
+        ahead = [
+            t
+            for t in self.study.get_trials(deepcopy=False)
+            if t._trial_id < trial._trial_id and counts_toward_total(t)
+        ]
         if len(ahead) >= self.n_trials:
             del self.in_flight[trial._trial_id]
             self.study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
             return None
         storage.set_trial_system_attr(trial._trial_id, PRUNER_ATTR, self.pruner_spec)
-        rerun = self.rerun_prefix + self.space.overrides_for(trial.params)[len(self.space.fixed):]
+        rerun = self.rerun_prefix + self.space.overrides_for(trial.params)[len(self.space.fixed) :]
         storage.set_trial_user_attr(trial._trial_id, "overrides", rerun)
         return trial
 
@@ -343,14 +385,18 @@ class OptunaSweep:
 
     # ------------------------------------------------------------------ running trials
     def _trial_overrides(self, trial: optuna.trial.Trial) -> list[str]:
-        extra = [f"++trial.storage={_quote(self.storage_url)}",
-                 f"++trial.study_name={_quote(self.study_name)}",
-                 f"++trial.trial_id={trial._trial_id}",
-                 f"++trial.number={trial.number}"]
+        extra = [
+            f"++trial.storage={_quote(self.storage_url)}",
+            f"++trial.study_name={_quote(self.study_name)}",
+            f"++trial.trial_id={trial._trial_id}",
+            f"++trial.number={trial.number}",
+        ]
         if self.mlflow is not None:
             # a name per trial: runs named at random would all be alike (train seeds `random`)
-            extra[:0] = [f"++tracking.parent_run_id={self.mlflow.run_id}",
-                         f"++tracking.run_name={_quote(f'{self.study_name}-trial-{trial.number}')}"]
+            extra[:0] = [
+                f"++tracking.parent_run_id={self.mlflow.run_id}",
+                f"++tracking.run_name={_quote(f'{self.study_name}-trial-{trial.number}')}",
+            ]
         return self.space.overrides_for(trial.params) + extra
 
     def _run_batch(self, batch: list[optuna.trial.Trial]) -> list[JobReturn]:
@@ -401,8 +447,9 @@ class OptunaSweep:
             outcome = f"at step {last}" if last is not None else ""
         else:
             outcome = (error or "").splitlines()[0][:300]
-        log.info("trial %d %s %s | %s | %s", trial.number, frozen.state.name, outcome, params,
-                 _duration(elapsed))
+        log.info(
+            "trial %d %s %s | %s | %s", trial.number, frozen.state.name, outcome, params, _duration(elapsed)
+        )
         if state == TrialState.FAIL and self.mlflow is not None:
             self.mlflow.fail_child(trial.number, error or "failed", only_if_missing=True)
 
@@ -411,13 +458,24 @@ class OptunaSweep:
         c = summary_counts(trials)
         done = c["complete"] + c["pruned"] + c["failed"]
         best = self._best(trials)
-        best_text = (f"best {self.objective_name}={best.value:.4f} (trial {best.number})"
-                     if best is not None else "no complete trial yet")
-        log.info("study '%s': %d/%d trials done (%d complete, %d pruned, %d failed%s); %s",
-                 self.study_name, done, self.n_trials, c["complete"], c["pruned"], c["failed"],
-                 f", {c['running']} running" if c["running"] else "", best_text)
+        best_text = (
+            f"best {self.objective_name}={best.value:.4f} (trial {best.number})"
+            if best is not None
+            else "no complete trial yet"
+        )
+        log.info(
+            "study '%s': %d/%d trials done (%d complete, %d pruned, %d failed%s); %s",
+            self.study_name,
+            done,
+            self.n_trials,
+            c["complete"],
+            c["pruned"],
+            c["failed"],
+            f", {c['running']} running" if c["running"] else "",
+            best_text,
+        )
 
-    def _best(self, trials: list[FrozenTrial]) -> Optional[FrozenTrial]:
+    def _best(self, trials: list[FrozenTrial]) -> FrozenTrial | None:
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         if not complete:
             return None
@@ -438,8 +496,13 @@ class OptunaSweep:
                 log.warning("could not finish the MLflow parent run: %s", err, exc_info=True)
         best = self._best(trials)
         if best is not None:
-            log.info("best trial %d: %s=%.4f; re-run it with: python -m bloodcell.train %s", best.number,
-                     self.objective_name, best.value, " ".join(best.user_attrs.get("overrides", [])))
+            log.info(
+                "best trial %d: %s=%.4f; re-run it with: python -m bloodcell.train %s",
+                best.number,
+                self.objective_name,
+                best.value,
+                " ".join(best.user_attrs.get("overrides", [])),
+            )
 
 
 class _ParentRun:
@@ -450,7 +513,7 @@ class _ParentRun:
         self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
 
     @classmethod
-    def open(cls, sweep: OptunaSweep) -> "_ParentRun":
+    def open(cls, sweep: OptunaSweep) -> _ParentRun:
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -470,14 +533,25 @@ class _ParentRun:
                     parent._set_tags(sweep)
                     return parent
             except Exception as err:  # gone, or another tracking store: start a new parent run
-                log.info("MLflow: parent run %s of the study is not usable here (%s); starting a new one",
-                         run_id, err)
+                log.info(
+                    "MLflow: parent run %s of the study is not usable here (%s); starting a new one",
+                    run_id,
+                    err,
+                )
         opts = sweep.options
-        run = client.create_run(experiment_id, run_name=f"sweep-{sweep.study_name}",
-                                tags={"bloodcell.sweep": "true", "optuna.study_name": sweep.study_name})
-        params = {"study_name": sweep.study_name, "direction": opts.direction,
-                  "sampler": sweep.sampler_name, "pruner": sweep.pruner_spec["name"],
-                  "storage": redact(sweep.storage_url), "objective": sweep.objective_name}
+        run = client.create_run(
+            experiment_id,
+            run_name=f"sweep-{sweep.study_name}",
+            tags={"bloodcell.sweep": "true", "optuna.study_name": sweep.study_name},
+        )
+        params = {
+            "study_name": sweep.study_name,
+            "direction": opts.direction,
+            "sampler": sweep.sampler_name,
+            "pruner": sweep.pruner_spec["name"],
+            "storage": redact(sweep.storage_url),
+            "objective": sweep.objective_name,
+        }
         params.update({f"space.{k}": v for k, v in sweep.space.written.items()})
         for key, value in params.items():
             client.log_param(run.info.run_id, key, str(value)[:6000])
@@ -489,16 +563,25 @@ class _ParentRun:
 
     def _set_tags(self, sweep: OptunaSweep) -> None:
         opts = sweep.options
-        tags = {"n_trials": sweep.n_trials, "n_jobs": opts.n_jobs,
-                "sampler.config": json.dumps({"name": sweep.sampler_name, "seed": opts.sampler.get("seed"),
-                                              **(opts.sampler.get(sweep.sampler_name) or {})}, sort_keys=True),
-                "pruner.config": json.dumps(sweep.pruner_spec, sort_keys=True),
-                "search_space": " ".join(f"{k}={v}" for k, v in sweep.space.written.items()),
-                "fixed_overrides": " ".join(sweep.rerun_prefix)}
+        tags = {
+            "n_trials": sweep.n_trials,
+            "n_jobs": opts.n_jobs,
+            "sampler.config": json.dumps(
+                {
+                    "name": sweep.sampler_name,
+                    "seed": opts.sampler.get("seed"),
+                    **(opts.sampler.get(sweep.sampler_name) or {}),
+                },
+                sort_keys=True,
+            ),
+            "pruner.config": json.dumps(sweep.pruner_spec, sort_keys=True),
+            "search_space": " ".join(f"{k}={v}" for k, v in sweep.space.written.items()),
+            "fixed_overrides": " ".join(sweep.rerun_prefix),
+        }
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, str(value)[:5000])
 
-    def children(self, number: Optional[int] = None) -> list:
+    def children(self, number: int | None = None) -> list:
         query = f"tags.mlflow.parentRunId = '{self.run_id}'"
         if number is not None:
             query += f" and tags.trial_number = '{number}'"
@@ -510,8 +593,11 @@ class _ParentRun:
         try:
             runs = self.children(number)
             if not runs:
-                run = self.client.create_run(self.experiment_id, run_name=f"trial-{number}", tags={
-                    "mlflow.parentRunId": self.run_id, "trial_number": str(number)})
+                run = self.client.create_run(
+                    self.experiment_id,
+                    run_name=f"trial-{number}",
+                    tags={"mlflow.parentRunId": self.run_id, "trial_number": str(number)},
+                )
                 runs = [run]
             elif only_if_missing:
                 return
@@ -524,8 +610,9 @@ class _ParentRun:
         except Exception as err:
             log.warning("MLflow: could not mark trial %d's run failed: %s", number, err)
 
-    def finish(self, trials: list[FrozenTrial], best: Optional[FrozenTrial], files: list[Path],
-               status: str) -> None:
+    def finish(
+        self, trials: list[FrozenTrial], best: FrozenTrial | None, files: list[Path], status: str
+    ) -> None:
         counts = summary_counts(trials)
         metrics = {f"n_{k}": v for k, v in counts.items()}
         if best is not None:
@@ -540,7 +627,9 @@ class _ParentRun:
         for key, value in metrics.items():
             self.client.log_metric(self.run_id, key, float(value), step=step)
         for path in files:
-            self.client.log_artifact(self.run_id, str(path), artifact_path="plots" if path.suffix == ".png" else None)
+            self.client.log_artifact(
+                self.run_id, str(path), artifact_path="plots" if path.suffix == ".png" else None
+            )
         self.client.set_terminated(self.run_id, status=status)
 
 

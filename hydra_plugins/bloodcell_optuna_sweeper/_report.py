@@ -1,11 +1,12 @@
 """What a sweep leaves behind for people: the trials table, Optuna's plots and the best trial's
 overrides, written into the Hydra sweep folder and logged to the MLflow parent run."""
+
 from __future__ import annotations
 
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
@@ -18,7 +19,9 @@ _PLOTS = {
 }
 
 
-def write_report(sweep: Any, trials: list[FrozenTrial], best: Optional[FrozenTrial], folder: Path) -> list[Path]:
+def write_report(
+    sweep: Any, trials: list[FrozenTrial], best: FrozenTrial | None, folder: Path
+) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     files = [_trials_table(sweep.study, folder / "trials.csv")]
     if best is not None:
@@ -28,8 +31,18 @@ def write_report(sweep: Any, trials: list[FrozenTrial], best: Optional[FrozenTri
 
 
 def _trials_table(study, path: Path) -> Path:
-    frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration",
-                                          "datetime_start", "datetime_complete"))
+    frame = study.trials_dataframe(
+        attrs=(
+            "number",
+            "value",
+            "state",
+            "params",
+            "user_attrs",
+            "duration",
+            "datetime_start",
+            "datetime_complete",
+        )
+    )
     frame.to_csv(path, index=False)
     return path
 
@@ -49,8 +62,10 @@ def _best_yaml(sweep: Any, best: FrozenTrial, path: Path) -> Path:
         "overrides": overrides,
         "command": command,
     }
-    text = (f"# Best trial of Optuna study '{sweep.study_name}'. Re-run it with:\n#   {command}\n"
-            + OmegaConf.to_yaml(OmegaConf.create(body)))
+    text = (
+        f"# Best trial of Optuna study '{sweep.study_name}'. Re-run it with:\n#   {command}\n"
+        + OmegaConf.to_yaml(OmegaConf.create(body))
+    )
     path.write_text(text)
     return path
 
@@ -67,8 +82,11 @@ def _plots(study, trials: list[FrozenTrial], folder: Path) -> list[Path]:
     written = []
     for name, function in _PLOTS.items():
         if not complete or (name == "param_importances" and len(complete) < 2):
-            log.info("no %s plot: it needs %s complete trial(s)", name.replace("_", "-"),
-                     2 if name == "param_importances" else 1)
+            log.info(
+                "no %s plot: it needs %s complete trial(s)",
+                name.replace("_", "-"),
+                2 if name == "param_importances" else 1,
+            )
             continue
         try:
             with warnings.catch_warnings():

@@ -29,8 +29,9 @@ class SearchSpace:
 
     def overrides_for(self, params: dict[str, Any]) -> list[str]:
         """The command-line overrides of one trial: the fixed ones, then its sampled values."""
-        return self.fixed + [f"{self.prefixes[name]}{name}={format_value(value)}"
-                             for name, value in params.items()]
+        return self.fixed + [
+            f"{self.prefixes[name]}{name}={format_value(value)}" for name, value in params.items()
+        ]
 
 
 def format_value(value: Any) -> str:
@@ -72,8 +73,7 @@ def parse_search_space(arguments: list[str]) -> SearchSpace:
         try:
             space.distributions[name] = _distribution(override)
         except (ValueError, TypeError) as err:
-            raise UserError(f"invalid search space for {name} ({written}): "
-                            f"{err}") from None
+            raise UserError(f"invalid search space for {name} ({written}): {err}") from None
         fixed.pop(name, None)
         key = override.get_key_element()
         space.prefixes[name] = key[: len(key) - len(name)]
@@ -119,8 +119,10 @@ def _categorical(override) -> Any:
     choices = list(override.sweep_iterator(transformer=Transformer.encode))
     for choice in choices:
         if not isinstance(choice, (str, int, float, bool, type(None))):
-            raise ValueError(f"choice {choice!r} is a {type(choice).__name__}; choices must be "
-                             "strings, numbers, booleans or null")
+            raise ValueError(
+                f"choice {choice!r} is a {type(choice).__name__}; choices must be "
+                "strings, numbers, booleans or null"
+            )
     if len(set(map(repr, choices))) != len(choices):
         raise ValueError("a choice is listed twice")
     return CategoricalDistribution(choices)
@@ -140,6 +142,8 @@ def grid_of(space: SearchSpace) -> dict[str, list[Any]]:
             count = int(round((dist.high - dist.low) / dist.step)) + 1
             grid[name] = [dist.low + i * dist.step for i in range(count)]
         else:
-            raise UserError(f"the grid sampler needs discrete values, but {name} is "
-                            f"{space.written[name]}; use choice(...) or range(...)")
+            raise UserError(
+                f"the grid sampler needs discrete values, but {name} is "
+                f"{space.written[name]}; use choice(...) or range(...)"
+            )
     return grid

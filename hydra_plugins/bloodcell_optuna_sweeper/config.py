@@ -35,12 +35,15 @@ class PrunerConf:
     #: median | percentile | successive_halving | hyperband | threshold | none
     name: str = "median"
     median: Dict[str, Any] = _settings(n_startup_trials=5, n_warmup_steps=0, interval_steps=1, n_min_trials=1)
-    percentile: Dict[str, Any] = _settings(percentile=25.0, n_startup_trials=5, n_warmup_steps=0,
-                                           interval_steps=1, n_min_trials=1)
-    successive_halving: Dict[str, Any] = _settings(min_resource="auto", reduction_factor=4,
-                                                   min_early_stopping_rate=0, bootstrap_count=0)
-    hyperband: Dict[str, Any] = _settings(min_resource=1, max_resource="auto", reduction_factor=3,
-                                          bootstrap_count=0)
+    percentile: Dict[str, Any] = _settings(
+        percentile=25.0, n_startup_trials=5, n_warmup_steps=0, interval_steps=1, n_min_trials=1
+    )
+    successive_halving: Dict[str, Any] = _settings(
+        min_resource="auto", reduction_factor=4, min_early_stopping_rate=0, bootstrap_count=0
+    )
+    hyperband: Dict[str, Any] = _settings(
+        min_resource=1, max_resource="auto", reduction_factor=3, bootstrap_count=0
+    )
     #: prunes a trial whose objective is below lower / above upper (e.g. lower: 0.3 for accuracy)
     threshold: Dict[str, Any] = _settings(lower=None, upper=None, n_warmup_steps=0, interval_steps=1)
     none: Dict[str, Any] = _settings()

@@ -1,7 +1,8 @@
 """The Hydra-facing sweeper class; the work is in ``_impl`` (imported when a sweep starts)."""
+
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -16,15 +17,16 @@ class BloodcellOptunaSweeper(Sweeper):
         from ._impl import SweepOptions
 
         self.options = SweepOptions.from_config(options)
-        self._impl: Optional[Any] = None
+        self._impl: Any | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from ._impl import OptunaSweep
 
-        self._impl = OptunaSweep(self.options, hydra_context=hydra_context, task_function=task_function,
-                                 config=config)
+        self._impl = OptunaSweep(
+            self.options, hydra_context=hydra_context, task_function=task_function, config=config
+        )
         self.hydra_context, self.config, self.launcher = hydra_context, config, self._impl.launcher
 
-    def sweep(self, arguments: List[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> Any:
         assert self._impl is not None, "setup() first"
         return self._impl.run(arguments)

@@ -4,8 +4,10 @@ that ``python -m bloodcell.train -m +sweeps=finetune`` finds sweeps/finetune.yam
 Only ``sweeps`` is exposed: a plain ``file://<project root>`` search path would also list conf/, tests/,
 mlruns/ ... as config groups in ``--help``. Other Hydra apps in the same environment are left alone.
 """
+
 from __future__ import annotations
 
+import builtins
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -40,7 +42,7 @@ class SweepsConfigSource(file_config_source.FileConfigSource):
     def is_config(self, config_path: str) -> bool:
         return self._inside(config_path) and super().is_config(config_path)
 
-    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
+    def list(self, config_path: str, results_filter: ObjectType | None) -> builtins.list[str]:
         if config_path.strip("/") == "":
             wanted = results_filter in (None, ObjectType.GROUP)
             return [GROUP] if wanted and super().is_group(GROUP) else []
@@ -60,9 +62,9 @@ class BloodcellSweepsSearchPath(search_path_plugin.SearchPathPlugin):
             search_path.append(provider="bloodcell-sweeps", path=f"{SCHEME}://{PROJECT_ROOT}")
 
 
-def _local_dir(path: str) -> Optional[str]:
+def _local_dir(path: str) -> str | None:
     if path.startswith("file://"):
-        path = path[len("file://"):]
+        path = path[len("file://") :]
     elif "://" in path:
         return None
     return os.path.realpath(path)
