@@ -381,7 +381,8 @@ def main() -> None:
             print("   " + _line("strict", s["strict"]))
             real_removed = sum(i < len(labels) for i in removed)
             print(
-                f"   real cells removed: {real_removed} (incl. near-duplicate sources and pbc96's own duplicates)"
+                f"   real cells removed: {real_removed} "
+                "(incl. near-duplicate sources and pbc96's own duplicates)"
             )
             for kind, idx in spans.items():
                 if kind.startswith("near_dup"):
