@@ -22,10 +22,17 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bloodcell import PROJECT_ROOT
 from bloodcell.errors import UserError
+
+# the pruner table and builder, shared with the sweeper; `as make_pruner`: re-exported (the pruning
+# benchmark imports it from here)
+from bloodcell.optuna_tables import make_pruner as make_pruner
+
+if TYPE_CHECKING:
+    from optuna.storages import BaseStorage
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +40,6 @@ DEFAULT_JOURNAL = PROJECT_ROOT / "mlruns" / "optuna.journal"
 
 #: trial system attribute holding the pruner spec ({"name": ..., "kwargs": {...}}) the sweeper chose
 PRUNER_ATTR = "bloodcell:pruner"
-
-_PRUNERS = {
-    "median": "MedianPruner",
-    "percentile": "PercentilePruner",
-    "successive_halving": "SuccessiveHalvingPruner",
-    "hyperband": "HyperbandPruner",
-    "threshold": "ThresholdPruner",
-    "none": "NopPruner",
-}
 
 
 def resolve_storage_url(storage: str | None) -> str:
@@ -80,8 +78,9 @@ def lock_path(url: str) -> Path | None:
     return None
 
 
-def open_storage(url: str):
-    """An Optuna storage for a URL from `resolve_storage_url`."""
+def open_storage(url: str) -> BaseStorage:
+    """An Optuna storage for a URL from `resolve_storage_url`. The sweeper writes the trials' system
+    attributes and the study's through its methods (Study and Trial have none for them in Optuna 5)."""
 
     try:
         if url.startswith("journal:"):
@@ -101,20 +100,19 @@ def open_storage(url: str):
         raise UserError(f"cannot open the Optuna storage {redact(url)}: {str(err).splitlines()[0]}") from None
 
 
-def _rdb_storage(url: str, **kwargs):
+def _rdb_storage(url: str, **kwargs: Any) -> BaseStorage:
     """RDBStorage, retried when several processes create the schema of a new database at once: on
     PostgreSQL the losers of that race get a duplicate-type or duplicate-table error, and find the schema
     made on the next try."""
     import optuna
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
-    for attempt in range(4):
+    for attempt in range(3):
         try:
             return optuna.storages.RDBStorage(url, **kwargs)
         except (IntegrityError, ProgrammingError):
-            if attempt == 3:
-                raise
             time.sleep(0.5 * (attempt + 1))
+    return optuna.storages.RDBStorage(url, **kwargs)  # the fourth try raises what it meets
 
 
 def redact(url: str) -> str:
@@ -127,21 +125,6 @@ def redact(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return url.split("://", 1)[0] + "://***"
-
-
-def make_pruner(spec: Any):
-    """An Optuna pruner from ``{"name": ..., "kwargs": {...}}`` (hydra.sweeper.pruner)."""
-    import optuna
-
-    spec = dict(spec or {})
-    name = str(spec.get("name") or "none").lower()
-    kwargs = dict(spec.get("kwargs") or {})
-    if name not in _PRUNERS:
-        raise UserError(f"unknown pruner '{name}'; choose one of {', '.join(_PRUNERS)}")
-    try:
-        return getattr(optuna.pruners, _PRUNERS[name])(**kwargs)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"pruner {name}: {err}") from None
 
 
 def pruning_callback(cfg):

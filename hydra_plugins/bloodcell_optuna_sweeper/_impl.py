@@ -28,9 +28,10 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any, cast
 
 import optuna
 from hydra.core.utils import JobReturn
@@ -39,9 +40,14 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from bloodcell.errors import UserError
-from bloodcell.trial import PRUNER_ATTR, lock_path, make_pruner, open_storage, redact, resolve_storage_url
+from bloodcell.optuna_tables import make_pruner, make_sampler
+from bloodcell.trial import PRUNER_ATTR, lock_path, open_storage, redact, resolve_storage_url
 
 from ._search_space import grid_of, parse_search_space
+from .config import BloodcellOptunaSweeperConf
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -51,37 +57,14 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUNS_ATTR = "bloodcell:sweep_runs"
 STALE_AFTER_BEATS = 4
 
-_SAMPLERS = {
-    "tpe": "TPESampler",
-    "random": "RandomSampler",
-    "grid": "GridSampler",
-    "cmaes": "CmaEsSampler",
-    "qmc": "QMCSampler",
-    "gp": "GPSampler",
-}
-
 
 @dataclass
-class SweepOptions:
-    study_name: str | None = None
-    storage: str | None = None
-    direction: str = "maximize"
-    n_trials: int = 20
-    n_jobs: int = 1
-    sampler: dict = field(default_factory=lambda: {"name": "tpe"})  # name, seed, {<name>: kwargs}
-    pruner: dict = field(default_factory=lambda: {"name": "median"})  # name, {<name>: kwargs}
-    params: dict = field(default_factory=dict)
-    max_consecutive_failures: int | None = 5
-    heartbeat_interval: int = 30
+class Claimed:
+    """A trial this process took from the study: the Optuna trial, and its storage id (Optuna's Trial keeps
+    the id private; the trial process reopens the trial by it, and the storage's methods take it)."""
 
-    @classmethod
-    def from_config(cls, options: dict) -> SweepOptions:
-        plain = {
-            k: (OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v)
-            for k, v in options.items()
-        }
-        plain["params"] = plain.get("params") or {}
-        return cls(**plain)
+    id: int
+    trial: optuna.trial.Trial
 
 
 def counts_toward_total(trial: FrozenTrial) -> bool:
@@ -117,7 +100,7 @@ def _pid_alive(pid: int) -> bool:
 class OptunaSweep:
     def __init__(
         self,
-        options: SweepOptions,
+        options: BloodcellOptunaSweeperConf,
         *,
         hydra_context: HydraContext,
         task_function: TaskFunction,
@@ -131,14 +114,14 @@ class OptunaSweep:
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
-        self.owner = {
+        self.owner: dict[str, Any] = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "token": uuid.uuid4().hex,
             "interval": int(options.heartbeat_interval),
         }
         self.objective_name = str(config.get("objective") or "objective")
-        self.in_flight: dict[int, optuna.trial.Trial] = {}
+        self.in_flight: dict[int, Claimed] = {}  # by trial id
         self.mlflow: _ParentRun | None = None
         self.failures_in_a_row = 0
         self.last_error = ""
@@ -176,8 +159,8 @@ class OptunaSweep:
             raise
         finally:
             stop.set()
-            for trial in list(self.in_flight.values()):
-                self._interrupt(trial._trial_id, trial.number, "the sweep process was stopped")
+            for claimed in list(self.in_flight.values()):
+                self._interrupt(claimed.id, claimed.trial.number, "the sweep process was stopped")
             if previous_term is not None:
                 signal.signal(signal.SIGTERM, previous_term)
             self._finish(status)
@@ -198,7 +181,7 @@ class OptunaSweep:
             raise UserError(f"direction '{opts.direction}' is neither maximize nor minimize")
         if int(opts.n_trials) < 1 or int(opts.n_jobs) < 1:
             raise UserError("n_trials and n_jobs must be at least 1")
-        space_args = [f"{key}={value}" for key, value in opts.params.items()] + list(arguments)
+        space_args = [f"{key}={value}" for key, value in (opts.params or {}).items()] + list(arguments)
         self.space = parse_search_space(space_args)
         if not self.space.distributions:
             raise UserError(
@@ -208,8 +191,11 @@ class OptunaSweep:
         self._check_composes()
         self.n_trials = int(opts.n_trials)
         self._make_sampler()  # fails on bad settings before the storage is touched
-        pruner_name = str(opts.pruner.get("name") or "none").lower()
-        self.pruner_spec = {"name": pruner_name, "kwargs": dict(opts.pruner.get(pruner_name) or {})}
+        pruner_name = str(opts.pruner.name or "none").lower()
+        self.pruner_spec: dict[str, Any] = {
+            "name": pruner_name,
+            "kwargs": dict(getattr(opts.pruner, pruner_name, None) or {}),
+        }
         pruner = make_pruner(self.pruner_spec)
         self.storage_url = resolve_storage_url(opts.storage)
         self.storage = open_storage(self.storage_url)
@@ -221,14 +207,17 @@ class OptunaSweep:
                     study_name=self.study_name,
                     storage=self.storage,
                     pruner=pruner,
-                    direction=opts.direction,
+                    direction=optuna.study.StudyDirection[opts.direction.upper()],
                     load_if_exists=True,
                 )
                 # The n-th sweep process of a study seeds its sampler with seed + n: a resumed or parallel
                 # sweep must not draw the same points again, and a fresh one stays reproducible.
-                attrs = self.storage.get_study_system_attrs(self.study._study_id)
+                # Study has no system attributes of its own (gone in Optuna 5): the storage's methods,
+                # public on the storage this process opened, keep them
+                self.study_id = self.storage.get_study_id_from_name(self.study_name)
+                attrs = self.storage.get_study_system_attrs(self.study_id)
                 self.run_index = int(attrs.get(RUNS_ATTR, 0))
-                self.storage.set_study_system_attr(self.study._study_id, RUNS_ATTR, self.run_index + 1)
+                self.storage.set_study_system_attr(self.study_id, RUNS_ATTR, self.run_index + 1)
         except ValueError as err:  # e.g. the stored study optimizes the other way
             raise UserError(f"study '{self.study_name}' in {redact(self.storage_url)}: {err}") from None
         self.study.sampler = self._make_sampler(seed_offset=self.run_index)
@@ -237,7 +226,7 @@ class OptunaSweep:
             with self._lock():
                 self.mlflow = _ParentRun.open(self)
         trials = self.study.get_trials(deepcopy=False)
-        seed = opts.sampler.get("seed")
+        seed = opts.sampler.seed
         log.info(
             "study '%s' in %s: %s %s, sampler %s%s, pruner %s; %d of %d trials exist",
             self.study_name,
@@ -270,27 +259,21 @@ class OptunaSweep:
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise UserError(f"the sweep's overrides do not compose ({first})") from None
 
-    def _make_sampler(self, seed_offset: int = 0):
-        spec = dict(self.options.sampler or {})
-        name = self.sampler_name = str(spec.get("name") or "tpe").lower()
-        if name not in _SAMPLERS:
-            raise UserError(f"unknown sampler '{name}'; choose one of {', '.join(_SAMPLERS)}")
-        kwargs = dict(spec.get(name) or {})
-        if spec.get("seed") is not None:
-            kwargs["seed"] = int(spec["seed"]) + seed_offset
-        cls = getattr(optuna.samplers, _SAMPLERS[name])
-        try:
-            if name == "grid":
-                grid = grid_of(self.space)
-                size = math.prod(len(v) for v in grid.values())
-                if size < self.n_trials:
-                    if seed_offset == 0:
-                        log.info("the grid has %d points: n_trials %d -> %d", size, self.n_trials, size)
-                    self.n_trials = size
-                return cls(grid, **kwargs)
-            return cls(**kwargs)
-        except (TypeError, ValueError, ImportError) as err:
-            raise UserError(f"sampler {name}: {err}") from None
+    def _make_sampler(self, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+        spec = self.options.sampler
+        name = self.sampler_name = str(spec.name or "tpe").lower()
+        kwargs = dict(getattr(spec, name, None) or {})
+        if spec.seed is not None:
+            kwargs["seed"] = int(spec.seed) + seed_offset
+        if name != "grid":
+            return make_sampler(name, kwargs)
+        grid = grid_of(self.space)
+        size = math.prod(len(v) for v in grid.values())
+        if size < self.n_trials:
+            if seed_offset == 0:
+                log.info("the grid has %d points: n_trials %d -> %d", size, self.n_trials, size)
+            self.n_trials = size
+        return make_sampler(name, kwargs, grid)
 
     def _rerun_prefix(self) -> list[str]:
         """Fixed overrides that re-run a trial without the sweep: the sweeps file's experiment (as
@@ -316,39 +299,50 @@ class OptunaSweep:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _claim_batch(self) -> list[optuna.trial.Trial]:
+    def _claim_batch(self) -> list[Claimed]:
         batch = []
         for _ in range(int(self.options.n_jobs)):
-            trial = self._claim()
-            if trial is None:
+            claimed = self._claim()
+            if claimed is None:
                 break
-            batch.append(trial)
+            batch.append(claimed)
         return batch
 
-    def _claim(self) -> optuna.trial.Trial | None:
+    def _claim(self) -> Claimed | None:
+        storage = self.storage
         with self._lock():
             self._recover_interrupted()
             if sum(map(counts_toward_total, self.study.get_trials(deepcopy=False))) >= self.n_trials:
                 return None
             trial = self.study.ask(fixed_distributions=self.space.distributions)
-            storage = self.study._storage
-            storage.set_trial_system_attr(trial._trial_id, OWNER_ATTR, self.owner)
-            storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_ATTR, time.time())
-            self.in_flight[trial._trial_id] = trial
-        # Processes on other machines share no lock: the trial's rank among the counted ones decides.
+            claimed = Claimed(self._trial_id(trial.number), trial)
+            # system attributes: Trial.set_system_attr is gone in Optuna 5, the storage's method is public
+            storage.set_trial_system_attr(claimed.id, OWNER_ATTR, self.owner)
+            storage.set_trial_system_attr(claimed.id, HEARTBEAT_ATTR, time.time())
+            self.in_flight[claimed.id] = claimed
+        # Processes on other machines share no lock: the trial's rank among the counted ones decides
+        # (numbers follow the order trials were created in, as Optuna numbers them under a lock of the study).
         ahead = [
             t
             for t in self.study.get_trials(deepcopy=False)
-            if t._trial_id < trial._trial_id and counts_toward_total(t)
+            if t.number < trial.number and counts_toward_total(t)
         ]
         if len(ahead) >= self.n_trials:
-            del self.in_flight[trial._trial_id]
-            self.study._storage.set_trial_state_values(trial._trial_id, TrialState.WAITING)
+            del self.in_flight[claimed.id]
+            # back into Optuna's queue (what study.enqueue_trial makes, for the next ask): no Study or Trial
+            # method sets a trial WAITING; the storage's method does
+            storage.set_trial_state_values(claimed.id, TrialState.WAITING)
             return None
-        storage.set_trial_system_attr(trial._trial_id, PRUNER_ATTR, self.pruner_spec)
-        rerun = self.rerun_prefix + self.space.overrides_for(trial.params)[len(self.space.fixed) :]
-        storage.set_trial_user_attr(trial._trial_id, "overrides", rerun)
-        return trial
+        storage.set_trial_system_attr(claimed.id, PRUNER_ATTR, self.pruner_spec)
+        trial.set_user_attr(
+            "overrides", self.rerun_prefix + self.space.overrides_for(trial.params)[len(self.space.fixed) :]
+        )
+        return claimed
+
+    def _trial_id(self, number: int) -> int:
+        """The storage id of trial ``number`` of the study (unique: Optuna numbers a study's trials under a
+        lock of the study)."""
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
 
     def _recover_interrupted(self) -> None:
         now = time.time()
@@ -361,15 +355,15 @@ class OptunaSweep:
             silent = now - beat > STALE_AFTER_BEATS * int(owner.get("interval", self.owner["interval"]))
             if gone or silent:
                 why = "its sweep process is gone" if gone else "its sweep process stopped sending heartbeats"
-                self._interrupt(t._trial_id, t.number, why)
+                self._interrupt(self._trial_id(t.number), t.number, why)
 
     def _interrupt(self, trial_id: int, number: int, why: str) -> None:
         """Mark a trial that did not end by itself FAIL + interrupted: it does not count toward n_trials."""
-        storage = self.study._storage
         try:
-            storage.set_trial_user_attr(trial_id, "interrupted", why)
-            storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            # the trial may be another process's: no Trial object here, so the storage's method
+            self.storage.set_trial_user_attr(trial_id, "interrupted", why)
+            self._end(number, TrialState.FAIL)
+        except (RuntimeError, ValueError):  # UpdateFinishedTrialError, or tell's "Cannot tell a FAIL trial"
             return  # ended meanwhile, or another process marked it first
         finally:
             self.in_flight.pop(trial_id, None)
@@ -380,15 +374,16 @@ class OptunaSweep:
     def _heartbeat(self, stop: threading.Event) -> None:
         while not stop.wait(self.owner["interval"]):
             for trial_id in list(self.in_flight):
-                with contextlib.suppress(Exception):
-                    self.study._storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+                with contextlib.suppress(Exception):  # a system attribute: the storage's method, as in _claim
+                    self.storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
 
     # ------------------------------------------------------------------ running trials
-    def _trial_overrides(self, trial: optuna.trial.Trial) -> list[str]:
+    def _trial_overrides(self, claimed: Claimed) -> list[str]:
+        trial = claimed.trial
         extra = [
             f"++trial.storage={_quote(self.storage_url)}",
             f"++trial.study_name={_quote(self.study_name)}",
-            f"++trial.trial_id={trial._trial_id}",
+            f"++trial.trial_id={claimed.id}",
             f"++trial.number={trial.number}",
         ]
         if self.mlflow is not None:
@@ -399,17 +394,27 @@ class OptunaSweep:
             ]
         return self.space.overrides_for(trial.params) + extra
 
-    def _run_batch(self, batch: list[optuna.trial.Trial]) -> list[JobReturn]:
-        overrides = [self._trial_overrides(trial) for trial in batch]
+    def _run_batch(self, batch: list[Claimed]) -> list[JobReturn]:
+        overrides = [self._trial_overrides(claimed) for claimed in batch]
         started = time.monotonic()
-        returns = list(self.launcher.launch(overrides, initial_job_idx=batch[0].number))
+        returns = list(self.launcher.launch(overrides, initial_job_idx=batch[0].trial.number))
         elapsed = time.monotonic() - started
-        for trial, ret in zip(batch, returns):
-            self._tell(trial, ret, elapsed)
+        for claimed, ret in zip(batch, returns):
+            self._tell(claimed, ret, elapsed)
         self._log_summary()
         return returns
 
-    def _tell(self, trial: optuna.trial.Trial, ret: JobReturn, elapsed: float) -> None:
+    def _end(self, trial: optuna.trial.Trial | int, state: TrialState, value: float | None = None) -> None:
+        """study.tell, less GridSampler's request to stop once the grid is covered (study.stop works only
+        inside study.optimize; the trial is told all the same)."""
+        try:
+            self.study.tell(trial, value, state=state)
+        except RuntimeError as err:
+            if "Study.stop" not in str(err):
+                raise
+
+    def _tell(self, claimed: Claimed, ret: JobReturn, elapsed: float) -> None:
+        trial = claimed.trial
         state, value, error = TrialState.COMPLETE, None, None
         try:
             value = float(ret.return_value)
@@ -420,25 +425,21 @@ class OptunaSweep:
         except Exception as err:  # the trial's own exception, re-raised by JobReturn.return_value
             state, error = TrialState.FAIL, f"{type(err).__name__}: {err}".strip()
             log.debug("trial %d failed", trial.number, exc_info=err)
-        storage = self.study._storage
         if error is not None:
             with contextlib.suppress(Exception):
-                storage.set_trial_user_attr(trial._trial_id, "error", error[:2000])
+                trial.set_user_attr("error", error[:2000])
         try:
-            self.study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
-        except RuntimeError as err:  # GridSampler asks the study to stop once the grid is covered
-            if "Study.stop" not in str(err):
-                raise
-        except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another process judged it interrupted meanwhile
+            self._end(trial, state, value if state == TrialState.COMPLETE else None)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            pass  # another process judged it interrupted meanwhile (tell: "Cannot tell a FAIL trial")
         finally:
-            self.in_flight.pop(trial._trial_id, None)
+            self.in_flight.pop(claimed.id, None)
         if state == TrialState.FAIL:
             self.failures_in_a_row += 1
             self.last_error = (error or "").splitlines()[0][:300] if error else ""
         else:
             self.failures_in_a_row = 0
-        frozen = storage.get_trial(trial._trial_id)
+        frozen = self.storage.get_trial(claimed.id)  # as stored now (Study has no lookup by id)
         params = " ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
         if state == TrialState.COMPLETE:
             outcome = f"{self.objective_name}={value:.4f}"
@@ -480,7 +481,7 @@ class OptunaSweep:
         if not complete:
             return None
         pick = max if self.options.direction == "maximize" else min
-        return pick(complete, key=lambda t: t.value)
+        return pick(complete, key=lambda t: cast(float, t.value))  # a complete trial has its value
 
     def _finish(self, status: str) -> None:
         if not hasattr(self, "study"):
@@ -509,7 +510,7 @@ class _ParentRun:
     """The sweep's MLflow parent run (kept as a study user attribute, so a resumed or parallel sweep of
     the study logs to the same run); trials nest under it from train's ``tracking.parent_run_id``."""
 
-    def __init__(self, client, run_id: str, experiment_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str) -> None:
         self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
 
     @classmethod
@@ -569,8 +570,8 @@ class _ParentRun:
             "sampler.config": json.dumps(
                 {
                     "name": sweep.sampler_name,
-                    "seed": opts.sampler.get("seed"),
-                    **(opts.sampler.get(sweep.sampler_name) or {}),
+                    "seed": opts.sampler.seed,
+                    **(getattr(opts.sampler, sweep.sampler_name, None) or {}),
                 },
                 sort_keys=True,
             ),
@@ -614,9 +615,9 @@ class _ParentRun:
         self, trials: list[FrozenTrial], best: FrozenTrial | None, files: list[Path], status: str
     ) -> None:
         counts = summary_counts(trials)
-        metrics = {f"n_{k}": v for k, v in counts.items()}
+        metrics: dict[str, float] = {f"n_{k}": v for k, v in counts.items()}
         if best is not None:
-            metrics["best_value"] = best.value
+            metrics["best_value"] = cast(float, best.value)  # the best trial is a complete one
             metrics["best_trial_number"] = best.number
             self.client.set_tag(self.run_id, "best_trial_number", str(best.number))
             for key, value in best.params.items():
@@ -633,13 +634,13 @@ class _ParentRun:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def _raise_on_sigterm():
+def _raise_on_sigterm() -> Any:  # the previous handler (signal.signal's type), None off the main thread
     """SIGTERM (a scheduler's time limit, kill) ends the sweep like Ctrl-C: running trials are marked
     interrupted, so that the next run of the study re-runs them."""
     if threading.current_thread() is not threading.main_thread():
         return None
 
-    def handler(signum, frame):
+    def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     return signal.signal(signal.SIGTERM, handler)

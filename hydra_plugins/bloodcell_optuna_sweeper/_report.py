@@ -6,9 +6,12 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial, TrialState
+
+if TYPE_CHECKING:
+    from optuna.study import Study
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +22,7 @@ _PLOTS = {
 }
 
 
-def write_report(
-    sweep: Any, trials: list[FrozenTrial], best: FrozenTrial | None, folder: Path
-) -> list[Path]:
+def write_report(sweep: Any, trials: list[FrozenTrial], best: FrozenTrial | None, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     files = [_trials_table(sweep.study, folder / "trials.csv")]
     if best is not None:
@@ -30,7 +31,7 @@ def write_report(
     return files
 
 
-def _trials_table(study, path: Path) -> Path:
+def _trials_table(study: Study, path: Path) -> Path:
     frame = study.trials_dataframe(
         attrs=(
             "number",
@@ -50,6 +51,7 @@ def _trials_table(study, path: Path) -> Path:
 def _best_yaml(sweep: Any, best: FrozenTrial, path: Path) -> Path:
     from omegaconf import OmegaConf
 
+    assert best.value is not None  # the best trial is a complete one
     overrides = list(best.user_attrs.get("overrides") or [])
     command = "python -m bloodcell.train " + " ".join(overrides)
     body = {
@@ -70,7 +72,7 @@ def _best_yaml(sweep: Any, best: FrozenTrial, path: Path) -> Path:
     return path
 
 
-def _plots(study, trials: list[FrozenTrial], folder: Path) -> list[Path]:
+def _plots(study: Study, trials: list[FrozenTrial], folder: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")

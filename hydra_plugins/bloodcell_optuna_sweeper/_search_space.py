@@ -8,12 +8,16 @@
 
 Anything else (``trainer.epochs=3``, ``+experiment=quickstart``) is a fixed override passed to every trial.
 """
-# no `from __future__ import annotations`: Hydra execs plugin modules outside sys.modules, which breaks dataclasses with string annotations
+# no `from __future__ import annotations`: Hydra execs plugin modules outside sys.modules, which breaks
+# dataclasses with string annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bloodcell.errors import UserError
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
 
 
 @dataclass
@@ -82,7 +86,7 @@ def parse_search_space(arguments: list[str]) -> SearchSpace:
     return space
 
 
-def _distribution(override) -> Any:
+def _distribution(override: "Override") -> Any:
     from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
     from optuna.distributions import FloatDistribution, IntDistribution
 
@@ -90,7 +94,7 @@ def _distribution(override) -> Any:
     if isinstance(value, ChoiceSweep) or (isinstance(value, RangeSweep) and value.shuffle):
         return _categorical(override)
     if isinstance(value, RangeSweep):
-        values = list(override.sweep_iterator())
+        values: list[Any] = list(override.sweep_iterator())  # a range's values are numbers
         if not values:
             raise ValueError("the range is empty")
         if all(isinstance(v, int) for v in values):
@@ -101,22 +105,25 @@ def _distribution(override) -> Any:
         unknown = set(value.tags) - {"log"}
         if unknown:
             raise ValueError(f"unknown tag(s) {sorted(unknown)}; the only tag understood is log")
-        if value.start > value.end:
-            raise ValueError(f"low {value.start} is above high {value.end}")
-        if log and value.start <= 0:
+        low, high = value.start, value.end
+        if low is None or high is None:  # Hydra's parser gives interval() both ends; its type allows None
+            raise ValueError("an interval needs a low and a high end")
+        if low > high:
+            raise ValueError(f"low {low} is above high {high}")
+        if log and low <= 0:
             raise ValueError("log scale needs a low end above 0")
-        if isinstance(value.start, int) and isinstance(value.end, int):
-            return IntDistribution(value.start, value.end, log=log)
-        return FloatDistribution(float(value.start), float(value.end), log=log)
+        if isinstance(low, int) and isinstance(high, int):
+            return IntDistribution(low, high, log=log)
+        return FloatDistribution(float(low), float(high), log=log)
     raise ValueError(f"{type(value).__name__} sweeps are not supported")
 
 
-def _categorical(override) -> Any:
+def _categorical(override: "Override") -> Any:
     from hydra.core.override_parser.types import Transformer
     from optuna.distributions import CategoricalDistribution
 
     # encoded: strings come back quoted/escaped where needed, so "a=<choice>" re-parses to the same value
-    choices = list(override.sweep_iterator(transformer=Transformer.encode))
+    choices: list[Any] = list(override.sweep_iterator(transformer=Transformer.encode))  # checked below
     for choice in choices:
         if not isinstance(choice, (str, int, float, bool, type(None))):
             raise ValueError(

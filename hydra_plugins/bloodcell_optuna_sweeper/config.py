@@ -1,52 +1,51 @@
-"""The sweeper's configuration (``hydra.sweeper.*``), registered as ``hydra/sweeper=bloodcell_optuna``."""
-# no `from __future__ import annotations`: Hydra execs plugin modules outside sys.modules, which breaks dataclasses with string annotations
+"""The sweeper's configuration (``hydra.sweeper.*``), registered as ``hydra/sweeper=bloodcell_optuna``.
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+`BloodcellOptunaSweeperConf` is the one description of the sweeper's options: Hydra composes
+``hydra.sweeper`` from it, and the sweeper works on an instance of it (`options_from`).
+"""
+# no `from __future__ import annotations`: Hydra execs plugin modules outside sys.modules, which breaks
+# dataclasses with string annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any, Dict, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from bloodcell.optuna_tables import PRUNERS, SAMPLERS, Choice
 
 
-def _settings(**defaults: Any) -> Any:
+def _blocks(cls_name: str, doc: str, head: Dict[str, Tuple[Any, Any]], table: Dict[str, Choice]) -> Any:
+    """A dataclass with the fields ``head`` (name: (type, default)), then one block per entry of ``table``
+    holding that entry's default keyword arguments: the table stays the one list of samplers (pruners)."""
+    fields = [(key, type_, field(default=default)) for key, (type_, default) in head.items()]
+    fields += [(entry, Dict[str, Any], _copied(choice.defaults)) for entry, choice in table.items()]
+    return make_dataclass(cls_name, fields, namespace={"__doc__": doc, "__module__": __name__})
+
+
+def _copied(defaults: Dict[str, Any]) -> Any:  # a dataclasses.Field
     return field(default_factory=lambda: dict(defaults))
 
 
-@dataclass
-class SamplerConf:
-    """``name`` picks the sampler; the block of that name holds its keyword arguments (any keyword of the
-    Optuna class; add one that is not listed with ``+hydra.sweeper.sampler.tpe.<keyword>=...``)."""
+SamplerConf = _blocks(
+    "SamplerConf",
+    f"""``name`` picks the sampler ({" | ".join(SAMPLERS)}); the block of that name holds its keyword
+    arguments (any keyword of the Optuna class; add one that is not listed with
+    ``+hydra.sweeper.sampler.tpe.<keyword>=...``). The blocks and their defaults come from
+    bloodcell.optuna_tables.SAMPLERS.""",
+    {"name": (str, "tpe"), "seed": (Optional[int], None)},
+    SAMPLERS,
+)
 
-    #: tpe | random | grid | cmaes | qmc | gp
-    name: str = "tpe"
-    seed: Optional[int] = None
-    tpe: Dict[str, Any] = _settings(n_startup_trials=10, multivariate=False, constant_liar=False)
-    random: Dict[str, Any] = _settings()
-    grid: Dict[str, Any] = _settings()  # the grid itself is the search space (choice / range only)
-    cmaes: Dict[str, Any] = _settings(n_startup_trials=1, consider_pruned_trials=False)
-    qmc: Dict[str, Any] = _settings(qmc_type="sobol", scramble=False)
-    gp: Dict[str, Any] = _settings(n_startup_trials=10)
-
-
-@dataclass
-class PrunerConf:
-    """``name`` picks the pruner; the block of that name holds its keyword arguments. Steps are epochs,
-    counted across both training phases."""
-
-    #: median | percentile | successive_halving | hyperband | threshold | none
-    name: str = "median"
-    median: Dict[str, Any] = _settings(n_startup_trials=5, n_warmup_steps=0, interval_steps=1, n_min_trials=1)
-    percentile: Dict[str, Any] = _settings(
-        percentile=25.0, n_startup_trials=5, n_warmup_steps=0, interval_steps=1, n_min_trials=1
-    )
-    successive_halving: Dict[str, Any] = _settings(
-        min_resource="auto", reduction_factor=4, min_early_stopping_rate=0, bootstrap_count=0
-    )
-    hyperband: Dict[str, Any] = _settings(
-        min_resource=1, max_resource="auto", reduction_factor=3, bootstrap_count=0
-    )
-    #: prunes a trial whose objective is below lower / above upper (e.g. lower: 0.3 for accuracy)
-    threshold: Dict[str, Any] = _settings(lower=None, upper=None, n_warmup_steps=0, interval_steps=1)
-    none: Dict[str, Any] = _settings()
+PrunerConf = _blocks(
+    "PrunerConf",
+    f"""``name`` picks the pruner ({" | ".join(PRUNERS)}); the block of that name holds its keyword
+    arguments. Steps are epochs, counted across both training phases. The blocks and their defaults come
+    from bloodcell.optuna_tables.PRUNERS.""",
+    {"name": (str, "median")},
+    PRUNERS,
+)
 
 
 @dataclass
@@ -64,8 +63,10 @@ class BloodcellOptunaSweeperConf:
     n_trials: int = 20
     #: trials launched at once (one batch); in parallel with hydra/launcher=joblib
     n_jobs: int = 1
-    sampler: SamplerConf = field(default_factory=SamplerConf)
-    pruner: PrunerConf = field(default_factory=PrunerConf)
+    # Any for mypy, which cannot see the fields of classes made at import; OmegaConf types the two nodes
+    # by their defaults all the same (a misspelt key or a wrong type fails)
+    sampler: Any = field(default_factory=SamplerConf)
+    pruner: Any = field(default_factory=PrunerConf)
     #: the search space, in Hydra's sweep syntax: {finetune.lr: "tag(log, interval(1e-5, 1e-3))"};
     #: sweep overrides on the command line add to it
     params: Optional[Dict[str, str]] = None
@@ -75,6 +76,22 @@ class BloodcellOptunaSweeperConf:
     #: seconds between the "still running" marks of this process's trials; a trial whose mark is older
     #: than 4 intervals (or whose sweep process on this host is gone) counts as interrupted
     heartbeat_interval: int = 30
+
+
+def options_from(options: Mapping[str, Any]) -> BloodcellOptunaSweeperConf:
+    """The sweeper's keyword arguments (``hydra.sweeper`` less ``_target_``, as Hydra instantiates it) as
+    a `BloodcellOptunaSweeperConf`, resolved and type-checked."""
+    # plain containers first: Hydra's nodes are typed by this module's classes as Hydra exec'd it, which
+    # are not the classes of this (imported) module, and OmegaConf will not merge across the two
+    plain = {
+        key: OmegaConf.to_container(value, resolve=True)
+        if isinstance(value, (DictConfig, ListConfig))
+        else value
+        for key, value in options.items()
+        if key != "_target_"
+    }
+    merged = OmegaConf.merge(OmegaConf.structured(BloodcellOptunaSweeperConf), plain)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
 ConfigStore.instance().store(

@@ -14,9 +14,9 @@ class BloodcellOptunaSweeper(Sweeper):
     jobs, tell Optuna what each returned (a value, a prune or an error), until ``n_trials`` exist."""
 
     def __init__(self, **options: Any) -> None:
-        from ._impl import SweepOptions
+        from .config import options_from
 
-        self.options = SweepOptions.from_config(options)
+        self.options = options_from(options)
         self._impl: Any | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:

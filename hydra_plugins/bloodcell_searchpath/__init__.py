@@ -10,7 +10,6 @@ from __future__ import annotations
 import builtins
 import os
 from pathlib import Path
-from typing import List, Optional
 
 from hydra._internal.core_plugins import file_config_source
 from hydra.core.config_search_path import ConfigSearchPath
