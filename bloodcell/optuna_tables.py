@@ -31,7 +31,11 @@ class Choice(NamedTuple):
 
 
 SAMPLERS: dict[str, Choice] = {
-    "tpe": Choice("TPESampler", {"n_startup_trials": 10, "multivariate": False, "constant_liar": False}),
+    # Optuna 5's own defaults (TPESampler.__init__): n_startup_trials 10, multivariate None (= multivariate
+    # TPE for one objective), constant_liar True (a batch of parallel trials spreads out). Listed so that
+    # `hydra.sweeper.sampler.tpe.multivariate=false` works without a `+`; no measurement here argues for
+    # other values.
+    "tpe": Choice("TPESampler", {"n_startup_trials": 10, "multivariate": None, "constant_liar": True}),
     "random": Choice("RandomSampler", {}),
     "grid": Choice("GridSampler", {}),  # the grid itself is the search space (choice / range only)
     "cmaes": Choice("CmaEsSampler", {"n_startup_trials": 1, "consider_pruned_trials": False}),
