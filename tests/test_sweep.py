@@ -117,20 +117,24 @@ def test_pruning_callback_reports_on_one_step_axis_and_raises_when_median_prunes
     from bloodcell.trial import PRUNER_ATTR, open_storage, pruning_callback
 
     url = f"journal:{tmp_path / 'optuna.journal'}"
-    study = optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
     for _ in range(2):  # two good trials: 0.8, 0.9 at steps 0..3
         good = study.ask()
         for step in range(4):
             good.report(0.8 + step * 0.03, step)
         study.tell(good, 0.9)
     trial = study.ask()
-    study._storage.set_trial_system_attr(
-        trial._trial_id, PRUNER_ATTR, {"name": "median", "kwargs": {"n_startup_trials": 1}}
+    trial_id = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name("s"), trial.number
+    )
+    storage.set_trial_system_attr(
+        trial_id, PRUNER_ATTR, {"name": "median", "kwargs": {"n_startup_trials": 1}}
     )
     cfg = OmegaConf.create(
         {
             "objective": "val_accuracy",
-            "trial": {"storage": url, "study_name": "s", "trial_id": trial._trial_id, "number": trial.number},
+            "trial": {"storage": url, "study_name": "s", "trial_id": trial_id, "number": trial.number},
         }
     )
     assert pruning_callback(OmegaConf.create({"objective": "val_accuracy"})) is None
@@ -141,7 +145,7 @@ def test_pruning_callback_reports_on_one_step_axis_and_raises_when_median_prunes
     again = pruning_callback(cfg)
     with pytest.raises(optuna.TrialPruned):
         again.on_epoch_end(0, {"val_accuracy": 0.1})
-    assert study._storage.get_trial(trial._trial_id).intermediate_values == {0: 0.81, 1: 0.1}
+    assert storage.get_trial(trial_id).intermediate_values == {0: 0.81, 1: 0.1}
 
 
 # ---------------------------------------------------------------------------------------- sweeps

@@ -1,0 +1,132 @@
+"""How the sweeper takes, hands back, interrupts and ends trials, on a real Optuna storage but without
+Hydra or training: each Optuna call it makes is public API (or a method of the storage it opened)."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import optuna
+import pytest
+from hydra.core.utils import JobReturn, JobStatus
+from optuna.trial import TrialState
+
+from bloodcell.trial import PRUNER_ATTR, open_storage
+from hydra_plugins.bloodcell_optuna_sweeper._impl import HEARTBEAT_ATTR, OWNER_ATTR, OptunaSweep
+from hydra_plugins.bloodcell_optuna_sweeper._search_space import parse_search_space
+from hydra_plugins.bloodcell_optuna_sweeper.config import BloodcellOptunaSweeperConf
+
+
+def bare_sweep(url: str, n_trials: int) -> OptunaSweep:
+    """An OptunaSweep as `_prepare` leaves it, less Hydra (no launcher, no MLflow)."""
+    sweep = OptunaSweep.__new__(OptunaSweep)
+    sweep.options = BloodcellOptunaSweeperConf()
+    sweep.storage_url = url
+    sweep.storage = open_storage(url)
+    sweep.study = optuna.create_study(study_name="s", storage=sweep.storage, load_if_exists=True)
+    sweep.study_id = sweep.storage.get_study_id_from_name("s")
+    sweep.study_name, sweep.objective_name, sweep.n_trials = "s", "val_accuracy", n_trials
+    sweep.space = parse_search_space(["+experiment=quickstart", "finetune.lr=interval(0, 1)"])
+    sweep.rerun_prefix = ["+experiment=quickstart"]
+    sweep.pruner_spec = {"name": "median", "kwargs": {}}
+    sweep.owner = {"host": "here", "pid": os.getpid(), "token": uuid.uuid4().hex, "interval": 30}
+    sweep.in_flight, sweep.mlflow, sweep.failures_in_a_row, sweep.last_error = {}, None, 0, ""
+    return sweep
+
+
+@pytest.fixture
+def journal(tmp_path) -> str:
+    return f"journal:{tmp_path / 'optuna.journal'}"
+
+
+def test_claimed_trials_carry_their_id_owner_pruner_and_rerun_overrides(journal):
+    sweep = bare_sweep(journal, n_trials=2)
+    batch = [sweep._claim(), sweep._claim()]
+    assert sweep._claim() is None  # n_trials reached
+    for claimed in batch:
+        assert claimed is not None
+        frozen = sweep.storage.get_trial(claimed.id)
+        assert frozen.number == claimed.trial.number
+        assert frozen.system_attrs[OWNER_ATTR] == sweep.owner
+        assert frozen.system_attrs[HEARTBEAT_ATTR] <= time.time()
+        assert frozen.system_attrs[PRUNER_ATTR] == sweep.pruner_spec
+        assert frozen.user_attrs["overrides"] == [
+            "+experiment=quickstart",
+            f"finetune.lr={frozen.params['finetune.lr']}",
+        ]
+        assert f"++trial.trial_id={claimed.id}" in sweep._trial_overrides(claimed)
+    assert set(sweep.in_flight) == {c.id for c in batch if c is not None}
+
+
+def test_a_trial_ranked_beyond_n_trials_goes_back_to_the_queue(journal, monkeypatch):
+    # two machines share no lock (a database URL: no lock file); the other takes the last place between
+    # this one's count and its ask
+    here, there = bare_sweep(journal, n_trials=1), bare_sweep(journal, n_trials=1)
+    here.storage_url = there.storage_url = "postgresql://db/optuna"
+    ask = here.study.ask
+
+    def ask_after_the_other_machine(**kwargs):
+        assert there._claim() is not None
+        return ask(**kwargs)
+
+    monkeypatch.setattr(here.study, "ask", ask_after_the_other_machine)
+    assert here._claim() is None
+    assert [t.state for t in here.study.get_trials()] == [TrialState.RUNNING, TrialState.WAITING]
+    assert here.in_flight == {}
+    # the queued trial is the next one taken, once there is room
+    there.n_trials = 2
+    claimed = there._claim()
+    assert claimed is not None and claimed.trial.number == 1
+
+
+def test_a_trial_whose_sweep_stopped_beating_is_interrupted_and_does_not_count(journal):
+    gone, alive = bare_sweep(journal, n_trials=1), bare_sweep(journal, n_trials=1)
+    claimed = gone._claim()
+    assert claimed is not None
+    gone.storage.set_trial_system_attr(claimed.id, HEARTBEAT_ATTR, 0.0)
+    taken = alive._claim()  # recovers the silent trial first, so there is room for one
+    assert taken is not None and taken.trial.number == 1
+    frozen = alive.storage.get_trial(claimed.id)
+    assert frozen.state == TrialState.FAIL
+    assert frozen.user_attrs["interrupted"] == "its sweep process stopped sending heartbeats"
+    alive._interrupt(claimed.id, frozen.number, "again")  # already ended: nothing happens
+    assert alive.storage.get_trial(claimed.id).user_attrs["interrupted"].startswith("its sweep")
+
+
+@pytest.mark.parametrize(
+    ("returned", "state"),
+    [
+        (0.75, TrialState.COMPLETE),
+        (optuna.TrialPruned("at 1"), TrialState.PRUNED),
+        (OSError("disk"), TrialState.FAIL),
+    ],
+)
+def test_tell_ends_the_trial_as_the_job_did(journal, returned, state):
+    sweep = bare_sweep(journal, n_trials=1)
+    claimed = sweep._claim()
+    assert claimed is not None
+    failed = isinstance(returned, Exception)
+    sweep._tell(
+        claimed,
+        JobReturn(status=JobStatus.FAILED if failed else JobStatus.COMPLETED, _return_value=returned),
+        1.0,
+    )
+    frozen = sweep.storage.get_trial(claimed.id)
+    assert frozen.state == state
+    assert sweep.in_flight == {}
+    if state == TrialState.COMPLETE:
+        assert frozen.value == 0.75
+    if state == TrialState.FAIL:
+        assert frozen.user_attrs["error"] == "OSError: disk"
+        assert sweep.failures_in_a_row == 1
+
+
+def test_tell_of_a_trial_another_process_interrupted_meanwhile_is_no_error(journal):
+    sweep, other = bare_sweep(journal, n_trials=1), bare_sweep(journal, n_trials=1)
+    claimed = sweep._claim()
+    assert claimed is not None
+    other._interrupt(claimed.id, claimed.trial.number, "its sweep process stopped sending heartbeats")
+    sweep._tell(claimed, JobReturn(status=JobStatus.COMPLETED, _return_value=0.5), 1.0)
+    assert sweep.storage.get_trial(claimed.id).state == TrialState.FAIL  # the first word stands
+    assert sweep.in_flight == {}
