@@ -201,11 +201,11 @@ def test_cell_randaugment_applies_what_keras_randaugment_would(cells):
     """Only the drawn op runs (switch instead of computing all of them), with the same result."""
     import keras
 
-    from bloodcell.augment import RANDAUGMENT_OPS, _classes
+    from bloodcell.augment import RANDAUGMENT_OPS, CellRandAugment
 
     images = cells[0].astype(np.float32)
     ops = [op for op in RANDAUGMENT_OPS if op != "solarization"]
-    ours = _classes()["CellRandAugment"](factor=0.5, num_ops=2, ops=ops, seed=4)
+    ours = CellRandAugment(factor=0.5, num_ops=2, ops=ops, seed=4)
     theirs = type("KerasRandAugment", (keras.layers.RandAugment,), {"_AUGMENT_LAYERS": ops})(
         factor=0.5, num_ops=2, seed=4
     )
