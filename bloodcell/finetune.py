@@ -3,28 +3,27 @@ and the fine-tuning optimizer with its schedule."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from bloodcell.errors import UserError
+from bloodcell.models import batchnorm_frozen, layer_blocks, resolve_auto
+
+if TYPE_CHECKING:
+    import keras
 
 
-def freeze_batchnorm(cfg) -> bool:
-    """Resolve ``finetune.freeze_batchnorm: auto``: freeze with pretrained weights, whose ImageNet
-    statistics a small fine-tuning set would only spoil; train BN in a randomly initialised backbone."""
-    policy = cfg.finetune.freeze_batchnorm
-    return cfg.backbone.weights is not None if policy == "auto" else bool(policy)
+def freeze_backbone_in_phase1(cfg: Any) -> bool:
+    """Resolve ``trainer.freeze_backbone`` (``auto``: frozen with pretrained weights)."""
+    return resolve_auto(cfg.trainer.freeze_backbone, cfg.backbone)
 
 
-def freeze_backbone_in_phase1(cfg) -> bool:
-    policy = cfg.trainer.freeze_backbone
-    return cfg.backbone.weights is not None if policy == "auto" else bool(policy)
-
-
-def _is_batchnorm(layer) -> bool:
+def _is_batchnorm(layer: keras.Layer) -> bool:
     from keras import layers
 
     return isinstance(layer, layers.BatchNormalization)
 
 
-def set_backbone_trainable(backbone, trainable: bool, *, keep_batchnorm_frozen: bool) -> None:
+def set_backbone_trainable(backbone: keras.Model, trainable: bool, *, keep_batchnorm_frozen: bool) -> None:
     backbone.trainable = True  # a nested model only honours per-layer flags when it is trainable itself
     for layer in backbone.layers:
         layer.trainable = trainable and not (keep_batchnorm_frozen and _is_batchnorm(layer))
@@ -32,11 +31,9 @@ def set_backbone_trainable(backbone, trainable: bool, *, keep_batchnorm_frozen: 
         backbone.trainable = False
 
 
-def layers_to_unfreeze(backbone, cfg) -> list:
+def layers_to_unfreeze(backbone: keras.Model, cfg: Any) -> list[keras.Layer]:
     """The backbone layers phase 2 trains: the top ``unfreeze_layers`` layers if set (the seed
     notebook's way), else every layer of the top ``unfreeze_blocks`` blocks (-1 = all)."""
-    from bloodcell.models import layer_blocks
-
     ft = cfg.finetune
     if ft.get("unfreeze_layers") is not None:
         count = int(ft.unfreeze_layers)
@@ -54,18 +51,18 @@ def layers_to_unfreeze(backbone, cfg) -> list:
     return [layer for _, block in chosen for layer in block]
 
 
-def unfreeze(backbone, cfg) -> int:
+def unfreeze(backbone: keras.Model, cfg: Any) -> int:
     """Make exactly the chosen layers trainable (BatchNorm stays frozen per policy); returns how many
     layers are trainable afterwards."""
     chosen = {id(layer) for layer in layers_to_unfreeze(backbone, cfg)}
-    keep_bn = freeze_batchnorm(cfg)
+    keep_bn = batchnorm_frozen(cfg)
     backbone.trainable = True
     for layer in backbone.layers:
         layer.trainable = id(layer) in chosen and not (keep_bn and _is_batchnorm(layer))
     return sum(layer.trainable for layer in backbone.layers if layer.weights)
 
 
-def optimizer(lr: float, decay_steps: int, decay_rate: float):
+def optimizer(lr: float, decay_steps: int, decay_rate: float) -> keras.optimizers.Optimizer:
     """Adam on an exponentially decaying learning rate (the reference recipe's schedule)."""
     import keras
 

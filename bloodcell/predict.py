@@ -122,15 +122,12 @@ def set_tracking(tracking_cfg) -> None:
     """Point MLflow at the configured store (without creating an experiment: reading only)."""
     import os
 
-    import mlflow
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # model files are small, local
 
-    from bloodcell.tracking import check_reachable, resolve_tracking_uri
+    from bloodcell.tracking import connect
 
-    uri = resolve_tracking_uri(tracking_cfg)
-    check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
+    connect(tracking_cfg)
 
 
 def signature_image_shape(uri: str) -> tuple | None:

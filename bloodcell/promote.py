@@ -296,14 +296,12 @@ def promote(
 
 
 def main_task(cfg: DictConfig) -> Promotion:
-    from bloodcell.tracking import check_reachable, resolve_tracking_uri
+    from bloodcell.tracking import connect
 
     check_names(cfg.model_name, cfg.alias)
-    uri = resolve_tracking_uri(cfg.tracking)
-    check_reachable(uri)
+    uri = connect(cfg.tracking)
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     result = promote(
         client,

@@ -4,8 +4,9 @@
     python -m bloodcell.train +experiment=effnetb2              # the reference recipe
     python -m bloodcell.train -m +sweeps=quick                  # an Optuna sweep (sweeps/quick.yaml)
 
-Flow: config -> data (load, validate, clean, split) -> model -> phase 1 (backbone frozen) ->
-phase 2 (top blocks unfrozen, low learning rate) -> test evaluation -> MLflow. ``train(cfg)`` returns the
+``train(cfg)`` is the recipe as a list of named steps: load splits -> start run -> build -> fit phase 1
+-> fit phase 2 -> evaluate -> record. Each step is a function of its own; what a run records goes
+through `bloodcell.tracking`, the Keras callbacks live in `bloodcell.callbacks`. It returns the
 objective (best epoch's ``cfg.objective``) for a sweeper.
 """
 
@@ -15,18 +16,39 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from bloodcell import NUM_CLASSES, PROJECT_ROOT
+from bloodcell import NUM_CLASSES, PROJECT_ROOT, checkpoints, tracking
 from bloodcell.cli import run_or_exit
 from bloodcell.errors import UserError
+from bloodcell.resume import Resume, config_digest, find_resumable
+
+if TYPE_CHECKING:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from bloodcell.callbacks import (
+        Checkpoint,
+        EpochLogger,
+        OptunaPruning,
+        PreciseBatchNorm,
+        ResumableEarlyStopping,
+        TimeLimit,
+    )
+    from bloodcell.clean import CleaningResult
+    from bloodcell.data import Arrays, Splits
+    from bloodcell.evaluate import Evaluation
 
 log = logging.getLogger("bloodcell.train")
 
-
-#: trainer.mixed_precision values and the Keras dtype policy each sets (true = mixed_float16, the usual choice)
+#: trainer.mixed_precision values and the Keras dtype policy each sets (true = mixed_float16, the usual one)
 PRECISION_POLICIES = {
     False: None,
     True: "mixed_float16",
@@ -34,10 +56,15 @@ PRECISION_POLICIES = {
     "mixed_bfloat16": "mixed_bfloat16",
 }
 
+CLEANING_CACHE = PROJECT_ROOT / "mlruns" / "cleaning_cache"
 
-def precision_policy(trainer_cfg) -> str | None:
-    """The Keras dtype policy ``trainer.mixed_precision`` asks for; None keeps float32. bfloat16 needs no loss
-    scaling and on Hopper/Ampere GPUs beat float16 (benchmarks/gpu_throughput.py, README)."""
+
+# ---- checks before anything starts ----------------------------------------------------------------------
+
+
+def precision_policy(trainer_cfg: Any) -> str | None:
+    """The Keras dtype policy ``trainer.mixed_precision`` asks for; None keeps float32. bfloat16 needs no
+    loss scaling and on Hopper/Ampere GPUs beat float16 (benchmarks/gpu_throughput.py, README)."""
     value = trainer_cfg.get("mixed_precision")
     if value is None:
         return None
@@ -63,16 +90,34 @@ def check_config(cfg: DictConfig) -> None:
         raise UserError(f"finetune.epochs={cfg.finetune.epochs} must be >= 0 (0 skips fine-tuning)")
 
 
-CLEANING_CACHE = PROJECT_ROOT / "mlruns" / "cleaning_cache"
+# ---- step 1: data ----------------------------------------------------------------------------------------
 
 
-def load_splits(cfg: DictConfig):
-    """Validated arrays, cleaned when ``data.clean`` (cached by data fingerprint and cleaning settings, so a
-    sweep cleans once), then the stratified split. Returns (arrays as loaded, splits, CleaningResult or None)."""
+@dataclass
+class RunData:
+    """The data of one run: the arrays as loaded, the splits actually used, and the cleaning result."""
+
+    arrays: Arrays
+    splits: Splits
+    cleaning: CleaningResult | None = None
+
+    def tags(self) -> dict[str, str]:
+        tags = {"data_fingerprint": self.arrays.fingerprint, "data_source": self.arrays.source}
+        if (
+            self.cleaning is not None
+        ):  # every split carries the fingerprint of the cleaned set it was cut from
+            tags["data_fingerprint_cleaned"] = self.splits.train.fingerprint
+        return tags
+
+
+def load_splits(cfg: DictConfig) -> RunData:
+    """Validated arrays, cleaned when ``data.clean`` (cached by data fingerprint and cleaning settings, so
+    a sweep cleans once), then the stratified split."""
     from bloodcell.data import Arrays, fingerprint, load_arrays, split_arrays
 
     arrays = load_arrays(cfg.data)
     cleaning = None
+    kept = arrays
     if cfg.data.get("clean"):
         from bloodcell.clean import find_unwanted_cached, summary
 
@@ -82,112 +127,7 @@ def load_splits(cfg: DictConfig):
         log.info("cleaning%s: %s", " (cached)" if cached else "", summary(cleaning))
         images, labels = arrays.images[cleaning.keep], arrays.labels[cleaning.keep]
         kept = Arrays(images, labels, fingerprint(images, labels), f"{arrays.source} (cleaned)")
-    else:
-        kept = arrays
     splits = split_arrays(kept, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
-    return arrays, splits, cleaning
-
-
-def log_cleaning(result, arrays) -> None:
-    """Counts as metrics, the JSON report and the contact sheet of removed samples into the active run."""
-    import tempfile
-    from pathlib import Path
-
-    import mlflow
-
-    from bloodcell.clean import contact_sheet, report_dict
-
-    mlflow.log_metrics(
-        {
-            "cleaning_removed": result.n_removed,
-            **{f"cleaning_removed_{k}": v for k, v in result.counts.items()},
-        }
-    )
-    mlflow.log_dict(report_dict(result, arrays.labels, arrays.source), "cleaning/report.json")
-    if result.n_removed:
-        with tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_artifact(
-                str(contact_sheet(result, arrays.images, arrays.labels, Path(tmp) / "removed.png")),
-                "cleaning",
-            )
-
-
-def _hydra_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def _compile(model, lr: float, decay_steps: int, decay_rate: float, label_smoothing: float) -> None:
-    import keras
-
-    from bloodcell.finetune import optimizer
-
-    model.compile(
-        optimizer=optimizer(lr, decay_steps, decay_rate),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
-        metrics=["accuracy"],
-    )
-
-
-def _best(history: list[dict], objective: str) -> float:
-    values = [h[objective] for h in history if objective in h and math.isfinite(h[objective])]
-    if not values:
-        raise RuntimeError(
-            f"objective {objective!r} was never logged (or only NaN); "
-            f"logged: {sorted(history[0]) if history else 'nothing'}"
-        )
-    return min(values) if "loss" in objective else max(values)
-
-
-class Stopwatch:
-    """Wall seconds per part of a run, logged as ``seconds_<part>`` metrics: where the time outside
-    Keras' fit goes (benchmarks/overhead.py reads them)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, part: str):
-        tic = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - tic
-
-    def metrics(self) -> dict[str, float]:
-        return {f"seconds_{part}": value for part, value in self.seconds.items()}
-
-
-def _time_limit_callback():
-    import keras
-
-    class TimeLimit(keras.callbacks.Callback):
-        """Stop after the epoch that crosses a wall-clock deadline (``trainer.time_limit_minutes``,
-        counted from the start of phase 1 across both phases): compare recipes at equal cost."""
-
-        def __init__(self, deadline: float):
-            super().__init__()
-            self.deadline = deadline
-
-        def on_epoch_end(self, epoch, logs=None):
-            if time.monotonic() >= self.deadline:
-                log.info("time limit reached after epoch %d", epoch + 1)
-                self.model.stop_training = True
-
-    return TimeLimit
-
-
-def train(cfg: DictConfig) -> float:
-    """Run both phases, evaluate, record everything in MLflow; return the best ``cfg.objective``."""
-    check_config(cfg)
-    from bloodcell.tracking import check_reachable, resolve_tracking_uri
-
-    check_reachable(resolve_tracking_uri(cfg.tracking))
-    started = time.perf_counter()
-    timed = Stopwatch()
-    with timed("data"):
-        arrays, splits, cleaning = load_splits(cfg)
     log.info(
         "data: %s, %d images %s -> train %d / val %d / test %d",
         arrays.source,
@@ -197,224 +137,563 @@ def train(cfg: DictConfig) -> float:
         len(splits.val),
         len(splits.test),
     )
-    if cleaning is None:
-        tags = {"data_fingerprint": arrays.fingerprint, "data_source": arrays.source}
-    else:
-        # every split carries the fingerprint of the cleaned set it was cut from
-        tags = {
-            "data_fingerprint": arrays.fingerprint,
-            "data_source": arrays.source,
-            "data_fingerprint_cleaned": splits.train.fingerprint,
-        }
+    return RunData(arrays, splits, cleaning)
 
+
+# ---- step 2: the MLflow run: a new one, or the one to continue -------------------------------------------
+
+
+@dataclass
+class CheckpointDirs:
+    """Where a run's checkpoints go (``<root>/<run id>``) and when they are deleted: when the run finishes
+    or is pruned (nothing left to resume), unless ``trainer.checkpoint.keep_after_finish``."""
+
+    root: Path
+    keep_after_finish: bool = False
+
+    @contextlib.contextmanager
+    def checkpointing(self, run_id: str) -> Iterator[Path]:
+        import optuna
+
+        try:
+            yield self.root / run_id
+        except optuna.TrialPruned:
+            checkpoints.delete(self.root / run_id)
+            raise
+
+    def finished(self, run_id: str) -> None:
+        """The run ended: its checkpoints go (unless kept); the folder stays while records wait for the
+        tracking server in its outbox (they need the saved model)."""
+        if self.keep_after_finish:
+            return
+        if tracking.outbox_waiting(self.root / run_id):
+            checkpoints.delete_epochs(self.root / run_id)
+        else:
+            checkpoints.delete(self.root / run_id)
+
+
+def start_or_resume(cfg: DictConfig, data: RunData) -> tuple[str, Resume | None, CheckpointDirs]:
+    """The MLflow experiment, the run to continue (``trainer.resume``, or a sweep trial that a killed sweep
+    left unfinished; None for a new run), and where the run's checkpoints go."""
+    experiment_id = tracking.setup_experiment(cfg.tracking)
+    dirs = CheckpointDirs(
+        checkpoints.root_for(tracking.resolve_tracking_uri(cfg.tracking)),
+        bool(cfg.trainer.checkpoint.get("keep_after_finish")),
+    )
+    tracking.send_waiting(dirs.root)  # what earlier runs here could not send to the server
+    resume = find_resumable(cfg, experiment_id, data.arrays.fingerprint, dirs.root)
+    if resume is not None:
+        log.info(
+            "resuming run %s after epoch %d (%s)",
+            resume.run_id,
+            resume.checkpoint.epoch,
+            resume.checkpoint.state["phase"],
+        )
+    return experiment_id, resume, dirs
+
+
+# ---- step 3: devices and the model -------------------------------------------------------------------------
+
+
+def distribution_strategy(trainer_cfg: Any) -> tf.distribute.Strategy:
+    """Sets the dtype policy (``trainer.mixed_precision``) and returns the strategy
+    (``trainer.distribute``: one device, or MirroredStrategy over all visible GPUs)."""
     import keras
-    import mlflow
-    import numpy as np
     import tensorflow as tf
 
-    from bloodcell import augment, evaluate, finetune, tracking
-    from bloodcell.data import class_weights, make_tf_dataset
-    from bloodcell.models import BACKBONE_LAYER, build_model
-
-    policy = precision_policy(cfg.trainer)
+    policy = precision_policy(trainer_cfg)
     if policy:
         keras.mixed_precision.set_global_policy(policy)
-    strategy = (
+    return (
         tf.distribute.MirroredStrategy()
-        if cfg.trainer.distribute == "mirrored"
+        if trainer_cfg.distribute == "mirrored"
         else tf.distribute.get_strategy()
     )
 
-    if "trial" in cfg:
-        tags["trial_number"] = str(cfg.trial.number)
-    with tracking.start_run(cfg, tags=tags) as run:
-        # seeded only now: MLflow draws its friendly run names from Python's `random`
-        keras.utils.set_random_seed(cfg.seed)
-        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        mlflow.log_text(OmegaConf.to_yaml(_hydra_overrides()), "overrides.yaml")
-        if cleaning is not None:
-            log_cleaning(cleaning, arrays)
 
-        in_model = cfg.augmentation.get("where", "pipeline") == "model"
-        with strategy.scope():  # in the model its seed variables must live on the training devices
-            augmentation = augment.build_augmentation(cfg.augmentation, cfg.seed)
-        mixer = augment.build_mixer(cfg.augmentation, NUM_CLASSES, cfg.seed)
-        batch = cfg.trainer.batch_size * strategy.num_replicas_in_sync
-        train_ds = make_tf_dataset(
-            splits.train,
-            batch,
-            training=True,
+@dataclass
+class Setup:
+    """What both phases train: the model that is saved, the model that is fitted (the same, or augmentation
+    + model when augmentation runs inside the model), its backbone, and the input pipelines."""
+
+    model: keras.Model
+    trainable_model: keras.Model
+    backbone: keras.Model
+    train_ds: tf.data.Dataset
+    val_ds: tf.data.Dataset
+    batch_size: int
+    strategy: tf.distribute.Strategy
+    class_weight: dict[int, float] | None
+    #: Keras layers of the input pipeline (augmentation, MixUp/CutMix) whose random state a checkpoint keeps
+    random_layers: list[keras.Layer] = field(default_factory=list)
+
+
+def build(cfg: DictConfig, splits: Splits, strategy: tf.distribute.Strategy, epochs_done: int = 0) -> Setup:
+    """Augmentation and input pipelines, then the model with its backbone frozen as phase 1 wants it.
+    ``epochs_done``: a resumed run's shuffle continues where it was."""
+    import keras
+
+    from bloodcell import augment, finetune
+    from bloodcell.data import class_weights, make_tf_dataset
+    from bloodcell.models import BACKBONE_LAYER, batchnorm_frozen, build_model
+
+    # seeded here, after the MLflow run started: MLflow draws its friendly run names from Python's `random`
+    keras.utils.set_random_seed(cfg.seed)
+    in_model = cfg.augmentation.get("where", "pipeline") == "model"
+    with strategy.scope():  # in the model its seed variables must live on the training devices
+        augmentation = augment.build_augmentation(cfg.augmentation, cfg.seed)
+    mixer = augment.build_mixer(cfg.augmentation, NUM_CLASSES, cfg.seed)
+    batch = cfg.trainer.batch_size * strategy.num_replicas_in_sync
+    in_pipeline = None if in_model else augmentation
+    train_ds = make_tf_dataset(
+        splits.train,
+        batch,
+        training=True,
+        seed=cfg.seed,
+        augment=in_pipeline,
+        mixer=mixer,
+        epochs_done=epochs_done,
+    )
+    val_ds = make_tf_dataset(splits.val, batch, training=False, seed=cfg.seed)
+    if augmentation is not None and not epochs_done:  # a resumed run has its preview already
+        grid = augment.preview_grid(
+            splits.train.images[:6],
+            augmentation,
+            views=5,
             seed=cfg.seed,
-            augment=None if in_model else augmentation,
             mixer=mixer,
+            labels=splits.train.labels[:6],
         )
-        val_ds = make_tf_dataset(splits.val, batch, training=False, seed=cfg.seed)
-        if augmentation is not None:
-            grid = augment.preview_grid(
-                splits.train.images[:6],
-                augmentation,
-                views=5,
-                seed=cfg.seed,
-                mixer=mixer,
-                labels=splits.train.labels[:6],
-            )
-            mlflow.log_image(grid, "plots/augmentation_preview.png")
+        tracking.log_augmentation_preview(grid)
 
-        with strategy.scope():
-            model = build_model(cfg, splits.train.images.shape[1:])
-            # With augmentation inside the model it runs on the accelerator; only `model` (without it)
-            # is saved, so the logged model needs neither bloodcell nor KerasCV to load.
-            trainable_model = keras.Sequential([augmentation, model]) if in_model and augmentation else model
-            backbone = model.get_layer(BACKBONE_LAYER)
-            finetune.set_backbone_trainable(
-                backbone,
-                not finetune.freeze_backbone_in_phase1(cfg),
-                keep_batchnorm_frozen=finetune.freeze_batchnorm(cfg),
-            )
-            _compile(
-                trainable_model,
-                cfg.trainer.lr,
-                cfg.trainer.lr_decay_steps,
-                cfg.trainer.lr_decay_rate,
-                cfg.trainer.label_smoothing,
-            )
-
-        from bloodcell.models.head import precise_batchnorm_callback
-
-        precise_bn = precise_batchnorm_callback(
-            model, splits.train.images, cfg.head.get("precise_bn_images") or 0, cfg.seed, batch
+    with strategy.scope():
+        model = build_model(cfg, splits.train.images.shape[1:])
+        # With augmentation inside the model it runs on the accelerator; only `model` (without it) is saved,
+        # so the logged model needs neither bloodcell nor KerasCV to load.
+        trainable_model = keras.Sequential([augmentation, model]) if in_model and augmentation else model
+        backbone = model.get_layer(BACKBONE_LAYER)
+        finetune.set_backbone_trainable(
+            backbone, not finetune.freeze_backbone_in_phase1(cfg), keep_batchnorm_frozen=batchnorm_frozen(cfg)
         )
-        TimeLimit = _time_limit_callback()
-        weights = class_weights(splits.train.labels) if cfg.trainer.class_weight == "balanced" else None
-        epoch_log = tracking.epoch_logger()
+    weights = class_weights(splits.train.labels) if cfg.trainer.class_weight == "balanced" else None
+    random_layers = [layer for layer in (in_pipeline, mixer) if isinstance(layer, keras.Layer)]
+    return Setup(model, trainable_model, backbone, train_ds, val_ds, batch, strategy, weights, random_layers)
+
+
+# ---- step 4: the two phases -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One call of Keras' fit: its length, optimizer schedule and early-stopping patience."""
+
+    name: str
+    epochs: int
+    lr: float
+    lr_decay_steps: int
+    lr_decay_rate: float
+    patience: int
+
+    @classmethod
+    def first(cls, cfg: DictConfig) -> Phase:
+        """Phase 1: the head (and a randomly initialised backbone) at ``trainer.lr``."""
+        t = cfg.trainer
+        return cls("phase1", t.epochs, t.lr, t.lr_decay_steps, t.lr_decay_rate, t.early_stopping_patience)
+
+    @classmethod
+    def second(cls, cfg: DictConfig) -> Phase:
+        """Phase 2: fine-tuning the top of the backbone at ``finetune.lr``."""
+        f = cfg.finetune
+        return cls("phase2", f.epochs, f.lr, f.lr_decay_steps, f.lr_decay_rate, f.early_stopping_patience)
+
+
+@dataclass
+class RunCallbacks:
+    """The callbacks both phases share: precise BN, the epoch logger (whose history the run reads), the
+    time limit, the checkpoint and the Optuna pruner; early stopping is made per phase (its patience
+    differs). Also what a checkpoint saves of the run's progress (`snapshot`)."""
+
+    setup: Setup
+    epoch_log: EpochLogger
+    precise_bn: PreciseBatchNorm | None
+    time_limit: TimeLimit | None
+    checkpoint: Checkpoint | None
+    pruner: OptunaPruning | None
+    stopping: ResumableEarlyStopping | None = None
+    phase: str = "phase1"
+    #: phase 1's outcome, kept while phase 2 runs: it is what phase 2 must beat
+    phase1_epochs: int | None = None
+    phase1_best: float | None = None
+    phase1_weights: list[np.ndarray] | None = None
+
+    @classmethod
+    def for_run(
+        cls, cfg: DictConfig, setup: Setup, train_images: np.ndarray, run_dir: Path | None
+    ) -> RunCallbacks:
+        from bloodcell.callbacks import Checkpoint, EpochLogger, PreciseBatchNorm, TimeLimit
         from bloodcell.trial import pruning_callback
 
-        pruner = pruning_callback(cfg)
-
-        deadline = (
-            time.monotonic() + 60 * cfg.trainer.time_limit_minutes
-            if cfg.trainer.get("time_limit_minutes")
-            else None
+        precise_bn = PreciseBatchNorm.for_model(
+            setup.model, train_images, cfg.head.get("precise_bn_images") or 0, cfg.seed, setup.batch_size
         )
-
-        def callbacks(patience: int) -> list:
-            stop = keras.callbacks.EarlyStopping(
-                monitor="val_accuracy", patience=patience, restore_best_weights=True, verbose=1
+        minutes = cfg.trainer.get("time_limit_minutes")
+        time_limit = TimeLimit(60 * minutes) if minutes else None
+        every = int(cfg.trainer.checkpoint.every) if run_dir is not None else 0
+        callbacks = cls(setup, EpochLogger(), precise_bn, time_limit, None, pruning_callback(cfg))
+        if every > 0:
+            callbacks.checkpoint = Checkpoint(
+                run_dir, callbacks.snapshot, every, int(cfg.trainer.checkpoint.keep)
             )
-            extra = [TimeLimit(deadline)] if deadline else []
-            first = [precise_bn] if precise_bn is not None else []  # its statistics are what validation sees
-            return [*first, epoch_log, stop, *extra] + ([pruner] if pruner is not None else [])
+        return callbacks
 
-        verbose = cfg.trainer.verbose
-        log.info(
-            "phase 1: %d epochs, backbone %s, lr %g",
-            cfg.trainer.epochs,
-            "frozen" if finetune.freeze_backbone_in_phase1(cfg) else "trainable",
-            cfg.trainer.lr,
+    def for_phase(
+        self, phase: Phase, resumed: checkpoints.Checkpoint | None = None
+    ) -> list[keras.callbacks.Callback]:
+        from bloodcell.callbacks import ResumableEarlyStopping
+
+        self.phase = phase.name
+        self.stopping = ResumableEarlyStopping(
+            monitor="val_accuracy",
+            patience=phase.patience,
+            restore_best_weights=True,
+            verbose=1,
+            resume_from=resumed.state["early_stopping"] if resumed else None,
+            best_weights=(resumed.arrays.get("best_weights") or None) if resumed else None,
         )
-        with timed("fit"):
-            history = trainable_model.fit(
-                train_ds,
-                validation_data=val_ds,
-                epochs=cfg.trainer.epochs,
-                shuffle=False,
-                class_weight=weights,
-                callbacks=callbacks(cfg.trainer.early_stopping_patience),
-                verbose=verbose,
-            )
-        phase1_epochs = len(history.epoch)
-        phase1_best = _best(epoch_log.history, "val_accuracy")
-        phase1_weights = model.get_weights()
-        phase2_start = None
-        out_of_time = deadline is not None and time.monotonic() >= deadline
-        if (
-            cfg.finetune.epochs > 0
-            and not out_of_time
-            and (cfg.finetune.unfreeze_blocks != 0 or cfg.finetune.get("unfreeze_layers"))
-        ):
-            with strategy.scope():
-                trainable_layers = finetune.unfreeze(backbone, cfg)
-                _compile(
-                    trainable_model,
-                    cfg.finetune.lr,
-                    cfg.finetune.lr_decay_steps,
-                    cfg.finetune.lr_decay_rate,
-                    cfg.trainer.label_smoothing,
+        # precise BN first: its statistics are what validation sees; the checkpoint after the stoppers (their
+        # decisions are part of it) and before the epoch is recorded or reported (see callbacks.Checkpoint)
+        ordered = [
+            self.precise_bn,
+            self.stopping,
+            self.time_limit,
+            self.checkpoint,
+            self.epoch_log,
+            self.pruner,
+        ]
+        return [callback for callback in ordered if callback is not None]
+
+    def out_of_time(self) -> bool:
+        return self.time_limit is not None and self.time_limit.expired()
+
+    def snapshot(self, epoch: int, logs: dict[str, Any] | None) -> checkpoints.Checkpoint:
+        """This epoch's state, for `bloodcell.checkpoints`."""
+        from bloodcell.callbacks import epoch_record
+
+        model, setup = self.setup.trainable_model, self.setup
+        assert self.stopping is not None
+        state = {
+            "epoch": epoch,
+            "phase": self.phase,
+            "stopped": bool(model.stop_training),
+            "early_stopping": self.stopping.state(),
+            "time_spent": self.time_limit.spent() if self.time_limit else None,
+            "phase1_epochs": self.phase1_epochs,
+            "phase1_best": self.phase1_best,
+            "history": [*self.epoch_log.history, epoch_record(epoch, logs, model)],
+        }
+        arrays = {
+            "variables": [v.numpy() for v in model.variables],
+            "optimizer": [v.numpy() for v in model.optimizer.variables],
+            "random": [v.numpy() for layer in setup.random_layers for v in layer.variables],
+            "best_weights": list(self.stopping.best_weights or []),
+            "phase1_weights": list(self.phase1_weights or []),
+        }
+        return checkpoints.Checkpoint(state, arrays)
+
+    def resume_from(self, run_id: str, saved: checkpoints.Checkpoint) -> None:
+        """Put the model, its optimizer, the pipeline's random state and every callback back where the
+        checkpoint was, and record the checkpoint's epoch where MLflow or Optuna missed it."""
+        model, state = self.setup.trainable_model, saved.state
+        with self.setup.strategy.scope():
+            model.optimizer.build(model.trainable_variables)
+        parts = [
+            ("variables", model.variables),
+            ("optimizer", model.optimizer.variables),
+            ("random", [v for layer in self.setup.random_layers for v in layer.variables]),
+        ]
+        for group, variables in parts:
+            values = saved.arrays.get(group, [])
+            if len(values) != len(variables):
+                raise UserError(
+                    f"the checkpoint in {saved.path} does not fit this model ({group}: {len(values)} arrays "
+                    f"saved, {len(variables)} now): the config changed; start a new run"
                 )
-            log.info(
-                "phase 2: %d epochs, %d backbone layers trainable, lr %g",
-                cfg.finetune.epochs,
-                trainable_layers,
-                cfg.finetune.lr,
+            for variable, value in zip(variables, values):
+                variable.assign(value)
+        self.phase1_epochs, self.phase1_best = state["phase1_epochs"], state["phase1_best"]
+        self.phase1_weights = saved.arrays.get("phase1_weights") or None
+        if self.time_limit is not None and state.get("time_spent") is not None:
+            self.time_limit.already_spent(float(state["time_spent"]))
+        *earlier, last = state["history"]
+        self.epoch_log.history = list(earlier)
+        if saved.epoch not in tracking.logged_steps(run_id, "val_accuracy"):
+            self.epoch_log.record(
+                last
+            )  # killed after the checkpoint was written, before MLflow had the epoch
+        else:
+            self.epoch_log.history.append(last)
+        if self.pruner is not None:
+            self.pruner.resume_after(saved.epoch, last)
+
+
+def compile_for(setup: Setup, phase: Phase, label_smoothing: float) -> None:
+    """A fresh optimizer for the phase (Adam on an exponentially decaying learning rate)."""
+    import keras
+
+    from bloodcell.finetune import optimizer
+
+    with setup.strategy.scope():
+        setup.trainable_model.compile(
+            optimizer=optimizer(phase.lr, phase.lr_decay_steps, phase.lr_decay_rate),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+            metrics=["accuracy"],
+        )
+
+
+def fit_phase(
+    setup: Setup,
+    phase: Phase,
+    callbacks: RunCallbacks,
+    *,
+    first_epoch: int,
+    verbose: Any,
+    resumed: checkpoints.Checkpoint | None = None,
+) -> int:
+    """Train one phase that starts at global epoch ``first_epoch`` (steps continue across phases), or
+    continue it after ``resumed``'s epoch; returns the global epoch after its last. Early stopping leaves
+    the phase's best weights in the model."""
+    start = resumed.epoch + 1 if resumed else first_epoch
+    end = start if resumed and resumed.state["stopped"] else first_epoch + phase.epochs
+    history = setup.trainable_model.fit(
+        setup.train_ds,
+        validation_data=setup.val_ds,
+        initial_epoch=start,
+        epochs=end,
+        shuffle=False,  # the tf.data pipeline shuffles, seeded
+        class_weight=setup.class_weight,
+        callbacks=callbacks.for_phase(phase, resumed),
+        verbose=verbose,
+    )
+    return start + len(history.epoch)
+
+
+def wants_phase2(cfg: DictConfig) -> bool:
+    return cfg.finetune.epochs > 0 and (
+        cfg.finetune.unfreeze_blocks != 0 or bool(cfg.finetune.get("unfreeze_layers"))
+    )
+
+
+def best_value(history: list[dict[str, float]], objective: str) -> float:
+    """The best epoch's ``objective`` (lowest for a loss, highest otherwise), NaN epochs ignored."""
+    values = [h[objective] for h in history if objective in h and math.isfinite(h[objective])]
+    if not values:
+        raise RuntimeError(
+            f"objective {objective!r} was never logged (or only NaN); "
+            f"logged: {sorted(history[0]) if history else 'nothing'}"
+        )
+    return min(values) if "loss" in objective else max(values)
+
+
+def train_head(cfg: DictConfig, setup: Setup, callbacks: RunCallbacks, resume: Resume | None = None) -> int:
+    """Phase 1: the head (with the backbone frozen when it is pretrained) at ``trainer.lr``; returns the
+    global epoch after its last."""
+    phase = Phase.first(cfg)
+    compile_for(setup, phase, cfg.trainer.label_smoothing)
+    if resume is not None:
+        callbacks.resume_from(resume.run_id, resume.checkpoint)
+    state = "trainable" if setup.backbone.trainable else "frozen"
+    log.info("phase 1: %d epochs, backbone %s, lr %g", phase.epochs, state, phase.lr)
+    resumed = resume.checkpoint if resume else None
+    return fit_phase(setup, phase, callbacks, first_epoch=0, verbose=cfg.trainer.verbose, resumed=resumed)
+
+
+def fine_tune(
+    cfg: DictConfig, setup: Setup, callbacks: RunCallbacks, phase1_epochs: int, resume: Resume | None = None
+) -> None:
+    """Phase 2: unfreeze the top of the backbone and train at the low learning rate. If fine-tuning never
+    beats phase 1, the model keeps phase 1's best weights, as "restore the best weights" promises."""
+    from bloodcell import finetune
+
+    phase = Phase.second(cfg)
+    if resume is None:
+        callbacks.phase1_epochs = phase1_epochs
+        callbacks.phase1_best = best_value(callbacks.epoch_log.history, "val_accuracy")
+        callbacks.phase1_weights = setup.model.get_weights()
+    with setup.strategy.scope():
+        trainable_layers = finetune.unfreeze(setup.backbone, cfg)
+    compile_for(setup, phase, cfg.trainer.label_smoothing)
+    if resume is not None:
+        callbacks.resume_from(resume.run_id, resume.checkpoint)
+    log.info(
+        "phase 2: %d epochs, %d backbone layers trainable, lr %g", phase.epochs, trainable_layers, phase.lr
+    )
+    tracking.log_metrics({"finetune_trainable_layers": trainable_layers})
+    resumed = resume.checkpoint if resume else None
+    fit_phase(
+        setup, phase, callbacks, first_epoch=phase1_epochs, verbose=cfg.trainer.verbose, resumed=resumed
+    )
+    phase2_best = best_value(callbacks.epoch_log.history[phase1_epochs:], "val_accuracy")
+    assert callbacks.phase1_best is not None and callbacks.phase1_weights is not None
+    if phase2_best < callbacks.phase1_best:
+        setup.model.set_weights(callbacks.phase1_weights)
+    tracking.set_tags({"final_weights": "phase2" if phase2_best >= callbacks.phase1_best else "phase1"})
+
+
+def fit_both_phases(
+    cfg: DictConfig, setup: Setup, callbacks: RunCallbacks, resume: Resume | None
+) -> int | None:
+    """Phase 1, then phase 2 when the config wants it and time is left; a resumed run goes on in the phase
+    its checkpoint was written in. Returns the global epoch phase 2 started at (None without phase 2)."""
+    if resume is not None and resume.checkpoint.state["phase"] == "phase2":
+        phase1_epochs = int(resume.checkpoint.state["phase1_epochs"])
+        fine_tune(cfg, setup, callbacks, phase1_epochs, resume)
+        return phase1_epochs
+    phase1_epochs = train_head(cfg, setup, callbacks, resume)
+    if wants_phase2(cfg) and not callbacks.out_of_time():
+        fine_tune(cfg, setup, callbacks, phase1_epochs)
+        return phase1_epochs
+    return None
+
+
+# ---- step 5: evaluate and record ------------------------------------------------------------------
+
+
+@dataclass
+class TestResult:
+    evaluation: Evaluation
+    probabilities: np.ndarray
+    tta: Evaluation | None = None
+
+
+def evaluate_on_test(cfg: DictConfig, setup: Setup, test: Arrays) -> TestResult:
+    """The held-out split, touched once: plain predictions, and test-time augmentation when asked."""
+    from bloodcell.data import make_tf_dataset
+    from bloodcell.evaluate import evaluate_predictions
+
+    test_ds = make_tf_dataset(test, setup.batch_size, training=False, seed=cfg.seed)
+    probabilities = setup.model.predict(test_ds.map(lambda x, y: x), verbose=0)
+    result = TestResult(evaluate_predictions(test.labels, probabilities), probabilities)
+    if cfg.trainer.get("test_tta"):
+        from bloodcell.predict import predict_arrays
+
+        tta = predict_arrays(setup.model, test.images, setup.batch_size, tta=True)
+        result.tta = evaluate_predictions(test.labels, tta, "test_tta_")
+        log.info("test accuracy with test-time augmentation %.4f", result.tta.metrics["test_tta_accuracy"])
+    return result
+
+
+def record(
+    cfg: DictConfig,
+    run_id: str,
+    model_dir: Path,
+    setup: Setup,
+    test: Arrays,
+    result: TestResult,
+    history: list[dict[str, float]],
+    phase2_start: int | None,
+    timed: Stopwatch,
+) -> float:
+    """Everything the run keeps of its outcome: the objective, test metrics and plots, the model, where the
+    time went. Returns the objective."""
+    import numpy as np
+
+    objective = best_value(history, cfg.objective)
+    with timed("evaluate"):
+        tracking.log_metrics({f"best_{cfg.objective}": objective})
+        tracking.log_evaluation(result.evaluation, history, phase2_start)
+        if result.tta is not None:
+            tracking.log_metrics(result.tta.metrics)
+    if cfg.tracking.log_model:
+        with timed("log_model"):
+            # the test predictions give the output example: another predict call would trace anew
+            tracking.log_model(
+                setup.model, test.images[:2].astype(np.float32), result.probabilities[:2], model_dir
             )
-            mlflow.log_metric("finetune_trainable_layers", trainable_layers)
-            phase2_start = phase1_epochs
+    seconds = timed.metrics()
+    tracking.log_metrics(seconds)
+    metrics = result.evaluation.metrics
+    log.info(
+        "test accuracy %.4f, macro-F1 %.4f; best %s %.4f; run %s (%.0f s, %.0f s in fit)",
+        metrics["test_accuracy"],
+        metrics["test_macro_f1"],
+        cfg.objective,
+        objective,
+        run_id,
+        seconds["seconds_in_train"],
+        seconds.get("seconds_fit", 0.0),
+    )
+    return objective
+
+
+class Stopwatch:
+    """Wall seconds per part of a run, logged as ``seconds_<part>`` metrics: where the time outside
+    Keras' fit goes (benchmarks/overhead.py reads them)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, part: str) -> Iterator[None]:
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - tic
+
+    def metrics(self) -> dict[str, float]:
+        """``seconds_<part>`` per part, and ``seconds_in_train``: everything since the stopwatch started."""
+        total = {"in_train": time.perf_counter() - self.started}
+        return {f"seconds_{part}": value for part, value in (self.seconds | total).items()}
+
+
+def _hydra_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+# ---- the recipe ---------------------------------------------------------------------------------------
+
+
+def train(cfg: DictConfig) -> float:
+    """Run both phases, evaluate, record everything in MLflow; return the best ``cfg.objective``."""
+    check_config(cfg)
+    tracking.check_reachable(tracking.resolve_tracking_uri(cfg.tracking))
+    timed = Stopwatch()
+    with timed("data"):
+        data = load_splits(cfg)
+    strategy = distribution_strategy(cfg.trainer)
+    experiment_id, resume, run_dirs = start_or_resume(cfg, data)
+    tags = data.tags() | {"config_digest": config_digest(cfg)}
+    with tracking.start_run(
+        cfg, tags=tags, experiment_id=experiment_id, resume_run_id=resume.run_id if resume else None
+    ) as run:
+        if resume is not None:
+            tracking.set_tags({"resumed_after_epoch": str(resume.checkpoint.epoch)})
+        else:
+            tracking.log_config(cfg, _hydra_overrides())
+            if data.cleaning is not None:
+                tracking.log_cleaning(data.cleaning, data.arrays)
+        setup = build(cfg, data.splits, strategy, epochs_done=resume.next_epoch if resume else 0)
+        with run_dirs.checkpointing(run.info.run_id) as run_dir:
+            callbacks = RunCallbacks.for_run(cfg, setup, data.splits.train.images, run_dir)
             with timed("fit"):
-                trainable_model.fit(
-                    train_ds,
-                    validation_data=val_ds,
-                    initial_epoch=phase1_epochs,
-                    shuffle=False,
-                    epochs=phase1_epochs + cfg.finetune.epochs,
-                    class_weight=weights,
-                    callbacks=callbacks(cfg.finetune.early_stopping_patience),
-                    verbose=verbose,
-                )
-            # Early stopping restored phase 2's best epoch; if fine-tuning never beat phase 1, the model
-            # the run reports and saves is phase 1's best, as "restore the best weights" promises.
-            phase2_best = _best(epoch_log.history[phase1_epochs:], "val_accuracy")
-            if phase2_best < phase1_best:
-                model.set_weights(phase1_weights)
-            mlflow.set_tag("final_weights", "phase2" if phase2_best >= phase1_best else "phase1")
-
-        objective = _best(epoch_log.history, cfg.objective)
+                phase2_start = fit_both_phases(cfg, setup, callbacks, resume)
         with timed("evaluate"):
-            test_ds = make_tf_dataset(splits.test, batch, training=False, seed=cfg.seed)
-            probabilities = model.predict(test_ds.map(lambda x, y: x), verbose=0)
-            result = evaluate.evaluate_predictions(splits.test.labels, probabilities)
-            mlflow.log_metrics({f"best_{cfg.objective}": objective, **result.metrics})
-            if cfg.trainer.get("test_tta"):
-                from bloodcell.predict import predict_arrays
-
-                tta = evaluate.evaluate_predictions(
-                    splits.test.labels,
-                    predict_arrays(model, splits.test.images, batch, tta=True),
-                    "test_tta_",
-                )
-                mlflow.log_metrics(tta.metrics)
-                log.info("test accuracy with test-time augmentation %.4f", tta.metrics["test_tta_accuracy"])
-            mlflow.log_dict(result.report, "classification_report.json")
-            mlflow.log_figure(evaluate.confusion_figure(result.confusion), "plots/confusion_matrix.png")
-            mlflow.log_figure(
-                evaluate.curves_figure(epoch_log.history, phase2_start), "plots/training_curves.png"
-            )
-
-        if cfg.tracking.log_model:
-            from mlflow.models import infer_signature
-
-            with timed("log_model"):
-                # the test predictions give the output example: another predict call would trace anew
-                sample = splits.test.images[:2].astype(np.float32)
-                info = mlflow.keras.log_model(
-                    model,
-                    name="model",
-                    signature=infer_signature(sample, probabilities[:2]),
-                    # pinned rather than inferred: inference imports and inspects every module (seconds).
-                    pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
-                )
-                mlflow.set_tag("model_uri", info.model_uri)
-        timed.seconds["in_train"] = time.perf_counter() - started
-        mlflow.log_metrics(timed.metrics())
-        log.info(
-            "test accuracy %.4f, macro-F1 %.4f; best %s %.4f; run %s (%.0f s, %.0f s in fit)",
-            result.metrics["test_accuracy"],
-            result.metrics["test_macro_f1"],
-            cfg.objective,
-            objective,
+            result = evaluate_on_test(cfg, setup, data.splits.test)
+        objective = record(
+            cfg,
             run.info.run_id,
-            timed.seconds["in_train"],
-            timed.seconds["fit"],
+            run_dirs.root / run.info.run_id,
+            setup,
+            data.splits.test,
+            result,
+            callbacks.epoch_log.history,
+            phase2_start,
+            timed,
         )
+    run_dirs.finished(run.info.run_id)
     return objective
 
 

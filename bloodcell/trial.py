@@ -19,7 +19,6 @@ Storage URLs (``hydra.sweeper.storage``):
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +32,8 @@ from bloodcell.optuna_tables import make_pruner as make_pruner
 
 if TYPE_CHECKING:
     from optuna.storages import BaseStorage
+
+    from bloodcell.callbacks import OptunaPruning
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +128,13 @@ def redact(url: str) -> str:
         return url.split("://", 1)[0] + "://***"
 
 
-def pruning_callback(cfg):
+def pruning_callback(cfg: Any) -> OptunaPruning | None:
     """A Keras callback reporting ``cfg.objective`` to this run's Optuna trial after every epoch (step = the
     global epoch, counted on across both training phases) and raising ``optuna.TrialPruned`` when the
     study's pruner stops the trial. None outside a sweep (no ``trial`` in cfg)."""
     trial_cfg = cfg.get("trial")
     if not trial_cfg:
         return None
-    import keras
     import optuna
 
     storage = open_storage(str(trial_cfg.storage))
@@ -147,36 +147,11 @@ def pruning_callback(cfg):
         sampler=optuna.samplers.RandomSampler(),
         pruner=make_pruner(frozen.system_attrs.get(PRUNER_ATTR)),
     )
-    trial = optuna.trial.Trial(study, trial_id)
-    objective = str(cfg.get("objective") or "val_accuracy")
+    from bloodcell.callbacks import OptunaPruning
 
-    class OptunaPruning(keras.callbacks.Callback):
-        def __init__(self) -> None:
-            super().__init__()
-            # a second instance (say, one per phase) goes on after the steps already reported
-            self.next_step = max(frozen.intermediate_values, default=-1) + 1
-            self.warned = False
-
-        def on_epoch_end(self, epoch, logs=None):
-            value = (logs or {}).get(objective)
-            if value is None:
-                if not self.warned:
-                    log.warning(
-                        "objective %r is not an epoch metric (%s): trial %d cannot be pruned",
-                        objective,
-                        ", ".join(sorted(logs or {})),
-                        frozen.number,
-                    )
-                    self.warned = True
-                return
-            step = max(int(epoch), self.next_step)
-            self.next_step = step + 1
-            value = float(value)
-            trial.report(value, step)
-            if trial.should_prune():
-                if getattr(self, "model", None) is not None:
-                    self.model.stop_training = True
-                shown = f"{value:.4f}" if math.isfinite(value) else str(value)
-                raise optuna.TrialPruned(f"pruned after epoch {step} ({objective}={shown})")
-
-    return OptunaPruning()
+    return OptunaPruning(
+        optuna.trial.Trial(study, trial_id),
+        objective=str(cfg.get("objective") or "val_accuracy"),
+        reported_steps=frozen.intermediate_values,
+        number=frozen.number,
+    )

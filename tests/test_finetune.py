@@ -83,7 +83,7 @@ def test_precise_batchnorm_sets_head_statistics_from_clean_images_before_each_va
     import keras
     import numpy as np
 
-    from bloodcell.models.head import precise_batchnorm_callback
+    from bloodcell.callbacks import PreciseBatchNorm
 
     cfg = config("small_cnn", filters=[8, 8], bn=True)
     cfg.head.units, cfg.head.dropout = [16, 8], [0.2, 0.1]
@@ -92,7 +92,7 @@ def test_precise_batchnorm_sets_head_statistics_from_clean_images_before_each_va
     clean = rng.integers(0, 120, (64, 32, 32, 3)).astype(np.uint8)
     labels = keras.utils.to_categorical(rng.integers(0, 8, 64), 8)
     model.compile(optimizer="adam", loss="categorical_crossentropy")
-    callback = precise_batchnorm_callback(model, clean, count=len(clean), seed=0, batch_size=16)
+    callback = PreciseBatchNorm.for_model(model, clean, count=len(clean), seed=0, batch_size=16)
     assert callback is not None
     seen = []
 
@@ -128,9 +128,9 @@ def test_precise_batchnorm_sets_head_statistics_from_clean_images_before_each_va
 def test_no_precise_batchnorm_without_head_batchnorm():
     import numpy as np
 
-    from bloodcell.models.head import precise_batchnorm_callback
+    from bloodcell.callbacks import PreciseBatchNorm
 
     cfg = config("small_cnn", filters=[8])
     cfg.head.batchnorm = False
     model = build_model(cfg, (32, 32, 3))
-    assert precise_batchnorm_callback(model, np.zeros((4, 32, 32, 3), np.uint8), 4, 0, 4) is None
+    assert PreciseBatchNorm.for_model(model, np.zeros((4, 32, 32, 3), np.uint8), 4, 0, 4) is None

@@ -240,7 +240,9 @@ def _start_sweep(tmp: Path, *extra: str, storage: str | None = None) -> subproce
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_reruns_the_interrupted_trial_only(tmp_path):
+def test_resume_after_sigkill_continues_the_interrupted_trial_from_its_checkpoint(tmp_path):
+    """Issue 14: the killed trial goes back into the queue and resumes in its own MLflow run, from its
+    checkpoint (fewer epochs than a restart), counted once; its pruning reports stay."""
     storage = f"journal:{tmp_path / 'optuna.journal'}"
     args = ("hydra.sweeper.n_trials=2", "trainer.epochs=2", "hydra.sweeper.pruner.name=none")
     sweep = _start_sweep(tmp_path, *args, storage=storage)
@@ -266,18 +268,24 @@ def test_resume_after_sigkill_reruns_the_interrupted_trial_only(tmp_path):
     )
     assert_ok(proc)
     study = load_study(storage)
-    assert states(study) == {"FAIL": 1, "COMPLETE": 2}
+    assert states(study) == {"COMPLETE": 2}
     interrupted = study.trials[0]
-    assert interrupted.state.name == "FAIL" and "interrupted" in interrupted.user_attrs
+    assert interrupted.user_attrs["interruptions"] == 1 and "interrupted" not in interrupted.user_attrs
+    assert sorted(interrupted.intermediate_values) == list(range(len(interrupted.intermediate_values)))
     assert "trial 0 interrupted" in proc.stdout + proc.stderr
 
     _, parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1  # the resumed sweep logs to the same parent run
     numbers = sorted(c.data.tags["trial_number"] for c in children)
-    assert numbers == ["0", "1", "2"]  # one child run per Optuna trial, none twice
+    assert numbers == ["0", "1"]  # one child run per Optuna trial, none twice
     by_number = {c.data.tags["trial_number"]: c for c in children}
-    assert by_number["0"].info.status == "FAILED" and by_number["0"].data.tags["optuna.trial_state"] == "FAIL"
-    assert {by_number[n].info.status for n in ("1", "2")} == {"FINISHED"}
+    assert {c.info.status for c in children} == {"FINISHED"}
+    resumed = by_number["0"]
+    assert resumed.data.tags["resumed"] == "1" and resumed.data.tags["optuna.trial_state"] == "COMPLETE"
+    assert int(resumed.data.tags["resumed_after_epoch"]) >= 0  # it did not train from epoch 0 again
+    client, _, _ = mlflow_runs(tmp_path)
+    steps = sorted(m.step for m in client.get_metric_history(resumed.info.run_id, "val_accuracy"))
+    assert steps == list(range(len(steps)))  # each epoch recorded once
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,6 +17,9 @@ from bloodcell import NUM_CLASSES, PROJECT_ROOT
 from bloodcell.data.demo import make_demo_set
 from bloodcell.data.formats import read_folder, read_image, read_medmnist, read_npz, validate
 from bloodcell.errors import UserError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 __all__ = [
     "Arrays",
@@ -147,15 +151,29 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     return {int(c): float(w) for c, w in zip(present, weights)}
 
 
-def make_tf_dataset(arrays: Arrays, batch_size: int, *, training: bool, seed: int, augment=None, mixer=None):
+def make_tf_dataset(
+    arrays: Arrays,
+    batch_size: int,
+    *,
+    training: bool,
+    seed: int,
+    augment: Any = None,
+    mixer: Any = None,
+    epochs_done: int = 0,
+) -> tf.data.Dataset:
     """(float32 pixels 0-255, one-hot float32 labels) batches. Shuffling, ``augment`` (a Keras layer
     called with training=True) and ``mixer`` (batch-level MixUp/CutMix) apply to training batches only.
-    Pixels stay uint8 until batched: a quarter of the memory traffic of float32 slices."""
+    Pixels stay uint8 until batched: a quarter of the memory traffic of float32 slices.
+
+    ``epochs_done`` (a resumed run): the shuffle continues with the order of epoch ``epochs_done``, as if
+    that many epochs had been drawn (each new iterator of a seeded shuffle draws the next order)."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((arrays.images, arrays.labels))
     if training:
         ds = ds.shuffle(len(arrays), seed=seed, reshuffle_each_iteration=True)
+        for _ in range(epochs_done):
+            iter(ds)  # advances the shuffle's seed; nothing downstream (augmentation) runs
     ds = ds.batch(batch_size, drop_remainder=False)
 
     def to_float(images, labels):

@@ -3,8 +3,10 @@ how each ended, and keep the study's MLflow parent run up to date.
 
 How ``n_trials`` stays a total over resumed runs and parallel sweep processes: a trial counts when it is
 running or ended (complete, pruned, or failed by its own error); a trial whose sweep process died
-(SIGKILL, a lost node) or was stopped is marked FAIL with user attribute ``interrupted`` and does not
-count, so its place is run again. Before each ask, a process counts the trials under a file lock beside
+(SIGKILL, a lost node) or was stopped goes back into Optuna's queue (WAITING) with its parameters and
+pruning reports, and the next ask runs it again: its training resumes from its last checkpoint in its
+own MLflow run (``MAX_INTERRUPTIONS`` times; then it is marked FAIL + ``interrupted``, does not count,
+and its place is run anew). Before each ask, a process counts the trials under a file lock beside
 a local storage (journal / SQLite), so processes on one machine never ask one trial too many; on a
 database server it asks first and, when its trial ranks beyond ``n_trials``, puts it back in Optuna's
 queue (WAITING) for whoever needs a trial next.
@@ -41,6 +43,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bloodcell.errors import UserError
 from bloodcell.optuna_tables import make_pruner, make_sampler
+from bloodcell.tracking import record_to
 from bloodcell.trial import PRUNER_ATTR, lock_path, open_storage, redact, resolve_storage_url
 
 from ._search_space import grid_of, parse_search_space
@@ -56,6 +59,8 @@ HEARTBEAT_ATTR = "bloodcell:heartbeat"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUNS_ATTR = "bloodcell:sweep_runs"
 STALE_AFTER_BEATS = 4
+#: a trial interrupted this often is given up (FAIL) rather than queued again: it may be what kills its job
+MAX_INTERRUPTIONS = 3
 
 
 @dataclass
@@ -358,16 +363,31 @@ class OptunaSweep:
                 self._interrupt(self._trial_id(t.number), t.number, why)
 
     def _interrupt(self, trial_id: int, number: int, why: str) -> None:
-        """Mark a trial that did not end by itself FAIL + interrupted: it does not count toward n_trials."""
+        """A trial that did not end by itself goes back into the study's queue (WAITING) with its parameters
+        and its pruning reports: the next ask takes it again, and its training resumes from its last
+        checkpoint in its own MLflow run (bloodcell.resume), so it counts once toward n_trials. After
+        ``MAX_INTERRUPTIONS`` it is marked FAIL + interrupted instead (it does not count; a new trial is run)."""
         try:
+            interruptions = int(self.storage.get_trial(trial_id).user_attrs.get("interruptions", 0)) + 1
             # the trial may be another process's: no Trial object here, so the storage's method
-            self.storage.set_trial_user_attr(trial_id, "interrupted", why)
-            self._end(number, TrialState.FAIL)
+            self.storage.set_trial_user_attr(trial_id, "interruptions", interruptions)
+            if interruptions > MAX_INTERRUPTIONS:
+                self.storage.set_trial_user_attr(trial_id, "interrupted", why)
+                self._end(number, TrialState.FAIL)
+            else:
+                # no Study or Trial method sets a trial WAITING; the storage's method does
+                self.storage.set_trial_state_values(trial_id, TrialState.WAITING)
         except (RuntimeError, ValueError):  # UpdateFinishedTrialError, or tell's "Cannot tell a FAIL trial"
             return  # ended meanwhile, or another process marked it first
         finally:
             self.in_flight.pop(trial_id, None)
-        log.warning("trial %d interrupted (%s): marked FAIL, its place will be run again", number, why)
+        if interruptions > MAX_INTERRUPTIONS:
+            log.warning("trial %d interrupted (%s) %d times: marked FAIL, its place will be run again",
+                        number, why, interruptions)  # fmt: skip
+        else:
+            log.warning(
+                "trial %d interrupted (%s): back in the queue, it resumes from its checkpoint", number, why
+            )
         if self.mlflow is not None:
             self.mlflow.fail_child(number, f"interrupted: {why}")
 
@@ -554,8 +574,7 @@ class _ParentRun:
             "objective": sweep.objective_name,
         }
         params.update({f"space.{k}": v for k, v in sweep.space.written.items()})
-        for key, value in params.items():
-            client.log_param(run.info.run_id, key, str(value)[:6000])
+        record_to(run.info.run_id, params=params)
         sweep.study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
         log.info("MLflow: parent run %s (experiment %s)", run.info.run_id, sweep.config.tracking.experiment)
         parent = cls(client, run.info.run_id, experiment_id)
@@ -579,8 +598,7 @@ class _ParentRun:
             "search_space": " ".join(f"{k}={v}" for k, v in sweep.space.written.items()),
             "fixed_overrides": " ".join(sweep.rerun_prefix),
         }
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value)[:5000])
+        record_to(self.run_id, tags=tags)
 
     def children(self, number: int | None = None) -> list:
         query = f"tags.mlflow.parentRunId = '{self.run_id}'"
@@ -604,10 +622,9 @@ class _ParentRun:
                 return
             for run in runs:
                 if run.info.status in ("RUNNING", "SCHEDULED") or run.info.run_id == runs[0].info.run_id:
-                    self.client.set_tag(run.info.run_id, "optuna.trial_state", "FAIL")
-                    self.client.set_tag(run.info.run_id, "error", reason[:5000])
-                    if run.info.status in ("RUNNING", "SCHEDULED"):
-                        self.client.set_terminated(run.info.run_id, status="FAILED")
+                    ended = run.info.status in ("RUNNING", "SCHEDULED")
+                    tags = {"optuna.trial_state": "FAIL", "error": reason}
+                    record_to(run.info.run_id, tags=tags, status="FAILED" if ended else None)
         except Exception as err:
             log.warning("MLflow: could not mark trial %d's run failed: %s", number, err)
 
@@ -616,22 +633,19 @@ class _ParentRun:
     ) -> None:
         counts = summary_counts(trials)
         metrics: dict[str, float] = {f"n_{k}": v for k, v in counts.items()}
+        tags: dict[str, str] = {}
         if best is not None:
             metrics["best_value"] = cast(float, best.value)  # the best trial is a complete one
             metrics["best_trial_number"] = best.number
-            self.client.set_tag(self.run_id, "best_trial_number", str(best.number))
+            tags["best_trial_number"] = str(best.number)
             for key, value in best.params.items():
-                self.client.set_tag(self.run_id, f"best.{key}", str(value))
+                tags[f"best.{key}"] = str(value)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     metrics[f"best.{key}"] = float(value)
-        step = len(trials)
-        for key, value in metrics.items():
-            self.client.log_metric(self.run_id, key, float(value), step=step)
-        for path in files:
-            self.client.log_artifact(
-                self.run_id, str(path), artifact_path="plots" if path.suffix == ".png" else None
-            )
-        self.client.set_terminated(self.run_id, status=status)
+        artifacts = [(path, "plots" if path.suffix == ".png" else None) for path in files]
+        record_to(
+            self.run_id, tags=tags, metrics=metrics, step=len(trials), artifacts=artifacts, status=status
+        )
 
 
 def _raise_on_sigterm() -> Any:  # the previous handler (signal.signal's type), None off the main thread

@@ -1,0 +1,181 @@
+"""What a run could not send to a remote tracking server, kept on local disk until the server is back.
+
+A training run that records to an ``mlflow server`` must not die, freeze for minutes or lose an epoch
+because the server restarts or the network blips. Each record (metrics, tags, an artifact file, the
+model, the run's end) is one JSON line in ``<run dir>/outbox/pending.jsonl``; artifact files and the
+model stay beside it until sent. While the outbox holds anything, new records queue behind it (order is
+kept), and sending is retried at most every ``retry_seconds``. ``python -m bloodcell.sync`` (and the next
+training run on this machine) sends what a finished process left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("bloodcell.tracking")
+
+PENDING = "pending.jsonl"
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether an error means the server could not be reached or is restarting (then the record waits),
+    as opposed to a refusal of the record itself (then it is an error like any other)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
+        return True
+    if isinstance(err, MlflowException):
+        text = str(err)
+        return "failed with exception" in text or any(f"{code}" in text for code in (502, 503, 504))
+    return False
+
+
+def apply(run_id: str, record: dict[str, Any]) -> None:
+    """Send one record to the current tracking URI (raises when it cannot)."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    kind = record["kind"]
+    if kind == "metrics":
+        stamp, step = int(record["timestamp"]), int(record.get("step") or 0)
+        metrics = [Metric(key, float(value), stamp, step) for key, value in record["metrics"].items()]
+        client.log_batch(run_id, metrics=metrics, synchronous=True)
+    elif kind == "params":
+        params = [Param(k, str(v)[:6000]) for k, v in record["params"].items()]
+        client.log_batch(run_id, params=params, synchronous=True)
+    elif kind == "tags":
+        client.log_batch(
+            run_id, tags=[RunTag(k, str(v)) for k, v in record["tags"].items()], synchronous=True
+        )
+    elif kind == "artifact":
+        client.log_artifact(run_id, record["path"], record.get("dir"))
+    elif kind == "model":
+        _log_model(run_id, Path(record["path"]), Path(record["examples"]))
+    elif kind == "end":
+        client.set_terminated(run_id, record["status"])
+    else:
+        raise ValueError(f"unknown outbox record {kind!r}")
+
+
+def _log_model(run_id: str, path: Path, examples: Path) -> None:
+    """The saved Keras model as the run's MLflow model (what `bloodcell.tracking.log_model` would log)."""
+    import contextlib
+
+    import keras
+    import mlflow
+    import numpy as np
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    active = mlflow.active_run()
+    # in another process (sync) the run is reopened for the upload; its end status is a record of its own
+    opened = contextlib.nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id)
+    with np.load(examples) as data, opened:
+        info = mlflow.keras.log_model(
+            keras.saving.load_model(path, compile=False),
+            name="model",
+            signature=infer_signature(data["input"], data["output"]),
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+        )
+        mlflow.set_tag("model_uri", info.model_uri)
+
+
+class Outbox:
+    """The pending records of one run (see the module docstring)."""
+
+    def __init__(self, run_id: str, directory: Path, retry_seconds: float = 30.0) -> None:
+        self.run_id, self.directory, self.retry_seconds = run_id, directory, retry_seconds
+        self.retry_after = 0.0
+        self.in_outage = False
+
+    @property
+    def file(self) -> Path:
+        return self.directory / PENDING
+
+    def pending(self) -> list[dict[str, Any]]:
+        if not self.file.is_file():
+            return []
+        return [json.loads(line) for line in self.file.read_text().splitlines() if line.strip()]
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.file, "a") as out:
+            out.write(json.dumps(record) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+
+    def stage(self, source: Path) -> Path:
+        """A copy of a file that must outlive the process until it is sent."""
+        staged = self.directory / "files" / f"{time.time_ns()}-{source.name}"
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, staged)
+        return staged
+
+    def send(self, record: dict[str, Any]) -> None:
+        """Send now if the server answers and nothing is waiting; otherwise queue it (order is kept)."""
+        if not self.file.is_file() or self.flush():
+            try:
+                apply(self.run_id, record)
+                return
+            except Exception as err:
+                if not unreachable(err):
+                    raise
+                self._outage(err)
+        if record["kind"] == "artifact":  # the caller's file is temporary
+            record = {**record, "path": str(self.stage(Path(record["path"])))}
+        self.add(record)
+
+    def flush(self, force: bool = False) -> bool:
+        """Send what waits, in order; True when nothing is left. Between failed tries it waits
+        ``retry_seconds`` (unless ``force``), so an outage costs one short timeout, not one per record."""
+        records = self.pending()
+        if not records:
+            return True
+        if not force and time.monotonic() < self.retry_after:
+            return False
+        sent = 0
+        for record in records:
+            try:
+                apply(self.run_id, record)
+            except Exception as err:
+                if unreachable(err):
+                    self._outage(err)
+                    self._rewrite(records[sent:])
+                    return False
+                log.warning("tracking: dropped a %s record the server refused: %s", record["kind"], err)
+            sent += 1
+        self.file.unlink()
+        shutil.rmtree(self.directory / "files", ignore_errors=True)
+        if self.in_outage:
+            log.warning(
+                "tracking server reachable again: %d waiting records of run %s sent", sent, self.run_id
+            )
+            self.in_outage = False
+        return True
+
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, self.file)
+
+    def _outage(self, err: BaseException) -> None:
+        self.retry_after = time.monotonic() + self.retry_seconds
+        if not self.in_outage:  # one line per outage, not a traceback per epoch
+            first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            log.warning(
+                "tracking server unreachable (%s); training goes on, records wait in %s", first, self.file
+            )
+            self.in_outage = True
+
+
+def waiting_outboxes(root: Path) -> list[Outbox]:
+    """The outboxes with records left under a checkpoints root (one folder per run id)."""
+    return [Outbox(path.parent.parent.name, path.parent) for path in sorted(root.glob(f"*/outbox/{PENDING}"))]
