@@ -24,9 +24,10 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from bloodcell import CLASS_NAMES, NUM_CLASSES, PROJECT_ROOT
+from bloodcell import CLASS_NAMES, NUM_CLASSES, PROJECT_ROOT, outputs
 from bloodcell.cli import run_or_exit
 from bloodcell.errors import UserError
+from bloodcell.outputs import atomic_path
 
 OUTPUT_SUFFIXES = (".csv", ".npy")
 
@@ -121,7 +122,6 @@ def resolve_model_uri(spec: str, client=None) -> str:
 def set_tracking(tracking_cfg) -> None:
     """Point MLflow at the configured store (without creating an experiment: reading only)."""
     import os
-
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # model files are small, local
 
@@ -266,8 +266,13 @@ def predict_arrays(
 def write_predictions(
     path: Path, probabilities: np.ndarray, names: list[str], labels: np.ndarray | None = None
 ) -> None:
+    """One row per image; written under a temporary name and renamed when complete (bloodcell.outputs)."""
+    with atomic_path(path) as partial:
+        _write_table(partial, probabilities, names, labels)
+
+
+def _write_table(path: Path, probabilities: np.ndarray, names: list[str], labels: np.ndarray | None) -> None:
     ids = probabilities.argmax(axis=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
         dtype = [
             ("image", f"U{max(map(len, names))}"),
@@ -307,14 +312,7 @@ def write_predictions(
 
 
 def check_output(output: str | None, overwrite: bool) -> Path:
-    if not output:
-        raise UserError("say where to write: output=<file.csv | file.npy>")
-    path = Path(output).expanduser()
-    if path.suffix not in OUTPUT_SUFFIXES:
-        raise UserError(f"output={output} must end in .csv or .npy")
-    if path.exists() and not overwrite:
-        raise UserError(f"output {path} exists; choose another name or pass overwrite=true")
-    return path
+    return outputs.check_output(output, overwrite, OUTPUT_SUFFIXES, "<file.csv | file.npy>")
 
 
 def predict(cfg: DictConfig) -> np.ndarray:
@@ -337,9 +335,8 @@ def predict(cfg: DictConfig) -> np.ndarray:
     write_predictions(output, probabilities, data.names, data.labels)
     counts = np.bincount(probabilities.argmax(axis=1), minlength=NUM_CLASSES)
     summary = ", ".join(f"{CLASS_NAMES[c]} {n}" for c, n in enumerate(counts) if n)
-    print(
-        f"wrote {len(probabilities)} prediction{'s' * (len(probabilities) != 1)} to {output}{' (TTA)' if cfg.tta else ''}: {summary}"
-    )
+    plural, tta = "s" * (len(probabilities) != 1), " (TTA)" if cfg.tta else ""
+    print(f"wrote {len(probabilities)} prediction{plural} to {output}{tta}: {summary}")
     if data.labels is not None:
         print(f"accuracy against the input's labels: {(probabilities.argmax(1) == data.labels).mean():.4f}")
     return probabilities

@@ -20,9 +20,10 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from bloodcell import NUM_CLASSES, PROJECT_ROOT
+from bloodcell import NUM_CLASSES, PROJECT_ROOT, outputs
 from bloodcell.cli import run_or_exit
 from bloodcell.errors import UserError
+from bloodcell.outputs import atomic_path
 
 TEMPLATE = Path(__file__).with_name("submission_template.py")
 MODEL_FILE = "model.keras"  # the name model.py loads
@@ -30,14 +31,7 @@ COMPETITION_SHAPE = (96, 96, 3)
 
 
 def check_output(output: str | None, overwrite: bool) -> Path:
-    if not output:
-        raise UserError("say where to write the bundle: output=<file.zip>")
-    path = Path(output).expanduser()
-    if path.suffix != ".zip":
-        raise UserError(f"output={output} must end in .zip")
-    if path.exists() and not overwrite:
-        raise UserError(f"output {path} exists; choose another name or pass overwrite=true")
-    return path
+    return outputs.check_output(output, overwrite, (".zip",), "<file.zip>")
 
 
 def _keras_file_in(folder: Path) -> Path | None:
@@ -102,12 +96,12 @@ def build_submission(spec: str, output: Path) -> tuple[int | None, int | None]:
         shutil.copyfile(TEMPLATE, bundle / "model.py")
         export_keras_file(spec, bundle / MODEL_FILE)
         size = check_bundle(bundle)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        partial = output.with_name(output.name + ".partial")
-        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with (
+            atomic_path(output) as partial,
+            zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as zf,
+        ):
             for name in ("model.py", MODEL_FILE):
                 zf.write(bundle / name, arcname=name)
-        partial.replace(output)
     return size
 
 
@@ -122,9 +116,8 @@ def submit(cfg: DictConfig) -> Path:
         if (height, width) == COMPETITION_SHAPE[:2] or not (height and width)
         else f"; the model takes {height}x{width}, so model.py resizes 96x96 inputs to that"
     )
-    print(
-        f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB: model.py + {MODEL_FILE}) from {cfg.model}{note}"
-    )
+    size_mb = output.stat().st_size / 1e6
+    print(f"wrote {output} ({size_mb:.1f} MB: model.py + {MODEL_FILE}) from {cfg.model}{note}")
     return output
 
 
