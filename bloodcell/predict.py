@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 import numpy as np
@@ -28,6 +29,9 @@ from bloodcell import CLASS_NAMES, NUM_CLASSES, PROJECT_ROOT, outputs
 from bloodcell.cli import run_or_exit
 from bloodcell.errors import UserError
 from bloodcell.outputs import atomic_path
+
+if TYPE_CHECKING:
+    import keras
 
 OUTPUT_SUFFIXES = (".csv", ".npy")
 
@@ -143,16 +147,31 @@ def signature_image_shape(uri: str) -> tuple | None:
         return None
 
 
-def load_model(spec: str):
-    """A Keras model from a registry/run URI, an MLflow model folder or a .keras/.h5 file."""
+def load_model(spec: str) -> keras.Model:
+    """A Keras model from a registry/run URI, an MLflow model folder or a .keras/.h5 file. A file Keras
+    refuses (code that safe mode will not run, a damaged archive, not a model) is one UserError line."""
+    import zipfile
+
     uri = resolve_model_uri(spec)
-    if Path(uri).is_file():
-        import keras
+    try:
+        if Path(uri).is_file():
+            import keras
 
-        return keras.saving.load_model(uri, compile=False)
-    import mlflow.keras
+            return keras.saving.load_model(uri, compile=False)
+        import mlflow.keras
 
-    return mlflow.keras.load_model(uri)
+        return mlflow.keras.load_model(uri)
+    except (ValueError, TypeError, OSError, zipfile.BadZipFile) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "safe_mode" in str(err):
+            raise UserError(
+                f"model {spec} holds Python code (a Lambda layer or a custom function) that Keras' safe mode "
+                "refuses to load; bloodcell models have none: re-save it without that layer, or use a model "
+                "logged by bloodcell.train"
+            ) from None
+        raise UserError(
+            f"model {spec} cannot be loaded as a Keras model ({type(err).__name__}: {first})"
+        ) from None
 
 
 def model_image_shape(model) -> tuple[int | None, int | None, int]:
@@ -168,7 +187,7 @@ def model_image_shape(model) -> tuple[int | None, int | None, int]:
 def read_images(path: str | Path) -> Images:
     """An npz (``images``, optional ``labels``), a folder of images, or one image file."""
     from bloodcell.data import resolve_path
-    from bloodcell.data.formats import IMAGE_SUFFIXES, read_image
+    from bloodcell.data.formats import IMAGE_SUFFIXES, open_npz, read_image
 
     given = path
     path = resolve_path(path)
@@ -187,20 +206,15 @@ def read_images(path: str | Path) -> Images:
             )
         return Images(np.stack(images), [str(f.relative_to(path)) for f in files], None)
     if path.suffix.lower() == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                key = "images" if "images" in npz.files else (npz.files[0] if len(npz.files) == 1 else None)
-                if key is None:
-                    raise UserError(
-                        f"{path}: no array 'images' (found {npz.files}); save the images as "
-                        "np.savez(path, images=...)"
-                    )
-                images = npz[key]
-                labels = npz["labels"].reshape(-1) if "labels" in npz.files else None
-        except (ValueError, OSError) as err:
-            raise UserError(
-                f"{path}: cannot be read as an npz archive ({err}); re-export it with numpy.savez"
-            ) from None
+        with open_npz(path) as npz:
+            key = "images" if "images" in npz.files else (npz.files[0] if len(npz.files) == 1 else None)
+            if key is None:
+                raise UserError(
+                    f"{path}: no array 'images' (found {npz.files}); save the images as "
+                    "np.savez(path, images=...)"
+                )
+            images = npz[key]
+            labels = npz["labels"].reshape(-1) if "labels" in npz.files else None
         if labels is not None and (len(labels) != len(images) or labels.dtype.kind not in "iu"):
             labels = None  # not usable as class ids: predict without them
         return Images(

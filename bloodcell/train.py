@@ -63,31 +63,18 @@ CLEANING_CACHE = PROJECT_ROOT / "mlruns" / "cleaning_cache"
 
 
 def precision_policy(trainer_cfg: Any) -> str | None:
-    """The Keras dtype policy ``trainer.mixed_precision`` asks for; None keeps float32. bfloat16 needs no
-    loss scaling and on Hopper/Ampere GPUs beat float16 (benchmarks/gpu_throughput.py, README)."""
+    """The Keras dtype policy ``trainer.mixed_precision`` asks for (checked by `check_config`); None keeps
+    float32. bfloat16 needs no loss scaling and on Hopper/Ampere GPUs beat float16 (README)."""
     value = trainer_cfg.get("mixed_precision")
-    if value is None:
-        return None
-    if not isinstance(value, (bool, str)) or value not in PRECISION_POLICIES:
-        raise UserError(
-            f"trainer.mixed_precision={value!r} is unknown; use false, true (mixed_float16) or mixed_bfloat16"
-        )
-    return PRECISION_POLICIES[value]
+    return None if value is None else PRECISION_POLICIES[value]
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Everything that can be checked without TensorFlow, so a typo costs a second, not a model build."""
-    from bloodcell.models.backbones import check_weights, get_spec
+    """Every value of the config within its domain (bloodcell.config_schema, one model per config group),
+    before any data is read, any MLflow run started or TensorFlow imported: a typo costs a second."""
+    from bloodcell.config_schema import check_train_config
 
-    get_spec(cfg.backbone.name)
-    check_weights(cfg.backbone.weights)
-    precision_policy(cfg.trainer)
-    if cfg.trainer.distribute not in (None, "mirrored"):
-        raise UserError(f"trainer.distribute={cfg.trainer.distribute!r} is unknown; use null or mirrored")
-    if cfg.trainer.epochs < 1:
-        raise UserError(f"trainer.epochs={cfg.trainer.epochs} must be >= 1")
-    if cfg.finetune.epochs < 0:
-        raise UserError(f"finetune.epochs={cfg.finetune.epochs} must be >= 0 (0 skips fine-tuning)")
+    check_train_config(cfg)
 
 
 # ---- step 1: data ----------------------------------------------------------------------------------------
@@ -675,6 +662,8 @@ def train(cfg: DictConfig) -> float:
             tracking.log_config(cfg, _hydra_overrides())
             if data.cleaning is not None:
                 tracking.log_cleaning(data.cleaning, data.arrays)
+            if data.arrays.skipped:  # unreadable images of a folder data set, left out with a warning
+                tracking.log_skipped_images(data.arrays.skipped, data.arrays.source)
         setup = build(cfg, data.splits, strategy, epochs_done=resume.next_epoch if resume else 0)
         with run_dirs.checkpointing(run.info.run_id) as run_dir:
             callbacks = RunCallbacks.for_run(cfg, setup, data.splits.train.images, run_dir)

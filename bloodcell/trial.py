@@ -117,15 +117,10 @@ def _rdb_storage(url: str, **kwargs: Any) -> BaseStorage:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for logs and MLflow."""
-    if "://" not in url or "@" not in url:
-        return url
-    try:
-        from sqlalchemy.engine import make_url
+    """The URL without its password or tokens, for logs and MLflow (bloodcell.redaction)."""
+    from bloodcell.redaction import mask_url
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("://", 1)[0] + "://***"
+    return mask_url(url)
 
 
 def pruning_callback(cfg: Any) -> OptunaPruning | None:

@@ -74,6 +74,28 @@ def write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
     return path
 
 
+def write_image_folder(root: Path, per_class: int, image_size: int = 32, seed: int = 2) -> Path:
+    """A `data=folder` data set of synthetic cells: ``root/<class name>/<n>.jpg``."""
+    from PIL import Image
+
+    from bloodcell import CLASS_NAMES
+    from bloodcell.data import make_demo_set
+
+    images, labels = make_demo_set(per_class, image_size, seed=seed)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        (root / CLASS_NAMES[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / CLASS_NAMES[label] / f"{i:03d}.jpg")
+    return root
+
+
+def truncated_copy(path: Path) -> Path:
+    """The first half of ``path`` as ``half<suffix>`` beside it: a half-copied download."""
+    data = path.read_bytes()
+    half = path.with_name(f"half{path.suffix}")
+    half.write_bytes(data[: len(data) // 2])
+    return half
+
+
 @pytest.fixture
 def tiny_npz(tmp_path) -> Path:
     """A competition-layout file of 64 synthetic 32x32 cells, labels (N, 1) uint8."""

@@ -40,7 +40,8 @@ def clean_file(cfg: DictConfig) -> dict[str, Path]:
     if out.exists() and not cfg.get("overwrite", False):
         raise UserError(f"output {out} already exists; choose another name or add overwrite=true")
     resolve_cfg(cfg.get("cleaning"))  # a bad setting is reported before the data is read
-    images, labels = read_folder(src) if src.is_dir() else read_npz(src)
+    # unreadable images of a folder are skipped with a warning that names them (read_folder)
+    images, labels = read_folder(src)[:2] if src.is_dir() else read_npz(src)
     print(f"cleaning {src}: {len(labels)} images", flush=True)
     result = find_unwanted(images, labels, cfg.get("cleaning"))
     report_dir = Path(str(cfg.report_dir)) if cfg.get("report_dir") else out.with_name(out.stem + "_cleaning")

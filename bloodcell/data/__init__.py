@@ -7,13 +7,15 @@ so bad input is reported before TensorFlow is even imported.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bloodcell import NUM_CLASSES, PROJECT_ROOT
+from bloodcell import CLASS_NAMES, NUM_CLASSES, PROJECT_ROOT
 from bloodcell.data.demo import make_demo_set
 from bloodcell.data.formats import read_folder, read_image, read_medmnist, read_npz, validate
 from bloodcell.errors import UserError
@@ -36,9 +38,14 @@ __all__ = [
     "read_medmnist",
     "make_demo_set",
     "validate",
+    "min_images",
 ]
 
+log = logging.getLogger("bloodcell.data")
+
 FORMATS = ("npz", "folder", "medmnist", "demo")
+#: train, validation, test: a stratified split wants every class in each
+SPLITS = 3
 
 
 @dataclass
@@ -47,6 +54,8 @@ class Arrays:
     labels: np.ndarray  # int64 (N,)
     fingerprint: str = ""
     source: str = ""
+    #: image files of a folder data set that could not be read and were left out (relative paths)
+    skipped: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -82,21 +91,22 @@ def resolve_path(path: str | Path) -> Path:
     return PROJECT_ROOT / path
 
 
-def load_arrays(data_cfg) -> Arrays:
+def load_arrays(data_cfg: Any) -> Arrays:
     """Load and validate the data set the ``data`` config names; optionally subsample it (``limit``)."""
     fmt = data_cfg.format
+    skipped: list[str] = []
     if fmt == "npz":
         path = resolve_path(data_cfg.path)
         images, labels = read_npz(path)
         source = str(path)
     elif fmt == "folder":
         path = resolve_path(data_cfg.path)
-        images, labels = read_folder(path)
+        images, labels, skipped = read_folder(path, strict=bool(data_cfg.get("strict")))
         source = str(path)
     elif fmt == "medmnist":
-        path = resolve_path(data_cfg.path) if data_cfg.get("path") else None
-        images, labels = read_medmnist(int(data_cfg.size), path, resolve_path(data_cfg.cache_dir))
-        source = str(path or f"bloodmnist_{data_cfg.size}")
+        local = resolve_path(data_cfg.path) if data_cfg.get("path") else None
+        images, labels = read_medmnist(int(data_cfg.size), local, resolve_path(data_cfg.cache_dir))
+        source = str(local or f"bloodmnist_{data_cfg.size}")
     elif fmt == "demo":
         images, labels = make_demo_set(
             int(data_cfg.per_class), int(data_cfg.image_size), int(data_cfg.get("demo_seed", 0))
@@ -106,39 +116,100 @@ def load_arrays(data_cfg) -> Arrays:
         raise UserError(f"data.format={fmt!r} is unknown; use one of {', '.join(FORMATS)}")
     limit = data_cfg.get("limit")
     if limit and limit < len(labels):
-        from sklearn.model_selection import train_test_split
+        keep = np.sort(subset_index(labels, int(limit)))
+        images, labels = images[keep], labels[keep]
+        source = f"{source} (data.limit={limit})"
+    check_classes(labels, source)
+    return Arrays(images, labels, fingerprint(images, labels), source, skipped)
 
-        keep, _ = train_test_split(
-            np.arange(len(labels)),
-            train_size=int(limit),
-            random_state=0,
-            stratify=labels if np.bincount(labels).min() >= 2 else None,
+
+def subset_index(labels: np.ndarray, size: int) -> np.ndarray:
+    """``size`` indices of ``labels``, stratified when scikit-learn can (every class twice, both parts at
+    least one per class), else drawn at random; the same for the same labels."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(labels)
+    classes = int((counts > 0).sum())
+    stratify = counts[counts > 0].min() >= 2 and min(size, len(labels) - size) >= classes
+    keep, _ = train_test_split(
+        np.arange(len(labels)), train_size=size, random_state=0, stratify=labels if stratify else None
+    )
+    return keep
+
+
+def check_classes(labels: np.ndarray, source: str) -> None:
+    """A classifier needs two classes at least: fewer is a UserError. A class with no image is a
+    warning that names it (the model keeps 8 outputs; that class is never learned nor tested)."""
+    counts = np.bincount(labels, minlength=NUM_CLASSES)
+    present = [CLASS_NAMES[c] for c in range(NUM_CLASSES) if counts[c]]
+    if len(present) < 2:
+        raise UserError(
+            f"{source}: all {len(labels)} images are of one class ({', '.join(present)}); a classifier "
+            f"needs images of at least 2 classes (ids 0-{NUM_CLASSES - 1}); check the labels"
         )
-        images, labels = images[np.sort(keep)], labels[np.sort(keep)]
-    return Arrays(images, labels, fingerprint(images, labels), source)
+    missing = [CLASS_NAMES[c] for c in range(NUM_CLASSES) if not counts[c]]
+    if missing:
+        log.warning(
+            "%s: no images of %s: training goes on with the %d other classes; the model keeps its %d "
+            "outputs but never learns those, and they are missing from the test metrics",
+            source, ", ".join(missing), len(present), NUM_CLASSES,
+        )  # fmt: skip
+
+
+def min_images(n_classes: int, val_fraction: float, test_fraction: float) -> int:
+    """The fewest images a stratified train / validation / test split of ``n_classes`` classes takes:
+    scikit-learn wants each part to hold at least one image per class, with the test part
+    ceil(n * test_fraction) and validation ceil(rest * val_fraction / (1 - test_fraction)) of the rest."""
+    val_share = val_fraction / (1 - test_fraction)
+    for n in range(n_classes * SPLITS, 10**7):
+        test = math.ceil(n * test_fraction)
+        val = math.ceil((n - test) * val_share)
+        if min(test, val, n - test - val) >= n_classes:
+            return n
+    raise ValueError(f"no split fits val_fraction={val_fraction}, test_fraction={test_fraction}")
 
 
 def split_arrays(arrays: Arrays, val_fraction: float, test_fraction: float, seed: int) -> Splits:
-    """Stratified train / validation / test split, reproducible by ``seed``."""
+    """Stratified train / validation / test split, reproducible by ``seed``. A class with fewer images
+    than there are parts (1 or 2) cannot be in all three: its images go to training (with a warning
+    that names it), and the other classes are split as usual."""
     from sklearn.model_selection import train_test_split
 
-    index = np.arange(len(arrays))
     counts = np.bincount(arrays.labels, minlength=NUM_CLASSES)
-    stratify = arrays.labels if counts[counts > 0].min() >= 3 else None
+    rare = [c for c in range(NUM_CLASSES) if 0 < counts[c] < SPLITS]
+    index = np.arange(len(arrays))
+    train_only = np.isin(arrays.labels, rare)
+    if rare:
+        log.warning(
+            "%s: too few images for a stratified split of %s (%s; each part needs one): they all go "
+            "to the training split, so validation and test have none of %s",
+            arrays.source,
+            ", ".join(CLASS_NAMES[c] for c in rare),
+            ", ".join(f"{CLASS_NAMES[c]} {counts[c]}" for c in rare),
+            "that class" if len(rare) == 1 else "those classes",
+        )
+    split = index[~train_only]
+    labels = arrays.labels[split]
+    classes = len(np.unique(labels))
+    needed = min_images(classes, val_fraction, test_fraction)
+    if len(split) < needed:
+        raise UserError(
+            f"{arrays.source}: {len(split)} images of {classes} classes cannot be split into train / "
+            f"validation / test with data.val_fraction={val_fraction}, data.test_fraction={test_fraction}: "
+            f"a stratified split needs at least {needed}; use more data (raise data.limit or set it to null)"
+        )
     try:
-        rest, test = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=stratify)
+        rest, test = train_test_split(split, test_size=test_fraction, random_state=seed, stratify=labels)
         val_share = val_fraction / (1 - test_fraction)
         train, val = train_test_split(
-            rest,
-            test_size=val_share,
-            random_state=seed,
-            stratify=None if stratify is None else arrays.labels[rest],
+            rest, test_size=val_share, random_state=seed, stratify=arrays.labels[rest]
         )
     except ValueError as err:
         raise UserError(
             f"cannot split {len(arrays)} samples into train/val/test ({err}); "
             "use more data or smaller data.val_fraction / data.test_fraction"
         ) from None
+    train = np.concatenate([train, index[train_only]])
     return Splits(arrays.subset(train), arrays.subset(val), arrays.subset(test))
 
 

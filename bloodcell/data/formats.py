@@ -6,12 +6,20 @@ UserError with one line that says what is wrong and how to fix it.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import zipfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from bloodcell import CLASS_NAMES, NUM_CLASSES
 from bloodcell.errors import UserError
+
+log = logging.getLogger("bloodcell.data")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 
@@ -73,29 +81,100 @@ def validate(images: np.ndarray, labels: np.ndarray, source: str) -> tuple[np.nd
 def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The competition layout: ``images`` uint8 (N, 96, 96, 3) and ``labels`` (N, 1) or (N,)."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise UserError(
+            f"{path} is a folder, not an .npz file; for one sub-folder of images per class use "
+            f"data=folder data.path={path}"
+        )
+    if not path.exists():
         raise UserError(
             f"data file {path} not found; put the course's training_set.npz there "
             "(or set data.path=...), or try the built-in demo with +experiment=quickstart"
         )
+    with open_npz(path) as npz:
+        missing = {"images", "labels"} - set(npz.files)
+        if missing:
+            raise UserError(
+                f"{path}: no array(s) {sorted(missing)} (found {npz.files}); "
+                "expected the competition layout with 'images' and 'labels'"
+            )
+        return validate(npz["images"], npz["labels"], str(path))
+
+
+#: what reading a damaged archive raises: numpy (object arrays refused by allow_pickle=False), zipfile
+#: (no central directory, bad CRC), zlib (garbled compressed data), EOFError (a member cut short)
+NPZ_READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+@contextlib.contextmanager
+def open_npz(path: Path) -> Iterator[Any]:
+    """``np.load(path)`` of an existing path as an npz archive (no pickles), for reading arrays inside the
+    ``with``. What np.load would misreport (a folder, a device, an empty file, an image, a lone .npy, a
+    truncated archive: "pickled data", "not a zip file") and what fails while reading are one UserError."""
+    check_npz_file(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = {"images", "labels"} - set(npz.files)
-            if missing:
-                raise UserError(
-                    f"{path}: no array(s) {sorted(missing)} (found {npz.files}); "
-                    "expected the competition layout with 'images' and 'labels'"
-                )
-            return validate(npz["images"], npz["labels"], str(path))
-    except (ValueError, OSError) as err:  # corrupt archive, or object arrays refused by allow_pickle=False
+            yield npz
+    except NPZ_READ_ERRORS as err:
         raise UserError(
-            f"{path}: cannot be read as an npz archive ({err}); re-export it with numpy.savez"
+            f"{path}: cannot be read as an npz archive ({type(err).__name__}: {err}); the file is damaged: "
+            "copy it again, or re-export it with numpy.savez"
         ) from None
 
 
-def read_folder(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def check_npz_file(path: Path) -> None:
+    """Say what ``path`` is when it cannot be an npz archive (np.load's own errors do not)."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not an .npz file")
+    if not path.is_file():
+        raise UserError(f"{path} is not a regular file (a device or a pipe?); give the path of an .npz file")
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"{path} is empty (0 bytes); copy or download it again")
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):  # a zip's directory is at its end: a cut-off copy has none
+            raise UserError(
+                f"{path} is a truncated or damaged npz (zip) archive ({size:,} bytes, its end is missing: "
+                "a half-copied download?); copy or download it again"
+            )
+        return
+    if head.startswith(b"\x93NUMPY"):
+        what = "a single .npy array"
+    else:
+        what = _image_format(path) or f"not an npz (zip) archive (it starts with {head!r})"
+    raise UserError(
+        f"{path} is {what}, not an npz archive; give an .npz written by "
+        "numpy.savez(path, images=..., labels=...)"
+        + ("; for a folder of images use data=folder" if what.endswith("image") else "")
+    )
+
+
+def _image_format(path: Path) -> str | None:
+    """'a JPEG image' when Pillow recognises ``path`` as an image file, else None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return f"a {im.format} image"
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None
+
+
+#: what Pillow raises for a file it cannot decode: not an image (UnidentifiedImageError, an OSError),
+#: cut off ("image file is truncated", OSError), garbled headers (ValueError, SyntaxError in some plugins)
+IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError)
+#: how many unreadable files a message names (the rest are counted)
+SHOW_SKIPPED = 5
+
+
+def read_folder(path: str | Path, strict: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """One sub-folder of images per class, named as in CLASS_NAMES (``ig`` or
-    ``immature_granulocyte`` both mean class 3). Images must all have the same size."""
+    ``immature_granulocyte`` both mean class 3). Images must all have the same size.
+
+    Returns images, labels and the image files that could not be read (paths relative to ``path``):
+    those are skipped with a warning, or refused with ``strict`` (``data.strict=true``)."""
     from PIL import Image
 
     path = Path(path)
@@ -109,12 +188,21 @@ def read_folder(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if unknown:
         raise UserError(f"{path}: sub-folder(s) {unknown} are not class names; use {', '.join(CLASS_NAMES)}")
     images, labels = [], []
+    skipped: list[tuple[str, str]] = []
     for sub in sorted(d for d in path.iterdir() if d.is_dir()):
         for file in sorted(sub.iterdir()):
             if file.suffix.lower() in IMAGE_SUFFIXES:
-                with Image.open(file) as im:
-                    images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+                try:
+                    with Image.open(file) as im:
+                        images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+                except IMAGE_READ_ERRORS as err:
+                    skipped.append(
+                        (str(file.relative_to(path)), str(err).splitlines()[0] if str(err) else "")
+                    )
+                    continue
                 labels.append(aliases[sub.name.lower()])
+    if skipped:
+        _report_skipped(path, skipped, strict)
     if not images:
         raise UserError(f"{path}: no images found in class sub-folders ({', '.join(CLASS_NAMES)})")
     shapes = {im.shape for im in images}
@@ -122,7 +210,21 @@ def read_folder(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(
             f"{path}: images have different sizes {sorted(shapes)[:3]}...; resize them to one size"
         )
-    return validate(np.stack(images), np.array(labels), str(path))
+    images_arr, labels_arr = validate(np.stack(images), np.array(labels), str(path))
+    return images_arr, labels_arr, [name for name, _ in skipped]
+
+
+def _report_skipped(path: Path, skipped: list[tuple[str, str]], strict: bool) -> None:
+    """Unreadable images of a folder data set: a UserError with ``strict``, else one warning line; both
+    name how many and the first few (with the first one's reason)."""
+    names = ", ".join(name for name, _ in skipped[:SHOW_SKIPPED]) + (
+        ", ..." if len(skipped) > SHOW_SKIPPED else ""
+    )
+    first_reason = skipped[0][1]
+    what = f"{len(skipped)} image file(s) cannot be read ({names}; {skipped[0][0]}: {first_reason})"
+    if strict:
+        raise UserError(f"{path}: {what}; repair or remove them, or set data.strict=false to skip them")
+    log.warning("%s: skipped %s; data.strict=true refuses such a folder instead", path, what)
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -132,8 +234,11 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"image {path} not found")
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)[None]
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)[None]
+    except IMAGE_READ_ERRORS as err:
+        raise UserError(f"{path}: cannot be read as an image ({err}); repair or remove the file") from None
 
 
 def read_medmnist(size: int, path: str | Path | None, cache_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +268,7 @@ def read_medmnist(size: int, path: str | Path | None, cache_dir: str | Path) -> 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"BloodMNIST file {path} not found; set data.path=null to download it")
-    with np.load(path, allow_pickle=False) as npz:
+    with open_npz(path) as npz:
         keys = [f"{split}_images" for split in MEDMNIST_SPLITS]
         if not all(k in npz.files for k in keys):
             raise UserError(

@@ -19,6 +19,7 @@ from typing import Any
 
 from bloodcell import PROJECT_ROOT, __version__
 from bloodcell.errors import UserError
+from bloodcell.redaction import mask_secrets, mask_text
 from bloodcell.tracking import outbox
 from bloodcell.tracking.outbox import Outbox
 
@@ -52,10 +53,14 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         return
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):  # a proxy that guards /health too: the server is there, it answered
+            return
+        raise UserError(f"MLflow tracking server {mask_text(uri)} answered /health with {err}") from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise UserError(
-            f"MLflow tracking server {uri} is unreachable ({reason}); start it "
+            f"MLflow tracking server {mask_text(uri)} is unreachable ({reason}); start it "
             "(mlflow server ...) or drop tracking.uri to use the local SQLite store"
         ) from None
 
@@ -177,7 +182,7 @@ def start_run(
         # `trial` (set by the sweeper) is the link to Optuna's storage, whose URL may hold a password:
         # the trial number is a tag instead.
         if not resume_run_id:
-            plain = OmegaConf.to_container(cfg, resolve=True)
+            plain = mask_secrets(OmegaConf.to_container(cfg, resolve=True))  # no password in a param
             assert isinstance(plain, dict)
             params = flatten({k: v for k, v in plain.items() if k != "trial"})
             mlflow.log_params({k: ("null" if v is None else str(v)[:6000]) for k, v in params.items()})
@@ -191,7 +196,7 @@ def start_run(
         elif isinstance(err, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, or SIGTERM (see bloodcell.cli)
             tags, status = {"error": f"interrupted ({type(err).__name__})"}, "KILLED"
         else:
-            tags, status = {"error": f"{type(err).__name__}: {err}"[:5000]}, "FAILED"
+            tags, status = {"error": mask_text(f"{type(err).__name__}: {err}")[:5000]}, "FAILED"
             if "trial" in cfg:
                 tags["optuna.trial_state"] = "FAIL"
         _end_run(status, tags, cfg.tracking.get("outage_wait_seconds", 120))
@@ -229,7 +234,7 @@ def _end_run(status: str, tags: dict[str, str], outage_wait: float) -> None:
             log.warning(
                 "run %s: the tracking server stayed unreachable; its %d last records (metrics, model, end "
                 "status %s) wait in %s: send them with python -m bloodcell.sync tracking.uri=%s",
-                run_id, waiting, status, box.directory, mlflow.get_tracking_uri(),
+                run_id, waiting, status, box.directory, mask_text(mlflow.get_tracking_uri()),
             )  # fmt: skip
     finally:
         _run_id, _outbox = None, None
@@ -373,7 +378,7 @@ def log_metrics(metrics: dict[str, float]) -> None:
 
 
 def set_tags(tags: dict[str, str]) -> None:
-    _send({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+    _send({"kind": "tags", "tags": {k: mask_text(str(v)) for k, v in tags.items()}})
 
 
 def log_text(text: str, artifact_path: str) -> None:
@@ -401,11 +406,23 @@ def log_image(image: Any, artifact_path: str) -> None:
 
 
 def log_config(cfg: Any, overrides: list[str]) -> None:
-    """The resolved config and the command-line overrides, as ``config.yaml`` and ``overrides.yaml``."""
+    """The resolved config and the command-line overrides, as ``config.yaml`` and ``overrides.yaml``,
+    with passwords in URLs masked (the run's process has the real values)."""
     from omegaconf import OmegaConf
 
-    log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    log_text(OmegaConf.to_yaml(overrides), "overrides.yaml")
+    log_text(OmegaConf.to_yaml(mask_secrets(OmegaConf.to_container(cfg, resolve=True))), "config.yaml")
+    log_text(OmegaConf.to_yaml(mask_secrets(list(overrides))), "overrides.yaml")
+
+
+def log_skipped_images(skipped: list[str], source: str) -> None:
+    """Image files a folder data set could not read and training left out: metric
+    ``data_skipped_images`` and the list as ``data/skipped_images.txt``."""
+    log_metrics({"data_skipped_images": len(skipped)})
+    if skipped:
+        log_text(
+            f"# unreadable image files in {source}, left out\n" + "\n".join(skipped) + "\n",
+            "data/skipped_images.txt",
+        )
 
 
 def log_cleaning(result: Any, arrays: Any) -> None:
@@ -452,9 +469,9 @@ def record_to(
     stamp = int(time.time() * 1000)
     records: list[dict[str, Any]] = []
     if params:
-        records.append({"kind": "params", "params": params})
+        records.append({"kind": "params", "params": mask_secrets(params)})
     if tags:
-        records.append({"kind": "tags", "tags": {k: str(v)[:5000] for k, v in tags.items()}})
+        records.append({"kind": "tags", "tags": {k: mask_text(str(v))[:5000] for k, v in tags.items()}})
     if metrics:
         records.append({"kind": "metrics", "metrics": metrics, "step": step, "timestamp": stamp})
     records += [{"kind": "artifact", "path": str(path), "dir": folder} for path, folder in artifacts]

@@ -43,6 +43,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bloodcell.errors import UserError
 from bloodcell.optuna_tables import make_pruner, make_sampler
+from bloodcell.redaction import has_secret, mask_secrets, mask_text
 from bloodcell.tracking import record_to
 from bloodcell.trial import PRUNER_ATTR, lock_path, open_storage, redact, resolve_storage_url
 
@@ -140,7 +141,9 @@ class OptunaSweep:
             sys.exit(2)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        # as written (a ${oc.env:...} stays a reference), passwords written out in a URL masked
+        saved = mask_secrets(OmegaConf.to_container(self.config, resolve=False))
+        OmegaConf.save(OmegaConf.create(saved), sweep_dir / "multirun.yaml")
         self.sweep_dir = sweep_dir
 
         returns: list[list[JobReturn]] = []
@@ -203,6 +206,13 @@ class OptunaSweep:
         }
         pruner = make_pruner(self.pruner_spec)
         self.storage_url = resolve_storage_url(opts.storage)
+        as_written = OmegaConf.to_container(self.config.hydra.sweeper, resolve=False)  # ${oc.env:...} kept
+        written = as_written.get("storage") if isinstance(as_written, dict) else None
+        if isinstance(written, str) and has_secret(written):
+            log.warning(
+                "hydra.sweeper.storage holds a password in plain text; Hydra saves it in every trial's "
+                ".hydra/hydra.yaml: pass it as 'hydra.sweeper.storage=${oc.env:VARIABLE}' instead"
+            )
         self.storage = open_storage(self.storage_url)
         choices = self.config.hydra.runtime.choices
         self.study_name = str(opts.study_name or choices.get("sweeps") or self.config.hydra.job.name)
@@ -284,7 +294,7 @@ class OptunaSweep:
         """Fixed overrides that re-run a trial without the sweep: the sweeps file's experiment (as
         +experiment=...) and the command line's own overrides, less +sweeps=..."""
         keys = [_override_key(arg) for arg in self.space.fixed]
-        kept = [arg for arg, key in zip(self.space.fixed, keys) if key != "sweeps"]
+        kept = [mask_text(arg) for arg, key in zip(self.space.fixed, keys) if key != "sweeps"]  # a record
         experiment = self.config.hydra.runtime.choices.get("experiment")
         if "sweeps" in keys and experiment and "experiment" not in keys:
             kept.insert(0, f"+experiment={experiment}")
@@ -401,7 +411,7 @@ class OptunaSweep:
     def _trial_overrides(self, claimed: Claimed) -> list[str]:
         trial = claimed.trial
         extra = [
-            f"++trial.storage={_quote(self.storage_url)}",
+            _forward_secret(f"++trial.storage={_quote(self.storage_url)}"),
             f"++trial.study_name={_quote(self.study_name)}",
             f"++trial.trial_id={claimed.id}",
             f"++trial.number={trial.number}",
@@ -412,7 +422,7 @@ class OptunaSweep:
                 f"++tracking.parent_run_id={self.mlflow.run_id}",
                 f"++tracking.run_name={_quote(f'{self.study_name}-trial-{trial.number}')}",
             ]
-        return self.space.overrides_for(trial.params) + extra
+        return [_forward_secret(arg) for arg in self.space.overrides_for(trial.params)] + extra
 
     def _run_batch(self, batch: list[Claimed]) -> list[JobReturn]:
         overrides = [self._trial_overrides(claimed) for claimed in batch]
@@ -443,7 +453,7 @@ class OptunaSweep:
         except optuna.TrialPruned:
             state = TrialState.PRUNED
         except Exception as err:  # the trial's own exception, re-raised by JobReturn.return_value
-            state, error = TrialState.FAIL, f"{type(err).__name__}: {err}".strip()
+            state, error = TrialState.FAIL, mask_text(f"{type(err).__name__}: {err}".strip())
             log.debug("trial %d failed", trial.number, exc_info=err)
         if error is not None:
             with contextlib.suppress(Exception):
@@ -669,6 +679,21 @@ def _representative(dist: Any) -> Any:
 def _override_key(argument: str) -> str:
     key = argument.split("=", 1)[0].lstrip("+~")
     return key.split("@", 1)[0]
+
+
+def _forward_secret(override: str) -> str:
+    """An override whose value holds a password (``tracking.uri=postgresql://u:pw@db/x``, the storage URL)
+    as a reference to an environment variable holding the value (``tracking.uri=${oc.env:BLOODCELL_
+    SECRET_...}``), set here for the trials to inherit (launched processes and SLURM jobs get the
+    sweep's environment): the value then appears in no console line, override list or saved config."""
+    key, sep, value = override.partition("=")
+    if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":  # a quoted value: its content
+        value = value[1:-1].replace("\\'", "'").replace("\\\\", "\\")
+    if not sep or not has_secret(value):
+        return override
+    name = "BLOODCELL_SECRET_" + "".join(c if c.isalnum() else "_" for c in key.lstrip("+~")).upper()
+    os.environ[name] = value
+    return f"{key}=${{oc.env:{name}}}"
 
 
 def _quote(value: str) -> str:
