@@ -11,28 +11,41 @@ from bloodcell import CLASS_NAMES, NUM_CLASSES
 
 @dataclass
 class Evaluation:
-    metrics: dict[str, float]  # test_accuracy, test_macro_f1, test_precision_<class>, test_recall_<class>
-    report: dict  # sklearn classification_report (output_dict=True)
+    #: <prefix>accuracy, <prefix>macro_f1 with their 95% intervals (names: `bloodcell.stats.interval_names`),
+    #: <prefix>precision_<class>, <prefix>recall_<class>
+    metrics: dict[str, float]
+    report: dict  # sklearn classification_report (output_dict=True), each class with recall_ci_low/high
     confusion: np.ndarray  # (8, 8) counts, rows = true class
 
 
 def evaluate_predictions(labels: np.ndarray, probabilities: np.ndarray, prefix: str = "test_") -> Evaluation:
+    """Metrics of one split's predictions, each headline figure with its 95% interval: Wilson for accuracy
+    and per-class recall, a bootstrap over images for macro-F1 (`bloodcell.stats`)."""
     from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+    from bloodcell import stats
 
     predicted = probabilities.argmax(axis=1)
     classes = list(range(NUM_CLASSES))
     report = classification_report(
         labels, predicted, labels=classes, target_names=list(CLASS_NAMES), output_dict=True, zero_division=0
     )
+    accuracy = float(accuracy_score(labels, predicted))
+    macro_f1 = float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0))
     metrics = {
-        f"{prefix}accuracy": float(accuracy_score(labels, predicted)),
-        f"{prefix}macro_f1": float(
-            f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)
+        **stats.with_interval(
+            f"{prefix}accuracy", accuracy, stats.wilson(int(np.sum(predicted == labels)), len(labels))
         ),
+        **stats.with_interval(f"{prefix}macro_f1", macro_f1, stats.macro_f1_interval(labels, predicted)),
     }
-    for name in CLASS_NAMES:
+    for name, (low, high) in zip(CLASS_NAMES, stats.recall_intervals(labels, predicted)):
         metrics[f"{prefix}precision_{name}"] = float(report[name]["precision"])
         metrics[f"{prefix}recall_{name}"] = float(report[name]["recall"])
+        report[name]["recall_ci_low"], report[name]["recall_ci_high"] = low, high
+    report["intervals"] = (
+        f"{stats.CONFIDENCE:.0%} intervals: recall and accuracy Wilson score, macro-F1 percentile bootstrap "
+        f"over images ({stats.RESAMPLES} resamples)"
+    )
     return Evaluation(metrics, report, confusion_matrix(labels, predicted, labels=classes))
 
 

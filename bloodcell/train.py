@@ -28,6 +28,7 @@ from bloodcell import NUM_CLASSES, PROJECT_ROOT, checkpoints, tracking
 from bloodcell.cli import run_or_exit
 from bloodcell.errors import UserError
 from bloodcell.resume import Resume, config_digest, find_resumable
+from bloodcell.stats import interval_names
 
 if TYPE_CHECKING:
     import keras
@@ -89,7 +90,12 @@ class RunData:
     cleaning: CleaningResult | None = None
 
     def tags(self) -> dict[str, str]:
-        tags = {"data_fingerprint": self.arrays.fingerprint, "data_source": self.arrays.source}
+        tags = {
+            "data_fingerprint": self.arrays.fingerprint,
+            "data_source": self.arrays.source,
+            # which images went to validation and test: runs that share it can be compared image by image
+            "split_fingerprint": self.splits.fingerprint(),
+        }
         if (
             self.cleaning is not None
         ):  # every split carries the fingerprint of the cleaned set it was cut from
@@ -546,20 +552,51 @@ def fit_both_phases(
 
 
 @dataclass
+class SplitPredictions:
+    """The final model's predictions on one split, and what they score."""
+
+    arrays: Arrays
+    data_index: np.ndarray  # positions in the data set the split was cut from (`Splits.positions`)
+    probabilities: np.ndarray
+    evaluation: Evaluation
+
+
+@dataclass
 class TestResult:
     evaluation: Evaluation
     probabilities: np.ndarray
     tta: Evaluation | None = None
+    #: the validation split, predicted once more by the final model (its weights are the best epoch's)
+    val: SplitPredictions | None = None
+    #: `Splits.fingerprint` of the splits both were cut from, and the test images' `Splits.positions`
+    split_fingerprint: str = ""
+    test_index: np.ndarray | None = None
 
 
-def evaluate_on_test(cfg: DictConfig, setup: Setup, test: Arrays) -> TestResult:
-    """The held-out split, touched once: plain predictions, and test-time augmentation when asked."""
+def evaluate_splits(cfg: DictConfig, setup: Setup, splits: Splits) -> TestResult:
+    """The final model on the validation split (one more predict, kept so that runs can be compared image by
+    image later) and on the held-out test split, touched once: plain predictions, and test-time
+    augmentation when asked."""
     from bloodcell.data import make_tf_dataset
     from bloodcell.evaluate import evaluate_predictions
 
+    test = splits.test
+    val_probabilities = setup.model.predict(setup.val_ds.map(lambda x, y: x), verbose=0)
+    val = SplitPredictions(
+        splits.val,
+        splits.positions("val"),
+        val_probabilities,
+        evaluate_predictions(splits.val.labels, val_probabilities, "final_val_"),
+    )
     test_ds = make_tf_dataset(test, setup.batch_size, training=False, seed=cfg.seed)
     probabilities = setup.model.predict(test_ds.map(lambda x, y: x), verbose=0)
-    result = TestResult(evaluate_predictions(test.labels, probabilities), probabilities)
+    result = TestResult(
+        evaluate_predictions(test.labels, probabilities),
+        probabilities,
+        val=val,
+        split_fingerprint=splits.fingerprint(),
+        test_index=splits.positions("test"),
+    )
     if cfg.trainer.get("test_tta"):
         from bloodcell.predict import predict_arrays
 
@@ -590,6 +627,15 @@ def record(
         tracking.log_evaluation(result.evaluation, history, phase2_start)
         if result.tta is not None:
             tracking.log_metrics(result.tta.metrics)
+        tracking.log_predictions(
+            "test", test, result.test_index, result.probabilities, result.split_fingerprint
+        )
+        if result.val is not None:
+            val = result.val
+            tracking.log_validation(val.evaluation)
+            tracking.log_predictions(
+                "val", val.arrays, val.data_index, val.probabilities, result.split_fingerprint
+            )
     if cfg.tracking.log_model:
         with timed("log_model"):
             # the test predictions give the output example: another predict call would trace anew
@@ -599,9 +645,13 @@ def record(
     seconds = timed.metrics()
     tracking.log_metrics(seconds)
     metrics = result.evaluation.metrics
+    low, high = interval_names("test_accuracy")
     log.info(
-        "test accuracy %.4f, macro-F1 %.4f; best %s %.4f; run %s (%.0f s, %.0f s in fit)",
+        "test accuracy %.4f (95%% interval %.4f-%.4f), macro-F1 %.4f; best %s %.4f; run %s "
+        "(%.0f s, %.0f s in fit)",
         metrics["test_accuracy"],
+        metrics[low],
+        metrics[high],
         metrics["test_macro_f1"],
         cfg.objective,
         objective,
@@ -670,7 +720,7 @@ def train(cfg: DictConfig) -> float:
             with timed("fit"):
                 phase2_start = fit_both_phases(cfg, setup, callbacks, resume)
         with timed("evaluate"):
-            result = evaluate_on_test(cfg, setup, data.splits.test)
+            result = evaluate_splits(cfg, setup, data.splits)
         objective = record(
             cfg,
             run.info.run_id,

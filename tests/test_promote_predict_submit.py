@@ -65,7 +65,9 @@ def store(tmp_path_factory):
 
 
 def promote(store, *args):
-    return run_module("bloodcell.promote", f"tracking.uri={store.uri}", *args)
+    # the quickstart runs would register as `bloodcell-demo` (their model_name); these tests are about the
+    # registry, so they file them under the real model's name (tests/e2e/test_winners.py checks the demo's)
+    return run_module("bloodcell.promote", f"tracking.uri={store.uri}", "model_name=bloodcell", *args)
 
 
 def versions(store) -> dict[str, str]:
@@ -104,7 +106,7 @@ def test_promote_registers_best_run_with_provenance_and_sets_alias(store):
 
 
 def test_worse_run_is_registered_but_does_not_take_the_alias(store):
-    proc = promote(store, "experiment=second", "metric=score", f"sweep={store.sweep}")
+    proc = promote(store, "experiment=second", "metric=score", f"sweep={store.sweep}", "gate=metric")
     assert_ok(proc)
     assert versions(store) == {"1": store.run["A"], "2": store.run["B"]}
     assert champion(store) == "1"
@@ -121,7 +123,7 @@ def test_promoting_the_same_run_twice_makes_no_second_version(store):
 def test_force_moves_the_alias_and_a_better_run_takes_it_back(store):
     assert_ok(promote(store, "experiment=second", "metric=score", "force=true"))
     assert champion(store) == "2"
-    proc = promote(store, "experiment=first", "metric=score")
+    proc = promote(store, "experiment=first", "metric=score", "gate=metric")
     assert_ok(proc)
     assert champion(store) == "1" and len(versions(store)) == 2
     assert "beats holder version 2" in proc.stdout

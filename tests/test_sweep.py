@@ -180,7 +180,19 @@ def test_tiny_sweep_with_two_parallel_jobs_fills_optuna_and_mlflow(tmp_path):
     assert {c.data.tags["optuna.trial_state"] for c in children} == {"COMPLETE"}
     assert math.isclose(parent.data.metrics["best_value"], study.best_value)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"best.yaml", "trials.csv", "plots"} <= artifacts
+    assert {"best.yaml", "trials.csv", "noise.txt", "plots"} <= artifacts
+    # issue 15: every trial's intervals, and which trials the validation images cannot tell from the best
+    import csv
+
+    with (tmp_path / "multirun" / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {"final_val_accuracy_ci_low", "test_accuracy_ci_high", "p_vs_best_holm"} <= set(rows[0])
+    tied = {r["number"]: r["tied_with_best"] for r in rows}
+    assert tied[str(study.best_trial.number)] == "best" and sorted(tied.values())[1] in ("no", "yes")
+    assert parent.data.tags["tied_with_best"].split() == [str(study.best_trial.number), *(
+        number for number, mark in tied.items() if mark == "yes")]  # fmt: skip
+    assert parent.data.metrics["n_tied_with_best"] == len(parent.data.tags["tied_with_best"].split())
+    assert "best_trial_test_accuracy_ci_low" in parent.data.metrics
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {
         "plots/optimization_history.png",

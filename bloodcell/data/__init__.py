@@ -71,6 +71,24 @@ class Splits:
     train: Arrays
     val: Arrays
     test: Arrays
+    #: where each part's images ("train", "val", "test") sit in the set it was cut from: what lets two runs
+    #: on the same data match their predictions image by image
+    index: dict[str, np.ndarray] | None = None
+
+    def positions(self, part: str) -> np.ndarray:
+        """Positions of ``part``'s images in the set it was cut from (0..n-1 when not recorded)."""
+        if self.index is not None:
+            return np.asarray(self.index[part], dtype=np.int64)
+        return np.arange(len(getattr(self, part)), dtype=np.int64)
+
+    def fingerprint(self) -> str:
+        """sha256 of the source data's fingerprint and which images went to which part: two runs with the
+        same split fingerprint validated and were tested on exactly the same images."""
+        digest = hashlib.sha256(self.train.fingerprint.encode())
+        for part in ("train", "val", "test"):
+            digest.update(np.ascontiguousarray(self.positions(part)).data)
+            digest.update(b"|")
+        return digest.hexdigest()
 
 
 def fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
@@ -210,7 +228,8 @@ def split_arrays(arrays: Arrays, val_fraction: float, test_fraction: float, seed
             "use more data or smaller data.val_fraction / data.test_fraction"
         ) from None
     train = np.concatenate([train, index[train_only]])
-    return Splits(arrays.subset(train), arrays.subset(val), arrays.subset(test))
+    positions = {"train": train, "val": val, "test": test}
+    return Splits(arrays.subset(train), arrays.subset(val), arrays.subset(test), positions)
 
 
 def class_weights(labels: np.ndarray) -> dict[int, float]:

@@ -454,6 +454,43 @@ def log_evaluation(evaluation: Any, history: list[dict[str, float]], phase2_star
     log_figure(curves_figure(history, phase2_start), "plots/training_curves.png")
 
 
+def predictions_path(split: str) -> str:
+    """Where a run keeps the final model's predictions on one split (``val`` or ``test``)."""
+    return f"predictions/{split}.npz"
+
+
+def log_predictions(
+    split: str, arrays: Any, data_index: Any, probabilities: Any, split_fingerprint: str
+) -> None:
+    """The final model's class probabilities on one split, per image, as ``predictions/<split>.npz``:
+    ``index`` (position in the split), ``data_index`` (position in the data set the split was cut from),
+    ``labels``, ``probabilities`` (N, 8) float32, and the ``fingerprint`` / ``split_fingerprint`` they
+    belong to. Two runs with the same split fingerprint can be compared image by image later
+    (``python -m bloodcell.compare``, the champion gate of ``promote``) without running either again."""
+    import numpy as np
+
+    def write(path: Path) -> None:
+        n = len(arrays.labels)
+        with path.open("wb") as f:  # np.savez_compressed would add ".npz" to a str path without it
+            np.savez_compressed(
+                f,
+                index=np.arange(n, dtype=np.int64),
+                data_index=np.asarray(data_index, dtype=np.int64),
+                labels=np.asarray(arrays.labels, dtype=np.int64),
+                probabilities=np.asarray(probabilities, dtype=np.float32),
+                fingerprint=np.array(arrays.fingerprint),
+                split_fingerprint=np.array(split_fingerprint),
+            )
+
+    _send_file(predictions_path(split), write)
+
+
+def log_validation(evaluation: Any) -> None:
+    """The final model on the validation split: accuracy and macro-F1 with their intervals (per-class
+    figures stay in its predictions: the test split is where a run reports those)."""
+    log_metrics({k: v for k, v in evaluation.metrics.items() if "precision_" not in k and "recall_" not in k})
+
+
 def record_to(
     run_id: str,
     *,
