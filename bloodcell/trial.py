@@ -14,12 +14,17 @@ Storage URLs (``hydra.sweeper.storage``):
 - ``journal:<path>``: another journal file (a relative path is taken from the project root).
 - any SQLAlchemy URL Optuna accepts: ``sqlite:///mlruns/optuna.db`` (relative to the project root),
   ``postgresql://user:pw@host/db`` or ``mysql+pymysql://...`` for sweeps over several machines.
+- ``grpc://host:port``: Optuna's gRPC storage proxy (``GrpcStorageProxy``) in front of one of those
+  databases, served by ``python -m bloodcell.storage_proxy storage=<database URL> port=<port>``: hundreds
+  to thousands of workers talk to the proxy, which caches the study, instead of each holding database
+  connections (docs/sweeps.md, "Which storage").
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +44,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_JOURNAL = PROJECT_ROOT / "mlruns" / "optuna.journal"
 
+#: seconds a process waits for a gRPC storage proxy to answer before it gives up with one error line
+GRPC_CONNECT_TIMEOUT = 30.0
+
 #: trial system attribute holding the pruner spec ({"name": ..., "kwargs": {...}}) the sweeper chose
 PRUNER_ATTR = "bloodcell:pruner"
 
@@ -53,12 +61,29 @@ def resolve_storage_url(storage: str | None) -> str:
     if storage.startswith("sqlite:///"):
         path = storage[len("sqlite:///") :]
         return f"sqlite:///{_project_path(path)}" if path and path != ":memory:" else storage
+    if storage.startswith("grpc://"):
+        grpc_address(storage)  # host and port, or one error line now rather than in every trial
+        return storage
     if "://" not in storage:
         raise UserError(
             f"storage '{storage}' is not a storage URL; use journal:<file>, "
-            "sqlite:///<file>.db or a database URL such as postgresql://user@host/db"
+            "sqlite:///<file>.db, a database URL such as postgresql://user@host/db or grpc://host:port"
         )
     return storage
+
+
+def grpc_address(url: str) -> tuple[str, int]:
+    """(host, port) of a ``grpc://host:port`` storage URL."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise UserError(f"storage '{url}' is not grpc://host:port (e.g. grpc://localhost:13000)")
+    return parts.hostname, port
 
 
 def _project_path(path: str) -> Path:
@@ -83,6 +108,8 @@ def open_storage(url: str) -> BaseStorage:
     """An Optuna storage for a URL from `resolve_storage_url`. The sweeper writes the trials' system
     attributes and the study's through its methods (Study and Trial have none for them in Optuna 5)."""
 
+    if url.startswith("grpc://"):
+        return _grpc_proxy(url)
     try:
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -99,6 +126,32 @@ def open_storage(url: str) -> BaseStorage:
         ) from None
     except Exception as err:  # unreachable server, bad credentials, not a database ...
         raise UserError(f"cannot open the Optuna storage {redact(url)}: {str(err).splitlines()[0]}") from None
+
+
+def _grpc_proxy(url: str) -> BaseStorage:
+    """A client of a running `bloodcell.storage_proxy` (Optuna's GrpcStorageProxy), checked to answer."""
+    host, port = grpc_address(url)
+    try:
+        import grpc  # noqa: F401  (installed with TensorFlow; named here for a clear message without it)
+        from optuna.exceptions import ExperimentalWarning
+        from optuna.storages import GrpcStorageProxy
+    except ImportError as err:
+        raise UserError(
+            f"the Optuna storage {url} needs grpcio ({err}): pip install grpcio "
+            '(or pip install -e ".[cluster]")'
+        ) from None
+    # experimental since Optuna 4.2: said once in docs/sweeps.md, not in every trial's output
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        proxy = GrpcStorageProxy(host=host, port=port)
+    try:
+        proxy.wait_server_ready(timeout=GRPC_CONNECT_TIMEOUT)
+    except ConnectionError:
+        raise UserError(
+            f"no Optuna storage proxy answers at {url} (waited {GRPC_CONNECT_TIMEOUT:.0f} s); start one "
+            f"there: python -m bloodcell.storage_proxy storage=<database URL> port={port}"
+        ) from None
+    return proxy
 
 
 def _rdb_storage(url: str, **kwargs: Any) -> BaseStorage:
