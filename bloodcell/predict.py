@@ -8,7 +8,8 @@
 ``model`` is a registry URI (``models:/name@alias``, ``models:/name/version``), a logged model
 (``models:/m-...``), a run's model (``runs:/<run id>/model``), an MLflow model folder or a ``.keras`` file.
 ``input`` is an npz (array ``images``, labels optional), a folder of images (flat, or one sub-folder per
-class) or one image file. The images must have the size the model was trained on.
+class) or one image file. Images of another size than the model's input are resized to it (bilinear),
+with a note, as the submission bundle's ``model.py`` does (the same function).
 
 Output: CSV with one row per image (image, class_id, class_name, one probability column per class, and
 ``label`` when the input had labels), or .npy holding a structured array with fields image, class_id,
@@ -259,18 +260,29 @@ def tta_views(batch: np.ndarray) -> list[np.ndarray]:
 
 
 def predict_arrays(
-    model, images: np.ndarray, batch_size: int = 64, tta: bool = False, progress: bool = False
+    model,
+    images: np.ndarray,
+    batch_size: int = 64,
+    tta: bool = False,
+    progress: bool = False,
+    resize_to: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Softmax probabilities (N, 8) float32 for uint8 images (N, H, W, 3), in batches; with ``tta`` the
-    average over flips and 90-degree rotations."""
+    average over flips and 90-degree rotations; with ``resize_to`` (height, width) each batch is resized
+    first, as the submission bundle does."""
     if batch_size < 1:
         raise UserError(f"batch_size={batch_size} must be >= 1")
     from tqdm.auto import tqdm
 
     out = np.empty((len(images), NUM_CLASSES), dtype=np.float32)
     starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc="predict", unit="batch", disable=not progress):
+    # disable=None: tqdm draws its bar only on a terminal (no carriage returns in a log file)
+    for start in tqdm(starts, desc="predict", unit="batch", disable=None if progress else True):
         batch = images[start : start + batch_size].astype(np.float32)
+        if resize_to and batch.shape[1:3] != tuple(resize_to):
+            from bloodcell.submission_template import resize_images  # (imports Keras)
+
+            batch = resize_images(batch, tuple(resize_to))
         views = tta_views(batch) if tta else [batch]
         probs = [np.asarray(model.predict_on_batch(np.ascontiguousarray(v))) for v in views]
         out[start : start + len(batch)] = np.mean(probs, axis=0)
@@ -340,12 +352,17 @@ def predict(cfg: DictConfig) -> np.ndarray:
     check_images(data.images, (None, None, 3), str(cfg.input))
     set_tracking(cfg.tracking)
     uri = resolve_model_uri(cfg.model)
-    signature_shape = signature_image_shape(uri)  # a wrong image size fails before TensorFlow loads
-    if signature_shape:
-        check_images(data.images, signature_shape, str(cfg.input))
     model = load_model(uri)
-    check_images(data.images, model_image_shape(model), str(cfg.input))
-    probabilities = predict_arrays(model, data.images, int(cfg.batch_size), bool(cfg.tta), progress=True)
+    height, width, _ = model_image_shape(model)
+    size = (height, width) if height and width and data.images.shape[1:3] != (height, width) else None
+    if size:  # one rule with the submission bundle: resize, and say so
+        print(
+            f"{cfg.input}: images are {data.images.shape[1]}x{data.images.shape[2]}, the model takes "
+            f"{height}x{width}: resized to it (bilinear), as the submit bundle's model.py does"
+        )
+    probabilities = predict_arrays(
+        model, data.images, int(cfg.batch_size), bool(cfg.tta), progress=True, resize_to=size
+    )
     write_predictions(output, probabilities, data.names, data.labels)
     counts = np.bincount(probabilities.argmax(axis=1), minlength=NUM_CLASSES)
     summary = ", ".join(f"{CLASS_NAMES[c]} {n}" for c, n in enumerate(counts) if n)

@@ -39,13 +39,15 @@ class Model:
         for start in range(0, len(X), BATCH_SIZE):
             batch = X[start : start + BATCH_SIZE].astype(np.float32)
             if self.height and self.width and batch.shape[1:3] != (self.height, self.width):
-                batch = _resize(batch, (self.height, self.width))
+                batch = resize_images(batch, (self.height, self.width))
             probabilities = np.asarray(self.model.predict_on_batch(batch))
             ids.append(probabilities.argmax(axis=1))
         return np.concatenate(ids).astype(np.int64) if ids else np.zeros((0,), dtype=np.int64)
 
 
-def _resize(batch, size):
+def resize_images(batch, size):
+    """float32 images (N, H, W, 3) resized (bilinear) to size (height, width); bloodcell's predict uses the
+    same function, so both give the same answer for images of another size than the model's."""
     if hasattr(keras, "ops"):  # Keras 3
         return np.asarray(keras.ops.image.resize(batch, size))
     import tensorflow as tf

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -443,6 +444,16 @@ def compile_for(setup: Setup, phase: Phase, label_smoothing: float) -> None:
         )
 
 
+def keras_verbose(setting: Any, stream: Any = None) -> int:
+    """Keras' ``verbose`` for ``trainer.verbose``: ``auto`` is a progress bar redrawn in place (1) on a
+    terminal and one line per epoch (2) otherwise. Keras' own "auto" means 1 everywhere, and off a terminal
+    its bar is appended step by step: a run logged to a file, SLURM or CI grew by a bar per step (MBs)."""
+    if setting is None or str(setting) == "auto":
+        stream = sys.stdout if stream is None else stream
+        return 1 if getattr(stream, "isatty", lambda: False)() else 2
+    return int(setting)
+
+
 def fit_phase(
     setup: Setup,
     phase: Phase,
@@ -465,7 +476,7 @@ def fit_phase(
         shuffle=False,  # the tf.data pipeline shuffles, seeded
         class_weight=setup.class_weight,
         callbacks=callbacks.for_phase(phase, resumed),
-        verbose=verbose,
+        verbose=keras_verbose(verbose),
     )
     return start + len(history.epoch)
 

@@ -253,15 +253,25 @@ def test_resolve_model_uri_names_what_is_missing(store, model, fragment):
     assert resolve_model_uri("models:/bloodcell@champion", store.client) == "models:/bloodcell@champion"
 
 
-def test_predict_refuses_images_the_model_was_not_trained_for(store, tmp_path):
+@pytest.fixture(scope="module")
+def predictions48(store):
+    """predict on 48x48 images for the 32-px model: resized as the submission bundle resizes (issue 16)."""
+    output = store.root / "pred48.csv"
     proc = run_module(
         "bloodcell.predict",
         "model=models:/bloodcell@champion",
         f"input={store.root / 'cells48.npz'}",
-        f"output={tmp_path / 'p.csv'}",
+        f"output={output}",
         f"tracking.uri={store.uri}",
     )
-    assert_user_error(proc, "48x48", "32x32")
+    assert_ok(proc)
+    assert "images are 48x48, the model takes 32x32: resized to it" in proc.stdout
+    with output.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_resizes_images_of_another_size_and_refuses_non_rgb(store, predictions48, tmp_path):
+    assert len(predictions48) == len(CLASS_NAMES)  # one 48x48 cell per class
     np.savez(tmp_path / "gray.npz", images=np.zeros((3, 32, 32), np.uint8))
     proc = run_module(
         "bloodcell.predict",
@@ -332,10 +342,11 @@ from model import Model
 model = Model()
 np.save("ids.npy", model.predict(np.load(sys.argv[1])["images"]))
 np.save("ids96.npy", model.predict(np.zeros((3, 96, 96, 3), np.uint8)))
+np.save("ids48.npy", model.predict(np.load(sys.argv[2])["images"]))
 """
 
 
-def test_submission_predicts_like_predict_without_bloodcell(store, predictions, tmp_path):
+def test_submission_predicts_like_predict_without_bloodcell(store, predictions, predictions48, tmp_path):
     bundle = tmp_path / "submission.zip"
     proc = run_module(
         "bloodcell.submit",
@@ -362,7 +373,14 @@ def test_submission_predicts_like_predict_without_bloodcell(store, predictions, 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run(
-        [sys.executable, "-I", "-c", ISOLATED_RUNNER, str(store.root / "cells.npz")],
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            ISOLATED_RUNNER,
+            str(store.root / "cells.npz"),
+            str(store.root / "cells48.npz"),
+        ],
         cwd=unpacked,
         env=env,
         capture_output=True,
@@ -375,6 +393,8 @@ def test_submission_predicts_like_predict_without_bloodcell(store, predictions, 
     assert ids.tolist() == [int(row["class_id"]) for row in predictions]
     ids96 = np.load(unpacked / "ids96.npy")
     assert ids96.shape == (3,) and ((ids96 >= 0) & (ids96 < 8)).all()
+    # one rule for images of another size: the bundle and predict resize alike
+    assert np.load(unpacked / "ids48.npy").tolist() == [int(row["class_id"]) for row in predictions48]
 
 
 def test_submit_unknown_model_is_one_line(store, tmp_path):

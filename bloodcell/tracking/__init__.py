@@ -124,6 +124,26 @@ def git_tags() -> dict[str, str]:
         return {"git_commit": "unknown", "git_dirty": "unknown"}
 
 
+#: packages whose installed versions every run records as tags ``<name>_version`` (``keras_cv_version``):
+#: what re-running an experiment in the environment it was tracked with needs (constraints.txt pins them)
+TRACKED_PACKAGES = ("tensorflow", "keras", "keras-cv", "numpy", "mlflow", "optuna", "hydra-core")
+
+
+def version_tags() -> dict[str, str]:
+    """Python's and the key packages' installed versions ('not installed' for a missing one)."""
+    import platform
+    from importlib import metadata
+
+    tags = {"python_version": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        tags[f"{name.replace('-', '_')}_version"] = version
+    return tags
+
+
 def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; lists stay whole (one param), as users override them whole."""
     out: dict[str, Any] = {}
@@ -154,7 +174,7 @@ def start_run(
     parent = cfg.tracking.get("parent_run_id")
     if "trial" in cfg:
         tags = {**tags, "trial_number": str(cfg.trial.number), "optuna_trial_id": str(cfg.trial.trial_id)}
-    tags = {"bloodcell_version": __version__, **git_tags(), **tags, **process_tags()}
+    tags = {"bloodcell_version": __version__, **git_tags(), **version_tags(), **tags, **process_tags()}
     if resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id, nested=bool(parent))
         mlflow.set_tags(tags)
