@@ -42,7 +42,7 @@ def _slurm_problem() -> str | None:
         nodes = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
         return "the SLURM controller does not answer (bash scripts/local_slurm.sh starts it)"
-    if ping.returncode != 0 or "UP" not in ping.stdout:
+    if ping.returncode != 0 or not re.search(r"\bis UP\b", ping.stdout):  # "Slurmctld(primary) at vm is UP"
         said = (ping.stdout.strip() or ping.stderr.strip()).splitlines()
         return f"the SLURM controller is down ({said[0] if said else 'scontrol ping failed'})"
     usable = {"idle", "mixed", "allocated", "completing"}
