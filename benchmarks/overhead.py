@@ -4,7 +4,7 @@ fit in the same run (start-up, data, MLflow logging and saving are the rest).
     python benchmarks/overhead.py                       # mobilenet_cpu on data/training_set.npz, 3 epochs
     python benchmarks/overhead.py --preset quickstart   # no data file needed
 
-Prints one table: wall seconds, seconds inside fit, and each part bloodcell logs (seconds_* metrics).
+Prints one table: wall seconds, seconds inside fit, and each part bloodcell logs (time/seconds_* metrics).
 The goal is at most 10% overhead for a 3-epoch CPU run. For mobilenet_cpu it also runs the same 3 epochs as
 a hand-written Keras script (benchmarks/plain_keras.py), right after, and prints that script's own time
 outside fit: interpreter, TensorFlow import, data, model build and test predictions cost any script, so
@@ -65,7 +65,8 @@ def main() -> None:
         if proc.returncode:
             sys.exit(proc.stderr[-3000:])
         (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    parts = {k[len("seconds_") :]: v for k, v in run.data.metrics.items() if k.startswith("seconds_")}
+    prefix = "time/seconds_"
+    parts = {k[len(prefix) :]: v for k, v in run.data.metrics.items() if k.startswith(prefix)}
     fit = parts["fit"]
     outside_train = wall - parts["in_train"]
     rest = parts["in_train"] - sum(v for k, v in parts.items() if k != "in_train")

@@ -24,13 +24,21 @@ if TYPE_CHECKING:
 log = logging.getLogger("bloodcell.train")
 
 
-def epoch_record(epoch: int, logs: dict[str, Any] | None, model: keras.Model) -> dict[str, float]:
+#: per-epoch training throughput; under time/ with the run's timings (a section of its own in MLflow's UI)
+IMAGES_PER_SECOND = "time/train_images_per_second"
+
+
+def epoch_record(
+    epoch: int, logs: dict[str, Any] | None, model: keras.Model, images_per_second: float | None = None
+) -> dict[str, float]:
     """One epoch as a run records it: Keras' logs with ``val_*`` as they are and the rest as ``train_*``,
-    the learning rate, and the global epoch."""
+    the learning rate, the global epoch, and the training images per second when measured."""
     record: dict[str, float] = {"epoch": epoch}
     for key, value in (logs or {}).items():
         record[key if key.startswith("val_") else f"train_{key}"] = float(value)
     record["learning_rate"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+    if images_per_second is not None:
+        record[IMAGES_PER_SECOND] = float(images_per_second)
     return record
 
 
@@ -39,12 +47,31 @@ class EpochLogger(keras.callbacks.Callback):
     (Keras' epoch index, continued in phase 2 through ``initial_epoch``), and keeps them in ``history``
     for the objective, the curves plot and phase 2's rollback decision."""
 
-    def __init__(self, history: list[dict[str, float]] | None = None) -> None:
+    #: its batch hook only reads the clock: Keras may keep dispatching training steps asynchronously
+    async_safe = True
+
+    def __init__(self, history: list[dict[str, float]] | None = None, images_per_epoch: int = 0) -> None:
         super().__init__()
         self.history: list[dict[str, float]] = list(history or [])
+        self.images_per_epoch = int(images_per_epoch)
+        self.started: float | None = None
+        self.trained: float | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.started, self.trained = time.perf_counter(), None
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        # the end of the last training step, before validation and precise BN (they are not training)
+        self.trained = time.perf_counter()
+
+    def images_per_second(self) -> float | None:
+        """This epoch's training images per second (the input pipeline included), None if not measured."""
+        if not self.images_per_epoch or self.started is None or self.trained is None:
+            return None
+        return self.images_per_epoch / max(self.trained - self.started, 1e-6)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self.record(epoch_record(epoch, logs, self.model))
+        self.record(epoch_record(epoch, logs, self.model, self.images_per_second()))
 
     def record(self, entry: dict[str, float]) -> None:
         self.history.append(entry)

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from bloodcell import CLASS_NAMES, NUM_CLASSES
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+PER_CLASS = "per_class/"
+
 
 @dataclass
 class Evaluation:
     #: <prefix>accuracy, <prefix>macro_f1 with their 95% intervals (names: `bloodcell.stats.interval_names`),
-    #: <prefix>precision_<class>, <prefix>recall_<class>
+    #: per_class/<prefix>precision_<class>, per_class/<prefix>recall_<class> (under per_class/: a section
+    #: of their own in the MLflow UI's charts, apart from the learning curves)
     metrics: dict[str, float]
     report: dict  # sklearn classification_report (output_dict=True), each class with recall_ci_low/high
     confusion: np.ndarray  # (8, 8) counts, rows = true class
@@ -39,8 +46,8 @@ def evaluate_predictions(labels: np.ndarray, probabilities: np.ndarray, prefix: 
         **stats.with_interval(f"{prefix}macro_f1", macro_f1, stats.macro_f1_interval(labels, predicted)),
     }
     for name, (low, high) in zip(CLASS_NAMES, stats.recall_intervals(labels, predicted)):
-        metrics[f"{prefix}precision_{name}"] = float(report[name]["precision"])
-        metrics[f"{prefix}recall_{name}"] = float(report[name]["recall"])
+        metrics[f"{PER_CLASS}{prefix}precision_{name}"] = float(report[name]["precision"])
+        metrics[f"{PER_CLASS}{prefix}recall_{name}"] = float(report[name]["recall"])
         report[name]["recall_ci_low"], report[name]["recall_ci_high"] = low, high
     report["intervals"] = (
         f"{stats.CONFIDENCE:.0%} intervals: recall and accuracy Wilson score, macro-F1 percentile bootstrap "
@@ -49,7 +56,7 @@ def evaluate_predictions(labels: np.ndarray, probabilities: np.ndarray, prefix: 
     return Evaluation(metrics, report, confusion_matrix(labels, predicted, labels=classes))
 
 
-def confusion_figure(confusion: np.ndarray, title: str = "Test confusion matrix"):
+def confusion_figure(confusion: np.ndarray, title: str = "Test confusion matrix") -> Figure:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,8 +72,13 @@ def confusion_figure(confusion: np.ndarray, title: str = "Test confusion matrix"
     return fig
 
 
-def curves_figure(history: list[dict[str, float]], phase2_start: int | None):
-    """Loss and accuracy per epoch for train and validation; a dashed line where fine-tuning starts."""
+def curves_figure(
+    history: list[dict[str, float]],
+    phase2_start: int | None,
+    metrics: tuple[str, ...] = ("loss", "accuracy", "learning_rate"),
+) -> Figure:
+    """Loss and accuracy per epoch for train and validation, and the learning rate, one panel each (or
+    the panels of ``metrics``); a dashed line where fine-tuning starts."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -333,7 +333,8 @@ class RunCallbacks:
         minutes = cfg.trainer.get("time_limit_minutes")
         time_limit = TimeLimit(60 * minutes) if minutes else None
         every = int(cfg.trainer.checkpoint.every) if run_dir is not None else 0
-        callbacks = cls(setup, EpochLogger(), precise_bn, time_limit, None, pruning_callback(cfg))
+        epoch_log = EpochLogger(images_per_epoch=len(train_images))
+        callbacks = cls(setup, epoch_log, precise_bn, time_limit, None, pruning_callback(cfg))
         if every > 0:
             callbacks.checkpoint = Checkpoint(
                 run_dir, callbacks.snapshot, every, int(cfg.trainer.checkpoint.keep)
@@ -383,7 +384,10 @@ class RunCallbacks:
             "time_spent": self.time_limit.spent() if self.time_limit else None,
             "phase1_epochs": self.phase1_epochs,
             "phase1_best": self.phase1_best,
-            "history": [*self.epoch_log.history, epoch_record(epoch, logs, model)],
+            "history": [
+                *self.epoch_log.history,
+                epoch_record(epoch, logs, model, self.epoch_log.images_per_second()),
+            ],
         }
         arrays = {
             "variables": [v.numpy() for v in model.variables],
@@ -654,7 +658,7 @@ def record(
                 setup.model, test.images[:2].astype(np.float32), result.probabilities[:2], model_dir
             )
     seconds = timed.metrics()
-    tracking.log_metrics(seconds)
+    tracking.log_timings(seconds)
     metrics = result.evaluation.metrics
     low, high = interval_names("test_accuracy")
     log.info(
@@ -674,7 +678,7 @@ def record(
 
 
 class Stopwatch:
-    """Wall seconds per part of a run, logged as ``seconds_<part>`` metrics: where the time outside
+    """Wall seconds per part of a run, logged as ``time/seconds_<part>`` metrics: where the time outside
     Keras' fit goes (benchmarks/overhead.py reads them)."""
 
     def __init__(self) -> None:
@@ -721,6 +725,7 @@ def train(cfg: DictConfig) -> float:
             tracking.set_tags({"resumed_after_epoch": str(resume.checkpoint.epoch)})
         else:
             tracking.log_config(cfg, _hydra_overrides())
+            tracking.log_datasets(cfg.data, data.arrays, data.splits)
             if data.cleaning is not None:
                 tracking.log_cleaning(data.cleaning, data.arrays)
             if data.arrays.skipped:  # unreadable images of a folder data set, left out with a warning

@@ -32,8 +32,8 @@ def test_quickstart_run_is_finished_with_params_and_test_metrics(quickstart_run)
         "test_accuracy",
         "test_macro_f1",
         "best_val_accuracy",
-        *(f"test_precision_{c}" for c in CLASS_NAMES),
-        *(f"test_recall_{c}" for c in CLASS_NAMES),
+        *(f"per_class/test_precision_{c}" for c in CLASS_NAMES),
+        *(f"per_class/test_recall_{c}" for c in CLASS_NAMES),
     ]:
         assert 0.0 <= metrics[name] <= 1.0, name
     tags = run.data.tags
@@ -163,9 +163,9 @@ def test_data_clean_true_removes_unwanted_samples_and_reports_to_mlflow(tmp_path
     )
     assert_ok(proc)
     (run,) = mlflow_runs(tracking, "quickstart")
-    assert run.data.metrics["cleaning_removed"] >= 5
+    assert run.data.metrics["data/cleaning_removed"] >= 5
     report = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/cleaning/report.json")
-    assert report["n_input"] == 85 and report["n_removed"] == run.data.metrics["cleaning_removed"]
+    assert report["n_input"] == 85 and report["n_removed"] == run.data.metrics["data/cleaning_removed"]
     assert run.data.tags["data_fingerprint"] != run.data.tags["data_fingerprint_cleaned"]
     assert "cleaning/removed.png" in {
         a.path for a in mlflow.MlflowClient(tracking).list_artifacts(run.info.run_id, "cleaning")

@@ -89,22 +89,55 @@ def connect(tracking_cfg: Any) -> str:
     return uri
 
 
+#: MLflow 3's experiment kind: bloodcell's experiments hold model-training runs, not GenAI traces
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+#: The MLflow 3 UI opens an experiment on its GenAI overview unless its "GenAI / Model training" switch
+#: (kept per browser) says otherwise: in MLflow 3.17 that switch, not the experiment kind, picks the
+#: pages, and this query parameter sets it. Every MLflow link bloodcell prints carries it.
+UI_QUERY = "?workflowType=machine_learning"
+#: Where `mlflow ui` serves a local store unless told otherwise
+DEFAULT_UI = "http://127.0.0.1:5000"
+
+
 def setup_experiment(tracking_cfg: Any) -> str:
-    """Point MLflow at the configured store and return the experiment id (created if new)."""
+    """Point MLflow at the configured store and return the experiment id (created if new), marked as a
+    model-training experiment (`EXPERIMENT_KIND`; an older experiment gets the mark on its next run)."""
     import mlflow
 
     uri = connect(tracking_cfg)
     name = tracking_cfg.experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if any(experiment.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):
+            with contextlib.suppress(Exception):  # a server may refuse; the runs matter more than the mark
+                for key, value in EXPERIMENT_KIND.items():
+                    mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     try:
-        return mlflow.create_experiment(name, artifact_location=artifact_location(uri))
+        return mlflow.create_experiment(name, artifact_location=artifact_location(uri), tags=EXPERIMENT_KIND)
     except Exception:  # another process created it meanwhile (parallel trials)
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
             raise
         return experiment.experiment_id
+
+
+def ui_url(experiment_id: str, run_id: str | None = None, tracking_uri: str | None = None) -> str:
+    """The MLflow UI page of an experiment (its runs) or of one run, on the model-training pages: on the
+    tracking server itself, or for a local store where `mlflow ui` serves it by default (`DEFAULT_UI`)."""
+    from urllib.parse import urlsplit
+
+    uri = tracking_uri or ""
+    if not uri:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+    base = DEFAULT_UI
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)  # without user:password@
+        base = f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base.rstrip('/')}/{page}{UI_QUERY}"
 
 
 def git_tags() -> dict[str, str]:
@@ -173,10 +206,17 @@ def start_run(
     experiment_id = experiment_id or setup_experiment(cfg.tracking)
     parent = cfg.tracking.get("parent_run_id")
     if "trial" in cfg:
-        tags = {**tags, "trial_number": str(cfg.trial.number), "optuna_trial_id": str(cfg.trial.trial_id)}
+        trial = cfg.trial
+        tags = {
+            **tags,
+            "trial_number": str(trial.number),
+            "optuna_trial_id": str(trial.trial_id),
+            "optuna_study": str(trial.study_name),
+        }
     tags = {"bloodcell_version": __version__, **git_tags(), **version_tags(), **tags, **process_tags()}
+    system = system_metrics(cfg.tracking)
     if resume_run_id:
-        run = mlflow.start_run(run_id=resume_run_id, nested=bool(parent))
+        run = mlflow.start_run(run_id=resume_run_id, nested=bool(parent), log_system_metrics=system)
         mlflow.set_tags(tags)
         # why it stopped is history now; a count says it was resumed
         resumes = int(run.data.tags.get("resumed", "0")) + 1
@@ -190,9 +230,11 @@ def start_run(
             parent_run_id=parent,
             nested=bool(parent),
             tags=tags,
+            log_system_metrics=system,
         )
     global _run_id, _outbox
     _run_id = run.info.run_id
+    log.info("MLflow run %s: %s", _run_id, ui_url(run.info.experiment_id, _run_id))
     uri = mlflow.get_tracking_uri()
     if uri.startswith(("http://", "https://")):
         from bloodcell.checkpoints import root_for
@@ -224,6 +266,20 @@ def start_run(
     else:
         tags = {"optuna.trial_state": "COMPLETE"} if "trial" in cfg else {}
         _end_run("FINISHED", tags, cfg.tracking.get("outage_wait_seconds", 120))
+
+
+def system_metrics(tracking_cfg: Any) -> bool:
+    """Whether the run records MLflow's system metrics (CPU, memory, disk, network, and GPU with
+    ``nvidia-ml-py``), sampled every ``tracking.system_metrics_seconds`` (null or 0: off). An
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL set by the user wins."""
+    seconds = tracking_cfg.get("system_metrics_seconds", 10)
+    if not seconds:
+        return False
+    if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
+        import mlflow
+
+        mlflow.set_system_metrics_sampling_interval(float(seconds))
+    return True
 
 
 def _end_run(status: str, tags: dict[str, str], outage_wait: float) -> None:
@@ -387,13 +443,26 @@ def _send_file(artifact_path: str, write: Callable[[Path], Any]) -> None:
         _send({"kind": "artifact", "path": str(local), "dir": folder or None})
 
 
+def _send_image(key: str, step: int, figure: Any) -> None:
+    """A matplotlib figure as an MLflow image (``MlflowClient.log_image``: charts of the UI, by key)."""
+    import tempfile
+
+    import matplotlib.pyplot as plt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / f"{key.replace('/', '_')}.png"
+        figure.savefig(local, dpi=80)
+        plt.close(figure)
+        _send({"kind": "image", "path": str(local), "key": key, "step": step})
+
+
 def log_epoch(metrics: dict[str, float], step: int) -> None:
     """One epoch's metrics (``train_*``, ``val_*``, ``learning_rate``) at step = the global epoch."""
     _send({"kind": "metrics", "metrics": metrics, "step": step, "timestamp": int(time.time() * 1000)})
 
 
 def log_metrics(metrics: dict[str, float]) -> None:
-    """Run-level figures: test metrics, the best objective, ``seconds_*`` timings, counts."""
+    """Run-level figures: test metrics, the best objective, counts."""
     _send({"kind": "metrics", "metrics": metrics, "step": 0, "timestamp": int(time.time() * 1000)})
 
 
@@ -434,6 +503,26 @@ def log_config(cfg: Any, overrides: list[str]) -> None:
     log_text(OmegaConf.to_yaml(mask_secrets(list(overrides))), "overrides.yaml")
 
 
+def log_datasets(data_cfg: Any, arrays: Any, splits: Any) -> None:
+    """The train, validation and test splits as the run's MLflow dataset inputs (context ``train`` /
+    ``val`` / ``test``): what the UI's Dataset column and the run page show a model was trained on.
+
+    Each is named after the data set (``training_set``, ``demo``, ...) with its source (the file or
+    folder, MedMNIST's record, or the code that made demo images); its digest names exactly the split's
+    images (the data fingerprint, tag ``data_fingerprint``, and which of its images the split holds), so
+    runs on one split share one dataset; the profile gives the image count, the class counts, the image
+    shape and the full fingerprint. Logged once, when a run starts (a resumed run has them)."""
+    from bloodcell.tracking.datasets import dataset_inputs
+
+    _send({"kind": "inputs", "inputs": dataset_inputs(data_cfg, arrays, splits)})
+
+
+def log_timings(seconds: dict[str, float]) -> None:
+    """Where a run's time went (``seconds_<part>``), as ``time/seconds_<part>``: a section of their own in
+    the MLflow UI's charts, beside the per-epoch ``time/train_images_per_second``."""
+    log_metrics({f"time/{name}": value for name, value in seconds.items()})
+
+
 def log_skipped_images(skipped: list[str], source: str) -> None:
     """Image files a folder data set could not read and training left out: metric
     ``data_skipped_images`` and the list as ``data/skipped_images.txt``."""
@@ -449,8 +538,9 @@ def log_cleaning(result: Any, arrays: Any) -> None:
     """Counts as metrics, the JSON report and the contact sheet of removed samples (``data.clean=true``)."""
     from bloodcell.clean import contact_sheet, report_dict
 
-    log_metrics({"cleaning_removed": result.n_removed,
-                 **{f"cleaning_removed_{k}": v for k, v in result.counts.items()}})  # fmt: skip
+    # under data/: a section of their own in the MLflow UI's charts
+    log_metrics({"data/cleaning_removed": result.n_removed,
+                 **{f"data/cleaning_removed_{k}": v for k, v in result.counts.items()}})  # fmt: skip
     log_dict(report_dict(result, arrays.labels, arrays.source), "cleaning/report.json")
     if result.n_removed:
         _send_file(
@@ -472,6 +562,26 @@ def log_evaluation(evaluation: Any, history: list[dict[str, float]], phase2_star
     log_dict(evaluation.report, "classification_report.json")
     log_figure(confusion_figure(evaluation.confusion), "plots/confusion_matrix.png")
     log_figure(curves_figure(history, phase2_start), "plots/training_curves.png")
+    log_curves(history, phase2_start)
+
+
+#: the learning curves as images: "curves" sorts first among the sections of MLflow's charts
+CURVES_KEY = "curves/"
+
+
+def log_curves(history: list[dict[str, float]], phase2_start: int | None) -> None:
+    """The learning curves of both phases (loss, accuracy, learning rate; where fine-tuning starts) as MLflow
+    images ``curves/<metric>``, at the last epoch's step: the first section of the UI's Model metrics tab.
+
+    MLflow's UI groups charts by the name before "/", sorts those sections by name and puts the metrics
+    without one (``train_loss``, ``val_accuracy``, ...: names that sweeps, promote and the tests use)
+    last, in "Model metrics"; these images put the curves first without renaming them."""
+    from bloodcell.evaluate import curves_figure
+
+    step = int(history[-1]["epoch"]) if history else 0
+    for metric in ("loss", "accuracy", "learning_rate"):
+        figure = curves_figure(history, phase2_start, (metric,))
+        _send_image(f"{CURVES_KEY}{metric}", step, figure)
 
 
 def predictions_path(split: str) -> str:

@@ -55,8 +55,17 @@ def apply(run_id: str, record: dict[str, Any]) -> None:
         client.log_batch(
             run_id, tags=[RunTag(k, str(v)) for k, v in record["tags"].items()], synchronous=True
         )
+    elif kind == "inputs":  # the run's data splits as MLflow dataset inputs (bloodcell.tracking.datasets)
+        from bloodcell.tracking.datasets import to_dataset_inputs
+
+        client.log_inputs(run_id, datasets=to_dataset_inputs(record["inputs"]))
     elif kind == "artifact":
         client.log_artifact(run_id, record["path"], record.get("dir"))
+    elif kind == "image":  # a chart image of the UI's Model metrics tab (bloodcell.tracking.log_curves)
+        from PIL import Image
+
+        with Image.open(record["path"]) as image:
+            client.log_image(run_id, image.copy(), key=record["key"], step=int(record["step"]))
     elif kind == "model":
         _log_model(run_id, Path(record["path"]), Path(record["examples"]))
     elif kind == "end":
@@ -129,7 +138,7 @@ class Outbox:
                 if not unreachable(err):
                     raise
                 self._outage(err)
-        if record["kind"] == "artifact":  # the caller's file is temporary
+        if record["kind"] in ("artifact", "image"):  # the caller's file is temporary
             record = {**record, "path": str(self.stage(Path(record["path"])))}
         self.add(record)
 

@@ -458,6 +458,8 @@ class OptunaSweep:
         if error is not None:
             with contextlib.suppress(Exception):
                 trial.set_user_attr("error", error[:2000])
+        if self.mlflow is not None:  # before the trial ends: an ended trial's attributes are read-only
+            self.mlflow.link(claimed)
         try:
             self._end(trial, state, value if state == TrialState.COMPLETE else None)
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
@@ -615,6 +617,24 @@ class _ParentRun:
         if number is not None:
             query += f" and tags.trial_number = '{number}'"
         return self.client.search_runs([self.experiment_id], filter_string=query, max_results=5000)
+
+    def link(self, claimed: Claimed) -> None:
+        """The trial's MLflow run as its user attributes ``mlflow_run_id`` and ``mlflow_run_url`` (shown by
+        optuna-dashboard): from a trial to its run; the run's tags ``optuna_study`` and ``trial_number``
+        lead back. A trial that failed before its run started has none."""
+        from bloodcell.tracking import ui_url
+
+        try:
+            runs = self.children(claimed.trial.number)
+            # a study's trial numbers are unique; the storage id tells apart trials of another study
+            # that logged under this parent run (a study renamed between sweeps)
+            same = [r for r in runs if r.data.tags.get("optuna_trial_id") == str(claimed.id)] or runs
+            if same:
+                run = same[0].info
+                claimed.trial.set_user_attr("mlflow_run_id", run.run_id)
+                claimed.trial.set_user_attr("mlflow_run_url", ui_url(run.experiment_id, run.run_id))
+        except Exception as err:  # a missing link must not stop the sweep
+            log.warning("MLflow: could not link trial %d to its run: %s", claimed.trial.number, err)
 
     def fail_child(self, number: int, reason: str, only_if_missing: bool = False) -> None:
         """Mark trial ``number``'s child run FAILED (a killed sweep left it RUNNING); create one when the

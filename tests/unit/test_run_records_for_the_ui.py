@@ -1,0 +1,156 @@
+"""What a run records for the MLflow UI (issue 16): its data splits as dataset inputs, metric names grouped
+into the UI's chart sections, the learning-curve images, per-epoch throughput, system metrics, the
+experiment's kind and the links bloodcell prints. No training; the store tests use a SQLite file."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from bloodcell import CLASS_NAMES, tracking
+from bloodcell.data import Arrays as DataArrays
+from bloodcell.data import fingerprint, make_demo_set, split_arrays
+from bloodcell.tracking import outbox
+from bloodcell.tracking.datasets import dataset_inputs, to_dataset_inputs
+
+DEMO = OmegaConf.create({"format": "demo", "per_class": 6, "image_size": 16, "demo_seed": 0})
+
+
+def demo_splits(seed: int = 0):
+    images, labels = make_demo_set(per_class=6, image_size=16, seed=0)
+    arrays = DataArrays(images, labels, fingerprint(images, labels), "demo")
+    return arrays, split_arrays(arrays, 0.25, 0.25, seed)
+
+
+def test_each_split_is_a_dataset_input_with_its_context_digest_and_class_counts():
+    arrays, splits = demo_splits()
+    records = dataset_inputs(DEMO, arrays, splits)
+    assert [r["context"] for r in records] == ["train", "val", "test"]
+    assert {r["name"] for r in records} == {"demo"} and len({r["digest"] for r in records}) == 3
+    assert all(r["source_type"] == "code" for r in records)
+    profiles = [json.loads(r["profile"]) for r in records]
+    assert [p["images"] for p in profiles] == [len(splits.train), len(splits.val), len(splits.test)]
+    assert sum(sum(p["classes"].values()) for p in profiles) == len(arrays)
+    assert list(profiles[0]["classes"]) == list(CLASS_NAMES)
+    assert all(p["data_fingerprint"] == arrays.fingerprint for p in profiles)
+    assert "uint8" in records[0]["schema"] and "[-1, 16, 16, 3]" in records[0]["schema"]
+    json.dumps(records)  # they travel through the outbox as JSON
+    # another split of the same data is another dataset (MLflow shares one per name and digest)
+    other = dataset_inputs(DEMO, arrays, demo_splits(seed=1)[1])
+    assert other[0]["digest"] != records[0]["digest"]
+    assert dataset_inputs(DEMO, arrays, splits) == records  # and the same split the same one
+
+    (entity,) = to_dataset_inputs(records[:1])
+    assert entity.dataset.digest == records[0]["digest"]
+    assert [(t.key, t.value) for t in entity.tags] == [("mlflow.data.context", "train")]
+
+
+def test_dataset_sources_name_the_file_or_the_download(tmp_path):
+    from bloodcell.tracking.datasets import dataset_name, dataset_source
+
+    npz = OmegaConf.create({"format": "npz", "path": str(tmp_path / "training_set.npz")})
+    assert dataset_name(npz) == "training_set"
+    assert dataset_source(npz) == ("local", {"uri": str(tmp_path / "training_set.npz")})
+    medmnist = OmegaConf.create({"format": "medmnist", "size": 64, "path": None})
+    kind, source = dataset_source(medmnist)
+    assert dataset_name(medmnist) == "bloodmnist_64" and kind == "http" and "zenodo" in source["url"]
+
+
+def test_secondary_metrics_go_to_named_sections_and_learning_curves_keep_their_names(monkeypatch):
+    sent: list[dict] = []
+    monkeypatch.setattr(tracking, "_send", sent.append)
+    tracking.log_timings({"seconds_fit": 2.0, "seconds_in_train": 3.0})
+    assert sent[-1]["metrics"] == {"time/seconds_fit": 2.0, "time/seconds_in_train": 3.0}
+
+    from bloodcell.evaluate import evaluate_predictions
+
+    labels = np.arange(40) % 8
+    metrics = evaluate_predictions(labels, np.eye(8)[labels]).metrics
+    assert metrics["test_accuracy"] == 1.0  # the headline figures keep their names (promote, sweeps)
+    per_class = [k for k in metrics if "recall_" in k or "precision_" in k]
+    assert len(per_class) == 16 and all(k.startswith("per_class/test_") for k in per_class)
+
+    history = [
+        {"epoch": 0, "train_loss": 1.0, "val_loss": 1.1, "train_accuracy": 0.3, "learning_rate": 1e-3},
+        {"epoch": 1, "train_loss": 0.5, "val_loss": 0.7, "train_accuracy": 0.6, "learning_rate": 1e-4},
+    ]
+    sent.clear()
+    tracking.log_curves(history, phase2_start=1)
+    assert [(r["kind"], r["key"], r["step"]) for r in sent] == [
+        ("image", "curves/loss", 1),
+        ("image", "curves/accuracy", 1),
+        ("image", "curves/learning_rate", 1),
+    ]
+
+
+def test_epoch_record_carries_the_training_throughput():
+    from bloodcell.callbacks import IMAGES_PER_SECOND, EpochLogger, epoch_record
+
+    model = SimpleNamespace(optimizer=SimpleNamespace(learning_rate=0.01))
+    record = epoch_record(3, {"loss": 0.5, "val_loss": 0.6}, model, images_per_second=250.0)
+    assert record == pytest.approx(
+        {"epoch": 3, "train_loss": 0.5, "val_loss": 0.6, "learning_rate": 0.01, IMAGES_PER_SECOND: 250.0}
+    )
+    assert IMAGES_PER_SECOND not in epoch_record(3, {}, model)
+    assert IMAGES_PER_SECOND.startswith("time/")  # beside the run's timings, not among the curves
+
+    logger = EpochLogger(images_per_epoch=1000)
+    assert logger.images_per_second() is None  # nothing measured yet
+    logger.on_epoch_begin(0)
+    logger.on_train_batch_end(0)
+    assert logger.images_per_second() > 1000  # 1000 images in well under a second
+
+
+def test_system_metrics_follow_the_config(monkeypatch):
+    import os
+
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
+    assert not tracking.system_metrics(OmegaConf.create({"system_metrics_seconds": 0}))
+    assert not tracking.system_metrics(OmegaConf.create({"system_metrics_seconds": None}))
+    assert tracking.system_metrics(OmegaConf.create({"system_metrics_seconds": 3}))
+    assert float(os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"]) == 3.0
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "7")  # the user's own setting wins
+    assert tracking.system_metrics(OmegaConf.create({"system_metrics_seconds": 3}))
+    assert os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] == "7"
+
+
+def test_links_open_the_model_training_pages_without_credentials():
+    assert tracking.ui_url("3", "abc", "sqlite:////x/mlflow.db") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    )
+    assert tracking.ui_url("3", tracking_uri="https://user:secret@mlflow.example:8443/prefix") == (
+        "https://mlflow.example:8443/prefix/#/experiments/3?workflowType=machine_learning"
+    )
+
+
+def test_experiments_are_marked_model_training_and_records_reach_the_store(tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    previous = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    tracking_cfg = OmegaConf.create({"uri": uri, "experiment": "fresh"})
+    experiment_id = tracking.setup_experiment(tracking_cfg)
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    older = client.create_experiment("older")  # made before bloodcell marked its experiments
+    tracking.setup_experiment(OmegaConf.create({"uri": uri, "experiment": "older"}))
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    arrays, splits = demo_splits()
+    run = client.create_run(experiment_id)
+    outbox.apply(run.info.run_id, {"kind": "inputs", "inputs": dataset_inputs(DEMO, arrays, splits)})
+    png = tmp_path / "curve.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)
+    outbox.apply(run.info.run_id, {"kind": "image", "path": str(png), "key": "curves/loss", "step": 2})
+    inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+    assert sorted(i.tags[0].value for i in inputs) == ["test", "train", "val"]
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert images and all("curves" in p for p in images)
+    mlflow.set_tracking_uri(previous)  # setup_experiment pointed the process at the test store
