@@ -153,8 +153,8 @@ def main(argv=None) -> None:
     default_ratio = dict((n, r) for n, _, r in rows)[default_name] / consume
     verdict = "meets" if default_ratio >= 3 else "MISSES"
     print(
-        f"\ndefault pipeline ({default_name} @ {default_strength:g}) delivers {default_ratio:.1f}x what phase-1 "
-        f"training consumes: {verdict} the 3x goal. ({time.perf_counter() - started:.0f} s)"
+        f"\ndefault pipeline ({default_name} @ {default_strength:g}) delivers {default_ratio:.1f}x what "
+        f"phase-1 training consumes: {verdict} the 3x goal. ({time.perf_counter() - started:.0f} s)"
     )
 
 

@@ -50,10 +50,11 @@ def measure(cfg, policy: str, batch_size: int, images, labels, epochs: int) -> d
             metrics=["accuracy"],
         )
         # wall time when training starts and at each epoch end (a sync point on every backend: logs are read)
-        times = []
+        times: list[float] = []
+        tick = times.append  # bound now: each fit gets its own list
         clock = keras.callbacks.LambdaCallback(
-            on_train_begin=lambda logs: times.append(time.perf_counter()),
-            on_epoch_end=lambda epoch, logs: times.append(time.perf_counter()),
+            on_train_begin=lambda logs, tick=tick: tick(time.perf_counter()),
+            on_epoch_end=lambda epoch, logs, tick=tick: tick(time.perf_counter()),
         )
         model.fit(
             images,
@@ -101,8 +102,9 @@ def main() -> None:
     labels = rng.integers(0, 8, args.images)
     devices = keras.distribution.list_devices()
     print(
-        f"{args.experiment} ({cfg.backbone.name} at {cfg.backbone.input_size or 'native'} px, unfreeze_blocks="
-        f"{cfg.finetune.unfreeze_blocks}), Keras {keras.__version__} on {keras.backend.backend()}, "
+        f"{args.experiment} ({cfg.backbone.name} at {cfg.backbone.input_size or 'native'} px, "
+        f"unfreeze_blocks={cfg.finetune.unfreeze_blocks}), "
+        f"Keras {keras.__version__} on {keras.backend.backend()}, "
         f"devices {devices}, {args.images} images x {args.epochs} timed passes"
     )
     columns = [

@@ -7,7 +7,7 @@ and the epochs it trained in total.
     python benchmarks/pruning_efficiency.py --seed 1 --trials 20             # other trials
     python benchmarks/pruning_efficiency.py --pruners successive_halving:reduction_factor=3 --trials 10
     python benchmarks/pruning_efficiency.py --replay benchmarks/results/pruning_<time> --pruners median ...
-    python benchmarks/pruning_efficiency.py --replay <results dir> <results dir> --pruners grid   # worst cases
+    python benchmarks/pruning_efficiency.py --replay <results dir> <results dir> --pruners grid  # worst cases
 
 The study is sweeps/quick.yaml on the mobilenet_cpu preset (`experiment=mobilenet_cpu`: the shared ImageNet
 MobileNet, real cells from data/training_set.npz), cut to CPU size: a stratified subset of 7,000 cells
@@ -85,9 +85,9 @@ DEFAULT_PRUNERS = [
 ]
 
 
-# `--pruners grid`: the settings replayed to choose DEFAULT_PRUNERS (92: median, percentile, successive halving
-# with and without a higher minimum early-stopping rate, Hyperband), in the name:key=value form. Hyperband's
-# max_resource is the default trial's 3 + 9 epochs.
+# `--pruners grid`: the settings replayed to choose DEFAULT_PRUNERS (92: median, percentile, successive
+# halving with and without a higher minimum early-stopping rate, Hyperband), in the name:key=value form.
+# Hyperband's max_resource is the default trial's 3 + 9 epochs.
 GRID = [
     *(f"median:n_startup_trials={n},n_warmup_steps={w}" for n in (1, 2, 3, 4, 5) for w in (0, 1, 2, 3)),
     *(
@@ -277,7 +277,8 @@ def print_worst_case(tables: list[dict], dirs: list[str], shown: int = 15) -> No
             worst.append((max(g for g, _ in pairs) > GOAL_POINTS, max(s for _, s in pairs), spec, pairs))
     worst.sort(key=lambda item: item[:2])
     print(
-        f"\nworst case over {len(tables)} studies ({', '.join(dirs)}), best {min(shown, len(worst))} of {len(worst)}:"
+        f"\nworst case over {len(tables)} studies ({', '.join(dirs)}), "
+        f"best {min(shown, len(worst))} of {len(worst)}:"
     )
     for _, share, spec, pairs in worst[:shown]:
         each = "; ".join(f"{g:+.2f} points {s:.0%}" for g, s in pairs)

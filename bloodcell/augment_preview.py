@@ -13,6 +13,7 @@ The grid itself is ``bloodcell.augment.preview_grid`` (what train logs to MLflow
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def _save_png(grid: np.ndarray, path: Path, titles: list[str], tile_w: int) -> N
 
 
 def write_preview(
-    aug_cfg,
+    aug_cfg: Any,
     images_uint8: np.ndarray,
     labels: np.ndarray | None,
     path: str | Path,
@@ -90,7 +91,7 @@ def write_preview(
     return path
 
 
-def run(cfg) -> Path:
+def run(cfg: Any) -> Path:
     """The CLI's work: load ``cfg.data``, write the preview to ``cfg.output``."""
     from bloodcell.data import load_arrays
 
@@ -123,7 +124,7 @@ def _main() -> None:
     from bloodcell.cli import run_or_exit
 
     @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="augment_preview")
-    def main(cfg) -> None:
+    def main(cfg: Any) -> None:
         run_or_exit(run, cfg)
 
     main()

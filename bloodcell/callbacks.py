@@ -78,6 +78,19 @@ class EpochLogger(keras.callbacks.Callback):
         tracking.log_epoch({k: v for k, v in entry.items() if k != "epoch"}, int(entry["epoch"]))
 
 
+class EpochOrder(keras.callbacks.Callback):
+    """Tells the training pipeline which epoch starts, so that it draws that epoch's data order
+    (`bloodcell.data.make_tf_dataset`): the order then depends on the seed and the epoch, not on how many
+    iterators Keras made, and a resumed run continues it."""
+
+    def __init__(self, epoch: Any) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.epoch.assign(epoch)
+
+
 class TimeLimit(keras.callbacks.Callback):
     """Stops after the epoch that crosses a wall-clock budget (``trainer.time_limit_minutes``, counted from
     the start of phase 1 across both phases, and across a resume): compare recipes at equal cost."""
@@ -252,9 +265,20 @@ class Checkpoint(keras.callbacks.Callback):
     def __init__(self, run_dir: Any, snapshot: Any, every: int = 1, keep: int = 1) -> None:
         super().__init__()
         self.run_dir, self.snapshot, self.every, self.keep = run_dir, snapshot, every, keep
+        self.warned = False
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         from bloodcell import checkpoints
 
         if self.every > 0 and ((epoch + 1) % self.every == 0 or self.model.stop_training):
-            checkpoints.save(self.run_dir, self.snapshot(epoch, logs), self.keep)
+            try:
+                checkpoints.save(self.run_dir, self.snapshot(epoch, logs), self.keep)
+            except OSError as err:  # a full disk must not end a run that could still finish
+                if not self.warned:
+                    log.warning(
+                        "checkpoint of epoch %d not written (%s); training goes on, the previous "
+                        "checkpoint stays",
+                        epoch,
+                        err,
+                    )
+                    self.warned = True

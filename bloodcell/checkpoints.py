@@ -5,8 +5,9 @@ phase, early-stopping and time-limit state, the epoch history) and ``arrays.npz`
 model, the optimizer and the augmentation, including the random generators' states; the early-stopping
 best weights; phase 1's best weights during phase 2). It is written under a temporary name and renamed
 when complete, so a kill at any moment leaves either the previous checkpoint or the new one, never a
-half-written folder under a final name. The root is ``checkpoints/`` beside a local SQLite store
-(default ``mlruns/checkpoints``), else ``<project root>/mlruns/checkpoints``.
+half-written folder under a final name. The root is ``trainer.checkpoint.dir`` if set, else
+``checkpoints/`` beside a local SQLite store (default ``mlruns/checkpoints``), else
+``<project root>/mlruns/checkpoints``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from bloodcell import PROJECT_ROOT
 STATE_FILE, ARRAYS_FILE = "state.json", "arrays.npz"
 
 
-def root_for(tracking_uri: str) -> Path:
-    """Where the checkpoints of runs in this MLflow store live (on local disk, whatever the store)."""
+def root_for(tracking_uri: str, configured: str | None = None) -> Path:
+    """Where the checkpoints of runs in this MLflow store live (on local disk, whatever the store):
+    ``trainer.checkpoint.dir`` when set, else beside a SQLite store, else <project root>/mlruns."""
+    if configured:
+        return Path(configured).expanduser().resolve()
     if tracking_uri.startswith("sqlite:///"):
         return Path(tracking_uri[len("sqlite:///") :]).resolve().parent / "checkpoints"
     return PROJECT_ROOT / "mlruns" / "checkpoints"

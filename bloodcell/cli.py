@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bloodcell.errors import UserError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 T = TypeVar("T")
 
@@ -23,7 +26,7 @@ def _in_multirun() -> bool:
         return False
 
 
-def run_or_exit(task: Callable[..., T], *args, **kwargs) -> T:
+def run_or_exit(task: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Call ``task``; on a UserError print ``error: <message>`` and exit 2.
 
     Inside a Hydra multirun the error is re-raised instead, so that the sweeper records the one
@@ -44,7 +47,7 @@ def run_or_exit(task: Callable[..., T], *args, **kwargs) -> T:
         sys.exit(2)
 
 
-def compose(overrides: list[str], config_name: str = "train"):
+def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
     """The config ``python -m bloodcell.<config_name> <overrides>`` would run with, through Hydra's compose
     API (benchmarks, notebooks): same conf/ groups, presets and override grammar, no run directory."""
     from hydra import compose as hydra_compose

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
@@ -47,7 +47,7 @@ class Images:
 # ---------------------------------------------------------------------------------------------- models
 
 
-def resolve_model_uri(spec: str, client=None) -> str:
+def resolve_model_uri(spec: str, client: Any = None) -> str:
     """Check that ``spec`` names an existing model and return a URI/path MLflow or Keras can load.
 
     Registry names, aliases, versions and run ids are looked up first so that a typo is one clear line
@@ -124,7 +124,7 @@ def resolve_model_uri(spec: str, client=None) -> str:
     return str(path.resolve())
 
 
-def set_tracking(tracking_cfg) -> None:
+def set_tracking(tracking_cfg: Any) -> None:
     """Point MLflow at the configured store (without creating an experiment: reading only)."""
     import os
 
@@ -133,19 +133,6 @@ def set_tracking(tracking_cfg) -> None:
     from bloodcell.tracking import connect
 
     connect(tracking_cfg)
-
-
-def signature_image_shape(uri: str) -> tuple | None:
-    """(H, W, C) from an MLflow model's signature, read without loading TensorFlow; None when unknown."""
-    if Path(uri).is_file():
-        return None
-    try:
-        import mlflow
-
-        inputs = mlflow.models.get_model_info(uri).signature.inputs.inputs
-        return tuple(None if d == -1 else d for d in inputs[0].shape[1:])
-    except Exception:  # no signature or another layout: the loaded model tells later
-        return None
 
 
 def load_model(spec: str) -> keras.Model:
@@ -175,7 +162,7 @@ def load_model(spec: str) -> keras.Model:
         ) from None
 
 
-def model_image_shape(model) -> tuple[int | None, int | None, int]:
+def model_image_shape(model: Any) -> tuple[int | None, int | None, int]:
     shape = model.input_shape
     if isinstance(shape, list):
         shape = shape[0]
@@ -260,7 +247,7 @@ def tta_views(batch: np.ndarray) -> list[np.ndarray]:
 
 
 def predict_arrays(
-    model,
+    model: Any,
     images: np.ndarray,
     batch_size: int = 64,
     tta: bool = False,
@@ -282,7 +269,8 @@ def predict_arrays(
         if resize_to and batch.shape[1:3] != tuple(resize_to):
             from bloodcell.submission_template import resize_images  # (imports Keras)
 
-            batch = resize_images(batch, tuple(resize_to))
+            height, width = resize_to
+            batch = resize_images(batch, (int(height), int(width)))
         views = tta_views(batch) if tta else [batch]
         probs = [np.asarray(model.predict_on_batch(np.ascontiguousarray(v))) for v in views]
         out[start : start + len(batch)] = np.mean(probs, axis=0)

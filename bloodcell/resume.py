@@ -56,7 +56,9 @@ def find_resumable(cfg: Any, experiment_id: str, data_fingerprint: str, root: Pa
     tracking.mark_dead_runs(experiment_id)
     wanted = cfg.trainer.get("resume")
     if "trial" in cfg:
-        candidates = tracking.unfinished_runs(experiment_id, {"optuna_trial_id": str(cfg.trial.trial_id)})
+        # also RUNNING: a requeued SLURM job may land on another host, where its dead run cannot be checked
+        trial_tags = {"optuna_trial_id": str(cfg.trial.trial_id), "optuna_study": str(cfg.trial.study_name)}
+        candidates = tracking.unfinished_runs(experiment_id, trial_tags, include_running=True)
     elif wanted in (None, "", False):
         return None
     elif str(wanted) == "auto":

@@ -70,6 +70,7 @@ def check_bundle(folder: Path) -> tuple[int | None, int | None]:
     """Import the bundle's model.py from ``folder`` and predict a blank competition batch; return the
     model's input size (H, W) (None where the model takes any size)."""
     spec = importlib.util.spec_from_file_location("bloodcell_submission_check", folder / "model.py")
+    assert spec is not None and spec.loader is not None  # a .py file path always has a loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     try:

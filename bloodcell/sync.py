@@ -1,7 +1,7 @@
 """`python -m bloodcell.sync`: send what training runs on this machine could not send to an unreachable
 MLflow tracking server (metrics, tags, artifacts, the model, the run's end status), to the same runs.
 
-    python -m bloodcell.sync tracking.uri=http://mlflow-host:5000
+    python -m bloodcell.sync tracking.uri=http://mlflow-host:5000 [checkpoint_dir=...]
 
 Runs keep those records in ``<checkpoints root>/<run id>/outbox/`` (bloodcell.tracking.outbox); every
 training command also sends them when it starts. Exit status 1 while anything is still waiting.
@@ -23,7 +23,7 @@ def sync(cfg: DictConfig) -> int:
     from bloodcell import checkpoints, tracking
 
     uri = tracking.connect(cfg.tracking)
-    root = checkpoints.root_for(uri)
+    root = checkpoints.root_for(uri, cfg.get("checkpoint_dir"))
     results = tracking.send_waiting(root)
     if not results:
         print(f"nothing waiting under {root}")

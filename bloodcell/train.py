@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from bloodcell.callbacks import (
         Checkpoint,
         EpochLogger,
+        EpochOrder,
         OptunaPruning,
         PreciseBatchNorm,
         ResumableEarlyStopping,
@@ -171,7 +172,7 @@ def start_or_resume(cfg: DictConfig, data: RunData) -> tuple[str, Resume | None,
     left unfinished; None for a new run), and where the run's checkpoints go."""
     experiment_id = tracking.setup_experiment(cfg.tracking)
     dirs = CheckpointDirs(
-        checkpoints.root_for(tracking.resolve_tracking_uri(cfg.tracking)),
+        checkpoints.root_for(tracking.resolve_tracking_uri(cfg.tracking), cfg.trainer.checkpoint.get("dir")),
         bool(cfg.trainer.checkpoint.get("keep_after_finish")),
     )
     tracking.send_waiting(dirs.root)  # what earlier runs here could not send to the server
@@ -220,12 +221,15 @@ class Setup:
     class_weight: dict[int, float] | None
     #: Keras layers of the input pipeline (augmentation, MixUp/CutMix) whose random state a checkpoint keeps
     random_layers: list[keras.Layer] = field(default_factory=list)
+    #: the epoch whose data order the training pipeline draws (set by callbacks.EpochOrder)
+    epoch: tf.Variable | None = None
 
 
-def build(cfg: DictConfig, splits: Splits, strategy: tf.distribute.Strategy, epochs_done: int = 0) -> Setup:
+def build(cfg: DictConfig, splits: Splits, strategy: tf.distribute.Strategy, resumed: bool = False) -> Setup:
     """Augmentation and input pipelines, then the model with its backbone frozen as phase 1 wants it.
-    ``epochs_done``: a resumed run's shuffle continues where it was."""
+    The training order of each epoch depends on the seed and the epoch only, so a resumed run continues it."""
     import keras
+    import tensorflow as tf
 
     from bloodcell import augment, finetune
     from bloodcell.data import class_weights, make_tf_dataset
@@ -239,6 +243,7 @@ def build(cfg: DictConfig, splits: Splits, strategy: tf.distribute.Strategy, epo
     mixer = augment.build_mixer(cfg.augmentation, NUM_CLASSES, cfg.seed)
     batch = cfg.trainer.batch_size * strategy.num_replicas_in_sync
     in_pipeline = None if in_model else augmentation
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch")
     train_ds = make_tf_dataset(
         splits.train,
         batch,
@@ -246,10 +251,10 @@ def build(cfg: DictConfig, splits: Splits, strategy: tf.distribute.Strategy, epo
         seed=cfg.seed,
         augment=in_pipeline,
         mixer=mixer,
-        epochs_done=epochs_done,
+        epoch=epoch,
     )
     val_ds = make_tf_dataset(splits.val, batch, training=False, seed=cfg.seed)
-    if augmentation is not None and not epochs_done:  # a resumed run has its preview already
+    if augmentation is not None and not resumed:  # a resumed run has its preview already
         grid = augment.preview_grid(
             splits.train.images[:6],
             augmentation,
@@ -271,7 +276,9 @@ def build(cfg: DictConfig, splits: Splits, strategy: tf.distribute.Strategy, epo
         )
     weights = class_weights(splits.train.labels) if cfg.trainer.class_weight == "balanced" else None
     random_layers = [layer for layer in (in_pipeline, mixer) if isinstance(layer, keras.Layer)]
-    return Setup(model, trainable_model, backbone, train_ds, val_ds, batch, strategy, weights, random_layers)
+    return Setup(
+        model, trainable_model, backbone, train_ds, val_ds, batch, strategy, weights, random_layers, epoch
+    )
 
 
 # ---- step 4: the two phases -------------------------------------------------------------------------
@@ -314,6 +321,7 @@ class RunCallbacks:
     checkpoint: Checkpoint | None
     pruner: OptunaPruning | None
     stopping: ResumableEarlyStopping | None = None
+    order: EpochOrder | None = None
     phase: str = "phase1"
     #: phase 1's outcome, kept while phase 2 runs: it is what phase 2 must beat
     phase1_epochs: int | None = None
@@ -324,7 +332,7 @@ class RunCallbacks:
     def for_run(
         cls, cfg: DictConfig, setup: Setup, train_images: np.ndarray, run_dir: Path | None
     ) -> RunCallbacks:
-        from bloodcell.callbacks import Checkpoint, EpochLogger, PreciseBatchNorm, TimeLimit
+        from bloodcell.callbacks import Checkpoint, EpochLogger, EpochOrder, PreciseBatchNorm, TimeLimit
         from bloodcell.trial import pruning_callback
 
         precise_bn = PreciseBatchNorm.for_model(
@@ -335,6 +343,7 @@ class RunCallbacks:
         every = int(cfg.trainer.checkpoint.every) if run_dir is not None else 0
         epoch_log = EpochLogger(images_per_epoch=len(train_images))
         callbacks = cls(setup, epoch_log, precise_bn, time_limit, None, pruning_callback(cfg))
+        callbacks.order = EpochOrder(setup.epoch) if setup.epoch is not None else None
         if every > 0:
             callbacks.checkpoint = Checkpoint(
                 run_dir, callbacks.snapshot, every, int(cfg.trainer.checkpoint.keep)
@@ -718,8 +727,9 @@ def train(cfg: DictConfig) -> float:
     strategy = distribution_strategy(cfg.trainer)
     experiment_id, resume, run_dirs = start_or_resume(cfg, data)
     tags = data.tags() | {"config_digest": config_digest(cfg)}
+    resume_id = resume.run_id if resume else None
     with tracking.start_run(
-        cfg, tags=tags, experiment_id=experiment_id, resume_run_id=resume.run_id if resume else None
+        cfg, tags=tags, experiment_id=experiment_id, resume_run_id=resume_id, local_root=run_dirs.root
     ) as run:
         if resume is not None:
             tracking.set_tags({"resumed_after_epoch": str(resume.checkpoint.epoch)})
@@ -730,7 +740,7 @@ def train(cfg: DictConfig) -> float:
                 tracking.log_cleaning(data.cleaning, data.arrays)
             if data.arrays.skipped:  # unreadable images of a folder data set, left out with a warning
                 tracking.log_skipped_images(data.arrays.skipped, data.arrays.source)
-        setup = build(cfg, data.splits, strategy, epochs_done=resume.next_epoch if resume else 0)
+        setup = build(cfg, data.splits, strategy, resumed=resume is not None)
         with run_dirs.checkpointing(run.info.run_id) as run_dir:
             callbacks = RunCallbacks.for_run(cfg, setup, data.splits.train.images, run_dir)
             with timed("fit"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -110,3 +111,64 @@ def mlflow_runs(tracking_uri: str, experiment: str):
 
     mlflow.set_tracking_uri(tracking_uri)
     return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:<port> over a SQLite store and an artifact folder in ``store``
+    (the same store when started again after a kill); returns once it answers /health."""
+    import time
+    import urllib.request
+
+    store.mkdir(parents=True, exist_ok=True)
+    with open(store / "server.log", "a") as log:  # the child keeps its own handle
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{store / 'server.db'}",
+                "--artifacts-destination",
+                str(store / "artifacts"),
+            ],
+            cwd=store,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its workers are children: stop_mlflow_server ends the whole group
+        )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(store / 'server.log').read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return server
+        except OSError:
+            time.sleep(0.5)
+    stop_mlflow_server(server)
+    raise RuntimeError("mlflow server did not answer within 120 s")
+
+
+def stop_mlflow_server(server: subprocess.Popen) -> None:
+    """SIGKILL the server and its worker processes (killing only the parent leaves a worker serving)."""
+    import os
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait()

@@ -92,7 +92,7 @@ class Splits:
 
 
 def fingerprint(images: np.ndarray, labels: np.ndarray) -> str:
-    """sha256 of the pixels, their shape and the labels: names a data set exactly, whatever file it came from."""
+    """sha256 of the pixels, their shape and the labels: names a data set exactly, whatever its file."""
     digest = hashlib.sha256()
     digest.update(repr(images.shape).encode())
     digest.update(np.ascontiguousarray(images).data)
@@ -249,24 +249,38 @@ def make_tf_dataset(
     seed: int,
     augment: Any = None,
     mixer: Any = None,
-    epochs_done: int = 0,
+    epoch: tf.Variable | None = None,
 ) -> tf.data.Dataset:
     """(float32 pixels 0-255, one-hot float32 labels) batches. Shuffling, ``augment`` (a Keras layer
     called with training=True) and ``mixer`` (batch-level MixUp/CutMix) apply to training batches only.
     Pixels stay uint8 until batched: a quarter of the memory traffic of float32 slices.
 
-    ``epochs_done`` (a resumed run): the shuffle continues with the order of epoch ``epochs_done``, as if
-    that many epochs had been drawn (each new iterator of a seeded shuffle draws the next order)."""
+    ``epoch`` (an int64 variable the trainer sets at the start of every epoch, `callbacks.EpochOrder`): each
+    epoch's order is a permutation drawn from (seed, epoch) alone, so a resumed run sees the order of the
+    epoch it resumes at. Without it, a seeded shuffle draws the next order for every iterator Keras makes,
+    and Keras makes more than one per epoch."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((arrays.images, arrays.labels))
-    if training:
-        ds = ds.shuffle(len(arrays), seed=seed, reshuffle_each_iteration=True)
-        for _ in range(epochs_done):
-            iter(ds)  # advances the shuffle's seed; nothing downstream (augmentation) runs
-    ds = ds.batch(batch_size, drop_remainder=False)
+    if training and epoch is not None:
+        count = len(arrays)
 
-    def to_float(images, labels):
+        def epoch_order(_: tf.Tensor) -> tf.data.Dataset:
+            key = tf.stack([tf.constant(seed, tf.int64), epoch.read_value()])
+            return tf.data.Dataset.from_tensor_slices(
+                tf.random.experimental.stateless_shuffle(tf.range(count), key)
+            )
+
+        images, labels = tf.constant(arrays.images), tf.constant(arrays.labels)
+        order = tf.data.Dataset.from_tensors(0).flat_map(epoch_order)
+        ds = order.apply(tf.data.experimental.assert_cardinality(count))
+        ds = ds.batch(batch_size).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((arrays.images, arrays.labels))
+        if training:
+            ds = ds.shuffle(len(arrays), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size, drop_remainder=False)
+
+    def to_float(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         return tf.cast(images, tf.float32), tf.one_hot(labels, NUM_CLASSES, dtype=tf.float32)
 
     ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)

@@ -61,7 +61,7 @@ def _one_image(cls: int, size: int, rng: np.random.Generator) -> np.ndarray:
         gr, ga = r * np.sqrt(rng.uniform(0, 0.9)), rng.uniform(0, 2 * np.pi)
         gy, gx = cy + gr * np.sin(ga), cx + gr * np.cos(ga)
         image[np.hypot(yy - gy, xx - gx) < max(0.012, r * 0.06)] = np.array(granule_rgb, np.float32) * stain
-    image += rng.normal(0, 6, image.shape).astype(np.float32)
+    image += np.asarray(rng.normal(0, 6, image.shape), dtype=np.float32)
     return np.clip(image, 0, 255).astype(np.uint8)
 
 

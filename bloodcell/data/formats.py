@@ -51,11 +51,8 @@ def validate(images: np.ndarray, labels: np.ndarray, source: str) -> tuple[np.nd
         )
     if len(images) == 0:
         raise UserError(f"{source}: holds no images")
-    if images.dtype.kind == "f":
-        if not np.isfinite(images).all():
-            raise UserError(
-                f"{source}: images contain NaN or infinite values; remove or repair those samples"
-            )
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        raise UserError(f"{source}: images contain NaN or infinite values; remove or repair those samples")
     if labels.dtype.kind == "f" and not np.isfinite(labels).all():
         raise UserError(f"{source}: labels contain NaN; every image needs a class id 0-{NUM_CLASSES - 1}")
     if images.dtype != np.uint8:

@@ -7,9 +7,14 @@ To add a backbone: add a BackboneSpec here and, if users should pick it by file,
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from bloodcell.errors import UserError
+
+if TYPE_CHECKING:
+    import keras
 
 
 @dataclass(frozen=True)
@@ -78,11 +83,11 @@ def check_weights(weights: str | None) -> str | None:
     return str(path)
 
 
-def input_size(backbone_cfg) -> int:
+def input_size(backbone_cfg: Any) -> int:
     return int(backbone_cfg.input_size or get_spec(backbone_cfg.name).input_size)
 
 
-def build_backbone(backbone_cfg):
+def build_backbone(backbone_cfg: Any) -> keras.Model:
     """The backbone as a Keras model with global average pooling (features, no classifier)."""
     import keras
 
@@ -134,7 +139,9 @@ def preprocessing_layers(name: str) -> list:
     raise ValueError(f"unknown preprocessing mode {mode}")
 
 
-def small_cnn(shape, filters=(32, 64, 128, 192), batchnorm_momentum=0.9):
+def small_cnn(
+    shape: tuple[int, ...], filters: Sequence[int] = (32, 64, 128, 192), batchnorm_momentum: float = 0.9
+) -> keras.Model:
     """Conv-BN-ReLU x2 + pooling per block; blocks are named conv_block<i> for block-wise unfreezing.
     BatchNorm momentum 0.9 rather than Keras' 0.99: a from-scratch net on a small set takes few steps,
     and with 0.99 the moving statistics lag so far behind that validation accuracy sits at chance."""
@@ -153,7 +160,7 @@ def small_cnn(shape, filters=(32, 64, 128, 192), batchnorm_momentum=0.9):
     return keras.Model(inputs, x, name="small_cnn")
 
 
-def layer_blocks(backbone, name: str) -> list[tuple[str, list]]:
+def layer_blocks(backbone: keras.Model, name: str) -> list[tuple[str, list]]:
     """The backbone's layers grouped into ordered blocks: [(block id, [layers])]. Layers before the
     first block form the "stem"; unmatched layers after a block (e.g. EfficientNet's top_conv) join it."""
     pattern = re.compile(get_spec(name).block_pattern)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from bloodcell import NUM_CLASSES
 
 
-def build_head(features, head_cfg):
+def build_head(features: Any, head_cfg: Any) -> Any:
     """Dense -> BatchNorm -> LeakyReLU -> Dropout per entry of ``head_cfg.units``, then the softmax.
     The output layer computes in float32 so mixed precision keeps a stable softmax."""
     from keras import layers

@@ -191,10 +191,16 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
 
 @contextlib.contextmanager
 def start_run(
-    cfg: Any, *, tags: dict[str, str], experiment_id: str | None = None, resume_run_id: str | None = None
+    cfg: Any,
+    *,
+    tags: dict[str, str],
+    experiment_id: str | None = None,
+    resume_run_id: str | None = None,
+    local_root: Path | None = None,
 ) -> Iterator[Any]:
     """An MLflow run for one training run (nested under ``tracking.parent_run_id`` inside a sweep), or the
-    run ``resume_run_id`` reopened to continue it (its params and config are already recorded).
+    run ``resume_run_id`` reopened to continue it (its params and config are already recorded). With a
+    remote server, records that cannot reach it wait in ``<local_root>/<run id>/outbox``.
 
     On an exception the run ends FAILED with the error as tag ``error``; an Optuna prune ends it KILLED
     with ``optuna.trial_state=PRUNED``, keeping the metrics logged so far. The run carries this process's
@@ -239,7 +245,7 @@ def start_run(
     if uri.startswith(("http://", "https://")):
         from bloodcell.checkpoints import root_for
 
-        _outbox = Outbox(_run_id, root_for(uri) / _run_id / "outbox")
+        _outbox = Outbox(_run_id, (local_root or root_for(uri)) / _run_id / "outbox")
     try:
         # `trial` (set by the sweeper) is the link to Optuna's storage, whose URL may hold a password:
         # the trial number is a tag instead.
@@ -310,8 +316,12 @@ def _end_run(status: str, tags: dict[str, str], outage_wait: float) -> None:
             log.warning(
                 "run %s: the tracking server stayed unreachable; its %d last records (metrics, model, end "
                 "status %s) wait in %s: send them with python -m bloodcell.sync tracking.uri=%s",
-                run_id, waiting, status, box.directory, mask_text(mlflow.get_tracking_uri()),
-            )  # fmt: skip
+                run_id,
+                waiting,
+                status,
+                box.directory,
+                mask_text(mlflow.get_tracking_uri()),
+            )
     finally:
         _run_id, _outbox = None, None
 
@@ -382,17 +392,18 @@ def mark_dead_runs(experiment_id: str) -> list[str]:
     return dead
 
 
-def unfinished_runs(experiment_id: str, tags: dict[str, str]) -> list[str]:
-    """Ids of the runs with these tags that did not finish (KILLED, FAILED, or RUNNING with a dead process
-    after `mark_dead_runs`), newest first."""
+def unfinished_runs(experiment_id: str, tags: dict[str, str], include_running: bool = False) -> list[str]:
+    """Ids of the runs with these tags that did not finish (KILLED, FAILED, and RUNNING ones if asked:
+    a sweep trial runs in one process at a time, so its RUNNING run belongs to a job that is gone, on
+    whatever host), newest first."""
     from mlflow.tracking import MlflowClient
 
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    query += " and attributes.status != 'FINISHED'"
+    if not include_running:
+        query += " and attributes.status != 'RUNNING'"
     runs = MlflowClient().search_runs(
-        [experiment_id],
-        f"{query} and attributes.status != 'FINISHED' and attributes.status != 'RUNNING'",
-        order_by=["attributes.start_time DESC"],
-        max_results=100,
+        [experiment_id], query, order_by=["attributes.start_time DESC"], max_results=100
     )
     return [run.info.run_id for run in runs]
 
@@ -621,6 +632,26 @@ def log_validation(evaluation: Any) -> None:
     log_metrics({k: v for k, v in evaluation.metrics.items() if "precision_" not in k and "recall_" not in k})
 
 
+def _remove_partial_model(run_id: str | None) -> None:
+    """After a failed upload to a local artifact folder (a full disk), no truncated model file stays under
+    its final name: the run's logged-model folders go. (A server's store is the server's business.)"""
+    import shutil
+    from urllib.parse import unquote, urlparse
+
+    import mlflow
+
+    active = mlflow.active_run()
+    with contextlib.suppress(Exception):
+        experiments = [active.info.experiment_id] if active else None  # without one nothing is found
+        found = mlflow.search_logged_models(
+            experiment_ids=experiments, filter_string=f"source_run_id = '{run_id}'", output_format="list"
+        )
+        for model in found:
+            location = urlparse(model.artifact_location)
+            if location.scheme in ("", "file"):
+                shutil.rmtree(unquote(location.path), ignore_errors=True)
+
+
 def record_to(
     run_id: str,
     *,
@@ -684,6 +715,7 @@ def log_model(model: Any, example_input: Any, example_output: Any, local_dir: Pa
             pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
         )
     except Exception as err:
+        _remove_partial_model(_run_id)
         raise RuntimeError(
             f"uploading the model to MLflow failed ({err}); a loadable copy is at {local}"
         ) from err

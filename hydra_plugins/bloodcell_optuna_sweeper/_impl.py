@@ -376,7 +376,7 @@ class OptunaSweep:
         """A trial that did not end by itself goes back into the study's queue (WAITING) with its parameters
         and its pruning reports: the next ask takes it again, and its training resumes from its last
         checkpoint in its own MLflow run (bloodcell.resume), so it counts once toward n_trials. After
-        ``MAX_INTERRUPTIONS`` it is marked FAIL + interrupted instead (it does not count; a new trial is run)."""
+        ``MAX_INTERRUPTIONS`` it is marked FAIL + interrupted (not counted; a new trial runs instead)."""
         try:
             interruptions = int(self.storage.get_trial(trial_id).user_attrs.get("interruptions", 0)) + 1
             # the trial may be another process's: no Trial object here, so the storage's method
@@ -463,7 +463,10 @@ class OptunaSweep:
         try:
             self._end(trial, state, value if state == TrialState.COMPLETE else None)
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
-            pass  # another process judged it interrupted meanwhile (tell: "Cannot tell a FAIL trial")
+            # another process judged it interrupted meanwhile and put it back in the queue: the job did end,
+            # so its outcome stands unless someone took the trial again already (or gave it up: FAIL)
+            if self.storage.set_trial_state_values(claimed.id, TrialState.RUNNING):  # only from WAITING
+                self._end(trial, state, value if state == TrialState.COMPLETE else None)
         finally:
             self.in_flight.pop(claimed.id, None)
         if state == TrialState.FAIL:
@@ -587,11 +590,27 @@ class _ParentRun:
         }
         params.update({f"space.{k}": v for k, v in sweep.space.written.items()})
         record_to(run.info.run_id, params=params)
-        sweep.study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
-        log.info("MLflow: parent run %s (experiment %s)", run.info.run_id, sweep.config.tracking.experiment)
-        parent = cls(client, run.info.run_id, experiment_id)
+        run_id = cls._one_parent(client, experiment_id, sweep.study_name, run.info.run_id)
+        sweep.study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        log.info("MLflow: parent run %s (experiment %s)", run_id, sweep.config.tracking.experiment)
+        parent = cls(client, run_id, experiment_id)
         parent._set_tags(sweep)
         return parent
+
+    @staticmethod
+    def _one_parent(client: MlflowClient, experiment_id: str, study_name: str, mine: str) -> str:
+        """Sweeps of one study that start at the same moment on a database storage (no file lock between
+        machines) may each create a parent run: all of them keep the earliest, and the others' go."""
+        runs = client.search_runs(
+            [experiment_id],
+            f"tags.`bloodcell.sweep` = 'true' and tags.`optuna.study_name` = '{study_name}'",
+            max_results=1000,
+        )
+        earliest = min(runs, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
+        if earliest is None or earliest.info.run_id == mine:
+            return mine
+        client.delete_run(mine)
+        return earliest.info.run_id
 
     def _set_tags(self, sweep: OptunaSweep) -> None:
         opts = sweep.options

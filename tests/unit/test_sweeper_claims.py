@@ -80,18 +80,36 @@ def test_a_trial_ranked_beyond_n_trials_goes_back_to_the_queue(journal, monkeypa
     assert claimed is not None and claimed.trial.number == 1
 
 
-def test_a_trial_whose_sweep_stopped_beating_is_interrupted_and_does_not_count(journal):
+def test_a_trial_whose_sweep_stopped_beating_goes_back_to_the_queue_and_is_taken_again(journal):
+    """Issue 14: an interrupted trial keeps its number, parameters and reports, and runs again (its
+    training resumes from its checkpoint), so it counts once toward n_trials."""
     gone, alive = bare_sweep(journal, n_trials=1), bare_sweep(journal, n_trials=1)
     claimed = gone._claim()
     assert claimed is not None
     gone.storage.set_trial_system_attr(claimed.id, HEARTBEAT_ATTR, 0.0)
-    taken = alive._claim()  # recovers the silent trial first, so there is room for one
-    assert taken is not None and taken.trial.number == 1
+    taken = alive._claim()  # recovers the silent trial first: back in the queue, and the next ask takes it
+    assert taken is not None and taken.trial.number == 0 and taken.id == claimed.id
+    assert taken.trial.params == claimed.trial.params
     frozen = alive.storage.get_trial(claimed.id)
-    assert frozen.state == TrialState.FAIL
-    assert frozen.user_attrs["interrupted"] == "its sweep process stopped sending heartbeats"
-    alive._interrupt(claimed.id, frozen.number, "again")  # already ended: nothing happens
-    assert alive.storage.get_trial(claimed.id).user_attrs["interrupted"].startswith("its sweep")
+    assert frozen.state == TrialState.RUNNING and frozen.user_attrs["interruptions"] == 1
+    assert len(alive.study.get_trials(deepcopy=False)) == 1  # no new trial in its place
+
+
+def test_a_trial_interrupted_more_than_max_interruptions_is_given_up(journal):
+    from hydra_plugins.bloodcell_optuna_sweeper._impl import MAX_INTERRUPTIONS
+
+    sweep = bare_sweep(journal, n_trials=1)
+    claimed = sweep._claim()
+    assert claimed is not None
+    for _ in range(MAX_INTERRUPTIONS):
+        sweep._interrupt(claimed.id, 0, "its sweep process is gone")
+        assert sweep.storage.get_trial(claimed.id).state == TrialState.WAITING
+        sweep.storage.set_trial_state_values(claimed.id, TrialState.RUNNING)  # taken again
+    sweep._interrupt(claimed.id, 0, "its sweep process is gone")
+    frozen = sweep.storage.get_trial(claimed.id)
+    assert frozen.state == TrialState.FAIL and frozen.user_attrs["interrupted"] == "its sweep process is gone"
+    sweep._interrupt(claimed.id, 0, "again")  # already ended: nothing happens
+    assert sweep.storage.get_trial(claimed.id).user_attrs["interrupted"] == "its sweep process is gone"
 
 
 @pytest.mark.parametrize(
@@ -122,11 +140,12 @@ def test_tell_ends_the_trial_as_the_job_did(journal, returned, state):
         assert sweep.failures_in_a_row == 1
 
 
-def test_tell_of_a_trial_another_process_interrupted_meanwhile_is_no_error(journal):
+def test_tell_of_a_trial_another_process_interrupted_meanwhile_keeps_the_job_s_outcome(journal):
     sweep, other = bare_sweep(journal, n_trials=1), bare_sweep(journal, n_trials=1)
     claimed = sweep._claim()
     assert claimed is not None
     other._interrupt(claimed.id, claimed.trial.number, "its sweep process stopped sending heartbeats")
     sweep._tell(claimed, JobReturn(status=JobStatus.COMPLETED, _return_value=0.5), 1.0)
-    assert sweep.storage.get_trial(claimed.id).state == TrialState.FAIL  # the first word stands
+    frozen = sweep.storage.get_trial(claimed.id)
+    assert frozen.state == TrialState.COMPLETE and frozen.value == 0.5  # the job did finish
     assert sweep.in_flight == {}

@@ -12,14 +12,17 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
 from bloodcell.optuna_tables import PRUNERS, SAMPLERS
+
+# config.BloodcellOptunaSweeperConf is looked up when a test runs: Hydra's plugin scan (any compose in the
+# same session) executes config.py again in place, so a class imported at collection would be a stale one
 from hydra_plugins.bloodcell_optuna_sweeper import config
-from hydra_plugins.bloodcell_optuna_sweeper.config import BloodcellOptunaSweeperConf, options_from
+from hydra_plugins.bloodcell_optuna_sweeper.config import options_from
 
 SWEEPS = sorted((Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml"))
 
 
 def test_sampler_and_pruner_blocks_are_the_tables():
-    options = BloodcellOptunaSweeperConf()
+    options = config.BloodcellOptunaSweeperConf()
     for block, table in ((options.sampler, SAMPLERS), (options.pruner, PRUNERS)):
         names = [f.name for f in dataclasses.fields(block)]
         assert names[-len(table) :] == list(table)
@@ -30,7 +33,7 @@ def test_sampler_and_pruner_blocks_are_the_tables():
 
 
 def test_hydra_composes_the_same_keys():
-    node = OmegaConf.structured(BloodcellOptunaSweeperConf)
+    node = OmegaConf.structured(config.BloodcellOptunaSweeperConf)
     assert set(node.sampler) == {"name", "seed", *SAMPLERS}
     assert set(node.pruner) == {"name", *PRUNERS}
     with pytest.raises(ConfigAttributeError):
@@ -43,7 +46,7 @@ def test_hydra_composes_the_same_keys():
 def test_every_sweeps_file_round_trips_through_the_options(path):
     written = OmegaConf.to_container(OmegaConf.load(path).hydra.sweeper)
     options = options_from(written)
-    assert isinstance(options, BloodcellOptunaSweeperConf)
+    assert isinstance(options, config.BloodcellOptunaSweeperConf)
     for key, value in written.items():
         if key in ("sampler", "pruner"):
             block = getattr(options, key)
@@ -65,13 +68,13 @@ def test_options_from_takes_nodes_typed_by_a_class_of_another_module_instance():
     source = Path(config.__file__).read_text()
     exec_module = types.ModuleType("hydra_exec_copy")
     exec(compile(source, config.__file__, "exec", dont_inherit=True), exec_module.__dict__)
-    assert exec_module.BloodcellOptunaSweeperConf is not BloodcellOptunaSweeperConf
+    assert exec_module.BloodcellOptunaSweeperConf is not config.BloodcellOptunaSweeperConf
     node = OmegaConf.structured(exec_module.BloodcellOptunaSweeperConf)
     node.sampler.tpe.n_startup_trials = 3
     options = options_from({key: node[key] for key in node if key != "_target_"})
     assert options.sampler.tpe["n_startup_trials"] == 3
     assert options == dataclasses.replace(
-        BloodcellOptunaSweeperConf(), sampler=options.sampler
+        config.BloodcellOptunaSweeperConf(), sampler=options.sampler
     )  # the rest are the defaults
 
 

@@ -3,7 +3,8 @@ Optuna storage holds the study, Hydra's submitit launcher starts every trial as 
 path as `hydra/launcher=submitit_slurm`, minus the queue), and two sweep processes work on one study.
 
 The storage is PostgreSQL when BLOODCELL_TEST_POSTGRES names a database the test may write to, e.g.
-    BLOODCELL_TEST_POSTGRES=postgresql://bloodcell:bloodcell@localhost/optuna python -m pytest tests/test_multi_node.py
+    BLOODCELL_TEST_POSTGRES=postgresql://bloodcell:bloodcell@localhost/optuna \\
+        python -m pytest tests/e2e/test_multi_node.py
 (needs `pip install "psycopg[binary]"`); otherwise Optuna's journal file, as on a shared file system.
 """
 

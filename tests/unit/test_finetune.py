@@ -65,7 +65,9 @@ def test_unfreeze_layers_counts_layers_from_the_top_like_the_seed_notebook():
     chosen = layers_to_unfreeze(backbone, cfg)
     assert chosen == backbone.layers[-6:]
     unfreeze(backbone, cfg)
-    assert {l.name for l in backbone.layers if l.trainable} == {l.name for l in backbone.layers[-6:]}
+    assert {layer.name for layer in backbone.layers if layer.trainable} == {
+        layer.name for layer in backbone.layers[-6:]
+    }
 
 
 def test_zero_and_all_blocks():

@@ -1,4 +1,4 @@
-"""Nothing lost when a run dies: per-epoch checkpoints, and `trainer.resume` continuing the same MLflow run."""
+"""Nothing lost when a run dies: per-epoch checkpoints, and `trainer.resume` in the same MLflow run."""
 
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY, assert_ok, assert_user_error, mlflow_runs, run_module
 
 # long enough that phase 2 has a few epochs to be killed in; patience high so early stopping does not end it
-RUN = [*TINY, "trainer.epochs=2", "finetune.epochs=4", "trainer.early_stopping_patience=10",
-       "finetune.early_stopping_patience=10"]  # fmt: skip
+RUN = [
+    *TINY,
+    "trainer.epochs=2",
+    "finetune.epochs=4",
+    "trainer.early_stopping_patience=10",
+    "finetune.early_stopping_patience=10",
+]
 METRICS = ("val_accuracy", "val_loss", "train_loss", "train_accuracy", "learning_rate")
 
 
@@ -33,8 +37,13 @@ def _checkpoint_state(root: Path) -> dict | None:
 def _kill_in_phase2(args: list[str], checkpoints: Path, after_epochs: int = 2) -> None:
     """Start training and SIGKILL it once a checkpoint shows ``after_epochs`` epochs of phase 2."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen([sys.executable, "-m", "bloodcell.train", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bloodcell.train", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
@@ -81,8 +90,12 @@ def test_sigkill_in_phase2_then_resume_auto_finishes_the_same_run_like_an_uninte
     for name in ("val_accuracy", "test_accuracy", "best_val_accuracy"):
         assert resumed.data.metrics[name] == pytest.approx(twin.data.metrics[name], abs=1e-6), name
     # the curves themselves, epoch by epoch
-    for step, (a, b) in enumerate(zip(client.get_metric_history(resumed.info.run_id, "val_loss"),
-                                      twin_client.get_metric_history(twin.info.run_id, "val_loss"))):  # fmt: skip
+    for step, (a, b) in enumerate(
+        zip(
+            client.get_metric_history(resumed.info.run_id, "val_loss"),
+            twin_client.get_metric_history(twin.info.run_id, "val_loss"),
+        )
+    ):
         assert a.value == pytest.approx(b.value, rel=1e-4, abs=1e-5), step
     # the checkpoints of a finished run are gone
     assert not any((tmp_path / "killed" / "checkpoints").glob("*/epoch-*"))
@@ -91,10 +104,14 @@ def test_sigkill_in_phase2_then_resume_auto_finishes_the_same_run_like_an_uninte
 def test_resume_by_id_refuses_a_finished_run_and_an_unknown_id(tracking, tmp_path):
     assert_ok(run_module("bloodcell.train", *TINY, f"tracking.uri={tracking}"))
     (run,) = mlflow_runs(tracking, "quickstart")
-    assert_user_error(run_module("bloodcell.train", *TINY, f"tracking.uri={tracking}",
-                                 f"trainer.resume={run.info.run_id}"), "already FINISHED")  # fmt: skip
-    assert_user_error(run_module("bloodcell.train", *TINY, f"tracking.uri={tracking}", "trainer.resume=0123abcd"),
-                      "no such run")  # fmt: skip
+    assert_user_error(
+        run_module("bloodcell.train", *TINY, f"tracking.uri={tracking}", f"trainer.resume={run.info.run_id}"),
+        "already FINISHED",
+    )
+    assert_user_error(
+        run_module("bloodcell.train", *TINY, f"tracking.uri={tracking}", "trainer.resume=0123abcd"),
+        "no such run",
+    )
     # auto with nothing to resume starts a new run
     assert_ok(run_module("bloodcell.train", *TINY, f"tracking.uri={tracking}", "trainer.resume=auto"))
     assert len(mlflow_runs(tracking, "quickstart")) == 2
@@ -107,8 +124,17 @@ def test_four_commands_started_at_once_on_a_brand_new_store_all_succeed(tmp_path
     store = tmp_path / "new" / "mlflow.db"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
     args = [*TINY, "finetune.epochs=0", "tracking.log_model=false", f"tracking.uri=sqlite:///{store}"]
-    procs = [subprocess.Popen([sys.executable, "-m", "bloodcell.train", *args, f"seed={i}"], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(4)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bloodcell.train", *args, f"seed={i}"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
     errors = [proc.communicate(timeout=600)[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [0] * 4, "\n".join(e[-2000:] for e in errors)
     runs = mlflow_runs(f"sqlite:///{store}", "quickstart")
