@@ -72,13 +72,8 @@ def confusion_figure(confusion: np.ndarray, title: str = "Test confusion matrix"
     return fig
 
 
-def curves_figure(
-    history: list[dict[str, float]],
-    phase2_start: int | None,
-    metrics: tuple[str, ...] = ("loss", "accuracy", "learning_rate"),
-) -> Figure:
-    """Loss and accuracy per epoch for train and validation, and the learning rate, one panel each (or
-    the panels of ``metrics``); a dashed line where fine-tuning starts."""
+def curves_figure(history: list[dict[str, float]], phase2_start: int | None) -> Figure:
+    """Loss and accuracy per epoch for train and validation; a dashed line where fine-tuning starts."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -454,21 +454,11 @@ def _send_file(artifact_path: str, write: Callable[[Path], Any]) -> None:
         _send({"kind": "artifact", "path": str(local), "dir": folder or None})
 
 
-def _send_image(key: str, step: int, figure: Any) -> None:
-    """A matplotlib figure as an MLflow image (``MlflowClient.log_image``: charts of the UI, by key)."""
-    import tempfile
-
-    import matplotlib.pyplot as plt
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / f"{key.replace('/', '_')}.png"
-        figure.savefig(local, dpi=80)
-        plt.close(figure)
-        _send({"kind": "image", "path": str(local), "key": key, "step": step})
-
-
 def log_epoch(metrics: dict[str, float], step: int) -> None:
-    """One epoch's metrics (``train_*``, ``val_*``, ``learning_rate``) at step = the global epoch."""
+    """One epoch's metrics (``train_*``, ``val_*``, ``learning_rate``) at step = the global epoch.
+
+    The learning curves keep names without a "/" (sweeps, promote, resume and scripts read them), so the
+    MLflow UI, which sorts named chart sections first, shows them in its last section, "Model metrics"."""
     _send({"kind": "metrics", "metrics": metrics, "step": step, "timestamp": int(time.time() * 1000)})
 
 
@@ -573,26 +563,6 @@ def log_evaluation(evaluation: Any, history: list[dict[str, float]], phase2_star
     log_dict(evaluation.report, "classification_report.json")
     log_figure(confusion_figure(evaluation.confusion), "plots/confusion_matrix.png")
     log_figure(curves_figure(history, phase2_start), "plots/training_curves.png")
-    log_curves(history, phase2_start)
-
-
-#: the learning curves as images: "curves" sorts first among the sections of MLflow's charts
-CURVES_KEY = "curves/"
-
-
-def log_curves(history: list[dict[str, float]], phase2_start: int | None) -> None:
-    """The learning curves of both phases (loss, accuracy, learning rate; where fine-tuning starts) as MLflow
-    images ``curves/<metric>``, at the last epoch's step: the first section of the UI's Model metrics tab.
-
-    MLflow's UI groups charts by the name before "/", sorts those sections by name and puts the metrics
-    without one (``train_loss``, ``val_accuracy``, ...: names that sweeps, promote and the tests use)
-    last, in "Model metrics"; these images put the curves first without renaming them."""
-    from bloodcell.evaluate import curves_figure
-
-    step = int(history[-1]["epoch"]) if history else 0
-    for metric in ("loss", "accuracy", "learning_rate"):
-        figure = curves_figure(history, phase2_start, (metric,))
-        _send_image(f"{CURVES_KEY}{metric}", step, figure)
 
 
 def predictions_path(split: str) -> str:

@@ -61,11 +61,6 @@ def apply(run_id: str, record: dict[str, Any]) -> None:
         client.log_inputs(run_id, datasets=to_dataset_inputs(record["inputs"]))
     elif kind == "artifact":
         client.log_artifact(run_id, record["path"], record.get("dir"))
-    elif kind == "image":  # a chart image of the UI's Model metrics tab (bloodcell.tracking.log_curves)
-        from PIL import Image
-
-        with Image.open(record["path"]) as image:
-            client.log_image(run_id, image.copy(), key=record["key"], step=int(record["step"]))
     elif kind == "model":
         _log_model(run_id, Path(record["path"]), Path(record["examples"]))
     elif kind == "end":
@@ -138,7 +133,7 @@ class Outbox:
                 if not unreachable(err):
                     raise
                 self._outage(err)
-        if record["kind"] in ("artifact", "image"):  # the caller's file is temporary
+        if record["kind"] == "artifact":  # the caller's file is temporary
             record = {**record, "path": str(self.stage(Path(record["path"])))}
         self.add(record)
 

@@ -1,6 +1,6 @@
 """What a run records for the MLflow UI (issue 16): its data splits as dataset inputs, metric names grouped
-into the UI's chart sections, the learning-curve images, per-epoch throughput, system metrics, the
-experiment's kind and the links bloodcell prints. No training; the store tests use a SQLite file."""
+into the UI's chart sections, per-epoch throughput, system metrics, the experiment's kind and the links
+bloodcell prints. No training; the store test uses a SQLite file."""
 
 from __future__ import annotations
 
@@ -74,18 +74,6 @@ def test_secondary_metrics_go_to_named_sections_and_learning_curves_keep_their_n
     per_class = [k for k in metrics if "recall_" in k or "precision_" in k]
     assert len(per_class) == 16 and all(k.startswith("per_class/test_") for k in per_class)
 
-    history = [
-        {"epoch": 0, "train_loss": 1.0, "val_loss": 1.1, "train_accuracy": 0.3, "learning_rate": 1e-3},
-        {"epoch": 1, "train_loss": 0.5, "val_loss": 0.7, "train_accuracy": 0.6, "learning_rate": 1e-4},
-    ]
-    sent.clear()
-    tracking.log_curves(history, phase2_start=1)
-    assert [(r["kind"], r["key"], r["step"]) for r in sent] == [
-        ("image", "curves/loss", 1),
-        ("image", "curves/accuracy", 1),
-        ("image", "curves/learning_rate", 1),
-    ]
-
 
 def test_epoch_record_carries_the_training_throughput():
     from bloodcell.callbacks import IMAGES_PER_SECOND, EpochLogger, epoch_record
@@ -144,13 +132,6 @@ def test_experiments_are_marked_model_training_and_records_reach_the_store(tmp_p
     arrays, splits = demo_splits()
     run = client.create_run(experiment_id)
     outbox.apply(run.info.run_id, {"kind": "inputs", "inputs": dataset_inputs(DEMO, arrays, splits)})
-    png = tmp_path / "curve.png"
-    from PIL import Image
-
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)
-    outbox.apply(run.info.run_id, {"kind": "image", "path": str(png), "key": "curves/loss", "step": 2})
     inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
     assert sorted(i.tags[0].value for i in inputs) == ["test", "train", "val"]
-    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert images and all("curves" in p for p in images)
     mlflow.set_tracking_uri(previous)  # setup_experiment pointed the process at the test store
