@@ -15,6 +15,12 @@ Nothing here is told what the pollution looks like. Every test is relative to th
   (re-encoded, shifted, recoloured, flipped or rotated) confirmed at full resolution. A group whose labels
   agree keeps one copy; a group whose labels conflict is dropped whole (``conflicting_labels:
   drop_group``) or keeps one copy of a strict majority label (``keep_majority``).
+* **embedding_outlier** (``embedding``) -- a second outlier score from what a pretrained network (or the
+  project's trained model) sees: the channel means and covariances of an early layer over the whole
+  image (Local Outlier Factor), and the channel means and spreads of an earlier layer in each tile of a
+  4 x 4 grid, each tile against the same tile of the other images (distance to its nearest neighbours);
+  an image whose whole-image z, mean tile z (a picture blended over it) or worst tiles' z (a patch)
+  passes its threshold is removed. Off, with a note, when no weights are at hand.
 
 Every setting is in conf/cleaning/default.yaml (``config``), the only place the defaults live.
 
@@ -35,10 +41,11 @@ from typing import Any
 
 from bloodcell.clean.config import DEFAULTS_FILE, config_digest, defaults, resolve_cfg
 from bloodcell.clean.duplicates import duplicate_groups, near_duplicate_pairs
+from bloodcell.clean.embedding import embed, embedding_z, resolve_weights
 from bloodcell.clean.features import fit_stain_plane, image_features, robust_z
 from bloodcell.clean.report import contact_sheet, report_dict, summary, write_report
 from bloodcell.clean.result import REASONS, SCORE_MEANING, CleaningResult
-from bloodcell.clean.unwanted import find_unwanted, find_unwanted_cached
+from bloodcell.clean.unwanted import embedding_cache_path, find_unwanted, find_unwanted_cached
 
 __all__ = [
     "DEFAULTS",
@@ -51,6 +58,9 @@ __all__ = [
     "contact_sheet",
     "defaults",
     "duplicate_groups",
+    "embed",
+    "embedding_cache_path",
+    "embedding_z",
     "find_unwanted",
     "find_unwanted_cached",
     "fit_stain_plane",
@@ -58,6 +68,7 @@ __all__ = [
     "near_duplicate_pairs",
     "report_dict",
     "resolve_cfg",
+    "resolve_weights",
     "robust_z",
     "summary",
     "write_report",

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from bloodcell import PROJECT_ROOT
 from bloodcell.clean.config import resolve_cfg
 from bloodcell.clean.report import summary, write_report
-from bloodcell.clean.unwanted import find_unwanted
+from bloodcell.clean.unwanted import EMBEDDING_OFF, find_unwanted
 from bloodcell.cli import run_or_exit
 from bloodcell.errors import UserError
 
@@ -51,7 +51,8 @@ def clean_file(cfg: DictConfig) -> dict[str, Path]:
     np.savez(tmp, images=images[result.keep], labels=labels[result.keep].astype(np.uint8).reshape(-1, 1))
     tmp.replace(out)
     for note in result.notes:
-        print(f"note: {note}")
+        if not note.startswith(EMBEDDING_OFF):  # that one was logged already, when it happened
+            print(f"note: {note}")
     print(summary(result))
     print(
         f"wrote {out} ({int(result.keep.sum())} images), report {paths['json']}, contact sheet {paths['png']}"

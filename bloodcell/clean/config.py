@@ -69,6 +69,11 @@ def resolve_cfg(cfg: Any = None) -> dict[str, Any]:
 
 
 def config_digest(cleaning_cfg: Any) -> str:
-    """A short hash of the resolved cleaning settings (part of the cache key)."""
+    """A short hash of the resolved cleaning settings (part of the cache key); with the embedding on, also
+    of the network it runs (``auto`` weights found or not give different keys)."""
     cfg = resolve_cfg(cleaning_cfg)
+    if cfg["embedding"]["enabled"]:
+        from bloodcell.clean.embedding import network_digest
+
+        cfg["embedding"]["network"] = network_digest(cfg["embedding"])
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]

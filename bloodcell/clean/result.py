@@ -8,7 +8,14 @@ from typing import Any
 import numpy as np
 
 #: Reasons, in the order the checks run (an image gets the first reason that applies).
-REASONS: tuple[str, ...] = ("corrupt", "flat", "outlier", "duplicate", "conflicting_labels")
+REASONS: tuple[str, ...] = (
+    "corrupt",
+    "flat",
+    "outlier",
+    "duplicate",
+    "conflicting_labels",
+    "embedding_outlier",
+)
 
 #: What the ``score`` of a removed sample measures, per reason (also written into the JSON report).
 SCORE_MEANING: dict[str, str] = {
@@ -16,6 +23,8 @@ SCORE_MEANING: dict[str, str] = {
     "(1.0 for a bad label)",
     "flat": "grey-level standard deviation (0-255)",
     "outlier": "largest robust z-score of its features (see 'feature')",
+    "embedding_outlier": "robust z-score of its embedding statistics, of the whole image or of its worst "
+    "tile (see 'where')",
     "duplicate": "correlation with its closest copy (1.0 = identical pixels)",
     "conflicting_labels": "correlation with its closest copy (1.0 = identical pixels)",
 }

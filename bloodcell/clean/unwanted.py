@@ -4,6 +4,7 @@ its cached form for training."""
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,19 @@ import numpy as np
 from bloodcell import NUM_CLASSES
 from bloodcell.clean.config import config_digest, resolve_cfg
 from bloodcell.clean.duplicates import duplicate_groups
+from bloodcell.clean.embedding import embed_cached, embedding_z, network_digest, tile_summary
 from bloodcell.clean.features import feature_z, fit_stain_plane, image_features
 from bloodcell.clean.report import report_dict
 from bloodcell.clean.result import REASONS, CleaningResult
 from bloodcell.errors import UserError
+
+log = logging.getLogger(__name__)
+
+#: How the note that the embedding score did not run begins (in the report, and logged once).
+EMBEDDING_OFF = "embedding score off"
+#: The z-scores of the embedding check in ``CleaningResult.scores``: whole image, mean over the tiles, mean
+#: of the worst tiles.
+EMBEDDING_SCORES = ("embedding_z", "embedding_tiles_mean_z", "embedding_tiles_local_z")
 
 
 def check_arrays(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -32,14 +42,68 @@ def check_arrays(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np
     return images, labels.astype(np.int64)
 
 
+def _enough(reference: np.ndarray, check: str, min_samples: int, notes: list[str]) -> bool:
+    """Whether enough samples are left for a check that measures against the bulk; else a note."""
+    if reference.sum() >= min_samples:
+        return True
+    notes.append(
+        f"{check} check skipped: {int(reference.sum())} samples, "
+        f"fewer than outliers.min_samples={min_samples}"
+    )
+    return False
+
+
+def embedding_outliers(
+    images: np.ndarray,
+    labels: np.ndarray,
+    reference: np.ndarray,
+    cfg: dict[str, Any],
+    embedding_cache: str | Path | None,
+    notes: list[str],
+) -> tuple[np.ndarray, np.ndarray, dict[int, str], dict[str, np.ndarray]]:
+    """The embedding check on the ``reference`` samples: (hit mask, score, where each hit was seen, the
+    z-scores by name). Without a network (no weights) nothing is hit and a note says why."""
+    ec, n = cfg["embedding"], len(images)
+    hit, score = np.zeros(n, bool), np.zeros(n)
+    where: dict[int, str] = {}
+    feats, what = embed_cached(images, ec, Path(embedding_cache) if embedding_cache is not None else None)
+    if feats is None:
+        notes.append(f"{EMBEDDING_OFF}: {what}; the hand-made checks ran alone")
+        log.warning("cleaning: %s", notes[-1])
+        return hit, score, where, {}
+    z_image, z_tiles = embedding_z(feats, labels, reference, ec, int(cfg["outliers"]["min_class_samples"]))
+    image, spread, local = EMBEDDING_SCORES
+    scores, worst = {image: z_image}, np.zeros(n, np.int64)
+    if z_tiles is not None:
+        scores[spread], scores[local], worst = tile_summary(z_tiles, int(ec["local_tiles"]))
+    limits = {image: ec["max_z"], spread: ec["tile_mean_max_z"], local: ec["tile_local_max_z"]}
+    flags = {k: z > limits[k] for k, z in scores.items()}
+    hit = np.any(list(flags.values()), axis=0) & reference
+    for i in np.where(hit)[0]:
+        seen = next(k for k, f in flags.items() if f[i])  # the first score that flags it names it
+        score[i] = scores[seen][i]
+        r, c = divmod(int(worst[i]), int(ec["tiles"]))
+        where[int(i)] = {image: "image", spread: "all tiles"}.get(
+            seen, f"tiles, the worst at row {r} column {c}"
+        )
+    return hit, score, where, scores
+
+
 def find_unwanted(
-    images: np.ndarray, labels: np.ndarray, cleaning_cfg: Any = None, *, seed: int = 0
+    images: np.ndarray,
+    labels: np.ndarray,
+    cleaning_cfg: Any = None,
+    *,
+    seed: int = 0,
+    embedding_cache: str | Path | None = None,
 ) -> CleaningResult:
     """Decide which samples to remove; the arrays are not modified.
 
     ``cleaning_cfg`` is the ``cleaning`` config group (conf/cleaning/default.yaml), a plain dict with
     some of its sections, or None for the file's values. ``seed`` only picks the pixel sample the stain
-    plane is fitted on."""
+    plane is fitted on. ``embedding_cache``: an .npz file that keeps the network's features of exactly
+    these images with these network settings (see :func:`embedding_cache_path`), so that other
+    thresholds re-score without running the network."""
     cfg = resolve_cfg(cleaning_cfg)
     images, labels = check_arrays(images, labels)
     n = len(images)
@@ -93,12 +157,7 @@ def find_unwanted(
     z_max = np.zeros(n)
     if oc["enabled"]:
         reference = reason == ""
-        if reference.sum() < oc["min_samples"]:
-            notes.append(
-                f"outlier check skipped: {int(reference.sum())} samples, fewer than "
-                f"outliers.min_samples={oc['min_samples']}"
-            )
-        else:
+        if _enough(reference, "outlier", oc["min_samples"], notes):
             z, names = feature_z(feats, labels, reference, oc)
             z_max = z.max(0)
             which = z.argmax(0)
@@ -129,6 +188,20 @@ def find_unwanted(
         for i in drop:
             reason[i], score[i] = why, pair_corr.get(i, 1.0)
 
+    # embedding outliers, against the bulk of what is left: what a network sees, whole image and tiles.
+    # After the duplicates, so that a copy is judged as a copy (its group's labels decide what stays), as
+    # before this check existed
+    embedding_scores = {k: np.zeros(n) for k in EMBEDDING_SCORES}  # 0 where the check did not run
+    if cfg["embedding"]["enabled"]:
+        reference = reason == ""
+        if _enough(reference, "embedding", oc["min_samples"], notes):
+            hit, hit_score, where, found = embedding_outliers(
+                images, labels, reference, cfg, embedding_cache, notes
+            )
+            embedding_scores.update(found)
+            reason[hit], score[hit] = "embedding_outlier", hit_score[hit]
+            detail.update({int(i): {"where": where[int(i)]} for i in np.where(hit)[0]})
+
     keep = reason == ""
     removed = []
     for i in np.where(~keep)[0]:
@@ -148,17 +221,25 @@ def find_unwanted(
         removed=removed,
         counts=counts,
         groups=groups,
-        scores={"outlier_z": z_max},
+        scores={"outlier_z": z_max, **embedding_scores},
         config=cfg,
         notes=notes,
     )
+
+
+def embedding_cache_path(cache_dir: str | Path, fingerprint: str, cleaning_cfg: Any) -> Path:
+    """Where the network's features of the data named by ``fingerprint`` are kept in ``cache_dir``."""
+    digest = network_digest(resolve_cfg(cleaning_cfg)["embedding"])
+    return Path(cache_dir) / f"embedding-{fingerprint[:16]}-{digest}.npz"
 
 
 def find_unwanted_cached(
     images: np.ndarray, labels: np.ndarray, cleaning_cfg: Any, fingerprint: str, cache_dir: str | Path
 ) -> tuple[CleaningResult, bool]:
     """:func:`find_unwanted`, remembered in ``cache_dir`` under the data fingerprint and the settings'
-    digest, so that the trials of a sweep clean the same data once. Returns (result, from_cache)."""
+    digest, so that the trials of a sweep clean the same data once (a hit runs neither the checks nor the
+    network), and the network's features beside it, so that other cleaning thresholds need no second
+    pass through the network. Returns (result, from_cache)."""
     cache_dir = Path(cache_dir)
     path = cache_dir / f"cleaning-{fingerprint[:16]}-{config_digest(cleaning_cfg)}.json"
     if path.is_file():
@@ -177,7 +258,12 @@ def find_unwanted_cached(
                 ), True
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is recomputed
-    result = find_unwanted(images, labels, cleaning_cfg)
+    result = find_unwanted(
+        images,
+        labels,
+        cleaning_cfg,
+        embedding_cache=embedding_cache_path(cache_dir, fingerprint, cleaning_cfg),
+    )
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report_dict(result, labels, fingerprint)))
