@@ -11,6 +11,8 @@ the sweeper); each MLflow trial run carries its study and trial number (tags ``o
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import hydra
@@ -38,6 +40,9 @@ def dashboard(cfg: DictConfig) -> None:
             "(python -m bloodcell.train -m +sweeps=quick) or pass storage=<its hydra.sweeper.storage>"
         )
     storage = open_storage(url)
+    # SIGTERM ends it at once: wsgiref swallows an exception raised while it serves a request, and the
+    # dashboard has nothing to save (the storage is a database or an append-only journal)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(128 + signum))
     print(f"optuna-dashboard on {redact(url)}: http://{cfg.host}:{cfg.port} (Ctrl-C stops it)", flush=True)
     run_server(storage, host=str(cfg.host), port=int(cfg.port))
 

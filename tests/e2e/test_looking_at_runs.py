@@ -168,7 +168,7 @@ def dashboard(sweep) -> Iterator[SimpleNamespace]:
         (study,) = [s for s in studies["study_summaries"] if s["study_name"] == "quick"]
         yield SimpleNamespace(base=base, study_id=study["study_id"])
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # (a signal landing inside a request is swallowed by wsgiref)
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
