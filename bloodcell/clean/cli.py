@@ -15,6 +15,7 @@ from bloodcell.clean.report import summary, write_report
 from bloodcell.clean.unwanted import EMBEDDING_OFF, find_unwanted
 from bloodcell.cli import run_or_exit
 from bloodcell.errors import UserError
+from bloodcell.outputs import atomic_path
 
 
 def clean_file(cfg: DictConfig) -> dict[str, Path]:
@@ -46,10 +47,10 @@ def clean_file(cfg: DictConfig) -> dict[str, Path]:
     result = find_unwanted(images, labels, cfg.get("cleaning"))
     report_dir = Path(str(cfg.report_dir)) if cfg.get("report_dir") else out.with_name(out.stem + "_cleaning")
     paths = write_report(result, images, labels, report_dir, source=str(src))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".partial.npz")
-    np.savez(tmp, images=images[result.keep], labels=labels[result.keep].astype(np.uint8).reshape(-1, 1))
-    tmp.replace(out)
+    with atomic_path(out) as partial:  # a failure part-way leaves no truncated file, and no temporary one
+        np.savez(
+            partial, images=images[result.keep], labels=labels[result.keep].astype(np.uint8).reshape(-1, 1)
+        )
     for note in result.notes:
         if not note.startswith(EMBEDDING_OFF):  # that one was logged already, when it happened
             print(f"note: {note}")

@@ -12,6 +12,7 @@ import numpy as np
 from bloodcell import CLASS_NAMES
 from bloodcell.clean.config import defaults
 from bloodcell.clean.result import SCORE_MEANING, CleaningResult
+from bloodcell.outputs import atomic_path
 
 
 def report_dict(result: CleaningResult, labels: np.ndarray, source: str | None = None) -> dict[str, Any]:
@@ -95,8 +96,8 @@ def contact_sheet(
             name = CLASS_NAMES[labels[i]] if 0 <= labels[i] < len(CLASS_NAMES) else str(labels[i])
             draw.text((x0 + 2, y0 + tile), f"{i} {name[:9]}", fill=(0, 0, 0))
         y += ((len(items) + columns - 1) // columns) * (tile + cap)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    with atomic_path(path) as partial:
+        sheet.save(partial)
     return path
 
 
@@ -112,7 +113,8 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "cleaning_report.json"
-    json_path.write_text(json.dumps(report_dict(result, labels, source), indent=1))
+    with atomic_path(json_path) as partial:
+        partial.write_text(json.dumps(report_dict(result, labels, source), indent=1))
     png_path = contact_sheet(result, images, labels, out_dir / "cleaning_removed.png")
     return {"json": json_path, "png": png_path}
 
