@@ -149,6 +149,8 @@ def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
             cwd=store,
             stdout=log,
             stderr=subprocess.STDOUT,
+            # no job-runner processes: the tests need only the tracking API
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             start_new_session=True,  # its workers are children: stop_mlflow_server ends the whole group
         )
     deadline = time.monotonic() + 120
@@ -172,3 +174,23 @@ def stop_mlflow_server(server: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(server.pid, signal.SIGKILL)
     server.wait()
+
+
+def model_config(
+    name: str,
+    weights: str | None = None,
+    blocks: int = 2,
+    layers: int | None = None,
+    bn: str | bool = "auto",
+    **backbone_kw: object,
+):
+    """The backbone, head and finetune groups of a tiny model (32 px), for tests that build one."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(
+        {
+            "backbone": {"name": name, "weights": weights, "input_size": 32, "kwargs": backbone_kw},
+            "head": {"units": [16], "dropout": [0.1], "batchnorm": True, "leaky_relu_slope": 0.05},
+            "finetune": {"unfreeze_blocks": blocks, "unfreeze_layers": layers, "freeze_batchnorm": bn},
+        }
+    )

@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from omegaconf import OmegaConf
+from conftest import model_config as config
 
 from bloodcell.finetune import layers_to_unfreeze, unfreeze
 from bloodcell.models import BACKBONE_LAYER, build_model, layer_blocks
-
-
-def config(name, weights=None, blocks=2, layers=None, bn="auto", **backbone_kw):
-    return OmegaConf.create(
-        {
-            "backbone": {"name": name, "weights": weights, "input_size": 32, "kwargs": backbone_kw},
-            "head": {"units": [16], "dropout": [0.1], "batchnorm": True, "leaky_relu_slope": 0.05},
-            "finetune": {"unfreeze_blocks": blocks, "unfreeze_layers": layers, "freeze_batchnorm": bn},
-        }
-    )
 
 
 def trainable_names(backbone):
@@ -76,55 +66,6 @@ def test_zero_and_all_blocks():
     assert layers_to_unfreeze(backbone, cfg) == []
     cfg.finetune.unfreeze_blocks = -1
     assert len(layers_to_unfreeze(backbone, cfg)) == len(backbone.layers)
-
-
-def test_precise_batchnorm_sets_head_statistics_from_clean_images_before_each_validation():
-    """Trained on shifted ("augmented") images, validated after the head's BatchNorm statistics were
-    recomputed from the clean images: the moving averages equal the clean features' mean and variance,
-    which the plain momentum update (on shifted batches) does not give."""
-    import keras
-    import numpy as np
-
-    from bloodcell.callbacks import PreciseBatchNorm
-
-    cfg = config("small_cnn", filters=[8, 8], bn=True)
-    cfg.head.units, cfg.head.dropout = [16, 8], [0.2, 0.1]
-    model = build_model(cfg, (32, 32, 3))
-    rng = np.random.default_rng(0)
-    clean = rng.integers(0, 120, (64, 32, 32, 3)).astype(np.uint8)
-    labels = keras.utils.to_categorical(rng.integers(0, 8, 64), 8)
-    model.compile(optimizer="adam", loss="categorical_crossentropy")
-    callback = PreciseBatchNorm.for_model(model, clean, count=len(clean), seed=0, batch_size=16)
-    assert callback is not None
-    seen = []
-
-    class Probe(keras.callbacks.Callback):  # what the moving mean is while validation runs
-        def on_test_batch_begin(self, batch, logs=None):
-            seen.append(model.get_layer("head_bn2").moving_mean.numpy())
-
-    model.fit(
-        clean.astype(np.float32) + 100.0,
-        labels,
-        validation_data=(clean.astype(np.float32), labels),
-        batch_size=16,
-        epochs=2,
-        verbose=0,
-        callbacks=[callback, Probe()],
-    )
-    for name in ("head_bn1", "head_bn2"):
-        norm = model.get_layer(name)
-        features = keras.Model(model.inputs, norm.input).predict(clean.astype(np.float32), verbose=0)
-        np.testing.assert_allclose(norm.moving_mean, features.mean(0), rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(norm.moving_variance, features.var(0), rtol=1e-3, atol=1e-4)
-    assert seen and np.allclose(seen[-1], model.get_layer("head_bn2").moving_mean)
-    # without the callback the statistics follow the shifted training batches instead
-    plain = build_model(cfg, (32, 32, 3))
-    plain.set_weights(model.get_weights())
-    plain.compile(optimizer="adam", loss="categorical_crossentropy")
-    plain.fit(clean.astype(np.float32) + 100.0, labels, batch_size=16, epochs=1, verbose=0)
-    norm = plain.get_layer("head_bn1")
-    features = keras.Model(plain.inputs, norm.input).predict(clean.astype(np.float32), verbose=0)
-    assert not np.allclose(norm.moving_mean, features.mean(0), rtol=1e-2, atol=1e-2)
 
 
 def test_no_precise_batchnorm_without_head_batchnorm():
