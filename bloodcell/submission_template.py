@@ -8,8 +8,6 @@ Class ids: 0 basophil, 1 eosinophil, 2 erythroblast, 3 ig, 4 lymphocyte, 5 monoc
 7 platelet.
 """
 
-from __future__ import annotations
-
 import os
 
 import numpy as np
@@ -24,13 +22,13 @@ BATCH_SIZE = 64
 
 
 class Model:
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: "str | None" = None) -> None:  # quoted: any Python 3 runs this file
         """Load the model from ``path`` (default: the folder holding this file)."""
         folder = path or os.path.dirname(os.path.abspath(__file__))
         self.model = keras.models.load_model(os.path.join(folder, MODEL_FILE), compile=False)
         self.height, self.width = self.model.input_shape[1:3]
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
+    def predict(self, X: "np.ndarray") -> "np.ndarray":
         """Class ids (N,) int64 for images X uint8 (N, H, W, 3), pixel values 0-255.
 
         Images of another size than the model's fixed input size are resized to it first (bilinear)."""
@@ -47,7 +45,7 @@ class Model:
         return np.concatenate(ids).astype(np.int64) if ids else np.zeros((0,), dtype=np.int64)
 
 
-def resize_images(batch: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_images(batch: "np.ndarray", size: "tuple[int, int]") -> "np.ndarray":
     """float32 images (N, H, W, 3) resized (bilinear) to size (height, width); bloodcell's predict uses the
     same function, so both give the same answer for images of another size than the model's."""
     if hasattr(keras, "ops"):  # Keras 3

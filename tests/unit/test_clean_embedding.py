@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import SHARED_WEIGHTS, needs_shared_weights
-from test_clean import foreign_picture, smear_set
+from smears import foreign_picture, smear_set
 
 from bloodcell.clean import embedding as emb
 from bloodcell.clean import find_unwanted, find_unwanted_cached
