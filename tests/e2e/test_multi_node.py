@@ -11,73 +11,27 @@ The storage is PostgreSQL when BLOODCELL_TEST_POSTGRES names a database the test
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import TINY, free_port, start_mlflow_server, stop_mlflow_server
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
 
 TRIAL = [o for o in TINY if o != "+experiment=quickstart"] + ["tracking.log_model=false"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """A real `mlflow server` on a free local port, SQLite behind it, artifacts served by it."""
-    port = _free_port()
-    with open(tmp_path / "mlflow_server.log", "w") as log:  # the child keeps its own handle
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{tmp_path / 'server.db'}",
-                "--artifacts-destination",
-                str(tmp_path / "server_artifacts"),
-            ],
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(
-                    f"mlflow server did not start: {(tmp_path / 'mlflow_server.log').read_text()[-2000:]}"
-                )
-            time.sleep(0.5)
-    yield uri
-    server.terminate()
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        server.kill()
+    """A real `mlflow server` on a free local port, SQLite behind it, artifacts served by it (conftest's
+    start_mlflow_server; the whole process group is stopped afterwards)."""
+    port = free_port()
+    server = start_mlflow_server(tmp_path / "mlflow_server", port)
+    yield f"http://127.0.0.1:{port}"
+    stop_mlflow_server(server)
 
 
 def _storage(tmp_path: Path) -> str:
