@@ -465,8 +465,11 @@ class OptunaSweep:
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
             # another process judged it interrupted meanwhile and put it back in the queue: the job did end,
             # so its outcome stands unless someone took the trial again already (or gave it up: FAIL)
-            if self.storage.set_trial_state_values(claimed.id, TrialState.RUNNING):  # only from WAITING
-                self._end(trial, state, value if state == TrialState.COMPLETE else None)
+            with contextlib.suppress(
+                optuna.exceptions.UpdateFinishedTrialError, ValueError
+            ):  # ended: it stays
+                if self.storage.set_trial_state_values(claimed.id, TrialState.RUNNING):  # only from WAITING
+                    self._end(trial, state, value if state == TrialState.COMPLETE else None)
         finally:
             self.in_flight.pop(claimed.id, None)
         if state == TrialState.FAIL:

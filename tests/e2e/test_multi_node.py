@@ -34,6 +34,24 @@ def mlflow_server(tmp_path):
     stop_mlflow_server(server)
 
 
+def assert_one_study_in_mlflow(mlflow_server: str) -> None:
+    """What two sweep processes of one 4-trial study leave on the server: one parent run, one FINISHED child
+    run per trial with both epochs, and the sweep report (uploaded through the server)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("bloodcell.sweep") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1  # both sweep processes log under the study's one parent run
+    assert sorted(c.data.tags["trial_number"] for c in children) == ["0", "1", "2", "3"]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert all(len(client.get_metric_history(c.info.run_id, "val_accuracy")) == 2 for c in children)
+    assert "trials.csv" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+
+
 def _storage(tmp_path: Path) -> str:
     return os.environ.get("BLOODCELL_TEST_POSTGRES") or f"journal:{tmp_path / 'optuna.journal'}"
 
@@ -41,7 +59,6 @@ def _storage(tmp_path: Path) -> str:
 @pytest.mark.slow
 def test_two_sweeps_with_submitit_jobs_share_one_study_and_one_mlflow_server(tmp_path, mlflow_server):
     import optuna
-    from mlflow.tracking import MlflowClient
 
     from bloodcell.trial import open_storage
 
@@ -91,15 +108,4 @@ def test_two_sweeps_with_submitit_jobs_share_one_study_and_one_mlflow_server(tmp
         >= 4
     )
 
-    client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("quickstart")
-    runs = client.search_runs([experiment.experiment_id], max_results=100)
-    parents = [r for r in runs if r.data.tags.get("bloodcell.sweep") == "true"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1  # both sweep processes log under the study's one parent run
-    assert sorted(c.data.tags["trial_number"] for c in children) == ["0", "1", "2", "3"]
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-    assert {c.info.status for c in children} == {"FINISHED"}
-    assert all(len(client.get_metric_history(c.info.run_id, "val_accuracy")) == 2 for c in children)
-    # artifacts went through the server
-    assert "trials.csv" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert_one_study_in_mlflow(mlflow_server)
