@@ -211,15 +211,16 @@ def test_tiny_sweep_with_two_parallel_jobs_fills_optuna_and_mlflow(tmp_path):
 
 @pytest.mark.slow
 def test_a_setting_that_cannot_learn_is_pruned_at_once(tmp_path):
-    # lr 0 cannot learn: chance accuracy (1/8) stays under the threshold pruner's floor after epoch 1
+    # lr 1e-9 cannot learn (0 is refused by the config check): chance accuracy (1/8) stays under the threshold
+    # pruner's floor after epoch 1
     proc = run_module(
         "bloodcell.train",
         *sweep_args(
             tmp_path,
             "hydra.sweeper.n_trials=2",
             "trainer.epochs=3",
-            "trainer.lr=0",
-            "finetune.lr=0",
+            "trainer.lr=1e-9",
+            "finetune.lr=1e-9",
             "hydra.sweeper.pruner.name=threshold",
             "hydra.sweeper.pruner.threshold.lower=0.6",
         ),
