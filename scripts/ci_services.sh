@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 start=$(date +%s)
-export_line=$(bash local_postgres.sh --install)
+export_line=$(bash local_postgres.sh --install | grep "^export " | tail -n 1)
 bash local_slurm.sh --install >&2
 echo "ci_services: PostgreSQL and SLURM up in $(($(date +%s) - start)) s" >&2
 echo "$export_line"

@@ -77,7 +77,7 @@ main() {
 		return
 	fi
 	if ! pg_ctlcluster "$version" main status >/dev/null 2>&1; then
-		pg_ctlcluster "$version" main start
+		pg_ctlcluster "$version" main start >&2  # it may say "Removed stale pid file" on stdout
 		say "started PostgreSQL $version/main on port $port"
 	fi
 	for _ in $(seq 1 30); do

@@ -11,8 +11,10 @@ Without `sbatch`, or with the cluster down, every test here is skipped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -187,17 +189,30 @@ def _preempt(job_id: str, job_name: str) -> None:
 
 
 def _requeue(job_id: str, job_name: str) -> None:
-    """An administrator's requeue: SLURM sends SIGTERM (which submitit ignores: training goes on), SIGKILL
-    KillWait (10 s) later, and queues the job again, which reruns the same call: the same trial."""
+    """An administrator requeues a job whose node hangs: SLURM queues it again, which reruns the same call
+    (the same trial), and the trial's process dies. Left alone, the process would train on through
+    KillWait (submitit ignores SIGTERM) and, with epochs of a fraction of a second, could finish before
+    SIGKILL; so it is stopped (SIGSTOP) before the requeue and killed right after it."""
+    listed = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True, timeout=60).stdout
+    trial_pids = []
+    for pid in map(int, re.findall(r"^\s*(\d+)\s", listed, flags=re.MULTILINE)):
+        with contextlib.suppress(OSError):
+            if b"submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                trial_pids.append(pid)
+    assert trial_pids, f"no submitit process among the job's pids:\n{listed}"
+    for pid in trial_pids:
+        os.kill(pid, signal.SIGSTOP)
     subprocess.run(["scontrol", "requeue", job_id], check=True, capture_output=True, timeout=60)
+    for pid in trial_pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("interrupt", "epochs"),
-    # 1 epoch in phase 1, the rest in phase 2, none cut short by early stopping; a requeued job trains on
-    # for KillWait seconds, so it needs more of them to be killed before it ends
-    [(_preempt, 5), (_requeue, 9)],
+    # 1 epoch in phase 1, the rest in phase 2, none cut short by early stopping
+    [(_preempt, 5), (_requeue, 5)],
     ids=["preempted", "requeued"],
 )
 def test_a_trial_job_interrupted_in_phase_2_resumes_its_trial_and_its_run(
