@@ -13,6 +13,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -230,14 +231,16 @@ def start_run(
             mlflow.MlflowClient().delete_tag(resume_run_id, "error")
         mlflow.set_tag("resumed", str(resumes))
     else:
+        token = uuid.uuid4().hex
         run = mlflow.start_run(
             experiment_id=experiment_id,
             run_name=cfg.tracking.get("run_name"),
             parent_run_id=parent,
             nested=bool(parent),
-            tags=tags,
+            tags={**tags, START_TOKEN_TAG: token},
             log_system_metrics=system,
         )
+        drop_duplicate_starts(run.info.experiment_id, run.info.run_id, token)
     global _run_id, _outbox
     _run_id = run.info.run_id
     log.info("MLflow run %s: %s", _run_id, ui_url(run.info.experiment_id, _run_id))
@@ -272,6 +275,40 @@ def start_run(
     else:
         tags = {"optuna.trial_state": "COMPLETE"} if "trial" in cfg else {}
         _end_run("FINISHED", tags, cfg.tracking.get("outage_wait_seconds", 120))
+
+
+#: A random token per run start: a busy server can create a run and answer too late, and the client's retry
+#: (MLFLOW_HTTP_REQUEST_MAX_RETRIES) then creates it again; the token finds such copies
+START_TOKEN_TAG = "bloodcell.start_token"
+
+
+def drop_duplicate_starts(experiment_id: str, run_id: str, token: str) -> list[str]:
+    """Delete the runs a retried create-run request left beside ``run_id`` (same start token): empty,
+    forever RUNNING copies of one run, which would show a trial two or three times. Only a server retries;
+    best effort (the run itself is fine either way). Returns the deleted run ids."""
+    import mlflow
+
+    if not mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        return []
+    client = mlflow.MlflowClient()
+    deleted = []
+    try:
+        copies = client.search_runs([experiment_id], filter_string=f"tags.`{START_TOKEN_TAG}` = '{token}'")
+        for copy in copies:
+            if copy.info.run_id != run_id:
+                client.delete_run(copy.info.run_id)
+                deleted.append(copy.info.run_id)
+    except Exception as err:  # an outage now is the outbox's business, not this clean-up's
+        log.debug("could not look for copies of run %s: %s", run_id, err)
+    if deleted:
+        log.warning(
+            "the tracking server created run %s %d times (a slow answer, then the client's retry): "
+            "deleted the empty copies %s",
+            run_id,
+            len(deleted) + 1,
+            ", ".join(deleted),
+        )
+    return deleted
 
 
 def system_metrics(tracking_cfg: Any) -> bool:
