@@ -12,7 +12,8 @@ database server it asks first and, when its trial ranks beyond ``n_trials``, put
 queue (WAITING) for whoever needs a trial next.
 
 A running trial carries its sweep process (host, pid) and a heartbeat time as system attributes. It is
-interrupted when that process is gone from this host, or its heartbeat is 4 intervals old.
+interrupted when that process is gone from this host, or, when it runs on another host, its heartbeat is
+4 intervals old.
 """
 
 from __future__ import annotations
@@ -366,8 +367,13 @@ class OptunaSweep:
             if not owner or owner.get("token") == self.owner["token"]:
                 continue
             beat = float(t.system_attrs.get(HEARTBEAT_ATTR, 0.0))
-            gone = owner.get("host") == self.owner["host"] and not _pid_alive(int(owner.get("pid", -1)))
-            silent = now - beat > STALE_AFTER_BEATS * int(owner.get("interval", self.owner["interval"]))
+            if owner.get("host") == self.owner["host"]:
+                # on this host the process table is the truth: a live owner keeps its trial however late
+                # its heartbeats are (a loaded machine delays them; judging it interrupted ran a trial twice)
+                gone, silent = not _pid_alive(int(owner.get("pid", -1))), False
+            else:
+                gone = False
+                silent = now - beat > STALE_AFTER_BEATS * int(owner.get("interval", self.owner["interval"]))
             if gone or silent:
                 why = "its sweep process is gone" if gone else "its sweep process stopped sending heartbeats"
                 self._interrupt(self._trial_id(t.number), t.number, why)

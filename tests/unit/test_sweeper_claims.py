@@ -84,6 +84,7 @@ def test_a_trial_whose_sweep_stopped_beating_goes_back_to_the_queue_and_is_taken
     """Issue 14: an interrupted trial keeps its number, parameters and reports, and runs again (its
     training resumes from its checkpoint), so it counts once toward n_trials."""
     gone, alive = bare_sweep(journal, n_trials=1), bare_sweep(journal, n_trials=1)
+    gone.owner["host"] = "node-7"  # another machine: only its heartbeats say whether it still runs
     claimed = gone._claim()
     assert claimed is not None
     gone.storage.set_trial_system_attr(claimed.id, HEARTBEAT_ATTR, 0.0)
@@ -93,6 +94,19 @@ def test_a_trial_whose_sweep_stopped_beating_goes_back_to_the_queue_and_is_taken
     frozen = alive.storage.get_trial(claimed.id)
     assert frozen.state == TrialState.RUNNING and frozen.user_attrs["interruptions"] == 1
     assert len(alive.study.get_trials(deepcopy=False)) == 1  # no new trial in its place
+
+
+def test_a_live_sweep_on_this_host_keeps_its_trial_however_late_its_heartbeats(journal):
+    """A loaded machine can delay the heartbeat thread; on one host the process table decides, so a trial
+    whose sweep process is alive is never judged interrupted and run twice."""
+    slow, other = bare_sweep(journal, n_trials=2), bare_sweep(journal, n_trials=2)
+    claimed = slow._claim()
+    assert claimed is not None
+    slow.storage.set_trial_system_attr(claimed.id, HEARTBEAT_ATTR, 0.0)  # silent for decades, pid alive
+    taken = other._claim()
+    assert taken is not None and taken.trial.number == 1  # a new trial, not the slow one's
+    frozen = other.storage.get_trial(claimed.id)
+    assert frozen.state == TrialState.RUNNING and "interruptions" not in frozen.user_attrs
 
 
 def test_a_trial_interrupted_more_than_max_interruptions_is_given_up(journal):
