@@ -42,10 +42,11 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
+from bloodcell import __version__
 from bloodcell.errors import UserError
 from bloodcell.optuna_tables import make_pruner, make_sampler
 from bloodcell.redaction import has_secret, mask_secrets, mask_text
-from bloodcell.tracking import record_to
+from bloodcell.tracking import git_tags, record_to, version_tags
 from bloodcell.trial import PRUNER_ATTR, lock_path, open_storage, redact, resolve_storage_url
 
 from ._search_space import grid_of, parse_search_space
@@ -637,6 +638,10 @@ class _ParentRun:
             "pruner.config": json.dumps(sweep.pruner_spec, sort_keys=True),
             "search_space": " ".join(f"{k}={v}" for k, v in sweep.space.written.items()),
             "fixed_overrides": " ".join(sweep.rerun_prefix),
+            # what the sweep ran with, as its trials record it: re-running a study needs its environment
+            "bloodcell_version": __version__,
+            **git_tags(),
+            **version_tags(),
         }
         record_to(self.run_id, tags=tags)
 

@@ -175,6 +175,9 @@ def test_tiny_sweep_with_two_parallel_jobs_fills_optuna_and_mlflow(tmp_path):
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.params["study_name"] == "quick"
     assert parent.data.params["space.finetune.lr"] == "tag(log, interval(1e-5, 1e-2))"
+    # the environment the sweep ran in, as each trial records it
+    for tag in ("bloodcell_version", "git_commit", "tensorflow_version", "optuna_version"):
+        assert parent.data.tags[tag] == children[0].data.tags[tag], tag
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert sorted(c.data.tags["trial_number"] for c in children) == ["0", "1"]
     assert {c.data.tags["optuna.trial_state"] for c in children} == {"COMPLETE"}
