@@ -136,6 +136,7 @@ class TrainerSchema(Group):
     class_weight: Literal["balanced", None] = fix("use balanced or null")
     label_smoothing: float = fix("in [0, 1), e.g. 0.1", default=0.0, ge=0, lt=1)
     test_tta: bool = False
+    calibrate: bool = True
     mixed_precision: Literal[False, True, "mixed_float16", "mixed_bfloat16", None] = fix(
         "use false, true (mixed_float16) or mixed_bfloat16", default=False
     )

@@ -13,7 +13,9 @@ with a note, as the submission bundle's ``model.py`` does (the same function).
 
 Output: CSV with one row per image (image, class_id, class_name, one probability column per class, and
 ``label`` when the input had labels), or .npy holding a structured array with fields image, class_id,
-class_name, probabilities (8,) (``np.load(path)`` -- no pickle needed).
+class_name, probabilities (8,) (``np.load(path)`` -- no pickle needed). With ``review_below=0.9`` both
+also say per image whether its top probability is below 0.9 (``review``: true/false), and the count is
+printed: the cells to send to a human.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from bloodcell import CLASS_NAMES, NUM_CLASSES, PROJECT_ROOT, outputs
+from bloodcell.abstention import review_mask, review_summary
 from bloodcell.cli import run_or_exit
 from bloodcell.errors import UserError
 from bloodcell.outputs import atomic_path
@@ -141,6 +144,9 @@ def load_model(spec: str) -> keras.Model:
     import zipfile
 
     uri = resolve_model_uri(spec)
+    # Keras finds a layer of a saved model only when its class is registered: calibrated models end with one
+    from bloodcell.submission_template import TemperatureScaling  # noqa: F401
+
     try:
         if Path(uri).is_file():
             import keras
@@ -278,14 +284,25 @@ def predict_arrays(
 
 
 def write_predictions(
-    path: Path, probabilities: np.ndarray, names: list[str], labels: np.ndarray | None = None
+    path: Path,
+    probabilities: np.ndarray,
+    names: list[str],
+    labels: np.ndarray | None = None,
+    review: np.ndarray | None = None,
 ) -> None:
-    """One row per image; written under a temporary name and renamed when complete (bloodcell.outputs)."""
+    """One row per image; written under a temporary name and renamed when complete (bloodcell.outputs).
+    ``review`` (bool per image, from ``review_below``) adds a column ``review``."""
     with atomic_path(path) as partial:
-        _write_table(partial, probabilities, names, labels)
+        _write_table(partial, probabilities, names, labels, review)
 
 
-def _write_table(path: Path, probabilities: np.ndarray, names: list[str], labels: np.ndarray | None) -> None:
+def _write_table(
+    path: Path,
+    probabilities: np.ndarray,
+    names: list[str],
+    labels: np.ndarray | None,
+    review: np.ndarray | None = None,
+) -> None:
     ids = probabilities.argmax(axis=1)
     if path.suffix == ".npy":
         dtype = [
@@ -293,11 +310,14 @@ def _write_table(path: Path, probabilities: np.ndarray, names: list[str], labels
             ("class_id", np.int64),
             ("class_name", "U16"),
             ("probabilities", np.float32, (NUM_CLASSES,)),
+            *([("review", np.bool_)] if review is not None else []),
         ]
         table = np.empty(len(ids), dtype=dtype)
         table["image"], table["class_id"] = names, ids
         table["class_name"] = [CLASS_NAMES[i] for i in ids]
         table["probabilities"] = probabilities
+        if review is not None:
+            table["review"] = review
         np.save(path, table)
         return
     import csv
@@ -311,6 +331,7 @@ def _write_table(path: Path, probabilities: np.ndarray, names: list[str], labels
                 "class_name",
                 *(f"p_{c}" for c in CLASS_NAMES),
                 *(["label"] if labels is not None else []),
+                *(["review"] if review is not None else []),
             ]
         )
         for row, (name, cid, probs) in enumerate(zip(names, ids, probabilities)):
@@ -321,6 +342,7 @@ def _write_table(path: Path, probabilities: np.ndarray, names: list[str], labels
                     CLASS_NAMES[cid],
                     *(f"{p:.6f}" for p in probs),
                     *([int(labels[row])] if labels is not None else []),
+                    *(["true" if review[row] else "false"] if review is not None else []),
                 ]
             )
 
@@ -336,6 +358,13 @@ def predict(cfg: DictConfig) -> np.ndarray:
         raise UserError(f"batch_size={cfg.batch_size} must be >= 1")
     if not cfg.input:
         raise UserError("say what to predict: input=<file.npz | image folder | image file>")
+    below = cfg.get("review_below")
+    if below is not None and (
+        isinstance(below, bool) or not isinstance(below, (int, float)) or not 0 < below <= 1
+    ):
+        raise UserError(
+            f"review_below={below} must be a top probability in (0, 1], e.g. 0.9, or null for none"
+        )
     data = read_images(cfg.input)
     check_images(data.images, (None, None, 3), str(cfg.input))
     set_tracking(cfg.tracking)
@@ -351,13 +380,16 @@ def predict(cfg: DictConfig) -> np.ndarray:
     probabilities = predict_arrays(
         model, data.images, int(cfg.batch_size), bool(cfg.tta), progress=True, resize_to=size
     )
-    write_predictions(output, probabilities, data.names, data.labels)
+    review = None if below is None else review_mask(probabilities, float(below))
+    write_predictions(output, probabilities, data.names, data.labels, review)
     counts = np.bincount(probabilities.argmax(axis=1), minlength=NUM_CLASSES)
     summary = ", ".join(f"{CLASS_NAMES[c]} {n}" for c, n in enumerate(counts) if n)
     plural, tta = "s" * (len(probabilities) != 1), " (TTA)" if cfg.tta else ""
     print(f"wrote {len(probabilities)} prediction{plural} to {output}{tta}: {summary}")
     if data.labels is not None:
         print(f"accuracy against the input's labels: {(probabilities.argmax(1) == data.labels).mean():.4f}")
+    if review is not None and below is not None:
+        print(review_summary(review, float(below)))
     return probabilities
 
 

@@ -19,6 +19,31 @@ except ImportError:  # an environment with tf.keras only
 
 MODEL_FILE = "model.keras"
 BATCH_SIZE = 64
+EPSILON = 1e-7  # probabilities are clipped to [EPSILON, 1] before the log: a 0 would give -inf
+
+
+@keras.saving.register_keras_serializable(package="bloodcell")
+class TemperatureScaling(keras.layers.Layer):
+    """Calibrated probabilities from probabilities: softmax(log(clip(p)) / temperature).
+
+    The last layer of a calibrated bloodcell model (bloodcell.calibration.with_temperature). It is defined in
+    this file, which ships as the submission's model.py, so the submission loads a calibrated model with
+    Keras alone; bloodcell imports it from here. On a softmax output it equals dividing the logits by the
+    temperature (the log undoes the softmax up to a constant the next softmax removes), so the class order,
+    hence the predicted class, never changes."""
+
+    def __init__(self, temperature: float = 1.0, **kwargs: "object") -> None:
+        kwargs.setdefault("dtype", "float32")  # under a mixed-precision policy too: the output is float32
+        super().__init__(**kwargs)
+        self.temperature = float(temperature)
+
+    def call(self, probabilities: "object") -> "object":
+        ops = keras.ops
+        clipped = ops.clip(ops.cast(probabilities, "float32"), EPSILON, 1.0)
+        return ops.softmax(ops.log(clipped) / self.temperature, axis=-1)
+
+    def get_config(self) -> "dict":
+        return {**super().get_config(), "temperature": self.temperature}
 
 
 class Model:

@@ -595,36 +595,59 @@ class TestResult:
     #: `Splits.fingerprint` of the splits both were cut from, and the test images' `Splits.positions`
     split_fingerprint: str = ""
     test_index: np.ndarray | None = None
+    #: the model the run logs, whose outputs `probabilities` and `val.probabilities` are: the final model,
+    #: followed by its temperature (bloodcell.calibration) when ``trainer.calibrate``
+    model: keras.Model | None = None
+    #: the temperature fitted on the validation split, and the final model's probabilities before it
+    temperature: float | None = None
+    uncalibrated: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def evaluate_splits(cfg: DictConfig, setup: Setup, splits: Splits) -> TestResult:
     """The final model on the validation split (one more predict, kept so that runs can be compared image by
     image later) and on the held-out test split, touched once: plain predictions, and test-time
     augmentation when asked."""
+    import numpy as np
+
     from bloodcell.data import make_tf_dataset
     from bloodcell.evaluate import evaluate_predictions
 
     test = splits.test
     val_probabilities = setup.model.predict(setup.val_ds.map(lambda x, y: x), verbose=0)
+    test_ds = make_tf_dataset(test, setup.batch_size, training=False, seed=cfg.seed)
+    probabilities = setup.model.predict(test_ds.map(lambda x, y: x), verbose=0)
+    model, temperature, uncalibrated = setup.model, None, {}
+    if cfg.trainer.get("calibrate", True):
+        # fitted on validation, applied to both: every probability the run reports is the logged model's
+        from bloodcell.calibration import apply_temperature, fit_temperature, with_temperature
+
+        temperature = fit_temperature(val_probabilities, splits.val.labels)
+        model = with_temperature(setup.model, temperature)
+        uncalibrated = {"val": val_probabilities, "test": probabilities}
+        val_probabilities = apply_temperature(val_probabilities, temperature).astype(np.float32)
+        probabilities = apply_temperature(probabilities, temperature).astype(np.float32)
+        log.info("temperature scaling: T = %.3f (fitted on the validation split)", temperature)
     val = SplitPredictions(
         splits.val,
         splits.positions("val"),
         val_probabilities,
         evaluate_predictions(splits.val.labels, val_probabilities, "final_val_"),
     )
-    test_ds = make_tf_dataset(test, setup.batch_size, training=False, seed=cfg.seed)
-    probabilities = setup.model.predict(test_ds.map(lambda x, y: x), verbose=0)
     result = TestResult(
         evaluate_predictions(test.labels, probabilities),
         probabilities,
         val=val,
         split_fingerprint=splits.fingerprint(),
         test_index=splits.positions("test"),
+        model=model,
+        temperature=temperature,
+        uncalibrated=uncalibrated,
     )
     if cfg.trainer.get("test_tta"):
         from bloodcell.predict import predict_arrays
 
-        tta = predict_arrays(setup.model, test.images, setup.batch_size, tta=True)
+        # with the logged model: the mean over views of calibrated probabilities, as predict tta=true gives
+        tta = predict_arrays(model, test.images, setup.batch_size, tta=True)
         result.tta = evaluate_predictions(test.labels, tta, "test_tta_")
         log.info("test accuracy with test-time augmentation %.4f", result.tta.metrics["test_tta_accuracy"])
     return result
@@ -660,11 +683,15 @@ def record(
             tracking.log_predictions(
                 "val", val.arrays, val.data_index, val.probabilities, result.split_fingerprint
             )
+        record_calibration(test, result)
     if cfg.tracking.log_model:
         with timed("log_model"):
             # the test predictions give the output example: another predict call would trace anew
             tracking.log_model(
-                setup.model, test.images[:2].astype(np.float32), result.probabilities[:2], model_dir
+                result.model or setup.model,
+                test.images[:2].astype(np.float32),
+                result.probabilities[:2],
+                model_dir,
             )
     seconds = timed.metrics()
     tracking.log_timings(seconds)
@@ -684,6 +711,27 @@ def record(
         seconds.get("seconds_fit", 0.0),
     )
     return objective
+
+
+def record_calibration(test: Arrays, result: TestResult) -> None:
+    """Temperature scaling's outcome (when the run calibrated): the temperature, the expected calibration
+    error of both splits before and after, the test split's reliability diagram; and, always, the test
+    split's accuracy/coverage curve on the probabilities the run reports."""
+    from bloodcell import abstention, calibration
+
+    if result.temperature is not None and result.val is not None:
+        labels = {"val": result.val.arrays.labels, "test": test.labels}
+        after = {"val": result.val.probabilities, "test": result.probabilities}
+        tracking.log_calibration(
+            calibration.calibration_metrics(result.temperature, labels, result.uncalibrated, after),
+            calibration.reliability_figure(
+                result.uncalibrated["test"], result.probabilities, test.labels, result.temperature
+            ),
+        )
+    tracking.log_abstention(
+        abstention.abstention_metrics(result.probabilities, test.labels),
+        abstention.accuracy_coverage_figure(result.probabilities, test.labels),
+    )
 
 
 class Stopwatch:

@@ -602,6 +602,20 @@ def log_evaluation(evaluation: Any, history: list[dict[str, float]], phase2_star
     log_figure(curves_figure(history, phase2_start), "plots/training_curves.png")
 
 
+def log_calibration(metrics: dict[str, float], figure: Any) -> None:
+    """Temperature scaling's outcome (``calibration/*`` metrics, bloodcell.calibration) and its
+    reliability diagram, ``plots/reliability.png``."""
+    log_metrics(metrics)
+    log_figure(figure, "plots/reliability.png")
+
+
+def log_abstention(metrics: dict[str, float], figure: Any) -> None:
+    """The accuracy/coverage trade of the test split (``abstention/*`` metrics, bloodcell.abstention) and
+    its curve, ``plots/accuracy_coverage.png``."""
+    log_metrics(metrics)
+    log_figure(figure, "plots/accuracy_coverage.png")
+
+
 def predictions_path(split: str) -> str:
     """Where a run keeps the final model's predictions on one split (``val`` or ``test``)."""
     return f"predictions/{split}.npz"

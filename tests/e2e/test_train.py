@@ -62,13 +62,60 @@ def test_artifacts_and_logged_model_reloads_and_predicts(quickstart_run):
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "overrides.yaml", "classification_report.json", "plots"} <= paths
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert {"plots/confusion_matrix.png", "plots/training_curves.png"} <= plots
+    assert {
+        "plots/confusion_matrix.png",
+        "plots/training_curves.png",
+        "plots/reliability.png",
+        "plots/accuracy_coverage.png",
+    } <= plots
     overrides = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/overrides.yaml")
     assert "+experiment=quickstart" in overrides
+    import bloodcell.calibration  # noqa: F401  (registers the temperature layer the calibrated model ends with)
+
     model = mlflow.keras.load_model(run.data.tags["model_uri"])
     probabilities = model.predict(np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)), verbose=0)
     assert probabilities.shape == (5, 8)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
+
+
+def test_calibrated_model_probabilities_and_abstention_metrics_agree(quickstart_run):
+    """trainer.calibrate (default): a temperature fitted on validation, ECE before/after on both splits;
+    the logged model ends with that temperature and its outputs are the run's stored test probabilities;
+    the abstention metrics are those of the stored probabilities."""
+    import mlflow
+
+    from bloodcell.abstention import abstention_metrics
+    from bloodcell.calibration import expected_calibration_error
+
+    uri, run, _ = quickstart_run
+    metrics = run.data.metrics
+    temperature = metrics["calibration/temperature"]
+    assert 0.05 <= temperature <= 20
+    for split in ("val", "test"):
+        for when in ("before", "after"):
+            assert 0.0 <= metrics[f"calibration/{split}_ece_{when}"] <= 1.0
+    # temperature scaling minimises the validation NLL, not ECE; on 15 images the ECE may still rise a bit
+    assert metrics["calibration/val_ece_after"] <= metrics["calibration/val_ece_before"] + 0.1
+    stored = np.load(mlflow.artifacts.download_artifacts(f"{run.info.artifact_uri}/predictions/test.npz"))
+    probabilities, labels = stored["probabilities"], stored["labels"]
+    assert metrics["calibration/test_ece_after"] == pytest.approx(
+        expected_calibration_error(probabilities, labels), abs=1e-6
+    )
+    assert metrics["test_accuracy"] == pytest.approx(float((probabilities.argmax(1) == labels).mean()))
+    for name, value in abstention_metrics(probabilities, labels).items():
+        assert metrics[name] == pytest.approx(value, abs=1e-6, nan_ok=True), name
+    assert (
+        0.0 <= metrics["abstention/coverage_at_99_accuracy"] <= metrics["abstention/coverage_at_95_accuracy"]
+    )
+
+    model = mlflow.keras.load_model(run.data.tags["model_uri"])
+    assert model.layers[-1].name == "temperature_scaling"
+    assert model.layers[-1].temperature == pytest.approx(temperature)
+    from bloodcell.data import make_demo_set
+
+    images, _ = make_demo_set(12, 32, 0)  # TINY's data set: data_index points into it
+    logged = model.predict(images[stored["data_index"]].astype(np.float32), verbose=0)
+    np.testing.assert_allclose(logged, probabilities, atol=1e-4)
 
 
 def test_crash_after_run_start_marks_run_failed_with_reason(tracking, tmp_path):
