@@ -214,6 +214,16 @@ class OptunaPruning(keras.callbacks.Callback):
             self.reported.add(epoch)
         self.next_step = epoch + 1
 
+    def replay(self, record: dict[str, float]) -> None:
+        """An epoch that another run trained (`bloodcell.phase1_cache`), reported at its step as if trained
+        here: the pruner decides on the same values at the same steps."""
+        value = record.get(self.objective, record.get(f"train_{self.objective}"))
+        if value is None:
+            return
+        step = max(int(record["epoch"]), self.next_step)
+        self.next_step = step + 1
+        self.report(float(value), step)
+
     def report(self, value: float, step: int) -> None:
         import optuna
 

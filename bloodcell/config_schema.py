@@ -144,6 +144,7 @@ class TrainerSchema(Group):
     verbose: Literal["auto", 0, 1, 2] = fix("use auto, 0, 1 or 2", default="auto")
     checkpoint: CheckpointSchema
     resume: str | None = None
+    reuse_phase1: bool = fix("use true or false", default=True)
 
 
 class FinetuneSchema(Group):
@@ -155,6 +156,9 @@ class FinetuneSchema(Group):
     unfreeze_layers: int | None = fix("layers from the top, e.g. 20, or null", default=None, ge=0)
     freeze_batchnorm: Auto = fix("use auto, true or false")
     early_stopping_patience: int = fix("epochs without improvement, e.g. 10", ge=0)
+    augmentation_strength: float | None = fix(
+        "phase 2's strength in [0, 1], e.g. 0.5, or null for augmentation.strength", default=None, ge=0, le=1
+    )
 
 
 class TrackingSchema(Group):

@@ -17,7 +17,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import hydra
 from omegaconf import DictConfig
 
-from bloodcell import NUM_CLASSES, PROJECT_ROOT, checkpoints, tracking
+from bloodcell import NUM_CLASSES, PROJECT_ROOT, checkpoints, phase1_cache, tracking
 from bloodcell.cli import run_or_exit
 from bloodcell.errors import UserError
 from bloodcell.resume import Resume, config_digest, find_resumable
@@ -223,6 +223,8 @@ class Setup:
     random_layers: list[keras.Layer] = field(default_factory=list)
     #: the epoch whose data order the training pipeline draws (set by callbacks.EpochOrder)
     epoch: tf.Variable | None = None
+    #: switches the training pipeline to ``finetune.augmentation_strength`` (None: phase 2 keeps phase 1's)
+    phase2_augmentation: Callable[[], None] | None = None
 
 
 def build(cfg: DictConfig, splits: Splits, strategy: tf.distribute.Strategy, resumed: bool = False) -> Setup:
@@ -232,6 +234,7 @@ def build(cfg: DictConfig, splits: Splits, strategy: tf.distribute.Strategy, res
     import tensorflow as tf
 
     from bloodcell import augment, finetune
+    from bloodcell.augment.pipeline import strength_of
     from bloodcell.data import class_weights, make_tf_dataset
     from bloodcell.models import BACKBONE_LAYER, batchnorm_frozen, build_model
 
@@ -276,9 +279,38 @@ def build(cfg: DictConfig, splits: Splits, strategy: tf.distribute.Strategy, res
         )
     weights = class_weights(splits.train.labels) if cfg.trainer.class_weight == "balanced" else None
     random_layers = [layer for layer in (in_pipeline, mixer) if isinstance(layer, keras.Layer)]
-    return Setup(
+    setup = Setup(
         model, trainable_model, backbone, train_ds, val_ds, batch, strategy, weights, random_layers, epoch
     )
+    strength2 = cfg.finetune.get("augmentation_strength")
+    if strength2 is not None and float(strength2) != strength_of(cfg.augmentation):
+
+        def phase2_augmentation() -> None:
+            """The same pipeline at phase 2's strength (its own random state, seeded as phase 1's was).
+            Phase 1 never sees it: a study can search it and still reuse phase 1 (bloodcell.phase1_cache)."""
+            from omegaconf import OmegaConf
+
+            aug_cfg = OmegaConf.merge(cfg.augmentation, {"strength": float(strength2)})
+            with strategy.scope():
+                augmentation = augment.build_augmentation(aug_cfg, cfg.seed)
+            mixer = augment.build_mixer(aug_cfg, NUM_CLASSES, cfg.seed)
+            in_pipeline = None if in_model else augmentation
+            setup.train_ds = make_tf_dataset(
+                splits.train,
+                batch,
+                training=True,
+                seed=cfg.seed,
+                augment=in_pipeline,
+                mixer=mixer,
+                epoch=epoch,
+            )
+            setup.random_layers = [layer for layer in (in_pipeline, mixer) if isinstance(layer, keras.Layer)]
+            if in_model:
+                with strategy.scope():
+                    setup.trainable_model = keras.Sequential([augmentation, model]) if augmentation else model
+
+        setup.phase2_augmentation = phase2_augmentation
+    return setup
 
 
 # ---- step 4: the two phases -------------------------------------------------------------------------
@@ -532,6 +564,8 @@ def fine_tune(
     from bloodcell import finetune
 
     phase = Phase.second(cfg)
+    if setup.phase2_augmentation is not None:  # finetune.augmentation_strength
+        setup.phase2_augmentation()
     if resume is None:
         callbacks.phase1_epochs = phase1_epochs
         callbacks.phase1_best = best_value(callbacks.epoch_log.history, "val_accuracy")
@@ -557,7 +591,11 @@ def fine_tune(
 
 
 def fit_both_phases(
-    cfg: DictConfig, setup: Setup, callbacks: RunCallbacks, resume: Resume | None
+    cfg: DictConfig,
+    setup: Setup,
+    callbacks: RunCallbacks,
+    resume: Resume | None,
+    cache: phase1_cache.Phase1Cache | None = None,
 ) -> int | None:
     """Phase 1, then phase 2 when the config wants it and time is left; a resumed run goes on in the phase
     its checkpoint was written in. Returns the global epoch phase 2 started at (None without phase 2)."""
@@ -565,7 +603,16 @@ def fit_both_phases(
         phase1_epochs = int(resume.checkpoint.state["phase1_epochs"])
         fine_tune(cfg, setup, callbacks, phase1_epochs, resume)
         return phase1_epochs
-    phase1_epochs = train_head(cfg, setup, callbacks, resume)
+    if cache is None:
+        phase1_epochs = train_head(cfg, setup, callbacks, resume)
+    else:  # trained once per key, loaded by every later run with that key (trainer.reuse_phase1)
+        phase1_epochs = phase1_cache.train_or_reuse(
+            cache,
+            setup,
+            callbacks,
+            prepare=lambda: compile_for(setup, Phase.first(cfg), cfg.trainer.label_smoothing),
+            train_phase1=lambda: train_head(cfg, setup, callbacks),
+        )
     if wants_phase2(cfg) and not callbacks.out_of_time():
         fine_tune(cfg, setup, callbacks, phase1_epochs)
         return phase1_epochs
@@ -791,8 +838,14 @@ def train(cfg: DictConfig) -> float:
         setup = build(cfg, data.splits, strategy, resumed=resume is not None)
         with run_dirs.checkpointing(run.info.run_id) as run_dir:
             callbacks = RunCallbacks.for_run(cfg, setup, data.splits.train.images, run_dir)
+            # a resumed run continues its own checkpoint; a new one may start phase 2 from a stored phase 1
+            cache = None
+            if resume is None:
+                cache = phase1_cache.for_run(
+                    cfg, data.tags(), run_dirs.root, strategy.num_replicas_in_sync, run.info.run_id
+                )
             with timed("fit"):
-                phase2_start = fit_both_phases(cfg, setup, callbacks, resume)
+                phase2_start = fit_both_phases(cfg, setup, callbacks, resume, cache)
         with timed("evaluate"):
             result = evaluate_splits(cfg, setup, data.splits)
         objective = record(

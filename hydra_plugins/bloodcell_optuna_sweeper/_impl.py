@@ -95,6 +95,17 @@ def summary_counts(trials: list[FrozenTrial]) -> dict[str, int]:
     return counts
 
 
+def phase1_savings(trials: list[FrozenTrial]) -> dict[str, float]:
+    """How many trials started phase 2 from a stored phase 1 (`bloodcell.phase1_cache`; their user
+    attributes, set by the trial), and the epochs and seconds of phase 1 they did not train."""
+    reused = [t for t in trials if "phase1_reused_epochs" in t.user_attrs]
+    return {
+        "n_phase1_reused": len(reused),
+        "phase1_saved_epochs": sum(int(t.user_attrs["phase1_reused_epochs"]) for t in reused),
+        "phase1_saved_seconds": sum(float(t.user_attrs.get("phase1_saved_seconds", 0.0)) for t in reused),
+    }
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -509,6 +520,13 @@ class OptunaSweep:
             if best is not None
             else "no complete trial yet"
         )
+        saved = phase1_savings(trials)
+        if saved["n_phase1_reused"]:
+            n, epochs = int(saved["n_phase1_reused"]), int(saved["phase1_saved_epochs"])
+            best_text += (
+                f"; phase 1 reused by {n} trial{'s' if n != 1 else ''} ({epochs} epochs, "
+                f"{_duration(saved['phase1_saved_seconds'])} not trained)"
+            )
         log.info(
             "study '%s': %d/%d trials done (%d complete, %d pruned, %d failed%s); %s",
             self.study_name,
@@ -695,7 +713,7 @@ class _ParentRun:
         self, trials: list[FrozenTrial], best: FrozenTrial | None, files: list[Path], status: str
     ) -> None:
         counts = summary_counts(trials)
-        metrics: dict[str, float] = {f"n_{k}": v for k, v in counts.items()}
+        metrics: dict[str, float] = {f"n_{k}": v for k, v in counts.items()} | phase1_savings(trials)
         tags: dict[str, str] = {}
         if best is not None:
             metrics["best_value"] = cast(float, best.value)  # the best trial is a complete one

@@ -159,6 +159,8 @@ def test_tiny_sweep_with_two_parallel_jobs_fills_optuna_and_mlflow(tmp_path):
             "hydra.sweeper.n_jobs=2",
             "hydra/launcher=joblib",
             "hydra.launcher.n_jobs=2",
+            # fixed, so both trials share phase 1 (issue 19): on a cold cache one trains it, one reuses it
+            "augmentation.strength=0.5",
         ),
         cwd=tmp_path,
         timeout=600,
@@ -166,9 +168,12 @@ def test_tiny_sweep_with_two_parallel_jobs_fills_optuna_and_mlflow(tmp_path):
     assert_ok(proc)
     study = load_study(f"sqlite:///{tmp_path / 'optuna.db'}")
     assert states(study) == {"COMPLETE": 2}
-    assert len(study.trials[0].intermediate_values) == 2  # one report per epoch of both phases
+    # one report per epoch of both phases, also from the trial whose phase-1 epoch was copied
+    assert [len(t.intermediate_values) for t in study.trials] == [2, 2]
+    assert study.trials[0].intermediate_values[0] == study.trials[1].intermediate_values[0]
     log = proc.stdout + proc.stderr
     assert "trial 0 COMPLETE" in log and "trial 1 COMPLETE" in log and "2/2 trials done" in log
+    assert "phase 1 reused by 1 trial (1 epochs" in log
 
     client, parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1 and len(children) == 2
@@ -182,6 +187,14 @@ def test_tiny_sweep_with_two_parallel_jobs_fills_optuna_and_mlflow(tmp_path):
     assert sorted(c.data.tags["trial_number"] for c in children) == ["0", "1"]
     assert {c.data.tags["optuna.trial_state"] for c in children} == {"COMPLETE"}
     assert math.isclose(parent.data.metrics["best_value"], study.best_value)
+    # phase 1 was trained once and stored once; the other trial started phase 2 from it
+    trained, reused = sorted(children, key=lambda c: c.data.tags["phase1_reused"])
+    assert (trained.data.tags["phase1_reused"], reused.data.tags["phase1_reused"]) == ("false", "true")
+    assert reused.data.tags["phase1_source_run"] == trained.info.run_id
+    entries = [p for p in (tmp_path / "checkpoints" / "phase1").iterdir() if p.is_dir()]
+    assert [p.name for p in entries] == [trained.data.tags["phase1_key"]]
+    assert [c.name for c in entries[0].iterdir()] == ["epoch-0000"]  # complete, no temporary folder left
+    assert parent.data.metrics["n_phase1_reused"] == 1 and parent.data.metrics["phase1_saved_epochs"] == 1
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"best.yaml", "trials.csv", "noise.txt", "plots"} <= artifacts
     # issue 15: every trial's intervals, and which trials the validation images cannot tell from the best
