@@ -724,6 +724,8 @@ def record(
         tracking.log_predictions(
             "test", test, result.test_index, result.probabilities, result.split_fingerprint
         )
+        if cfg.tracking.get("explain", True):  # Grad-CAM: one gradient pass over up to 16 test images
+            tracking.log_explanations(setup.model, test.images, test.labels, result.probabilities)
         if result.val is not None:
             val = result.val
             tracking.log_validation(val.evaluation)

@@ -653,6 +653,17 @@ def log_validation(evaluation: Any) -> None:
     log_metrics({k: v for k, v in evaluation.metrics.items() if "precision_" not in k and "recall_" not in k})
 
 
+def log_explanations(model: Any, images: Any, labels: Any, probabilities: Any) -> None:
+    """What the model looked at, on the test split (``tracking.explain``): ``plots/gradcam.png`` (per class
+    the most confident correct and wrong image with its Grad-CAM heat map) and ``plots/test_errors.png``
+    (the most confident errors, counted in the title). A model Grad-CAM cannot explain gets a warning and
+    no Grad-CAM sheet, never a failed run (bloodcell.explain)."""
+    from bloodcell.explain import sheets
+
+    for name, figure in sheets(model, images, labels, probabilities).items():
+        log_figure(figure, "plots/gradcam.png" if name == "gradcam" else "plots/test_errors.png")
+
+
 def _remove_partial_model(run_id: str | None) -> None:
     """After a failed upload to a local artifact folder (a full disk), no truncated model file stays under
     its final name: the run's logged-model folders go. (A server's store is the server's business.)"""

@@ -68,6 +68,8 @@ def test_artifacts_and_logged_model_reloads_and_predicts(quickstart_run):
         "plots/reliability.png",
         "plots/accuracy_coverage.png",
     } <= plots
+    # what the model looked at (tracking.explain, on by default): Grad-CAM per class, the test errors
+    assert {"plots/gradcam.png", "plots/test_errors.png"} <= plots
     overrides = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/overrides.yaml")
     assert "+experiment=quickstart" in overrides
     import bloodcell.calibration  # noqa: F401  (registers the temperature layer the calibrated model ends with)
@@ -116,6 +118,33 @@ def test_calibrated_model_probabilities_and_abstention_metrics_agree(quickstart_
     images, _ = make_demo_set(12, 32, 0)  # TINY's data set: data_index points into it
     logged = model.predict(images[stored["data_index"]].astype(np.float32), verbose=0)
     np.testing.assert_allclose(logged, probabilities, atol=1e-4)
+
+
+def test_explain_writes_the_gradcam_and_error_sheets_for_the_run_s_model(quickstart_run, tmp_path):
+    from PIL import Image
+
+    from bloodcell.data import make_demo_set
+
+    uri, run, _ = quickstart_run
+    images, labels = make_demo_set(per_class=3, image_size=32, seed=9)
+    np.savez(tmp_path / "cells.npz", images=images, labels=labels)
+    out = tmp_path / "explained"
+    proc = run_module(
+        "bloodcell.explain",
+        f"model=runs:/{run.info.run_id}/model",
+        f"input={tmp_path / 'cells.npz'}",
+        f"output={out}",
+        "limit=20",
+        f"tracking.uri={uri}",
+    )
+    assert_ok(proc)
+    assert sorted(p.name for p in out.iterdir()) == ["errors.png", "gradcam.png"]  # no temporary file left
+    for name in ("gradcam.png", "errors.png"):
+        with Image.open(out / name) as png:
+            assert png.format == "PNG" and png.width > 300 and png.height > 300
+    errors = int(proc.stdout.split(" errors among 20 labelled images")[0].split()[-1])
+    assert 0 <= errors <= 20
+    assert "feature map: backbone/conv_block4_relu2" in proc.stdout  # small_cnn's last conv, found inside
 
 
 def test_crash_after_run_start_marks_run_failed_with_reason(tracking, tmp_path):

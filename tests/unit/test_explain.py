@@ -1,0 +1,179 @@
+"""Grad-CAM and the sheets of what a model looked at (bloodcell.explain), on small real Keras models."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from conftest import SHARED_WEIGHTS, needs_shared_weights
+
+from bloodcell.errors import UserError
+from bloodcell.explain import (
+    ERRORS_SHOWN,
+    GradCam,
+    NoFeatureMap,
+    check_output,
+    errors_sheet,
+    gradcam_grid,
+    sheets,
+    showcase,
+)
+
+
+def red_detector(pool: bool, nested: bool):
+    """A model whose class 0 is "how red the image is": a 1x1 conv copies the red channel (and a second
+    channel the blue one), global pooling, and a softmax where class 0 weighs red and class 1 blue. Grad-CAM
+    for class 0 must then light up the red pixels and nothing else. With ``nested`` the conv part is a
+    model inside the model, as a bloodcell backbone is."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Rescaling(1 / 255.0)(inputs)
+    conv = layers.Conv2D(2, 1, use_bias=False, name="features")
+    x = conv(x)
+    x = layers.MaxPooling2D(name="pool")(x) if pool else x
+    x = layers.GlobalAveragePooling2D()(x)
+    if nested:
+        inner = keras.Model(inputs, x, name="backbone")
+        outer_input = keras.Input((16, 16, 3))
+        x, inputs = inner(outer_input), outer_input
+    dense = layers.Dense(8, activation="softmax", name="probabilities")
+    model = keras.Model(inputs, dense(x))
+    conv.set_weights([np.array([[[[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]]], dtype=np.float32)])
+    kernel = np.zeros((2, 8), np.float32)
+    kernel[0, 0], kernel[1, 1] = 5.0, 5.0
+    dense.set_weights([kernel, np.zeros(8, np.float32)])
+    return model
+
+
+def red_square_images() -> np.ndarray:
+    """Two 16x16 images: a red square top-left on a blue-ish background, and one bottom-right."""
+    images = np.zeros((2, 16, 16, 3), np.uint8)
+    images[..., 2] = 60
+    images[0, 2:6, 2:6] = (255, 0, 0)
+    images[1, 9:15, 10:15] = (255, 0, 0)
+    return images
+
+
+@pytest.mark.parametrize("pool", [False, True], ids=["same size", "upsampled"])
+def test_gradcam_lights_up_what_the_class_score_depends_on(pool):
+    images = red_square_images()
+    cam = GradCam.of(red_detector(pool, nested=False))
+    maps, probabilities = cam.heatmaps(images, classes=np.array([0, 0]))
+    assert cam.layer == ("pool" if pool else "features")
+    assert maps.shape == (2, 16, 16) and maps.dtype == np.float32
+    assert maps.min() >= 0.0 and maps.max() <= 1.0
+    assert probabilities.shape == (2, 8) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    for heat, (rows, cols) in zip(maps, [(slice(2, 6), slice(2, 6)), (slice(9, 15), slice(10, 15))]):
+        inside = np.zeros((16, 16), bool)
+        inside[rows, cols] = True
+        assert inside[np.unravel_index(heat.argmax(), heat.shape)]  # the peak sits on the red square
+        assert heat[inside].mean() > 0.5 > heat[~inside].mean()
+        if not pool:  # no resizing: exactly the red channel, scaled to a maximum of 1
+            np.testing.assert_allclose(heat, inside.astype(np.float32), atol=1e-5)
+    # the blue class's evidence is the background, everywhere but the square
+    blue = cam.heatmaps(images[:1], classes=np.array([1]))[0][0]
+    assert blue[10:, 10:].mean() > blue[2:6, 2:6].mean()
+
+
+def test_a_nested_backbone_gives_the_same_heat_maps_as_the_flat_model():
+    images = red_square_images()
+    cam = GradCam.of(red_detector(pool=True, nested=True))
+    assert cam.layer == "backbone/pool"
+    flat = GradCam.of(red_detector(pool=True, nested=False)).heatmaps(images)[0]
+    np.testing.assert_allclose(cam.heatmaps(images)[0], flat, atol=1e-5)
+
+
+def test_the_class_score_is_the_logit_also_under_a_weightless_last_layer():
+    """A calibrated model ends with temperature scaling, a layer without weights after the softmax: the score
+    stays the Dense layer's logit, and the heat maps those of the model without it."""
+    import keras
+
+    images = red_square_images()
+    model = red_detector(pool=True, nested=True)
+    plain = GradCam.of(model)
+    assert plain.logits is model.get_layer("probabilities")
+    after = keras.Model(model.inputs, keras.layers.Activation("linear", name="after")(model.outputs[0]))
+    cam = GradCam.of(after)
+    assert cam.logits is model.get_layer("probabilities")
+    np.testing.assert_allclose(cam.heatmaps(images)[0], plain.heatmaps(images)[0], atol=1e-6)
+
+
+def test_a_model_without_a_conv_layer_is_a_clear_error_and_the_run_sheets_skip_it(caplog):
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Flatten()(layers.Rescaling(1 / 255.0)(inputs))  # Rescaling's output is 4-D but no conv
+    model = keras.Model(inputs, layers.Dense(8, activation="softmax")(x), name="dense_only")
+    with pytest.raises(NoFeatureMap, match="model dense_only has no convolutional layer"):
+        GradCam.of(model)
+    with pytest.raises(UserError, match="no layer named 'conv_pw_13_relu'"):
+        GradCam.of(red_detector(False, False), "conv_pw_13_relu")
+    images = red_square_images()
+    labels = np.array([0, 1])
+    with caplog.at_level(logging.WARNING, logger="bloodcell.explain"):
+        figures = sheets(model, images, labels, model.predict(images, verbose=0))
+    assert set(figures) == {"errors"}  # the error sheet still, no Grad-CAM sheet, no exception
+    assert "no Grad-CAM sheet: model dense_only has no convolutional layer" in caplog.text
+
+
+def test_showcase_and_error_sheet_pick_the_most_confident_and_count_all_errors():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(8), 20)
+    probabilities = rng.dirichlet(np.ones(8), size=len(labels)).astype(np.float32)
+    picks = showcase(labels, probabilities)
+    predicted, confidence = probabilities.argmax(1), probabilities.max(1)
+    for c, right, wrong in picks:
+        assert right is None or (labels[right] == c == predicted[right])
+        assert wrong is not None and labels[wrong] == c != predicted[wrong]
+        same = (labels == c) & (predicted != c)
+        assert confidence[wrong] == confidence[same].max()
+    errors = int((predicted != labels).sum())
+    assert errors > ERRORS_SHOWN
+    figure = errors_sheet(rng.integers(0, 255, (len(labels), 8, 8, 3), dtype=np.uint8), labels, probabilities)
+    assert figure._suptitle.get_text() == (
+        f"{errors} test errors of {len(labels)} images, the {ERRORS_SHOWN} most confident shown"
+    )
+    assert sum(bool(ax.images) for ax in figure.axes) == ERRORS_SHOWN
+
+
+def test_unlabelled_images_each_get_a_tile_beside_their_heat_map_named_by_file():
+    cam = GradCam.of(red_detector(pool=True, nested=True))
+    figure = gradcam_grid(cam, red_square_images(), ["cells/a.png", "cells/b.png"], "two cells")
+    titles = [ax.get_title() for ax in figure.axes if ax.images]
+    assert len(titles) == 4 and titles[0].startswith(
+        "cells/a.png\npred eosinophil"
+    )  # the blue class: more blue than red
+    assert titles[2].startswith("cells/b.png") and "feature map backbone/pool" in figure._suptitle.get_text()
+
+
+def test_the_command_refuses_to_overwrite_sheets_or_to_write_into_a_file(tmp_path):
+    assert check_output(str(tmp_path / "new"), False) == tmp_path / "new"
+    (tmp_path / "gradcam.png").write_bytes(b"keep me")
+    with pytest.raises(UserError, match="gradcam.png exists; choose another name or pass overwrite=true"):
+        check_output(str(tmp_path), False)
+    assert check_output(str(tmp_path), True) == tmp_path
+    with pytest.raises(UserError, match="is a file"):
+        check_output(str(tmp_path / "gradcam.png"), True)
+
+
+@needs_shared_weights
+def test_gradcam_finds_mobilenet_s_last_conv_inside_the_nested_backbone():
+    from bloodcell.cli import compose
+    from bloodcell.data import make_demo_set
+    from bloodcell.models import build_model
+
+    cfg = compose(["backbone=mobilenet", f"backbone.weights={SHARED_WEIGHTS}", "backbone.input_size=96"])
+    model = build_model(cfg, (32, 32, 3))
+    images, labels = make_demo_set(1, 32, seed=3)
+    cam = GradCam.of(model)
+    maps, probabilities = cam.heatmaps(images)
+    assert cam.layer == "backbone/conv_pw_13_relu"
+    assert maps.shape == (8, 32, 32) and maps.min() >= 0.0 and maps.max() <= 1.0
+    assert maps.max() > 0.5  # a gradient reached the feature map (a broken one gives all zeros)
+    np.testing.assert_allclose(probabilities, model.predict(images, verbose=0), atol=1e-5)
+    figures = sheets(model, images, labels, probabilities)
+    assert set(figures) == {"errors", "gradcam"}
