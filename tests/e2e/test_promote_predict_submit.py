@@ -283,6 +283,34 @@ def test_predict_resizes_images_of_another_size_and_refuses_non_rgb(store, predi
     assert_user_error(proc, "(N, H, W, 3)")
 
 
+def test_predict_review_below_marks_and_counts_the_images_under_the_threshold(store, predictions, tmp_path):
+    """review_below: a threshold between two of the champion's top probabilities (from the plain run)
+    splits the images; the column and the printed count say which and how many."""
+    top = np.array([max(float(row[f"p_{c}"]) for c in CLASS_NAMES) for row in predictions])
+    ranked = np.unique(top)
+    cut = int(np.argmax(np.diff(ranked)))  # the widest gap: its middle is far from every image's value
+    threshold = round(float(ranked[cut] + ranked[cut + 1]) / 2, 6)
+    expected = top < threshold
+    assert 0 < expected.sum() < len(top)
+    output = tmp_path / "review.csv"
+    proc = run_module(
+        "bloodcell.predict",
+        "model=models:/bloodcell@champion",
+        f"input={store.root / 'cells.npz'}",
+        f"output={output}",
+        f"review_below={threshold}",
+        f"tracking.uri={store.uri}",
+    )
+    assert_ok(proc)
+    with output.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["review"] for row in rows] == ["true" if r else "false" for r in expected]
+    count, total = int(expected.sum()), len(expected)
+    assert (
+        f"{count} of {total} images ({count / total:.1%}) below {threshold:g}: marked review" in proc.stdout
+    )
+
+
 def test_predict_does_not_overwrite_unless_asked(store, predictions, tmp_path):
     existing = tmp_path / "p.csv"
     existing.write_text("keep me")
@@ -369,6 +397,9 @@ def test_submission_predicts_like_predict_without_bloodcell(store, predictions, 
         elif isinstance(node, ast.ImportFrom):
             imports.add(node.module.split(".")[0])
     assert imports <= {"os", "numpy", "keras", "tensorflow"}, imports
+    # the champion is calibrated (trainer.calibrate): model.py loads its TemperatureScaling layer alone
+    with zipfile.ZipFile(unpacked / "model.keras") as keras_zip:
+        assert b'"TemperatureScaling"' in keras_zip.read("config.json")
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
