@@ -161,6 +161,11 @@ class PreciseBatchNorm(keras.callbacks.Callback):
         return cls(norms, parts, images, batch_size)
 
     def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.recompute()
+
+    def recompute(self) -> None:
+        """Set the head's BatchNorm statistics for the weights the model holds now (also after averaging
+        them: `WeightAverage`)."""
         x = self.parts[0].predict(self.images, verbose=0)
         for i, norm in enumerate(self.norms):
             if i:
@@ -238,17 +243,30 @@ class OptunaPruning(keras.callbacks.Callback):
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     """Keras' EarlyStopping (monitor, patience, best weights restored at the end), whose counters can be
-    saved in a checkpoint and set again when a run resumes: Keras resets them in ``on_train_begin``."""
+    saved in a checkpoint and set again when a run resumes: Keras resets them in ``on_train_begin``.
+
+    With ``ema`` (the optimizer averages the weights, ``trainer.ema``) the best epoch's weights it keeps
+    and restores are the averaged ones, the weights its validation scored (`keras.callbacks.SwapEMAWeights`
+    swaps them in for validation only): Keras' own EarlyStopping would keep the raw weights, and restoring
+    them at the end would undo the average that ``fit`` has just put in."""
+
+    best_weights: list[np.ndarray] | None
 
     def __init__(
         self,
         *,
         resume_from: dict[str, Any] | None = None,
         best_weights: list[np.ndarray] | None = None,
+        ema: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.resume_from, self.resume_weights = resume_from, best_weights
+        self.resume_from, self.resume_weights, self.ema = resume_from, best_weights, ema
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        super().on_epoch_end(epoch, logs)
+        if self.ema and self.restore_best_weights and self.best_epoch == epoch and self.best_weights:
+            self.best_weights = ema_weights(self.model)
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         super().on_train_begin(logs)
@@ -261,6 +279,45 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     def state(self) -> dict[str, Any]:
         best = None if self.best is None else float(self.best)
         return {"wait": int(self.wait), "best": best, "best_epoch": int(self.best_epoch)}
+
+
+def ema_weights(model: keras.Model) -> list[np.ndarray]:
+    """``model.get_weights()`` with each trainable weight replaced by its exponential moving average, as
+    the model's optimizer (``use_ema``) keeps it. Keras has no public accessor: this reads the same
+    optimizer attributes as `keras.callbacks.SwapEMAWeights`."""
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # a LossScaleOptimizer's
+    averages = {
+        id(variable): average
+        for variable, average in zip(
+            optimizer._trainable_variables, optimizer._model_variables_moving_average
+        )
+    }
+    return [keras.ops.convert_to_numpy(averages.get(id(v), v)) for v in model.weights]
+
+
+class WeightAverage(keras.callbacks.Callback):
+    """Stochastic weight averaging (``finetune.swa``, Izmailov et al. 2018): keeps the trainable weights
+    at the end of each of the last ``epochs`` epochs; `average` is their mean. Its BatchNorm statistics are
+    recomputed afterwards (`PreciseBatchNorm.recompute`): the averaged weights never ran on a batch.
+    ``window`` is what a checkpoint keeps (`flat` / `restore`), so a resumed run averages the same epochs."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = int(epochs)
+        self.window: list[list[np.ndarray]] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.window = [*self.window, [v.numpy() for v in self.model.trainable_weights]][-self.epochs :]
+
+    def average(self) -> list[np.ndarray]:
+        return [np.mean(np.stack(snapshots), axis=0) for snapshots in zip(*self.window)]
+
+    def flat(self) -> list[np.ndarray]:
+        return [array for snapshot in self.window for array in snapshot]
+
+    def restore(self, arrays: list[np.ndarray], per_snapshot: int) -> None:
+        """The window a checkpoint kept (`flat`), ``per_snapshot`` arrays per epoch."""
+        self.window = [list(arrays[i : i + per_snapshot]) for i in range(0, len(arrays), per_snapshot)]
 
 
 class Checkpoint(keras.callbacks.Callback):

@@ -135,6 +135,8 @@ class TrainerSchema(Group):
     time_limit_minutes: float | None = fix("minutes, e.g. 45, or null for none", default=None, gt=0)
     class_weight: Literal["balanced", None] = fix("use balanced or null")
     label_smoothing: float = fix("in [0, 1), e.g. 0.1", default=0.0, ge=0, lt=1)
+    ema: bool = False
+    ema_momentum: float = fix("in (0, 1), e.g. 0.99 (about the last 100 steps)", default=0.99, gt=0, lt=1)
     test_tta: bool = False
     calibrate: bool = True
     mixed_precision: Literal[False, True, "mixed_float16", "mixed_bfloat16", None] = fix(
@@ -156,6 +158,8 @@ class FinetuneSchema(Group):
     unfreeze_layers: int | None = fix("layers from the top, e.g. 20, or null", default=None, ge=0)
     freeze_batchnorm: Auto = fix("use auto, true or false")
     early_stopping_patience: int = fix("epochs without improvement, e.g. 10", ge=0)
+    swa: bool = False
+    swa_epochs: int = fix("phase 2's last epochs to average, e.g. 5", default=5, ge=2)
     augmentation_strength: float | None = fix(
         "phase 2's strength in [0, 1], e.g. 0.5, or null for augmentation.strength", default=None, ge=0, le=1
     )
@@ -181,6 +185,21 @@ class TrainSchema(Group):
     trainer: TrainerSchema
     finetune: FinetuneSchema
     tracking: TrackingSchema
+
+    @model_validator(mode="after")
+    def _one_weight_average(self) -> TrainSchema:
+        if self.trainer.ema and self.finetune.swa:
+            raise ValueError(
+                "trainer.ema=true and finetune.swa=true average the weights twice; choose one, "
+                "e.g. finetune.swa=false"
+            )
+        averaging = "trainer.ema" if self.trainer.ema else "finetune.swa" if self.finetune.swa else None
+        if averaging and self.head.batchnorm and not self.head.precise_bn_images:
+            raise ValueError(
+                f"{averaging}=true needs the head's BatchNorm statistics recomputed for the averaged "
+                "weights: set head.precise_bn_images, e.g. 2048"
+            )
+        return self
 
 
 def check_train_config(cfg: Any) -> None:

@@ -62,9 +62,16 @@ def unfreeze(backbone: keras.Model, cfg: Any) -> int:
     return sum(layer.trainable for layer in backbone.layers if layer.weights)
 
 
-def optimizer(lr: float, decay_steps: int, decay_rate: float) -> keras.optimizers.Optimizer:
-    """Adam on an exponentially decaying learning rate (the reference recipe's schedule)."""
+def optimizer(
+    lr: float, decay_steps: int, decay_rate: float, ema_momentum: float | None = None
+) -> keras.optimizers.Optimizer:
+    """Adam on an exponentially decaying learning rate (the reference recipe's schedule). With
+    ``ema_momentum`` it also keeps an exponential moving average of the trainable weights after every
+    step (Keras' ``use_ema``; ``trainer.ema``): the averages are optimizer variables, so a checkpoint
+    keeps them."""
     import keras
 
     schedule = keras.optimizers.schedules.ExponentialDecay(lr, decay_steps=decay_steps, decay_rate=decay_rate)
-    return keras.optimizers.Adam(learning_rate=schedule)
+    if ema_momentum is None:
+        return keras.optimizers.Adam(learning_rate=schedule)
+    return keras.optimizers.Adam(learning_rate=schedule, use_ema=True, ema_momentum=ema_momentum)

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
         PreciseBatchNorm,
         ResumableEarlyStopping,
         TimeLimit,
+        WeightAverage,
     )
     from bloodcell.clean import CleaningResult
     from bloodcell.data import Arrays, Splits
@@ -326,18 +327,29 @@ class Phase:
     lr_decay_steps: int
     lr_decay_rate: float
     patience: int
+    #: the optimizer's moving average of the weights (``trainer.ema``, both phases); None = off
+    ema_momentum: float | None = None
 
     @classmethod
     def first(cls, cfg: DictConfig) -> Phase:
         """Phase 1: the head (and a randomly initialised backbone) at ``trainer.lr``."""
         t = cfg.trainer
-        return cls("phase1", t.epochs, t.lr, t.lr_decay_steps, t.lr_decay_rate, t.early_stopping_patience)
+        return cls(
+            "phase1", t.epochs, t.lr, t.lr_decay_steps, t.lr_decay_rate, t.early_stopping_patience, ema(cfg)
+        )
 
     @classmethod
     def second(cls, cfg: DictConfig) -> Phase:
         """Phase 2: fine-tuning the top of the backbone at ``finetune.lr``."""
         f = cfg.finetune
-        return cls("phase2", f.epochs, f.lr, f.lr_decay_steps, f.lr_decay_rate, f.early_stopping_patience)
+        return cls(
+            "phase2", f.epochs, f.lr, f.lr_decay_steps, f.lr_decay_rate, f.early_stopping_patience, ema(cfg)
+        )
+
+
+def ema(cfg: DictConfig) -> float | None:
+    """``trainer.ema_momentum`` when ``trainer.ema`` is on, else None."""
+    return float(cfg.trainer.ema_momentum) if cfg.trainer.get("ema") else None
 
 
 @dataclass
@@ -359,12 +371,21 @@ class RunCallbacks:
     phase1_epochs: int | None = None
     phase1_best: float | None = None
     phase1_weights: list[np.ndarray] | None = None
+    #: stochastic weight averaging over phase 2's last epochs (``finetune.swa``); None = off
+    averaging: WeightAverage | None = None
 
     @classmethod
     def for_run(
         cls, cfg: DictConfig, setup: Setup, train_images: np.ndarray, run_dir: Path | None
     ) -> RunCallbacks:
-        from bloodcell.callbacks import Checkpoint, EpochLogger, EpochOrder, PreciseBatchNorm, TimeLimit
+        from bloodcell.callbacks import (
+            Checkpoint,
+            EpochLogger,
+            EpochOrder,
+            PreciseBatchNorm,
+            TimeLimit,
+            WeightAverage,
+        )
         from bloodcell.trial import pruning_callback
 
         precise_bn = PreciseBatchNorm.for_model(
@@ -376,6 +397,8 @@ class RunCallbacks:
         epoch_log = EpochLogger(images_per_epoch=len(train_images))
         callbacks = cls(setup, epoch_log, precise_bn, time_limit, None, pruning_callback(cfg))
         callbacks.order = EpochOrder(setup.epoch) if setup.epoch is not None else None
+        if cfg.finetune.get("swa"):
+            callbacks.averaging = WeightAverage(int(cfg.finetune.swa_epochs))
         if every > 0:
             callbacks.checkpoint = Checkpoint(
                 run_dir, callbacks.snapshot, every, int(cfg.trainer.checkpoint.keep)
@@ -385,6 +408,8 @@ class RunCallbacks:
     def for_phase(
         self, phase: Phase, resumed: checkpoints.Checkpoint | None = None
     ) -> list[keras.callbacks.Callback]:
+        import keras
+
         from bloodcell.callbacks import ResumableEarlyStopping
 
         self.phase = phase.name
@@ -395,13 +420,21 @@ class RunCallbacks:
             verbose=1,
             resume_from=resumed.state["early_stopping"] if resumed else None,
             best_weights=(resumed.arrays.get("best_weights") or None) if resumed else None,
+            ema=phase.ema_momentum is not None,
         )
+        # With EMA, validation scores the averaged weights (swapped in before precise BN, so that its
+        # statistics are theirs, and out again before the epoch ends: training and the checkpoint go on with
+        # the raw ones); early stopping keeps the averaged weights of the best epoch.
+        swap = keras.callbacks.SwapEMAWeights() if phase.ema_momentum is not None else None
+        averaging = self.averaging if phase.name == "phase2" else None
         # precise BN first: its statistics are what validation sees; the checkpoint after the stoppers (their
         # decisions are part of it) and before the epoch is recorded or reported (see callbacks.Checkpoint)
         ordered = [
+            swap,
             self.precise_bn,
             self.stopping,
             self.time_limit,
+            averaging,
             self.checkpoint,
             self.epoch_log,
             self.pruner,
@@ -436,6 +469,7 @@ class RunCallbacks:
             "random": [v.numpy() for layer in setup.random_layers for v in layer.variables],
             "best_weights": list(self.stopping.best_weights or []),
             "phase1_weights": list(self.phase1_weights or []),
+            "swa": self.averaging.flat() if self.averaging is not None else [],
         }
         return checkpoints.Checkpoint(state, arrays)
 
@@ -461,6 +495,8 @@ class RunCallbacks:
                 variable.assign(value)
         self.phase1_epochs, self.phase1_best = state["phase1_epochs"], state["phase1_best"]
         self.phase1_weights = saved.arrays.get("phase1_weights") or None
+        if self.averaging is not None:
+            self.averaging.restore(saved.arrays.get("swa", []), len(model.trainable_weights))
         if self.time_limit is not None and state.get("time_spent") is not None:
             self.time_limit.already_spent(float(state["time_spent"]))
         *earlier, last = state["history"]
@@ -483,7 +519,7 @@ def compile_for(setup: Setup, phase: Phase, label_smoothing: float) -> None:
 
     with setup.strategy.scope():
         setup.trainable_model.compile(
-            optimizer=optimizer(phase.lr, phase.lr_decay_steps, phase.lr_decay_rate),
+            optimizer=optimizer(phase.lr, phase.lr_decay_steps, phase.lr_decay_rate, phase.ema_momentum),
             loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
             metrics=["accuracy"],
         )
@@ -584,10 +620,42 @@ def fine_tune(
         setup, phase, callbacks, first_epoch=phase1_epochs, verbose=cfg.trainer.verbose, resumed=resumed
     )
     phase2_best = best_value(callbacks.epoch_log.history[phase1_epochs:], "val_accuracy")
+    phase2 = "phase2"
+    averaged = average_weights(setup, callbacks, phase2_best) if callbacks.averaging else None
+    if averaged is not None:
+        phase2, phase2_best = "swa", averaged
     assert callbacks.phase1_best is not None and callbacks.phase1_weights is not None
     if phase2_best < callbacks.phase1_best:
         setup.model.set_weights(callbacks.phase1_weights)
-    tracking.set_tags({"final_weights": "phase2" if phase2_best >= callbacks.phase1_best else "phase1"})
+    tracking.set_tags({"final_weights": phase2 if phase2_best >= callbacks.phase1_best else "phase1"})
+
+
+def average_weights(setup: Setup, callbacks: RunCallbacks, best: float) -> float | None:
+    """Stochastic weight averaging after phase 2 (``finetune.swa``): the mean of the trainable weights at
+    the end of its last ``finetune.swa_epochs`` epochs, with the head's BatchNorm statistics recomputed for
+    it (precise BN), scored on validation (metric ``swa_val_accuracy``). It stays in the model and its
+    accuracy is returned when it scores at least ``best`` (the best epoch's, whose weights early stopping
+    left in the model); otherwise those weights come back and the result is None."""
+    averaging, model = callbacks.averaging, setup.trainable_model
+    if averaging is None or not averaging.window:
+        return None
+    best_weights = model.get_weights()
+    for variable, value in zip(model.trainable_weights, averaging.average()):
+        variable.assign(value)
+    if callbacks.precise_bn is not None:
+        callbacks.precise_bn.recompute()
+    accuracy = float(model.evaluate(setup.val_ds, verbose=0, return_dict=True)["accuracy"])
+    tracking.log_metrics({"swa_val_accuracy": accuracy, "swa_epochs_averaged": len(averaging.window)})
+    log.info(
+        "weight average of %d epochs: val_accuracy %.4f (best epoch %.4f)",
+        len(averaging.window),
+        accuracy,
+        best,
+    )
+    if accuracy >= best:
+        return accuracy
+    model.set_weights(best_weights)
+    return None
 
 
 def fit_both_phases(
