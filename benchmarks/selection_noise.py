@@ -15,14 +15,22 @@ kept the same winner on both splits 92%, 71% and 90% of the time; 9 runs of 133-
     python benchmarks/selection_noise.py                                  # all 6 configs x 3 seeds
     python benchmarks/selection_noise.py --seeds 0 1 2 3 4 --limit 6000    # more splits, more cells
     python benchmarks/selection_noise.py --report-only                    # figures from runs already made
+    python benchmarks/selection_noise.py --configs 3 --arms repeats cv    # also the repeats and CV arms
 
 Arms (how a configuration is picked):
 
-* ``single`` (measured now): the sweep's rule, the best ``best_val_accuracy`` on one validation split.
-* ``repeats``, ``cv`` (not yet: they need the sweeper's repeated / cross-validated trials, issue 15
-  item 4): the best mean over repeated splits or folds. Each arm is a function from the trained runs to a
-  selection score per configuration (``ARMS``); the test side is shared, so a new arm only has to add its
-  scores: the figures below are computed for every arm that has them.
+* ``single`` (measured): the sweep's rule, the best ``best_val_accuracy`` on one validation split.
+* ``repeats`` (``--arms repeats``): the configurations as a grid sweep with ``hydra.sweeper.repeats=3``
+  on the same seed's split; the score is each trial's mean over its 3 seeds (``val_accuracy_mean`` of
+  the trial's run).
+* ``cv`` (``--arms cv``): the same grid sweep with ``data.cv.folds=3`` (3-fold cross-validation of that
+  seed's train + validation pool); the score is the mean over the folds.
+
+Each arm is a function from the trained runs to a selection score per configuration (``ARMS``); the test
+side is shared (the single runs' test split, which the repeats and folds of the same seed hold out too),
+so the figures below are computed for every arm that has its scores. Both extra arms train each
+configuration 3 times: they cost 3x the single arm's compute, which the report prints (seconds per arm);
+the budget is not equalised.
 
 Per split it reports whether the pick is the test winner, whether it is statistically tied with the test
 winner on the test split (McNemar, p >= 0.05), the regret (test accuracy of the test winner minus the
@@ -46,7 +54,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +110,57 @@ def configs(args: argparse.Namespace) -> dict[str, list[str]]:
     return dict(list(CONFIGS.items())[: args.configs])
 
 
+def arm_study(arm: str, seed: int) -> str:
+    return f"selection-{arm}-s{seed}"
+
+
+def sweep_arm(args: argparse.Namespace, arm: str, seed: int) -> float:
+    """The configurations as a grid sweep of repeated (``repeats``) or cross-validated (``cv``) trials on
+    ``seed``'s split; a study already complete runs nothing (n_trials is its total). Returns the seconds."""
+    names = configs(args)
+    lrs = sorted({o.split("=")[1] for name in names for o in CONFIGS[name] if o.startswith("finetune.lr=")})
+    strengths = sorted(
+        {o.split("=")[1] for name in names for o in CONFIGS[name] if o.startswith("augmentation.strength=")}
+    )
+    if len(lrs) * len(strengths) != len(names):
+        raise SystemExit(f"--arms {arm}: the first {len(names)} configs are not a grid; use --configs 3 or 6")
+    per_point = "hydra.sweeper.repeats=3" if arm == "repeats" else "data.cv.folds=3"
+    command = [sys.executable, "-m", "bloodcell.train", "-m", *train_overrides(args),
+               "hydra/sweeper=bloodcell_optuna", f"hydra.sweeper.study_name={arm_study(arm, seed)}",
+               f"hydra.sweeper.storage=journal:{args.out / 'optuna.journal'}",
+               "hydra.sweeper.sampler.name=grid", f"hydra.sweeper.n_trials={len(names)}",
+               "hydra.sweeper.pruner.name=none",
+               f"hydra.sweep.dir={args.out / 'multirun' / arm_study(arm, seed)}",
+               f"finetune.lr=choice({','.join(lrs)})", f"augmentation.strength=choice({','.join(strengths)})",
+               f"seed={seed}", per_point]  # fmt: skip
+    print(f"sweeping {arm_study(arm, seed)}: {per_point}", flush=True)
+    tic = time.perf_counter()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{arm_study(arm, seed)} failed:\n{proc.stderr[-3000:]}")
+    print(f"  {time.perf_counter() - tic:.0f} s", flush=True)
+    return time.perf_counter() - tic
+
+
+def arm_scores(client, args: argparse.Namespace, arm: str, seed: int) -> dict[str, float]:
+    """Configuration name -> the mean objective of its FINISHED repeated / cross-validated trial run."""
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return {}
+    query = f"tags.optuna_study = '{arm_study(arm, seed)}' and attributes.status = 'FINISHED'"
+    scores = {}
+    for run in client.search_runs([exp.experiment_id], query, max_results=100):
+        if "val_accuracy_mean" not in run.data.metrics:
+            continue
+        params = run.data.params
+        for name in configs(args):
+            wanted = dict(o.split("=", 1) for o in CONFIGS[name])
+            if all(float(params[k]) == float(v) for k, v in wanted.items()):
+                scores[name] = run.data.metrics["val_accuracy_mean"]
+    return scores
+
+
 def train_all(args: argparse.Namespace, client) -> float:
     """Every configuration on every seed (skipping runs already FINISHED); returns the seconds spent."""
     spent = 0.0
@@ -120,6 +179,9 @@ def train_all(args: argparse.Namespace, client) -> float:
             if proc.returncode != 0:
                 raise SystemExit(f"{run_name} failed:\n{proc.stderr[-3000:]}")
             print(f"  {time.perf_counter() - tic:.0f} s", flush=True)
+    for arm in args.arms:
+        for seed in args.seeds:
+            args.seconds[arm] = args.seconds.get(arm, 0.0) + sweep_arm(args, arm, seed)
     return spent
 
 
@@ -133,6 +195,8 @@ class Trained:
     test_accuracy: float
     val_right: np.ndarray  # per validation image: right or not
     test_right: np.ndarray
+    #: arm -> this configuration's selection score from that arm's runs on this seed (repeats, cv)
+    arm_scores: dict[str, float] = field(default_factory=dict)
 
 
 def load(client, args: argparse.Namespace) -> dict[int, list[Trained]]:
@@ -147,6 +211,7 @@ def load(client, args: argparse.Namespace) -> dict[int, list[Trained]]:
             val = stored_predictions(client, run.info.run_id, "val")
             test = stored_predictions(client, run.info.run_id, "test")
             assert val is not None and test is not None
+            scores = {arm: arm_scores(client, args, arm, seed) for arm in ("repeats", "cv")}
             out.setdefault(seed, []).append(
                 Trained(
                     name,
@@ -155,6 +220,7 @@ def load(client, args: argparse.Namespace) -> dict[int, list[Trained]]:
                     run.data.metrics["test_accuracy"],
                     val.predicted == val.labels,
                     test.predicted == test.labels,
+                    {arm: by_name[name] for arm, by_name in scores.items() if name in by_name},
                 )  # fmt: skip
             )
     return out
@@ -168,19 +234,24 @@ def single_split(runs: list[Trained]) -> dict[str, float]:
     return {r.name: r.best_val_accuracy for r in runs}
 
 
-def not_yet(arm: str) -> Callable[[list[Trained]], dict[str, float]]:
+def from_arm(arm: str) -> Callable[[list[Trained]], dict[str, float]]:
+    """The mean over the repeats (folds) of each configuration's trial in the arm's sweep of this seed."""
+
     def scores(runs: list[Trained]) -> dict[str, float]:
-        raise NotImplementedError(
-            f"arm {arm!r} needs the sweeper's repeated / cross-validated trials (issue 15, item 4)"
-        )
+        missing = [r.name for r in runs if arm not in r.arm_scores]
+        if missing:
+            raise NotImplementedError(
+                f"no finished {arm} trial for {', '.join(missing)}: run with --arms {arm}"
+            )
+        return {r.name: r.arm_scores[arm] for r in runs}
 
     return scores
 
 
 ARMS: dict[str, Callable[[list[Trained]], dict[str, float]]] = {
     "single": single_split,
-    "repeats": not_yet("repeats"),
-    "cv": not_yet("cv"),
+    "repeats": from_arm("repeats"),
+    "cv": from_arm("cv"),
 }
 
 
@@ -271,7 +342,9 @@ def main() -> None:
     parser.add_argument("--decay-steps", type=int, default=25, help="about one epoch of 1,600 images")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "selection_noise")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--arms", nargs="*", default=[], choices=["repeats", "cv"], help="also train these")
     args = parser.parse_args()
+    args.seconds = {}
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
@@ -282,7 +355,8 @@ def main() -> None:
     for name, overrides in configs(args).items():
         print(f"{name}: {' '.join(overrides)}")
     report(load(client, args), list(configs(args)))
-    print(f"\ntraining {spent:.0f} s; benchmark {time.perf_counter() - tic:.0f} s in all")
+    arms = "".join(f", arm {arm} {seconds:.0f} s" for arm, seconds in args.seconds.items())
+    print(f"\ntraining {spent:.0f} s (single){arms}; benchmark {time.perf_counter() - tic:.0f} s in all")
 
 
 if __name__ == "__main__":

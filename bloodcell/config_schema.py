@@ -36,6 +36,22 @@ Fraction = Annotated[float, Field(gt=0, lt=1)]
 Auto = Literal["auto", True, False]
 
 
+class CrossValidationSchema(Group):
+    folds: int | None = fix(
+        "a number of folds >= 2, e.g. data.cv.folds=3, or null for none", default=None, ge=1
+    )
+    fold: int | None = fix("a fold index from 0 to data.cv.folds - 1, or null for all", default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _fold_of_folds(self) -> CrossValidationSchema:
+        if self.fold is not None and (self.folds is None or self.folds < 2 or self.fold >= self.folds):
+            raise ValueError(
+                f"data.cv.fold={self.fold} needs data.cv.folds above it (now {self.folds}), "
+                "e.g. data.cv.folds=3 data.cv.fold=0"
+            )
+        return self
+
+
 class DataSchema(Group):
     format: Literal["npz", "folder", "medmnist", "demo"] = fix("use one of npz, folder, medmnist, demo")
     path: str | None = None
@@ -47,6 +63,8 @@ class DataSchema(Group):
     per_class: int | None = fix("images per class of the demo set, e.g. 100", default=None, ge=1)
     image_size: int | None = fix("the demo images' side in pixels, e.g. 64", default=None, ge=16)
     size: Literal[28, 64, 128, 224] | None = fix("a BloodMNIST size: 28, 64, 128 or 224", default=None)
+    split_seed: int | None = fix("a whole number >= 0, or null for the run's seed", default=None, ge=0)
+    cv: CrossValidationSchema | None = None
 
     @model_validator(mode="after")
     def _enough_for_a_split(self) -> DataSchema:

@@ -43,7 +43,8 @@ SAMPLERS: dict[str, Choice] = {
     "gp": Choice("GPSampler", {"n_startup_trials": 10}),
 }
 
-#: Steps are epochs, counted across both training phases.
+#: Steps are epochs, counted across both training phases; in a repeated or cross-validated trial they are
+#: the repeats (folds) instead, one report per repeat (fold) with its objective (bloodcell.repeats).
 PRUNERS: dict[str, Choice] = {
     "median": Choice(
         "MedianPruner", {"n_startup_trials": 5, "n_warmup_steps": 0, "interval_steps": 1, "n_min_trials": 1}
@@ -70,6 +71,10 @@ PRUNERS: dict[str, Choice] = {
     "threshold": Choice(
         "ThresholdPruner", {"lower": None, "upper": None, "n_warmup_steps": 0, "interval_steps": 1}
     ),
+    # for repeated and cross-validated trials (hydra.sweeper.repeats, data.cv.folds), whose steps are
+    # repeats or folds: stops a trial once a Wilcoxon signed-rank test of its values against the best
+    # trial's, paired by step, says it is worse at p < p_threshold; never before n_startup_steps steps
+    "wilcoxon": Choice("WilcoxonPruner", {"p_threshold": 0.1, "n_startup_steps": 2}),
     "none": Choice("NopPruner", {}),
 }
 

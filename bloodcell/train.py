@@ -109,7 +109,7 @@ class RunData:
 def load_splits(cfg: DictConfig) -> RunData:
     """Validated arrays, cleaned when ``data.clean`` (cached by data fingerprint and cleaning settings, so
     a sweep cleans once), then the stratified split."""
-    from bloodcell.data import Arrays, fingerprint, load_arrays, split_arrays
+    from bloodcell.data import Arrays, cv_fold, fingerprint, load_arrays, split_arrays
 
     arrays = load_arrays(cfg.data)
     cleaning = None
@@ -123,7 +123,13 @@ def load_splits(cfg: DictConfig) -> RunData:
         log.info("cleaning%s: %s", " (cached)" if cached else "", summary(cleaning))
         images, labels = arrays.images[cleaning.keep], arrays.labels[cleaning.keep]
         kept = Arrays(images, labels, fingerprint(images, labels), f"{arrays.source} (cleaned)")
-    splits = split_arrays(kept, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    # data.split_seed (null = seed): repeats of a sweep trial vary the seed but keep the split
+    split_seed = cfg.data.get("split_seed")
+    split_seed = cfg.seed if split_seed is None else int(split_seed)
+    splits = split_arrays(kept, cfg.data.val_fraction, cfg.data.test_fraction, split_seed)
+    cv = cfg.data.get("cv") or {}
+    if cv.get("fold") is not None:  # one fold of a cross-validation (bloodcell.repeats runs them all)
+        splits = cv_fold(kept, splits, int(cv["folds"]), int(cv["fold"]), split_seed)
     log.info(
         "data: %s, %d images %s -> train %d / val %d / test %d",
         arrays.source,
@@ -935,7 +941,9 @@ def train(cfg: DictConfig) -> float:
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="train")
 def main(cfg: DictConfig) -> float:
-    return run_or_exit(train, cfg)
+    from bloodcell.repeats import train_members  # one run, or a trial's repeats / folds in turn
+
+    return run_or_exit(train_members, cfg)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ from bloodcell.errors import UserError
 from bloodcell.optuna_tables import make_pruner as make_pruner
 
 if TYPE_CHECKING:
+    import optuna
     from optuna.storages import BaseStorage
+    from optuna.trial import FrozenTrial
 
     from bloodcell.callbacks import OptunaPruning
 
@@ -183,6 +185,20 @@ def pruning_callback(cfg: Any) -> OptunaPruning | None:
     trial_cfg = cfg.get("trial")
     if not trial_cfg:
         return None
+    trial, frozen = open_trial(trial_cfg)
+    from bloodcell.callbacks import OptunaPruning
+
+    return OptunaPruning(
+        trial,
+        objective=str(cfg.get("objective") or "val_accuracy"),
+        reported_steps=frozen.intermediate_values,
+        number=frozen.number,
+    )
+
+
+def open_trial(trial_cfg: Any) -> tuple[optuna.trial.Trial, FrozenTrial]:
+    """This job's Optuna trial, reopened from the sweep's storage with the pruner the sweeper chose, and
+    the trial as stored now (its reports so far)."""
     import optuna
 
     storage = open_storage(str(trial_cfg.storage))
@@ -195,11 +211,4 @@ def pruning_callback(cfg: Any) -> OptunaPruning | None:
         sampler=optuna.samplers.RandomSampler(),
         pruner=make_pruner(frozen.system_attrs.get(PRUNER_ATTR)),
     )
-    from bloodcell.callbacks import OptunaPruning
-
-    return OptunaPruning(
-        optuna.trial.Trial(study, trial_id),
-        objective=str(cfg.get("objective") or "val_accuracy"),
-        reported_steps=frozen.intermediate_values,
-        number=frozen.number,
-    )
+    return optuna.trial.Trial(study, trial_id), frozen

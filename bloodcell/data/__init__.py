@@ -28,6 +28,7 @@ __all__ = [
     "Splits",
     "load_arrays",
     "split_arrays",
+    "cv_fold",
     "class_weights",
     "make_tf_dataset",
     "fingerprint",
@@ -230,6 +231,29 @@ def split_arrays(arrays: Arrays, val_fraction: float, test_fraction: float, seed
     train = np.concatenate([train, index[train_only]])
     positions = {"train": train, "val": val, "test": test}
     return Splits(arrays.subset(train), arrays.subset(val), arrays.subset(test), positions)
+
+
+def cv_fold(arrays: Arrays, splits: Splits, folds: int, fold: int, seed: int) -> Splits:
+    """Fold ``fold`` (0-based) of a stratified ``folds``-fold cross-validation (scikit-learn's
+    StratifiedKFold, shuffled by ``seed``) of ``splits``' train + validation pool, cut from ``arrays``:
+    that fold validates, the other folds train. The test split is the one of ``splits``, untouched: it
+    stays held out from every fold, and the folds of one seed are disjoint and cover the pool."""
+    from sklearn.model_selection import StratifiedKFold
+
+    if folds < 2 or not 0 <= fold < folds:
+        raise UserError(f"data.cv.fold={fold} is not one of 0..{folds - 1} (data.cv.folds={folds})")
+    pool = np.sort(np.concatenate([splits.positions("train"), splits.positions("val")]))
+    counts = np.bincount(arrays.labels[pool], minlength=NUM_CLASSES)
+    if counts.max() < folds:
+        raise UserError(
+            f"{arrays.source}: no class has {folds} images outside the test split, too few for "
+            f"data.cv.folds={folds}; use fewer folds or more data"
+        )
+    # a class with fewer images than folds is missing from some folds' validation (scikit-learn warns)
+    kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    train, val = list(kfold.split(pool, arrays.labels[pool]))[fold]
+    positions = {"train": pool[train], "val": pool[val], "test": splits.positions("test")}
+    return Splits(arrays.subset(pool[train]), arrays.subset(pool[val]), splits.test, positions)
 
 
 def class_weights(labels: np.ndarray) -> dict[int, float]:

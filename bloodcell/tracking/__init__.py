@@ -220,6 +220,8 @@ def start_run(
             "optuna_trial_id": str(trial.trial_id),
             "optuna_study": str(trial.study_name),
         }
+    # tracking.tags: set by a run's caller (a repeated or cross-validated trial names its members so)
+    tags = {**tags, **{str(k): str(v) for k, v in (cfg.tracking.get("tags") or {}).items()}}
     tags = {"bloodcell_version": __version__, **git_tags(), **version_tags(), **tags, **process_tags()}
     system = system_metrics(cfg.tracking)
     if resume_run_id:

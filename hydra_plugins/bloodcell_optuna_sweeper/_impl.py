@@ -202,6 +202,10 @@ class OptunaSweep:
             raise UserError(f"direction '{opts.direction}' is neither maximize nor minimize")
         if int(opts.n_trials) < 1 or int(opts.n_jobs) < 1:
             raise UserError("n_trials and n_jobs must be at least 1")
+        if int(opts.repeats) < 1:
+            raise UserError(
+                f"hydra.sweeper.repeats={opts.repeats}: train each point at least once (1 = no repeats)"
+            )
         space_args = [f"{key}={value}" for key, value in (opts.params or {}).items()] + list(arguments)
         self.space = parse_search_space(space_args)
         if not self.space.distributions:
@@ -434,6 +438,8 @@ class OptunaSweep:
             f"++trial.trial_id={claimed.id}",
             f"++trial.number={trial.number}",
         ]
+        if int(self.options.repeats) > 1:  # the trial's job trains them in turn (bloodcell.repeats)
+            extra.append(f"++trial.repeats={int(self.options.repeats)}")
         if self.mlflow is not None:
             # a name per trial: runs named at random would all be alike (train seeds `random`)
             extra[:0] = [
@@ -615,6 +621,7 @@ class _ParentRun:
             "pruner": sweep.pruner_spec["name"],
             "storage": redact(sweep.storage_url),
             "objective": sweep.objective_name,
+            "repeats": int(opts.repeats),
         }
         params.update({f"space.{k}": v for k, v in sweep.space.written.items()})
         record_to(run.info.run_id, params=params)

@@ -41,8 +41,9 @@ SamplerConf = _blocks(
 PrunerConf = _blocks(
     "PrunerConf",
     f"""``name`` picks the pruner ({" | ".join(PRUNERS)}); the block of that name holds its keyword
-    arguments. Steps are epochs, counted across both training phases. The blocks and their defaults come
-    from bloodcell.optuna_tables.PRUNERS.""",
+    arguments. Steps are epochs, counted across both training phases (repeats or folds in a repeated or
+    cross-validated trial: then use median, percentile, threshold or wilcoxon). The blocks and their
+    defaults come from bloodcell.optuna_tables.PRUNERS.""",
     {"name": (str, "median")},
     PRUNERS,
 )
@@ -67,6 +68,10 @@ class BloodcellOptunaSweeperConf:
     # by their defaults all the same (a misspelt key or a wrong type fails)
     sampler: Any = field(default_factory=SamplerConf)
     pruner: Any = field(default_factory=PrunerConf)
+    #: train each sampled point this many times, with seeds seed, seed+1, ... on the same split (child runs
+    #: of the trial's run); the trial's objective is their mean and Optuna's steps are the repeats
+    #: (bloodcell.repeats). Cross-validation is data.cv.folds instead
+    repeats: int = 1
     #: the search space, in Hydra's sweep syntax: {finetune.lr: "tag(log, interval(1e-5, 1e-3))"};
     #: sweep overrides on the command line add to it
     params: Optional[Dict[str, str]] = None
