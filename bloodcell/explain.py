@@ -387,6 +387,10 @@ def explain(cfg: DictConfig) -> list[Path]:
     check_images(data.images, (None, None, 3), str(cfg.input))
     images = data.images[: int(limit)] if limit else data.images
     labels = data.labels[: len(images)] if data.labels is not None else None
+    if labels is not None and ((labels < 0) | (labels >= len(CLASS_NAMES))).any():
+        raise UserError(
+            f"{cfg.input}: labels outside 0-{len(CLASS_NAMES) - 1} (class ids of {', '.join(CLASS_NAMES)})"
+        )
     set_tracking(cfg.tracking)
     model = load_model(resolve_model_uri(cfg.model))
     check_images(images, model_image_shape(model), str(cfg.input))

@@ -160,6 +160,17 @@ def test_the_command_refuses_to_overwrite_sheets_or_to_write_into_a_file(tmp_pat
         check_output(str(tmp_path / "gradcam.png"), True)
 
 
+def test_the_command_refuses_labels_that_are_no_class_before_loading_a_model(tmp_path):
+    from bloodcell.cli import compose
+    from bloodcell.explain import explain
+
+    np.savez(tmp_path / "cells.npz", images=np.zeros((3, 16, 16, 3), np.uint8), labels=np.array([0, 9, 2]))
+    cfg = compose([f"input={tmp_path / 'cells.npz'}", f"output={tmp_path / 'out'}", "model=none"], "explain")
+    with pytest.raises(UserError, match="labels outside 0-7 "):
+        explain(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 @needs_shared_weights
 def test_gradcam_finds_mobilenet_s_last_conv_inside_the_nested_backbone():
     from bloodcell.cli import compose
