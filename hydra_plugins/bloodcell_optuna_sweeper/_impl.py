@@ -206,6 +206,12 @@ class OptunaSweep:
             raise UserError(
                 f"hydra.sweeper.repeats={opts.repeats}: train each point at least once (1 = no repeats)"
             )
+        folds = OmegaConf.select(self.config, "data.cv.folds", default=None)
+        if int(opts.repeats) > 1 and isinstance(folds, int) and folds > 1:  # else every trial fails so
+            raise UserError(
+                f"hydra.sweeper.repeats={opts.repeats} with data.cv.folds={folds}: choose one (the folds "
+                "already train each point several times, on different validation images)"
+            )
         space_args = [f"{key}={value}" for key, value in (opts.params or {}).items()] + list(arguments)
         self.space = parse_search_space(space_args)
         if not self.space.distributions:

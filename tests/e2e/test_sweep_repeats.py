@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import assert_ok, run_module
+from conftest import assert_ok, assert_user_error, run_module
 from test_sweep import _start_sweep, load_study, mlflow_runs, states, sweep_args
 
 
@@ -148,3 +148,14 @@ def test_cross_validated_trial_killed_after_a_fold_resumes_without_training_that
     assert not (vals[0] & vals[1] or vals[0] & vals[2] or vals[1] & vals[2])
     assert not (set().union(*vals) & splits[0]["test"])
     assert len(set().union(*vals)) + len(splits[0]["test"]) == 96  # TINY: 12 cells x 8 classes
+
+
+def test_repeats_with_cross_validation_is_refused_before_any_trial(tmp_path):
+    proc = run_module(
+        "bloodcell.train",
+        *sweep_args(tmp_path, "hydra.sweeper.repeats=2", "data.cv.folds=3"),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert_user_error(proc, "hydra.sweeper.repeats=2 with data.cv.folds=3: choose one")
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.db").exists()
