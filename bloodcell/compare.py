@@ -24,7 +24,7 @@ import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
@@ -33,6 +33,9 @@ from omegaconf import DictConfig
 from bloodcell import CLASS_NAMES, NUM_CLASSES, PROJECT_ROOT, stats
 from bloodcell.cli import run_or_exit
 from bloodcell.errors import UserError
+
+if TYPE_CHECKING:
+    from bloodcell.train import RunData
 
 log = logging.getLogger("bloodcell.compare")
 
@@ -130,23 +133,24 @@ def sweep_top(client: Any, parent_id: str, top: int) -> list[Any]:
         f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'FINISHED'",
         max_results=5000,
     )
-    scored = [r for r in runs if metric in r.data.metrics]
+    # an ensemble logged under the sweep (bloodcell.ensemble) is made of trials, it is not one
+    scored = [r for r in runs if metric in r.data.metrics and "bloodcell.ensemble" not in r.data.tags]
     if len(scored) < 2:
-        raise UserError(
-            f"sweep {parent_id} has {len(scored)} FINISHED trial(s) with {metric}; compare needs 2 at least"
-        )
+        raise UserError(f"sweep {parent_id} has {len(scored)} FINISHED trial(s) with {metric}; 2 are needed")
     scored.sort(key=lambda r: r.data.metrics[metric], reverse=not lower)
     return scored[: max(int(top), 2)]
 
 
-def candidates(client: Any, specs: list[str], sweep: str | None = None, top: int = 4) -> list[Candidate]:
+def candidates(
+    client: Any, specs: list[str], sweep: str | None = None, top: int = 4, command: str = "compare"
+) -> list[Candidate]:
     runs = [(spec, resolve_run(client, spec)) for spec in specs]
     if sweep:
         runs += [(f"trial {r.data.tags.get('trial_number', '?')}", r) for r in sweep_top(client, sweep, top)]
     if len(runs) < 2:
         raise UserError(
-            "compare needs two models at least: runs=[<run id>,<run id>] (run ids, runs:/..., models:/...), "
-            "or sweep=<parent run id> top=<k>"
+            f"{command} needs two models at least: runs=[<run id>,<run id>] (run ids, runs:/..., "
+            "models:/...), or sweep=<parent run id> top=<k>"
         )
     experiments: dict[str, str] = {}
     out = []
@@ -446,13 +450,10 @@ def disagreement_sheet(
 # ---- the images behind stored predictions ------------------------------------------------------------
 
 
-def split_images(run: Any, split: str, data_index: np.ndarray) -> np.ndarray:
-    """The images at ``data_index`` of a run's data, loaded again from its config (``config.yaml``) and
-    checked against its split fingerprint; raises UserError when they cannot be had."""
+def run_config(run: Any) -> DictConfig:
+    """The resolved config a run logged (``config.yaml``); raises UserError when it has none."""
     import mlflow
     from omegaconf import OmegaConf
-
-    from bloodcell.train import load_splits
 
     try:
         cfg = OmegaConf.create(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml"))
@@ -460,11 +461,26 @@ def split_images(run: Any, split: str, data_index: np.ndarray) -> np.ndarray:
         raise UserError(f"run {run.info.run_id} has no config.yaml to load its data from ({err})") from None
     if not isinstance(cfg, DictConfig):
         raise UserError(f"run {run.info.run_id}'s config.yaml is not a mapping")
-    data = load_splits(cfg)
+    return cfg
+
+
+def run_splits(run: Any) -> RunData:
+    """A run's data and splits, loaded again from its config and checked against its split fingerprint;
+    raises UserError when they cannot be had."""
+    from bloodcell.train import load_splits
+
+    data = load_splits(run_config(run))
     if data.splits.fingerprint() != run.data.tags.get("split_fingerprint"):
         raise UserError(
             f"the data of run {run.info.run_id} ({data.arrays.source}) has changed since it trained"
         )
+    return data
+
+
+def split_images(run: Any, split: str, data_index: np.ndarray) -> np.ndarray:
+    """The images at ``data_index`` of a run's data, loaded again from its config (``config.yaml``) and
+    checked against its split fingerprint; raises UserError when they cannot be had."""
+    data = run_splits(run)
     part = getattr(data.splits, split)
     where = {int(d): i for i, d in enumerate(data.splits.positions(split))}
     return part.images[[where[int(d)] for d in data_index]]

@@ -5,6 +5,7 @@
     python -m bloodcell.promote experiment=effnetb2 eval=held_out.npz     # the gate judges on these images
     python -m bloodcell.promote experiment=effnetb2 gate=metric           # the plain "higher metric" rule
     python -m bloodcell.promote experiment=effnetb2 force=true            # move the alias regardless
+    python -m bloodcell.promote run=<run id>                              # that run (an ensemble's, say)
 
 Steps: rank the experiment's FINISHED runs that logged a model by ``metric`` -> register the winner's
 logged model as a new version of ``model_name`` (the name the run was trained for: ``bloodcell``, or
@@ -141,6 +142,21 @@ def finished_runs(client: Any, experiment: str | None, sweep: str | None = None)
             "(its trials are nested under it) or drop sweep="
         )
     return runs
+
+
+def given_run(client: Any, run_id: str) -> tuple[Any, str]:
+    """The run ``run_id`` (a training or an ensemble run) and its experiment's name; it must have FINISHED."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(
+            f"run={run_id!r} is not a run id in this tracking store (check it, or tracking.uri)"
+        ) from None
+    if run.info.status != "FINISHED":
+        raise UserError(f"run {run_id} is {run.info.status}, not FINISHED: promote a run that finished")
+    return run, client.get_experiment(run.info.experiment_id).name
 
 
 def best_run(runs: list, metric: str, where: str) -> Any:
@@ -549,6 +565,7 @@ def promote(
     model_name: str | None = None,
     alias: str = "champion",
     sweep: str | None = None,
+    run_id: str | None = None,
     force: bool = False,
     gate: str = "mcnemar",
     alpha: float = 0.05,
@@ -568,8 +585,12 @@ def promote(
 
         if not resolve_path(eval_path).exists():
             raise UserError(f"eval={eval_path} not found; give a labelled .npz or a folder of class folders")
-    where = f"sweep {sweep} in experiment {experiment!r}" if sweep else f"experiment {experiment!r}"
-    run = best_run(finished_runs(client, experiment, sweep), metric, where)
+    if run_id:  # one given run competes alone (an ensemble's, say): in its own experiment
+        given, experiment = given_run(client, run_id)
+        run = best_run([given], metric, f"run {run_id}")
+    else:
+        where = f"sweep {sweep} in experiment {experiment!r}" if sweep else f"experiment {experiment!r}"
+        run = best_run(finished_runs(client, experiment, sweep), metric, where)
     model_name = model_name or run_model_name(run)
     check_names(model_name, alias)
     value = run.data.metrics[metric]
@@ -623,6 +644,7 @@ def main_task(cfg: DictConfig) -> Promotion:
         model_name=cfg.model_name,
         alias=cfg.alias,
         sweep=cfg.sweep,
+        run_id=cfg.get("run"),
         force=bool(cfg.force),
         gate=str(gate.name),
         alpha=float(gate.get("alpha", 0.05)),

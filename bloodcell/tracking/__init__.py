@@ -593,15 +593,16 @@ def log_augmentation_preview(grid: Any) -> None:
     log_image(grid, "plots/augmentation_preview.png")
 
 
-def log_evaluation(evaluation: Any, history: list[dict[str, float]], phase2_start: int | None) -> None:
+def log_evaluation(evaluation: Any, history: list[dict[str, float]] | None, phase2_start: int | None) -> None:
     """The test evaluation: its metrics, the classification report, the confusion matrix and the
-    learning curves of both phases."""
+    learning curves of both phases (none for a model that was not trained, ``history=None``: an ensemble)."""
     from bloodcell.evaluate import confusion_figure, curves_figure
 
     log_metrics(evaluation.metrics)
     log_dict(evaluation.report, "classification_report.json")
     log_figure(confusion_figure(evaluation.confusion), "plots/confusion_matrix.png")
-    log_figure(curves_figure(history, phase2_start), "plots/training_curves.png")
+    if history is not None:
+        log_figure(curves_figure(history, phase2_start), "plots/training_curves.png")
 
 
 def log_calibration(metrics: dict[str, float], figure: Any) -> None:
