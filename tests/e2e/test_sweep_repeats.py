@@ -11,6 +11,7 @@ import signal
 import time
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import assert_ok, assert_user_error, run_module
 from test_sweep import _start_sweep, load_study, mlflow_runs, states, sweep_args
@@ -45,6 +46,11 @@ def test_repeats_train_each_point_twice_as_child_runs_and_the_trial_value_is_the
     assert states(study) == {"COMPLETE": 2}
     client, parent, trials, members = trial_runs_and_members(tmp_path)
     assert parent.data.params["repeats"] == "2"
+    # the sweep's table carries each trial's spread (its Optuna user attributes)
+    table = pd.read_csv(tmp_path / "multirun" / "trials.csv")
+    for column in ("mean", "std", "min", "max"):
+        assert f"user_attrs_repeat_val_accuracy_{column}" in table.columns, column
+    assert table["user_attrs_repeat_val_accuracy_mean"].tolist() == pytest.approx(table["value"].tolist())
     assert sorted(trials) == [0, 1]
     for trial in study.trials:
         run = trials[trial.number]
