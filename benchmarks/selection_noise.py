@@ -28,7 +28,8 @@ Arms (how a configuration is picked):
 
 Each arm is a function from the trained runs to a selection score per configuration (``ARMS``); the test
 side is shared (the single runs' test split, which the repeats and folds of the same seed hold out too),
-so the figures below are computed for every arm that has its scores. Both extra arms train each
+so the figures below are computed for every arm that has its scores (the columns "configs tied with pick
+on val" and "bootstrap" use the single runs' validation predictions for every arm). Both extra arms train each
 configuration 3 times: they cost 3x the single arm's compute, which the report prints (seconds per arm);
 the budget is not equalised.
 
