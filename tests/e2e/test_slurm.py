@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -193,7 +193,9 @@ def _requeue(job_id: str, job_name: str) -> None:
     (the same trial), and the trial's process dies. Left alone, the process would train on through
     KillWait (submitit ignores SIGTERM) and, with epochs of a fraction of a second, could finish before
     SIGKILL; so it is stopped (SIGSTOP) before the requeue and killed right after it."""
-    listed = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True, timeout=60).stdout
+    listed = subprocess.run(
+        ["scontrol", "listpids", job_id], capture_output=True, text=True, timeout=60
+    ).stdout
     trial_pids = []
     for pid in map(int, re.findall(r"^\s*(\d+)\s", listed, flags=re.MULTILINE)):
         with contextlib.suppress(OSError):
