@@ -13,9 +13,10 @@ within float noise; the difference is wall time and epochs trained.
     python benchmarks/sweep_compute.py                      # 8 trials, 2 + 4 epochs, 2,000 cells
     python benchmarks/sweep_compute.py --trials 30 --limit 4000 --epochs 5 --finetune-epochs 10
 
-Measured (2026-12-02, the shared 2-core CPU under load, defaults): 666 s without reuse, 530 s with it (20%
-less wall time), 44 and 30 epochs trained (7 of 8 trials reused phase 1), the same trials drawn and every
-trial's value identical; best 0.7433 in both.
+Measured (2026-12-02, the shared 2-core CPU): defaults, 261 s without reuse and 191 s with it (27% less
+wall time; 666 and 530 s, 20%, in an earlier run under heavy load), 44 and 30 epochs trained (7 of 8 trials
+reused phase 1); ``--trials 6 --epochs 4 --finetune-epochs 4`` (phase 1 half the epochs): 385 and 233 s
+(40%), 42 and 22 epochs. Both times the same trials were drawn and every trial's value was identical.
 
 Prints per arm: wall seconds, epochs trained (reported epochs less those copied from a stored phase 1),
 trials that reused phase 1, best value, and the largest difference between the two runs' trial values.
