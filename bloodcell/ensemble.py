@@ -189,39 +189,13 @@ def check_config(cfg: DictConfig) -> None:
 def evaluate(cfg: DictConfig, model: keras.Model, data: RunData) -> Any:
     """The ensemble (with its temperature when ``calibrate``) on the validation and test splits: a
     `bloodcell.train.TestResult`, as a training run's final model makes."""
-    from bloodcell.evaluate import evaluate_predictions
     from bloodcell.predict import predict_arrays
-    from bloodcell.train import SplitPredictions, TestResult
+    from bloodcell.train import final_result
 
     splits, batch = data.splits, int(cfg.batch_size)
     val_probabilities = predict_arrays(model, splits.val.images, batch)
     probabilities = predict_arrays(model, splits.test.images, batch)
-    temperature, uncalibrated = None, {}
-    if cfg.calibrate:
-        from bloodcell.calibration import apply_temperature, fit_temperature, with_temperature
-
-        temperature = fit_temperature(val_probabilities, splits.val.labels)
-        model = with_temperature(model, temperature)
-        uncalibrated = {"val": val_probabilities, "test": probabilities}
-        val_probabilities = apply_temperature(val_probabilities, temperature).astype(np.float32)
-        probabilities = apply_temperature(probabilities, temperature).astype(np.float32)
-        log.info("temperature scaling: T = %.3f (fitted on the validation split)", temperature)
-    val = SplitPredictions(
-        splits.val,
-        splits.positions("val"),
-        val_probabilities,
-        evaluate_predictions(splits.val.labels, val_probabilities, "final_val_"),
-    )
-    return TestResult(
-        evaluate_predictions(splits.test.labels, probabilities),
-        probabilities,
-        val=val,
-        split_fingerprint=splits.fingerprint(),
-        test_index=splits.positions("test"),
-        model=model,
-        temperature=temperature,
-        uncalibrated=uncalibrated,
-    )
+    return final_result(model, splits, val_probabilities, probabilities, bool(cfg.calibrate))
 
 
 def run_config(cfg: DictConfig, client: Any, ensemble: Ensemble) -> DictConfig:

@@ -724,26 +724,26 @@ class TestResult:
     uncalibrated: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def evaluate_splits(cfg: DictConfig, setup: Setup, splits: Splits) -> TestResult:
-    """The final model on the validation split (one more predict, kept so that runs can be compared image by
-    image later) and on the held-out test split, touched once: plain predictions, and test-time
-    augmentation when asked."""
+def final_result(
+    model: keras.Model,
+    splits: Splits,
+    val_probabilities: np.ndarray,
+    probabilities: np.ndarray,
+    calibrate: bool,
+) -> TestResult:
+    """A final model's validation and test predictions, scored. With ``calibrate`` a temperature fitted on
+    validation is applied to both and the model ends with it: every probability the run reports is the
+    logged model's (a training run's, and an ensemble's, `bloodcell.ensemble`)."""
     import numpy as np
 
-    from bloodcell.data import make_tf_dataset
     from bloodcell.evaluate import evaluate_predictions
 
-    test = splits.test
-    val_probabilities = setup.model.predict(setup.val_ds.map(lambda x, y: x), verbose=0)
-    test_ds = make_tf_dataset(test, setup.batch_size, training=False, seed=cfg.seed)
-    probabilities = setup.model.predict(test_ds.map(lambda x, y: x), verbose=0)
-    model, temperature, uncalibrated = setup.model, None, {}
-    if cfg.trainer.get("calibrate", True):
-        # fitted on validation, applied to both: every probability the run reports is the logged model's
+    temperature, uncalibrated = None, {}
+    if calibrate:
         from bloodcell.calibration import apply_temperature, fit_temperature, with_temperature
 
         temperature = fit_temperature(val_probabilities, splits.val.labels)
-        model = with_temperature(setup.model, temperature)
+        model = with_temperature(model, temperature)
         uncalibrated = {"val": val_probabilities, "test": probabilities}
         val_probabilities = apply_temperature(val_probabilities, temperature).astype(np.float32)
         probabilities = apply_temperature(probabilities, temperature).astype(np.float32)
@@ -754,8 +754,8 @@ def evaluate_splits(cfg: DictConfig, setup: Setup, splits: Splits) -> TestResult
         val_probabilities,
         evaluate_predictions(splits.val.labels, val_probabilities, "final_val_"),
     )
-    result = TestResult(
-        evaluate_predictions(test.labels, probabilities),
+    return TestResult(
+        evaluate_predictions(splits.test.labels, probabilities),
         probabilities,
         val=val,
         split_fingerprint=splits.fingerprint(),
@@ -764,6 +764,22 @@ def evaluate_splits(cfg: DictConfig, setup: Setup, splits: Splits) -> TestResult
         temperature=temperature,
         uncalibrated=uncalibrated,
     )
+
+
+def evaluate_splits(cfg: DictConfig, setup: Setup, splits: Splits) -> TestResult:
+    """The final model on the validation split (one more predict, kept so that runs can be compared image by
+    image later) and on the held-out test split, touched once: plain predictions, and test-time
+    augmentation when asked."""
+    from bloodcell.data import make_tf_dataset
+    from bloodcell.evaluate import evaluate_predictions
+
+    test = splits.test
+    val_probabilities = setup.model.predict(setup.val_ds.map(lambda x, y: x), verbose=0)
+    test_ds = make_tf_dataset(test, setup.batch_size, training=False, seed=cfg.seed)
+    probabilities = setup.model.predict(test_ds.map(lambda x, y: x), verbose=0)
+    calibrate = bool(cfg.trainer.get("calibrate", True))
+    result = final_result(setup.model, splits, val_probabilities, probabilities, calibrate)
+    model = result.model
     if cfg.trainer.get("test_tta"):
         from bloodcell.predict import predict_arrays
 
