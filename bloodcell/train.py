@@ -248,21 +248,23 @@ def build(cfg: DictConfig, splits: Splits, strategy: tf.distribute.Strategy, res
     # seeded here, after the MLflow run started: MLflow draws its friendly run names from Python's `random`
     keras.utils.set_random_seed(cfg.seed)
     in_model = cfg.augmentation.get("where", "pipeline") == "model"
-    with strategy.scope():  # in the model its seed variables must live on the training devices
-        augmentation = augment.build_augmentation(cfg.augmentation, cfg.seed)
-    mixer = augment.build_mixer(cfg.augmentation, NUM_CLASSES, cfg.seed)
     batch = cfg.trainer.batch_size * strategy.num_replicas_in_sync
-    in_pipeline = None if in_model else augmentation
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="data_epoch")
-    train_ds = make_tf_dataset(
-        splits.train,
-        batch,
-        training=True,
-        seed=cfg.seed,
-        augment=in_pipeline,
-        mixer=mixer,
-        epoch=epoch,
-    )
+
+    def training_pipeline(aug_cfg: Any) -> tuple[Any, Any, tf.data.Dataset, list[keras.Layer]]:
+        """The augmentation and mixer at ``aug_cfg``, the training pipeline (which applies the augmentation
+        unless it runs in the model), and the Keras layers whose random state a checkpoint keeps."""
+        with strategy.scope():  # in the model its seed variables must live on the training devices
+            augmentation = augment.build_augmentation(aug_cfg, cfg.seed)
+        mixer = augment.build_mixer(aug_cfg, NUM_CLASSES, cfg.seed)
+        in_pipeline = None if in_model else augmentation
+        train_ds = make_tf_dataset(
+            splits.train, batch, training=True, seed=cfg.seed, augment=in_pipeline, mixer=mixer, epoch=epoch
+        )
+        random_layers = [layer for layer in (in_pipeline, mixer) if isinstance(layer, keras.Layer)]
+        return augmentation, mixer, train_ds, random_layers
+
+    augmentation, mixer, train_ds, random_layers = training_pipeline(cfg.augmentation)
     val_ds = make_tf_dataset(splits.val, batch, training=False, seed=cfg.seed)
     if augmentation is not None and not resumed:  # a resumed run has its preview already
         grid = augment.preview_grid(
@@ -285,7 +287,6 @@ def build(cfg: DictConfig, splits: Splits, strategy: tf.distribute.Strategy, res
             backbone, not finetune.freeze_backbone_in_phase1(cfg), keep_batchnorm_frozen=batchnorm_frozen(cfg)
         )
     weights = class_weights(splits.train.labels) if cfg.trainer.class_weight == "balanced" else None
-    random_layers = [layer for layer in (in_pipeline, mixer) if isinstance(layer, keras.Layer)]
     setup = Setup(
         model, trainable_model, backbone, train_ds, val_ds, batch, strategy, weights, random_layers, epoch
     )
@@ -298,20 +299,7 @@ def build(cfg: DictConfig, splits: Splits, strategy: tf.distribute.Strategy, res
             from omegaconf import OmegaConf
 
             aug_cfg = OmegaConf.merge(cfg.augmentation, {"strength": float(strength2)})
-            with strategy.scope():
-                augmentation = augment.build_augmentation(aug_cfg, cfg.seed)
-            mixer = augment.build_mixer(aug_cfg, NUM_CLASSES, cfg.seed)
-            in_pipeline = None if in_model else augmentation
-            setup.train_ds = make_tf_dataset(
-                splits.train,
-                batch,
-                training=True,
-                seed=cfg.seed,
-                augment=in_pipeline,
-                mixer=mixer,
-                epoch=epoch,
-            )
-            setup.random_layers = [layer for layer in (in_pipeline, mixer) if isinstance(layer, keras.Layer)]
+            augmentation, _, setup.train_ds, setup.random_layers = training_pipeline(aug_cfg)
             if in_model:
                 with strategy.scope():
                     setup.trainable_model = keras.Sequential([augmentation, model]) if augmentation else model
