@@ -268,15 +268,11 @@ def _start_sweep(tmp: Path, *extra: str, storage: str | None = None) -> subproce
     )
 
 
-@pytest.mark.slow
-def test_resume_after_sigkill_continues_the_interrupted_trial_from_its_checkpoint(tmp_path):
-    """Issue 14: the killed trial goes back into the queue and resumes in its own MLflow run, from its
-    checkpoint (fewer epochs than a restart), counted once; its pruning reports stay."""
-    storage = f"journal:{tmp_path / 'optuna.journal'}"
-    args = ("hydra.sweeper.n_trials=2", "trainer.epochs=2", "hydra.sweeper.pruner.name=none")
-    sweep = _start_sweep(tmp_path, *args, storage=storage)
-    deadline = time.monotonic() + 300
-    try:  # kill it in the middle of trial 0: after its first epoch was reported
+def kill_after_first_report(sweep: subprocess.Popen, storage: str, timeout: float) -> None:
+    """SIGKILL a sweep process once its running trial has reported its first step to Optuna (an epoch; a
+    fold or repeat in a cross-validated or repeated trial)."""
+    deadline = time.monotonic() + timeout
+    try:
         while time.monotonic() < deadline and sweep.poll() is None:
             time.sleep(0.5)
             try:
@@ -290,6 +286,16 @@ def test_resume_after_sigkill_continues_the_interrupted_trial_from_its_checkpoin
     finally:
         sweep.kill()
         sweep.communicate()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_the_interrupted_trial_from_its_checkpoint(tmp_path):
+    """Issue 14: the killed trial goes back into the queue and resumes in its own MLflow run, from its
+    checkpoint (fewer epochs than a restart), counted once; its pruning reports stay."""
+    storage = f"journal:{tmp_path / 'optuna.journal'}"
+    args = ("hydra.sweeper.n_trials=2", "trainer.epochs=2", "hydra.sweeper.pruner.name=none")
+    sweep = _start_sweep(tmp_path, *args, storage=storage)
+    kill_after_first_report(sweep, storage, timeout=300)  # in the middle of trial 0
     assert states(load_study(storage)) == {"RUNNING": 1}
 
     proc = run_module(

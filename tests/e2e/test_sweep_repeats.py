@@ -7,14 +7,13 @@ without training its finished fold again."""
 from __future__ import annotations
 
 import math
-import signal
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import assert_ok, assert_user_error, run_module
-from test_sweep import _start_sweep, load_study, mlflow_runs, states, sweep_args
+from test_sweep import _start_sweep, kill_after_first_report, load_study, mlflow_runs, states, sweep_args
 
 
 def trial_runs_and_members(tmp_path):
@@ -92,21 +91,7 @@ def test_cross_validated_trial_killed_after_a_fold_resumes_without_training_that
     storage = f"journal:{tmp_path / 'optuna.journal'}"
     args = ("hydra.sweeper.n_trials=1", "data.cv.folds=3", "hydra.sweeper.pruner.name=wilcoxon")
     sweep = _start_sweep(tmp_path, *args, storage=storage)
-    deadline = time.monotonic() + 600
-    try:  # kill it once fold 0 was reported to Optuna (its run has FINISHED)
-        while time.monotonic() < deadline and sweep.poll() is None:
-            time.sleep(0.5)
-            try:
-                running = [t for t in load_study(storage).trials if t.state.name == "RUNNING"]
-            except KeyError:  # no study yet
-                continue
-            if running and running[0].intermediate_values:
-                break
-        assert sweep.poll() is None, "the sweep ended before it could be killed"
-        sweep.send_signal(signal.SIGKILL)
-    finally:
-        sweep.kill()
-        sweep.communicate()
+    kill_after_first_report(sweep, storage, timeout=600)  # once fold 0 was reported (its run has FINISHED)
     killed_at = time.time() * 1000
     assert list(load_study(storage).trials[0].intermediate_values) == [0]
 
