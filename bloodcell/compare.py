@@ -211,6 +211,19 @@ def stored_predictions(client: Any, run_id: str, split: str = "test") -> Predict
             )
 
 
+def required_predictions(
+    client: Any, run_id: str, split: str, fix: str, name: str | None = None
+) -> Predictions:
+    """`stored_predictions`, or one line saying the run kept none and what to do instead (``fix``)."""
+    stored = stored_predictions(client, run_id, split)
+    if stored is None:
+        what = {"val": "validation"}.get(split, split)
+        raise UserError(
+            f"run {name or run_id} kept no {what} predictions (trained before runs kept them): {fix}"
+        )
+    return stored
+
+
 def shared_images(predictions: list[Predictions]) -> tuple[np.ndarray, list[np.ndarray]]:
     """The images every prediction set covers (by position in the common data set), and for each set the
     rows of those images, in the first set's order."""
@@ -589,15 +602,10 @@ def run_comparison(
         ]
         where = f"eval={eval_path}: {len(labels)} images"
     else:
-        stored = []
-        for m in models:
-            p = stored_predictions(client, m.run_id, split)
-            if p is None:
-                raise UserError(
-                    f"run {m.name} ({m.run_id}) kept no {split} predictions (trained before runs kept them): "
-                    "compare it on eval=<npz or folder>"
-                )
-            stored.append(p)
+        fix = "compare it on eval=<npz or folder>"
+        stored = [
+            required_predictions(client, m.run_id, split, fix, name=f"{m.name} ({m.run_id})") for m in models
+        ]
         common, rows = shared_images(stored)
         if len(common) == 0:
             raise UserError(f"the runs' {split} splits share no image")

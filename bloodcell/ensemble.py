@@ -118,17 +118,10 @@ def select(
     validation predictions (``greedy``)."""
     if selection == "topk":
         return models, [1] * len(models)
-    from bloodcell.compare import shared_images, stored_predictions
+    from bloodcell.compare import required_predictions, shared_images
 
-    stored = []
-    for m in models:
-        p = stored_predictions(client, m.run_id, "val")
-        if p is None:
-            raise UserError(
-                f"run {m.run_id} kept no validation predictions (trained before runs kept them): "
-                "greedy selection needs them; use selection=topk"
-            )
-        stored.append(p)
+    fix = "greedy selection needs them; use selection=topk"
+    stored = [required_predictions(client, m.run_id, "val", fix) for m in models]
     _, rows = shared_images(stored)
     labels = stored[0].labels[rows[0]]
     weights = greedy_selection([p.probabilities[r] for p, r in zip(stored, rows)], labels, size)
