@@ -48,7 +48,8 @@ TRIAL = [o for o in TINY if o not in ("+experiment=quickstart", "trainer.epochs=
     "tracking.system_metrics_seconds=1",
 ]
 
-pytestmark = pytest.mark.slow
+# its tests share module fixtures: under pytest-xdist one worker runs them all and builds those once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("looking_at_runs")]
 
 
 def free_port() -> int:
