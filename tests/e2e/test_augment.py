@@ -8,9 +8,6 @@ import pytest
 from conftest import REPO, TINY, assert_ok, assert_user_error, mlflow_runs, run_module
 from omegaconf import OmegaConf
 
-# its tests share module fixtures: under pytest-xdist one worker runs them all and builds those once
-pytestmark = pytest.mark.xdist_group("augment")
-
 PIPELINES = ["none", "base", "heavy", "randaugment", "augmix", "mixup", "cutmix"]
 
 

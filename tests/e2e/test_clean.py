@@ -21,9 +21,6 @@ from smears import SIZE, foreign_picture, jpeg, recoloured, shifted, smear_set
 from bloodcell import PROJECT_ROOT
 from bloodcell.clean import DEFAULTS, find_unwanted, find_unwanted_cached, write_report
 
-# its tests share module fixtures: under pytest-xdist one worker runs them all and builds those once
-pytestmark = pytest.mark.xdist_group("clean")
-
 
 @pytest.fixture(scope="module")
 def clean_set():

@@ -20,9 +20,6 @@ from conftest import TINY, assert_ok, run_module
 
 from bloodcell import CLASS_NAMES
 
-# its tests share module fixtures: under pytest-xdist one worker runs them all and builds those once
-pytestmark = pytest.mark.xdist_group("ensemble")
-
 # Fine-tuning adds nothing these tests look at: skip it to halve the training time.
 TRAIN = [arg for arg in TINY if not arg.startswith("finetune.epochs=")] + ["finetune.epochs=0"]
 

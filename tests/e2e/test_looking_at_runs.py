@@ -48,8 +48,7 @@ TRIAL = [o for o in TINY if o not in ("+experiment=quickstart", "trainer.epochs=
     "tracking.system_metrics_seconds=1",
 ]
 
-# its tests share module fixtures: under pytest-xdist one worker runs them all and builds those once
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("looking_at_runs")]
+pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:

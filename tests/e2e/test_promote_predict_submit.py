@@ -23,9 +23,6 @@ from conftest import TINY, assert_ok, assert_user_error, run_module
 
 from bloodcell import CLASS_NAMES
 
-# its tests share module fixtures: under pytest-xdist one worker runs them all and builds those once
-pytestmark = pytest.mark.xdist_group("promote_predict_submit")
-
 SCORE = {"A": 0.8, "B": 0.4}
 # Fine-tuning adds nothing these tests look at: skip it to halve the training time.
 TRAIN = [arg for arg in TINY if not arg.startswith("finetune.epochs=")] + ["finetune.epochs=0"]

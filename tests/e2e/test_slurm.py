@@ -27,9 +27,6 @@ import pytest
 import test_multi_node
 from conftest import TINY
 
-# its tests share module fixtures: under pytest-xdist one worker runs them all and builds those once
-pytestmark = pytest.mark.xdist_group("slurm")
-
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
 
 # the fixture of tests/test_multi_node.py: a real `mlflow server` on a free local port

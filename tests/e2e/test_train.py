@@ -8,9 +8,6 @@ from conftest import SHARED_WEIGHTS, TINY, assert_ok, mlflow_runs, needs_shared_
 
 from bloodcell import CLASS_NAMES
 
-# its tests share module fixtures: under pytest-xdist one worker runs them all and builds those once
-pytestmark = pytest.mark.xdist_group("train")
-
 
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):

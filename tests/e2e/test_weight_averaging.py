@@ -10,9 +10,6 @@ import pytest
 from conftest import assert_ok, mlflow_runs, run_module
 from test_resume import RUN, _kill_in_phase2  # the kill-in-phase-2 pattern of the exact-resume test
 
-# its tests share module fixtures: under pytest-xdist one worker runs them all and builds those once
-pytestmark = pytest.mark.xdist_group("weight_averaging")
-
 EMA = ["trainer.ema=true", "trainer.ema_momentum=0.9"]  # ~10 steps: a few tiny epochs
 SWA = ["finetune.swa=true", "finetune.swa_epochs=3"]
 

@@ -18,9 +18,6 @@ from scipy.stats import binomtest
 
 from bloodcell import CLASS_NAMES, NUM_CLASSES, stats
 
-# its tests share module fixtures: under pytest-xdist one worker runs them all and builds those once
-pytestmark = pytest.mark.xdist_group("winners")
-
 # Fine-tuning adds nothing looked at here: one phase halves the training time.
 TRAIN = [arg for arg in TINY if not arg.startswith("finetune.epochs=")] + ["finetune.epochs=0"]
 

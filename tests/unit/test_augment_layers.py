@@ -18,9 +18,6 @@ HEAVY_MODULES = {"keras", "keras_cv", "tensorflow"} | {
     f"bloodcell.augment.{name}" for name in ("ops", "layers", "geometry")
 }
 
-# its tests share module fixtures: under pytest-xdist one worker runs them all and builds those once
-pytestmark = pytest.mark.xdist_group("augment_layers")
-
 
 @pytest.fixture(scope="module")
 def batch() -> np.ndarray:

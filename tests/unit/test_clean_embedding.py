@@ -14,9 +14,6 @@ from bloodcell.clean import embedding as emb
 from bloodcell.clean import find_unwanted, find_unwanted_cached
 from bloodcell.errors import UserError
 
-# its tests share module fixtures: under pytest-xdist one worker runs them all and builds those once
-pytestmark = pytest.mark.xdist_group("clean_embedding")
-
 # the hand-made outlier check off, so that only the embedding can flag a foreign image
 EMBEDDING_ONLY = {"outliers": {"enabled": False}}
 
