@@ -220,10 +220,31 @@ class TrainSchema(Group):
         return self
 
 
-def check_train_config(cfg: Any) -> None:
-    """Every value of a composed train config within its domain, or a UserError (one line) for the first
-    that is not, before anything is loaded or started. Also warns about passwords written into the
-    config in plain text (Hydra saves the config)."""
+class DistillSchema(Group):
+    """conf/distill.yaml's ``distill`` section (bloodcell.distill)."""
+
+    alpha: float = fix(
+        "a weight from 0 to 1 of the true labels against the teacher's, e.g. distill.alpha=0.5", ge=0, le=1
+    )
+    temperature: float = fix("a temperature > 0 (1 = the teacher as it is), e.g. distill.temperature=2", gt=0)
+    allow_different: bool = fix("true or false", default=False)
+    batch_size: int = fix("images per teacher batch, e.g. distill.batch_size=64", ge=1)
+
+
+class DistillRunSchema(TrainSchema):
+    """conf/distill.yaml: a training run's config, the teacher and the ``distill`` section."""
+
+    teacher: str = fix(
+        "say which model teaches: teacher=<run id> | models:/<name>@<alias> | models:/<name>/<version>",
+        min_length=1,
+    )
+    distill: DistillSchema
+
+
+def check_train_config(cfg: Any, schema: type[TrainSchema] = TrainSchema) -> None:
+    """Every value of a composed train config (or of another command's config that extends it, ``schema``)
+    within its domain, or a UserError (one line) for the first that is not, before anything is loaded or
+    started. Also warns about passwords written into the config in plain text (Hydra saves the config)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -233,9 +254,9 @@ def check_train_config(cfg: Any) -> None:
         where = f" ({err.full_key})" if getattr(err, "full_key", None) else ""
         raise UserError(f"the config does not resolve{where}: {str(err).splitlines()[0]}") from None
     try:
-        TrainSchema.model_validate(plain)
+        schema.model_validate(plain)
     except ValidationError as err:
-        raise UserError(_one_line(err, TrainSchema)) from None
+        raise UserError(_one_line(err, schema)) from None
     if plain.get("data", {}).get("clean"):  # type: ignore[union-attr]
         from bloodcell.clean.config import resolve_cfg
 

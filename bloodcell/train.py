@@ -85,12 +85,28 @@ def check_config(cfg: DictConfig) -> None:
 
 
 @dataclass
+class Targets:
+    """What a training split learns in place of its one-hot labels (`bloodcell.distill`: a teacher's soft
+    labels mixed with the truth), and what the run records about where they came from."""
+
+    train: np.ndarray  # float (len(splits.train), NUM_CLASSES), rows summing to 1, in the split's order
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class RunData:
     """The data of one run: the arrays as loaded, the splits actually used, and the cleaning result."""
 
     arrays: Arrays
     splits: Splits
     cleaning: CleaningResult | None = None
+    #: what the training split learns when not its one-hot labels (`use_targets`)
+    targets: Targets | None = None
+
+    def use_targets(self, targets: Targets) -> None:
+        self.targets = targets
+        self.splits.train.targets = targets.train
 
     def tags(self) -> dict[str, str]:
         tags = {
@@ -103,6 +119,8 @@ class RunData:
             self.cleaning is not None
         ):  # every split carries the fingerprint of the cleaned set it was cut from
             tags["data_fingerprint_cleaned"] = self.splits.train.fingerprint
+        if self.targets is not None:  # where the targets came from (a teacher) is part of what trains
+            tags |= self.targets.tags
         return tags
 
 
@@ -892,13 +910,18 @@ def _hydra_overrides() -> list[str]:
 # ---- the recipe ---------------------------------------------------------------------------------------
 
 
-def train(cfg: DictConfig) -> float:
-    """Run both phases, evaluate, record everything in MLflow; return the best ``cfg.objective``."""
+def train(cfg: DictConfig, targets: Callable[[Splits], Targets] | None = None) -> float:
+    """Run both phases, evaluate, record everything in MLflow; return the best ``cfg.objective``.
+    ``targets`` (bloodcell.distill) gives the training split other targets than its one-hot labels, once
+    the splits are cut and before the run starts."""
     check_config(cfg)
     tracking.check_reachable(tracking.resolve_tracking_uri(cfg.tracking))
     timed = Stopwatch()
     with timed("data"):
         data = load_splits(cfg)
+    if targets is not None:
+        with timed("targets"):
+            data.use_targets(targets(data.splits))
     strategy = distribution_strategy(cfg.trainer)
     experiment_id, resume, run_dirs = start_or_resume(cfg, data)
     tags = data.tags() | {"config_digest": config_digest(cfg)}
@@ -910,6 +933,8 @@ def train(cfg: DictConfig) -> float:
             tracking.set_tags({"resumed_after_epoch": str(resume.checkpoint.epoch)})
         else:
             tracking.log_config(cfg, _hydra_overrides())
+            if data.targets is not None:
+                tracking.log_metrics(data.targets.metrics)
             tracking.log_datasets(cfg.data, data.arrays, data.splits)
             if data.cleaning is not None:
                 tracking.log_cleaning(data.cleaning, data.arrays)

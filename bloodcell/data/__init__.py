@@ -57,6 +57,9 @@ class Arrays:
     source: str = ""
     #: image files of a folder data set that could not be read and were left out (relative paths)
     skipped: list[str] = field(default_factory=list)
+    #: what training learns for each image in place of its one-hot label: float (N, NUM_CLASSES) rows that
+    #: sum to 1 (`bloodcell.distill`: a teacher's soft labels mixed with the truth); None = one-hot labels
+    targets: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -64,7 +67,14 @@ class Arrays:
     def subset(self, index: np.ndarray) -> Arrays:
         """Part of this set; keeps the fingerprint of the whole set it came from (a split is named by
         its source data, the seed and the fractions)."""
-        return Arrays(self.images[index], self.labels[index], self.fingerprint, self.source)
+        targets = None if self.targets is None else self.targets[index]
+        return Arrays(self.images[index], self.labels[index], self.fingerprint, self.source, targets=targets)
+
+    def target_distributions(self) -> np.ndarray:
+        """float32 (N, NUM_CLASSES): ``targets`` when set, else the one-hot labels."""
+        if self.targets is not None:
+            return np.asarray(self.targets, dtype=np.float32)
+        return np.eye(NUM_CLASSES, dtype=np.float32)[self.labels]
 
 
 @dataclass
@@ -275,7 +285,8 @@ def make_tf_dataset(
     mixer: Any = None,
     epoch: tf.Variable | None = None,
 ) -> tf.data.Dataset:
-    """(float32 pixels 0-255, one-hot float32 labels) batches. Shuffling, ``augment`` (a Keras layer
+    """(float32 pixels 0-255, float32 targets) batches: the one-hot labels, or ``arrays.targets`` when
+    set (`Arrays.target_distributions`). Shuffling, ``augment`` (a Keras layer
     called with training=True) and ``mixer`` (batch-level MixUp/CutMix) apply to training batches only.
     Pixels stay uint8 until batched: a quarter of the memory traffic of float32 slices.
 
@@ -294,18 +305,18 @@ def make_tf_dataset(
                 tf.random.experimental.stateless_shuffle(tf.range(count), key)
             )
 
-        images, labels = tf.constant(arrays.images), tf.constant(arrays.labels)
+        images, targets = tf.constant(arrays.images), tf.constant(arrays.target_distributions())
         order = tf.data.Dataset.from_tensors(0).flat_map(epoch_order)
         ds = order.apply(tf.data.experimental.assert_cardinality(count))
-        ds = ds.batch(batch_size).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+        ds = ds.batch(batch_size).map(lambda i: (tf.gather(images, i), tf.gather(targets, i)))
     else:
-        ds = tf.data.Dataset.from_tensor_slices((arrays.images, arrays.labels))
+        ds = tf.data.Dataset.from_tensor_slices((arrays.images, arrays.target_distributions()))
         if training:
             ds = ds.shuffle(len(arrays), seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size, drop_remainder=False)
 
-    def to_float(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return tf.cast(images, tf.float32), tf.one_hot(labels, NUM_CLASSES, dtype=tf.float32)
+    def to_float(images: tf.Tensor, targets: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return tf.cast(images, tf.float32), targets
 
     ds = ds.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
     # Augmentation and mixing map sequentially: parallel calls draw from the layers' shared random state

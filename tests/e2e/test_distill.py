@@ -1,0 +1,120 @@
+"""`python -m bloodcell.distill` end to end: two tiny runs averaged into an ensemble, which teaches a
+student run on its soft labels; a teacher of other data or another split is refused.
+
+The steps below share one store (module fixtures) and run in file order.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import TINY, assert_ok, assert_user_error, run_module
+
+# The members' fine-tuning adds nothing these tests look at: skip it (the student keeps TINY's two phases).
+MEMBER = [arg for arg in TINY if not arg.startswith("finetune.epochs=")] + ["finetune.epochs=0"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Two members (the second at another learning rate, so that they differ) and their ensemble."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("distill")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    assert_ok(run_module("bloodcell.train", *MEMBER, f"tracking.uri={uri}"))
+    assert_ok(run_module("bloodcell.train", *MEMBER, "trainer.lr=5e-3", f"tracking.uri={uri}"))
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("quickstart").experiment_id
+    members = [r.info.run_id for r in client.search_runs([experiment])]
+    proc = run_module("bloodcell.ensemble", f"runs=[{','.join(members)}]", f"tracking.uri={uri}")
+    assert_ok(proc)
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("logged as run ")]
+    teacher = client.get_run(line.split()[3])
+    return SimpleNamespace(
+        root=root, uri=uri, client=client, experiment=experiment, members=members, teacher=teacher
+    )
+
+
+def distill_runs(store) -> list:
+    return store.client.search_runs([store.experiment], "tags.`distill.teacher_run` != ''")
+
+
+@pytest.fixture(scope="module")
+def student(store):
+    proc = run_module(
+        "bloodcell.distill",
+        f"teacher={store.teacher.info.run_id}",
+        *TINY,
+        "distill.alpha=0.3",
+        "distill.temperature=3.0",
+        f"tracking.uri={store.uri}",
+    )
+    assert_ok(proc)
+    [run] = distill_runs(store)
+    return run
+
+
+def test_student_is_an_ordinary_run_that_names_its_teacher(store, student):
+    teacher = store.teacher
+    tags, params, metrics = student.data.tags, student.data.params, student.data.metrics
+    assert student.info.status == "FINISHED"
+    assert tags["distill.teacher"] == tags["distill.teacher_run"] == teacher.info.run_id
+    assert tags["distill.teacher_model_uri"] == teacher.data.tags["model_uri"]
+    assert tags["distill.teacher_split"] == "same"
+    assert float(params["distill.alpha"]) == 0.3 and float(params["distill.temperature"]) == 3.0
+    assert params["teacher"] == teacher.info.run_id
+    assert metrics["distill/teacher_test_accuracy"] == teacher.data.metrics["test_accuracy"]
+    assert metrics["distill/teacher_test_macro_f1"] == teacher.data.metrics["test_macro_f1"]
+    assert 0 <= metrics["distill/teacher_train_accuracy"] <= 1
+    # a training run's records: both phases, calibration, the same data and split as its teacher
+    assert {"test_accuracy", "best_val_accuracy", "calibration/temperature", "time/seconds_targets"} <= set(
+        metrics
+    )
+    assert store.client.get_metric_history(student.info.run_id, "val_accuracy")[-1].step == 1
+    for key in ("data_fingerprint", "split_fingerprint"):
+        assert tags[key] == teacher.data.tags[key]
+
+
+def test_students_model_loads_and_predicts_with_a_plain_runs_layers(store, student):
+    import mlflow
+
+    from bloodcell.data import make_demo_set
+    from bloodcell.predict import load_model, predict_arrays
+
+    mlflow.set_tracking_uri(store.uri)
+    model = load_model(student.data.tags["model_uri"])
+    member = load_model(f"runs:/{store.members[0]}/model")
+    # no layer a plain run's model lacks: the teacher is not part of it
+    assert [type(layer).__name__ for layer in model.layers] == [
+        type(layer).__name__ for layer in member.layers
+    ]
+    images, _ = make_demo_set(per_class=2, image_size=32, seed=3)
+    probabilities = predict_arrays(model, images)
+    assert probabilities.shape == (16, 8)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [("data.per_class=13", "other data than the student"), ("seed=7", "split differently (its seed 42")],
+)
+def test_a_teacher_of_other_data_or_another_split_is_refused_before_any_run(
+    store, student, override, fragment
+):
+    proc = run_module(
+        "bloodcell.distill",
+        f"teacher={store.teacher.info.run_id}",
+        *TINY,
+        override,
+        f"tracking.uri={store.uri}",
+    )
+    assert_user_error(proc, fragment, "test images", "distill.allow_different=true")
+    assert len(distill_runs(store)) == 1  # the student's only
+
+
+def test_help_names_the_teacher_and_the_training_groups():
+    proc = run_module("bloodcell.distill", "--help")
+    assert_ok(proc)
+    assert "teacher=" in proc.stdout and "backbone:" in proc.stdout and "distill:" in proc.stdout
