@@ -1,7 +1,10 @@
-"""Distillation's targets (bloodcell.distill.soft_targets) and the one hook through which training takes
-them: `Arrays.targets`, which the training pipeline hands the model in place of the one-hot labels."""
+"""Distillation without training: its targets (bloodcell.distill.soft_targets), the one hook through which
+training takes them (`Arrays.targets`, which the training pipeline hands the model in place of the one-hot
+labels), its config checks and the refusal of a teacher of other data or another split."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -84,3 +87,40 @@ def test_a_distill_config_is_a_training_config_with_a_teacher():
     check_config(cfg)
     assert cfg.distill.alpha == 0.5 and cfg.distill.temperature == 2.0
     assert cfg.backbone.name == "small_cnn" and cfg.tracking.experiment == "quickstart"
+
+
+def teacher_of(splits, **tags):
+    """A Teacher whose run carries ``tags`` over the fingerprints of ``splits`` (no MLflow store)."""
+    from types import SimpleNamespace
+
+    from bloodcell.compare import Candidate
+    from bloodcell.distill import Teacher
+
+    tags = {"data_fingerprint": splits.train.fingerprint, "split_fingerprint": splits.fingerprint(), **tags}
+    run = SimpleNamespace(
+        info=SimpleNamespace(run_id="f" * 32),
+        data=SimpleNamespace(tags=tags, params={"seed": "42"}, metrics={}),
+    )
+    return Teacher("teacher-run", Candidate("teacher-run", run, "bloodcell"), "runs:/x/model")
+
+
+@pytest.fixture
+def splits():
+    from bloodcell.data import split_arrays
+
+    arrays = load_arrays(OmegaConf.create({"format": "demo", "per_class": 6, "image_size": 8, "limit": None}))
+    return split_arrays(arrays, 0.2, 0.2, seed=42)
+
+
+def test_only_a_teacher_of_the_students_data_and_split_teaches_unless_told(splits, caplog):
+    assert teacher_of(splits).check_split(splits, allow_different=False)
+    for tags, fragment in [
+        ({"data_fingerprint": "0" * 64}, "other data than the student"),
+        ({"split_fingerprint": "0" * 64}, "split differently (its seed 42"),
+    ]:
+        teacher = teacher_of(splits, **tags)
+        with pytest.raises(UserError, match=re.escape(fragment)) as refused:
+            teacher.check_split(splits, allow_different=False)
+        assert "\n" not in str(refused.value) and "distill.allow_different=true" in str(refused.value)
+        assert teacher.check_split(splits, allow_different=True) is False
+        assert fragment.split(" (")[0] in caplog.text
