@@ -1,85 +1,98 @@
-"""Selection noise: how often the configuration a validation split picks is still the best on the test split.
+"""Selection noise: how often the configuration a sweep picks is still the best on the test split, when
+the same compute is spent on one split, on repeated seeds, or on cross-validation.
 
 A sweep picks its winner on one validation split. With a few hundred or thousand validation images, the
 difference between the top configurations is often smaller than what the split can resolve, and the
-"winner" is then partly chosen by which images happened to land in the split. This benchmark measures it
-on real cells: K fixed configurations (a small sweep's worth, close to each other, as a sweep's top is)
-are trained on S different splits (seeds); for each split, the configuration the *selection arm* picks
-is checked against the test split of the same seed.
+"winner" is then partly chosen by which images happened to land in the split. Repeating each trial over
+seeds (``hydra.sweeper.repeats=3``) or cross-validating it (``data.cv.folds=3``) scores a configuration
+more reliably, but at the same budget it can try a third as many. This benchmark measures the trade on
+real cells: a pool of B configurations close to each other (as a sweep's top is), and per split seed
+three arms of B training runs each, every one a real grid sweep (``python -m bloodcell.train -m``):
 
-Measured (``--configs 3``, 2026-12-02, the shared 2-core CPU under load): the pick was the test winner on
-3 of 3 splits, but the winning configuration changed with the seed (c0, c1, c0) and the paired bootstrap
-kept the same winner on both splits 92%, 71% and 90% of the time; 9 runs of 133-413 s.
+* ``single``: all B configurations of the pool, trained once each; score = ``best_val_accuracy`` on the
+  seed's one validation split (what a sweep does by default).
+* ``repeats``: B/3 configurations x 3 seeds (``hydra.sweeper.repeats=3``, same split); score = the mean.
+* ``cv``: B/3 configurations x 3 folds (``data.cv.folds=3`` of the seed's train + validation pool); score
+  = the mean over the folds.
 
-    python benchmarks/selection_noise.py --configs 3                      # as measured (README): 3 x 3 seeds
-    python benchmarks/selection_noise.py                                  # all 6 configs x 3 seeds
-    python benchmarks/selection_noise.py --seeds 0 1 2 3 4 --limit 6000    # more splits, more cells
-    python benchmarks/selection_noise.py --report-only                    # figures from runs already made
-    python benchmarks/selection_noise.py --configs 3 --arms repeats cv    # also the repeats and CV arms
+Which B/3 configurations the smaller arms train is a fair draw, not the best: the grid sampler's own
+seeded shuffle of the pool (``hydra.sweeper.sampler.seed`` = the split seed), so for one split seed the
+repeats and CV arms draw the same configurations, and another seed draws others. Every arm's pick is
+judged on the same test split of that seed, against the test accuracies of all B configurations (the
+single arm's runs, which exist for every configuration of the pool): whether the pick is the test winner
+of the whole pool, whether it is the test winner of what the arm drew (its scoring was right, the
+winner may not have been drawn), whether it is statistically tied with the test winner (McNemar on the
+test images, p >= 0.05), and the regret (test accuracy of the test winner minus the pick's, in points).
+The report prints each arm's compute (the summed run time of its trials, seconds): the budget is the
+same number of training runs, and the seconds show it is about the same time. For the single arm it
+also prints how many configurations the validation split itself could not separate from its pick (the
+sweep report's ``tied_with_best``) and the share of paired bootstrap resamples of the validation and
+test images in which the two winners agree.
 
-Arms (how a configuration is picked):
+Measured: see the README ("Reading the intervals" and the benchmark table); to be filled in below.
 
-* ``single`` (measured): the sweep's rule, the best ``best_val_accuracy`` on one validation split.
-* ``repeats`` (``--arms repeats``): the configurations as a grid sweep with ``hydra.sweeper.repeats=3``
-  on the same seed's split; the score is each trial's mean over its 3 seeds (``val_accuracy_mean`` of
-  the trial's run).
-* ``cv`` (``--arms cv``): the same grid sweep with ``data.cv.folds=3`` (3-fold cross-validation of that
-  seed's train + validation pool); the score is the mean over the folds.
+    python benchmarks/selection_noise.py                          # as measured (README): B = 6, seeds 0 1
+    python benchmarks/selection_noise.py --seeds 0 1 2 3          # more splits, a finer estimate
+    python benchmarks/selection_noise.py --configs 3              # B = 3: one configuration per smaller arm
+    python benchmarks/selection_noise.py --report-only            # figures from runs already made
 
-Each arm is a function from the trained runs to a selection score per configuration (``ARMS``); the test
-side is shared (the single runs' test split, which the repeats and folds of the same seed hold out too),
-so the figures below are computed for every arm that has its scores (the columns "configs tied with pick
-on val" and "bootstrap" use the single runs' validation predictions for every arm). Both extra arms train each
-configuration 3 times: they cost 3x the single arm's compute, which the report prints (seconds per arm);
-the budget is not equalised.
-
-Per split it reports whether the pick is the test winner, whether it is statistically tied with the test
-winner on the test split (McNemar, p >= 0.05), the regret (test accuracy of the test winner minus the
-pick's, in points), how many configurations the validation split itself could not separate from its pick
-(the sweep report's ``tied_with_best``), and, from the stored predictions, the share of paired bootstrap
-resamples of the validation and test images in which the two winners agree: the chance that the same
-trained models, shown other images of the same sizes, keep the pick.
-
-Every run is a real ``python -m bloodcell.train`` on ``../shared/data/pbc96`` (the shared ImageNet
-MobileNet, ``experiment=mobilenet_cpu`` cut to CPU size: a stratified subset, 96 px input, 2 head epochs
-and 4 fine-tuning, no TTA, no model logged). The MLflow store goes to
-benchmarks/results/selection_noise/ (git-ignored); runs already FINISHED there are reused, so an
-interrupted benchmark continues where it stopped.
+Every run is a real training on ``data/training_set.npz`` (the 13,659 real cells of ``../shared/data/pbc96``,
+``python ../shared/data/build_training_set.py data/training_set.npz``; ``--data`` takes that folder too)
+with the shared ImageNet MobileNet, ``experiment=mobilenet_cpu`` cut to CPU size: a stratified subset,
+96 px input, 1 head epoch and 6 fine-tuning, no TTA, no Grad-CAM, no model logged. Validation and test
+fractions are equal, so a fold of the 3-fold CV trains on as many images as a single run, and phase-1
+reuse is off (it would spare the single arm's phase 1 of configurations that differ only in the
+fine-tuning rate): the arms' runs cost the same.
+The MLflow store and the Optuna journal go to benchmarks/results/selection_noise/ (git-ignored); the
+studies are named by arm, split seed and a digest of the training settings, so a finished study is
+reused (runs nothing), an interrupted one continues where it stopped (the sweeper's resume), and runs
+made with other settings are never mixed in.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-#: K configurations around the mobilenet_cpu preset: fine-tuning learning rate x augmentation strength
-CONFIGS: dict[str, list[str]] = {
-    f"c{i}": [f"finetune.lr={lr}", f"augmentation.strength={strength}"]
-    for i, (lr, strength) in enumerate(
-        (lr, strength) for lr in ("3e-4", "1e-3") for strength in ("0.25", "0.5", "0.75")
-    )
+#: the pool: fine-tuning learning rate x augmentation strength around the mobilenet_cpu preset (a grid,
+#: so that the first 3 or all 6 are a grid sweep's search space)
+LRS = ("4e-4", "6e-4")
+STRENGTHS = ("0.25", "0.5", "0.75")
+CONFIGS: dict[str, dict[str, str]] = {
+    f"c{i}": {"finetune.lr": lr, "augmentation.strength": strength}
+    for i, (lr, strength) in enumerate((lr, strength) for lr in LRS for strength in STRENGTHS)
+}
+#: arm -> (trainings per configuration, the sweep overrides that make them)
+ARMS: dict[str, tuple[int, list[str]]] = {
+    "single": (1, []),
+    "repeats": (3, ["hydra.sweeper.repeats=3"]),
+    "cv": (3, ["data.cv.folds=3"]),
 }
 EXPERIMENT = "selection_noise"
+GROUP_TAG = "bloodcell.group"  # bloodcell.tracking.members.GROUP_TAG, without importing MLflow early
 ALPHA = 0.05
 RESAMPLES = 1000
 
 
 def train_overrides(args: argparse.Namespace) -> list[str]:
+    """The training settings every run of every arm shares."""
+    data = Path(args.data)
     return [
         "+experiment=mobilenet_cpu",
-        "data=folder",
-        f"data.path={args.data}",
+        "data=folder" if data.is_dir() else "data=npz",
+        f"data.path={data}",
         f"data.limit={args.limit}",
         f"data.val_fraction={args.val_fraction}",
         f"data.test_fraction={args.test_fraction}",
@@ -88,191 +101,165 @@ def train_overrides(args: argparse.Namespace) -> list[str]:
         f"finetune.epochs={args.finetune_epochs}",
         f"finetune.lr_decay_steps={args.decay_steps}",
         "trainer.test_tta=false",
+        "trainer.reuse_phase1=false",  # every arm pays for its phase 1s: the same runs cost the same
         "trainer.verbose=0",
         "tracking.log_model=false",
-        f"tracking.experiment={EXPERIMENT}",
-        f"tracking.uri=sqlite:///{args.out / 'mlflow.db'}",
+        "tracking.explain=false",
     ]
 
 
-def finished(client, name: str):
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is None:
-        return None
-    runs = client.search_runs(
-        [exp.experiment_id],
-        f"attributes.run_name = '{name}' and attributes.status = 'FINISHED'",
-        max_results=1,
-    )
-    return runs[0] if runs else None
+def pool(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """The first ``--configs`` configurations: the pool, and the budget B of each arm per split seed."""
+    names = dict(list(CONFIGS.items())[: args.configs])
+    if len(names) % 3 or len({c["finetune.lr"] for c in names.values()}) * len(STRENGTHS) != len(names):
+        raise SystemExit(f"--configs {args.configs}: use 3 or 6 (a grid, split 3 ways by the other arms)")
+    return names
 
 
-def configs(args: argparse.Namespace) -> dict[str, list[str]]:
-    return dict(list(CONFIGS.items())[: args.configs])
+def study(args: argparse.Namespace, arm: str, seed: int) -> str:
+    """The arm's study on ``seed``'s split, named by a digest of the settings (never reuse other runs)."""
+    digest = hashlib.sha256(" ".join([*train_overrides(args), *pool(args)]).encode()).hexdigest()[:8]
+    return f"selection-{arm}-s{seed}-{digest}"
 
 
-def arm_study(arm: str, seed: int) -> str:
-    return f"selection-{arm}-s{seed}"
-
-
-def sweep_arm(args: argparse.Namespace, arm: str, seed: int) -> float:
-    """The configurations as a grid sweep of repeated (``repeats``) or cross-validated (``cv``) trials on
-    ``seed``'s split; a study already complete runs nothing (n_trials is its total). Returns the seconds."""
-    names = configs(args)
-    lrs = sorted({o.split("=")[1] for name in names for o in CONFIGS[name] if o.startswith("finetune.lr=")})
-    strengths = sorted(
-        {o.split("=")[1] for name in names for o in CONFIGS[name] if o.startswith("augmentation.strength=")}
-    )
-    if len(lrs) * len(strengths) != len(names):
-        raise SystemExit(f"--arms {arm}: the first {len(names)} configs are not a grid; use --configs 3 or 6")
-    per_point = "hydra.sweeper.repeats=3" if arm == "repeats" else "data.cv.folds=3"
+def sweep(args: argparse.Namespace, arm: str, seed: int) -> float:
+    """The arm's grid sweep on ``seed``'s split: B / (trainings per configuration) points of the pool in
+    the grid sampler's seeded order; a study already complete runs nothing. Returns the seconds."""
+    per_point, overrides = ARMS[arm]
+    names = pool(args)
+    lrs = sorted({c["finetune.lr"] for c in names.values()}, key=float)
     command = [sys.executable, "-m", "bloodcell.train", "-m", *train_overrides(args),
-               "hydra/sweeper=bloodcell_optuna", f"hydra.sweeper.study_name={arm_study(arm, seed)}",
+               f"tracking.experiment={EXPERIMENT}", f"tracking.uri=sqlite:///{args.out / 'mlflow.db'}",
+               "hydra/sweeper=bloodcell_optuna", f"hydra.sweeper.study_name={study(args, arm, seed)}",
                f"hydra.sweeper.storage=journal:{args.out / 'optuna.journal'}",
-               "hydra.sweeper.sampler.name=grid", f"hydra.sweeper.n_trials={len(names)}",
-               "hydra.sweeper.pruner.name=none",
-               f"hydra.sweep.dir={args.out / 'multirun' / arm_study(arm, seed)}",
-               f"finetune.lr=choice({','.join(lrs)})", f"augmentation.strength=choice({','.join(strengths)})",
-               f"seed={seed}", per_point]  # fmt: skip
-    print(f"sweeping {arm_study(arm, seed)}: {per_point}", flush=True)
+               "hydra.sweeper.sampler.name=grid", f"hydra.sweeper.sampler.seed={seed}",
+               f"hydra.sweeper.n_trials={len(names) // per_point}", "hydra.sweeper.pruner.name=none",
+               f"hydra.sweep.dir={args.out / 'multirun' / study(args, arm, seed)}",
+               f"finetune.lr=choice({','.join(lrs)})", f"augmentation.strength=choice({','.join(STRENGTHS)})",
+               f"seed={seed}", *overrides]  # fmt: skip
+    print(f"sweeping {study(args, arm, seed)}: {len(names) // per_point} x {per_point}", flush=True)
     tic = time.perf_counter()
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - tic
     if proc.returncode != 0:
-        raise SystemExit(f"{arm_study(arm, seed)} failed:\n{proc.stderr[-3000:]}")
-    print(f"  {time.perf_counter() - tic:.0f} s", flush=True)
-    return time.perf_counter() - tic
+        raise SystemExit(f"{study(args, arm, seed)} failed:\n{proc.stderr[-3000:]}")
+    print(f"  {seconds:.0f} s", flush=True)
+    return seconds
 
 
-def arm_scores(client, args: argparse.Namespace, arm: str, seed: int) -> dict[str, float]:
-    """Configuration name -> the mean objective of its FINISHED repeated / cross-validated trial run."""
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is None:
-        return {}
-    query = f"tags.optuna_study = '{arm_study(arm, seed)}' and attributes.status = 'FINISHED'"
-    scores = {}
-    for run in client.search_runs([exp.experiment_id], query, max_results=100):
-        if "val_accuracy_mean" not in run.data.metrics:
-            continue
-        params = run.data.params
-        for name in configs(args):
-            wanted = dict(o.split("=", 1) for o in CONFIGS[name])
-            if all(float(params[k]) == float(v) for k, v in wanted.items()):
-                scores[name] = run.data.metrics["val_accuracy_mean"]
-    return scores
-
-
-def train_all(args: argparse.Namespace, client) -> float:
-    """Every configuration on every seed (skipping runs already FINISHED); returns the seconds spent."""
-    spent = 0.0
-    for seed in args.seeds:
-        for name, overrides in configs(args).items():
-            run_name = f"{name}-s{seed}"
-            if finished(client, run_name) is not None:
-                continue
-            command = [sys.executable, "-m", "bloodcell.train", *train_overrides(args), *overrides,
-                       f"seed={seed}", f"tracking.run_name={run_name}"]  # fmt: skip
-            print(f"training {run_name}: {' '.join(overrides)}", flush=True)
-            tic = time.perf_counter()
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-            proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-            spent += time.perf_counter() - tic
-            if proc.returncode != 0:
-                raise SystemExit(f"{run_name} failed:\n{proc.stderr[-3000:]}")
-            print(f"  {time.perf_counter() - tic:.0f} s", flush=True)
-    for arm in args.arms:
-        for seed in args.seeds:
-            args.seconds[arm] = args.seconds.get(arm, 0.0) + sweep_arm(args, arm, seed)
-    return spent
+# ---- what the arms trained ----------------------------------------------------------------------------
 
 
 @dataclass
 class Trained:
-    """One configuration trained on one seed's split: its figures and stored predictions."""
+    """One configuration trained once on one seed's split (a single-arm trial): its figures and
+    predictions, which judge every arm's pick on that seed's test split."""
 
     name: str
-    seed: int
     best_val_accuracy: float
     test_accuracy: float
     val_right: np.ndarray  # per validation image: right or not
     test_right: np.ndarray
-    #: arm -> this configuration's selection score from that arm's runs on this seed (repeats, cv)
-    arm_scores: dict[str, float] = field(default_factory=dict)
 
 
-def load(client, args: argparse.Namespace) -> dict[int, list[Trained]]:
+@dataclass
+class ArmRuns:
+    """One arm on one split seed: the selection score of each configuration it trained, and the summed
+    run time of its trials (seconds)."""
+
+    scores: dict[str, float]
+    seconds: float
+
+
+def config_of(params: dict[str, str], names: dict[str, dict[str, str]]) -> str | None:
+    return next(
+        (n for n, c in names.items() if all(float(params.get(k, "nan")) == float(v) for k, v in c.items())),
+        None,
+    )
+
+
+def trial_runs(client: Any, args: argparse.Namespace, arm: str, seed: int) -> list[Any]:
+    """The FINISHED trial runs of the arm's study: a single run per trial, or the group run of its repeats
+    (folds); not the sweep's parent run, not the members."""
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return []
+    query = f"tags.optuna_study = '{study(args, arm, seed)}' and attributes.status = 'FINISHED'"
+    runs = client.search_runs([exp.experiment_id], query, max_results=1000)
+    grouped = arm != "single"
+    return [r for r in runs if "trial_number" in r.data.tags and (GROUP_TAG in r.data.tags) == grouped]
+
+
+def load_arm(client: Any, args: argparse.Namespace, arm: str, seed: int) -> ArmRuns:
+    score = "best_val_accuracy" if arm == "single" else "val_accuracy_mean"
+    scores, seconds = {}, 0.0
+    for run in trial_runs(client, args, arm, seed):
+        name = config_of(run.data.params, pool(args))
+        if name is not None and score in run.data.metrics:
+            scores[name] = run.data.metrics[score]
+            seconds += (run.info.end_time - run.info.start_time) / 1000
+    return ArmRuns(scores, seconds)
+
+
+def load_pool(client: Any, args: argparse.Namespace, seed: int) -> dict[str, Trained]:
+    """The single arm's runs of ``seed`` with their stored predictions, by configuration name."""
     from bloodcell.compare import stored_predictions
 
-    out: dict[int, list[Trained]] = {}
-    for seed in args.seeds:
-        for name in configs(args):
-            run = finished(client, f"{name}-s{seed}")
-            if run is None:
-                continue
-            val = stored_predictions(client, run.info.run_id, "val")
-            test = stored_predictions(client, run.info.run_id, "test")
-            assert val is not None and test is not None
-            scores = {arm: arm_scores(client, args, arm, seed) for arm in ("repeats", "cv")}
-            out.setdefault(seed, []).append(
-                Trained(
-                    name,
-                    seed,
-                    run.data.metrics["best_val_accuracy"],
-                    run.data.metrics["test_accuracy"],
-                    val.predicted == val.labels,
-                    test.predicted == test.labels,
-                    {arm: by_name[name] for arm, by_name in scores.items() if name in by_name},
-                )  # fmt: skip
-            )
+    out = {}
+    for run in trial_runs(client, args, "single", seed):
+        name = config_of(run.data.params, pool(args))
+        val = stored_predictions(client, run.info.run_id, "val")
+        test = stored_predictions(client, run.info.run_id, "test")
+        if name is None or val is None or test is None:
+            continue
+        metrics = run.data.metrics
+        out[name] = Trained(
+            name,
+            metrics["best_val_accuracy"],
+            metrics["test_accuracy"],
+            val.predicted == val.labels,
+            test.predicted == test.labels,
+        )
     return out
-
-
-# ---- selection arms: trained runs of one seed -> a selection score per configuration ------------------
-
-
-def single_split(runs: list[Trained]) -> dict[str, float]:
-    """What a sweep does today: the best epoch's validation accuracy on the one split."""
-    return {r.name: r.best_val_accuracy for r in runs}
-
-
-def from_arm(arm: str) -> Callable[[list[Trained]], dict[str, float]]:
-    """The mean over the repeats (folds) of each configuration's trial in the arm's sweep of this seed."""
-
-    def scores(runs: list[Trained]) -> dict[str, float]:
-        missing = [r.name for r in runs if arm not in r.arm_scores]
-        if missing:
-            raise NotImplementedError(
-                f"no finished {arm} trial for {', '.join(missing)}: run with --arms {arm}"
-            )
-        return {r.name: r.arm_scores[arm] for r in runs}
-
-    return scores
-
-
-ARMS: dict[str, Callable[[list[Trained]], dict[str, float]]] = {
-    "single": single_split,
-    "repeats": from_arm("repeats"),
-    "cv": from_arm("cv"),
-}
 
 
 # ---- the figures ------------------------------------------------------------------------------------
 
 
-def _pick(scores: dict[str, float]) -> str:
+def _best(scores: dict[str, float]) -> str:
     return max(scores, key=lambda name: (scores[name], -int(name[1:])))  # ties: the first config
 
 
-def outcome(runs: list[Trained], scores: dict[str, float], rng: np.random.Generator) -> dict[str, float]:
+def outcome(trained: dict[str, Trained], arm: ArmRuns) -> dict[str, float]:
+    """The arm's pick judged on the test split, against the test winner of the whole pool."""
     from bloodcell import stats
 
-    by_name = {r.name: r for r in runs}
-    pick = _pick(scores)
-    test_winner = _pick({r.name: r.test_accuracy for r in runs})
-    test_p = stats.mcnemar(by_name[pick].test_right, by_name[test_winner].test_right).p_value
-    others = [r for r in runs if r.name != pick]
-    val_p = stats.holm([stats.mcnemar(by_name[pick].val_right, r.val_right).p_value for r in others])
-    # paired bootstrap of both splits: do the two winners still agree on other images of the same sizes?
+    test = {name: r.test_accuracy for name, r in trained.items()}
+    pick, winner = _best(arm.scores), _best(test)
+    best_drawn = _best({name: test[name] for name in arm.scores})
+    p = stats.mcnemar(trained[pick].test_right, trained[winner].test_right).p_value
+    return {
+        "pick": float(pick[1:]),
+        "test_winner": float(winner[1:]),
+        "winner_drawn": float(winner in arm.scores),
+        "best_of_drawn": float(pick == best_drawn),
+        "same": float(pick == winner),
+        "tied_on_test": float(pick == winner or p >= ALPHA),
+        "regret_points": 100 * (test[winner] - test[pick]),
+        "seconds": arm.seconds,
+    }
+
+
+def single_split_noise(trained: dict[str, Trained], rng: np.random.Generator) -> tuple[int, float]:
+    """How many configurations the validation split cannot separate from its winner (McNemar, Holm), and
+    the share of paired bootstrap resamples of both splits in which the two winners agree."""
+    from bloodcell import stats
+
+    runs = list(trained.values())
+    pick = trained[_best({n: r.best_val_accuracy for n, r in trained.items()})]
+    others = [r for r in runs if r.name != pick.name]
+    val_p = stats.holm([stats.mcnemar(pick.val_right, r.val_right).p_value for r in others])
     val = np.stack([r.val_right for r in runs]).astype(float)
     test = np.stack([r.test_right for r in runs]).astype(float)
     agree = 0
@@ -280,84 +267,89 @@ def outcome(runs: list[Trained], scores: dict[str, float], rng: np.random.Genera
         v = val[:, rng.integers(0, val.shape[1], val.shape[1])].mean(axis=1)
         t = test[:, rng.integers(0, test.shape[1], test.shape[1])].mean(axis=1)
         agree += int(np.argmax(v) == np.argmax(t))
-    return {
-        "pick": float(int(pick[1:])),
-        "test_winner": float(int(test_winner[1:])),
-        "same": float(pick == test_winner),
-        "tied_on_test": float(pick == test_winner or test_p >= ALPHA),
-        "regret_points": 100 * (by_name[test_winner].test_accuracy - by_name[pick].test_accuracy),
-        "tied_on_val": float(sum(p >= ALPHA for p in val_p)),
-        "bootstrap_same": agree / RESAMPLES,
-    }
+    return sum(p >= ALPHA for p in val_p), agree / RESAMPLES
 
 
-def report(results: dict[int, list[Trained]], names: list[str]) -> None:
+def _yes(flag: float) -> str:
+    return "yes" if flag else "no"
+
+
+def report(client: Any, args: argparse.Namespace) -> None:
+    names = pool(args)
     rng = np.random.default_rng(0)
-    seeds = sorted(s for s, runs in results.items() if len(runs) == len(names))
+    trained = {seed: load_pool(client, args, seed) for seed in args.seeds}
+    seeds = [seed for seed in args.seeds if len(trained[seed]) == len(names)]
     if not seeds:
-        print("no seed has all its configurations trained yet")
+        print("no split seed has all its configurations trained yet")
         return
-    some = results[seeds[0]][0]
-    print(f"\n{len(names)} configurations x {len(seeds)} seeds; validation {len(some.val_right)} images, "
-          f"test {len(some.test_right)} images per split\n")  # fmt: skip
-    print("seed  " + "  ".join(f"{n:>13}" for n in names) + "   (best_val_accuracy / test_accuracy)")
+    some = next(iter(trained[seeds[0]].values()))
+    print(f"\npool of {len(names)} configurations = a budget of {len(names)} training runs per arm and "
+          f"split; split seeds {', '.join(map(str, seeds))}; validation {len(some.val_right)} images, "
+          f"test {len(some.test_right)}\n")  # fmt: skip
+    for name, config in names.items():
+        print(f"{name}: {' '.join(f'{k}={v}' for k, v in config.items())}")
+    header = "  ".join(f"{n:>13}" for n in names)
+    print(f"\nseed  {header}   (single run: best_val_accuracy / test_accuracy)")
     for seed in seeds:
-        cells = {r.name: f"{r.best_val_accuracy:.4f}/{r.test_accuracy:.4f}" for r in results[seed]}
-        print(f"{seed:>4}  " + "  ".join(f"{cells[n]:>13}" for n in names))
-    for arm, scores_of in ARMS.items():
-        try:
-            rows = [(seed, outcome(results[seed], scores_of(results[seed]), rng)) for seed in seeds]
-        except NotImplementedError as err:
-            print(f"\narm {arm}: not measured ({err})")
+        cells = {n: f"{r.best_val_accuracy:.4f}/{r.test_accuracy:.4f}" for n, r in trained[seed].items()}
+        tied, agree = single_split_noise(trained[seed], rng)
+        row = "  ".join(f"{cells[n]:>13}" for n in names)
+        print(f"{seed:>4}  {row}   val ties {tied} with its pick; bootstrap: same winner {agree:.2f}")
+    for arm, (per_point, _) in ARMS.items():
+        rows = []
+        for seed in seeds:
+            runs, wanted = load_arm(client, args, arm, seed), len(names) // per_point
+            if len(runs.scores) < wanted:
+                print(f"\narm {arm}, seed {seed}: {len(runs.scores)} of {wanted} trials done")
+                continue
+            rows.append((seed, sorted(runs.scores), outcome(trained[seed], runs)))
+        if not rows:
             continue
-        print(f"\narm {arm}:")
-        print("seed  pick  test winner  same  tied on test (McNemar)  regret (points)  "
-              "configs tied with pick on val  bootstrap: same winner")  # fmt: skip
-        for seed, o in rows:
-            same, tied = ("yes" if o["same"] else "no"), ("yes" if o["tied_on_test"] else "no")
-            print(
-                f"{seed:>4}  c{o['pick']:.0f}    c{o['test_winner']:.0f}          {same:<4}  {tied:<22}  "
-                f"{o['regret_points']:>15.2f}  {o['tied_on_val']:>29.0f}  {o['bootstrap_same']:>22.2f}"
-            )
-        mean = {k: float(np.mean([o[k] for _, o in rows])) for k in rows[0][1]}
-        n_same = sum(o["same"] for _, o in rows)
-        n_tied = sum(o["tied_on_test"] for _, o in rows)
-        print(
-            f"all   the pick is the test winner on {n_same:.0f} of {len(rows)} splits, tied with it on "
-            f"{n_tied:.0f}; mean regret {mean['regret_points']:.2f} points; bootstrap: same winner "
-            f"{mean['bootstrap_same']:.2f}"
-        )
+        print(f"\narm {arm} ({len(names) // per_point} configurations x {per_point}):")
+        print("seed  drawn              pick  test winner  winner drawn  best of drawn  same  "
+              "tied on test (McNemar)  regret (points)  compute (s)")  # fmt: skip
+        for seed, drawn, o in rows:
+            print(f"{seed:>4}  {','.join(drawn):<17}  c{o['pick']:.0f}    c{o['test_winner']:.0f}          "
+                  f"{_yes(o['winner_drawn']):<12}  {_yes(o['best_of_drawn']):<13}  {_yes(o['same']):<4}  "
+                  f"{_yes(o['tied_on_test']):<22}  {o['regret_points']:>15.2f}  "
+                  f"{o['seconds']:>11.0f}")  # fmt: skip
+        total = {k: float(np.sum([o[k] for _, _, o in rows])) for k in rows[0][2]}
+        print(f"all   the pick is the test winner on {total['same']:.0f} of {len(rows)} splits, tied with it "
+              f"on {total['tied_on_test']:.0f}; mean regret {total['regret_points'] / len(rows):.2f} points; "
+              f"{total['seconds']:.0f} s of training")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "pbc96"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--configs", type=int, default=len(CONFIGS), help="the first N of CONFIGS")
+    parser.add_argument("--data", default=str(ROOT / "data" / "training_set.npz"), help="npz or pbc96 folder")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="split seeds")
+    parser.add_argument("--configs", type=int, default=len(CONFIGS), help="B: the first B of CONFIGS")
     parser.add_argument("--limit", type=int, default=4000, help="stratified subset of the cells")
-    parser.add_argument("--val-fraction", type=float, default=0.3)
-    parser.add_argument("--test-fraction", type=float, default=0.3)
+    parser.add_argument("--val-fraction", type=float, default=0.25)
+    parser.add_argument("--test-fraction", type=float, default=0.25)
     parser.add_argument("--input-size", type=int, default=96)
-    parser.add_argument("--epochs", type=int, default=2, help="head epochs (backbone frozen)")
-    parser.add_argument("--finetune-epochs", type=int, default=4)
-    parser.add_argument("--decay-steps", type=int, default=25, help="about one epoch of 1,600 images")
+    parser.add_argument("--epochs", type=int, default=1, help="head epochs (backbone frozen)")
+    parser.add_argument("--finetune-epochs", type=int, default=6)
+    parser.add_argument("--decay-steps", type=int, default=32, help="about one epoch of 2,000 images")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "selection_noise")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--arms", nargs="*", default=[], choices=["repeats", "cv"], help="also train these")
     args = parser.parse_args()
-    args.seconds = {}
+    pool(args)  # refuses a pool that is not a grid before anything trains
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{args.out / 'mlflow.db'}")
     tic = time.perf_counter()
-    spent = 0.0 if args.report_only else train_all(args, client)
-    for name, overrides in configs(args).items():
-        print(f"{name}: {' '.join(overrides)}")
-    report(load(client, args), list(configs(args)))
-    arms = "".join(f", arm {arm} {seconds:.0f} s" for arm, seconds in args.seconds.items())
-    print(f"\ntraining {spent:.0f} s (single){arms}; benchmark {time.perf_counter() - tic:.0f} s in all")
+    wall: dict[str, float] = {}
+    if not args.report_only:
+        for seed in args.seeds:  # one seed at a time: a stopped benchmark leaves whole seeds to report
+            for arm in args.arms:
+                wall[arm] = wall.get(arm, 0.0) + sweep(args, arm, seed)
+    report(client, args)
+    sweeps = "".join(f", {arm} {seconds:.0f} s" for arm, seconds in wall.items())
+    print(f"\nsweep processes this time{sweeps or ': none'}; all in {time.perf_counter() - tic:.0f} s")
 
 
 if __name__ == "__main__":
