@@ -26,6 +26,9 @@ TINY = [
     "trainer.verbose=0",
 ]
 
+# TINY with phase 1 only: for tests that look at a run's records, not at fine-tuning (half the training time)
+TINY_HEAD_ONLY = [arg for arg in TINY if not arg.startswith("finetune.epochs=")] + ["finetune.epochs=0"]
+
 needs_shared_weights = pytest.mark.skipif(
     not SHARED_WEIGHTS.is_file(), reason="../shared/weights (MobileNet alpha 0.25) not present"
 )
@@ -51,6 +54,12 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     )
+
+
+def logged_run_id(proc: subprocess.CompletedProcess) -> str:
+    """The run id an ensemble or distill command prints as ``logged as run <id>``."""
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("logged as run ")]
+    return line.split()[3]
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:

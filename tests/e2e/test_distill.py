@@ -10,10 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import TINY, assert_ok, assert_user_error, run_module
-
-# The members' fine-tuning adds nothing these tests look at: skip it (the student keeps TINY's two phases).
-MEMBER = [arg for arg in TINY if not arg.startswith("finetune.epochs=")] + ["finetune.epochs=0"]
+from conftest import TINY, TINY_HEAD_ONLY, assert_ok, assert_user_error, logged_run_id, run_module
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +20,14 @@ def store(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("distill")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    assert_ok(run_module("bloodcell.train", *MEMBER, f"tracking.uri={uri}"))
-    assert_ok(run_module("bloodcell.train", *MEMBER, "trainer.lr=5e-3", f"tracking.uri={uri}"))
+    assert_ok(run_module("bloodcell.train", *TINY_HEAD_ONLY, f"tracking.uri={uri}"))
+    assert_ok(run_module("bloodcell.train", *TINY_HEAD_ONLY, "trainer.lr=5e-3", f"tracking.uri={uri}"))
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name("quickstart").experiment_id
     members = [r.info.run_id for r in client.search_runs([experiment])]
     proc = run_module("bloodcell.ensemble", f"runs=[{','.join(members)}]", f"tracking.uri={uri}")
     assert_ok(proc)
-    [line] = [line for line in proc.stdout.splitlines() if line.startswith("logged as run ")]
-    teacher = client.get_run(line.split()[3])
+    teacher = client.get_run(logged_run_id(proc))
     return SimpleNamespace(
         root=root, uri=uri, client=client, experiment=experiment, members=members, teacher=teacher
     )

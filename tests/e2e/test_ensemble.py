@@ -16,12 +16,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import TINY, assert_ok, run_module
+from conftest import TINY_HEAD_ONLY, assert_ok, logged_run_id, run_module
 
 from bloodcell import CLASS_NAMES
-
-# Fine-tuning adds nothing these tests look at: skip it to halve the training time.
-TRAIN = [arg for arg in TINY if not arg.startswith("finetune.epochs=")] + ["finetune.epochs=0"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +31,12 @@ def store(tmp_path_factory):
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("members", artifact_location=(root / "artifacts").as_uri())
     sweep = client.create_run(experiment, run_name="sweep-parent").info.run_id
-    common = [*TRAIN, f"tracking.uri={uri}", "tracking.experiment=members", f"tracking.parent_run_id={sweep}"]
+    common = [
+        *TINY_HEAD_ONLY,
+        f"tracking.uri={uri}",
+        "tracking.experiment=members",
+        f"tracking.parent_run_id={sweep}",
+    ]
     assert_ok(run_module("bloodcell.train", *common))
     assert_ok(run_module("bloodcell.train", *common, "backbone.input_size=48"))
     client.set_terminated(sweep, "FINISHED")
@@ -58,8 +60,7 @@ def stored(store, run_id: str, split: str):
 
 def ensemble_run(store, proc: subprocess.CompletedProcess):
     assert_ok(proc)
-    [line] = [line for line in proc.stdout.splitlines() if line.startswith("logged as run ")]
-    return store.client.get_run(line.split()[3])
+    return store.client.get_run(logged_run_id(proc))
 
 
 @pytest.fixture(scope="module")

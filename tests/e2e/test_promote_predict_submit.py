@@ -19,13 +19,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import TINY, assert_ok, assert_user_error, run_module
+from conftest import TINY_HEAD_ONLY, assert_ok, assert_user_error, run_module
 
 from bloodcell import CLASS_NAMES
 
 SCORE = {"A": 0.8, "B": 0.4}
-# Fine-tuning adds nothing these tests look at: skip it to halve the training time.
-TRAIN = [arg for arg in TINY if not arg.startswith("finetune.epochs=")] + ["finetune.epochs=0"]
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +32,14 @@ def store(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    run_a = run_module("bloodcell.train", *TRAIN, f"tracking.uri={uri}", "tracking.experiment=first")
+    run_a = run_module("bloodcell.train", *TINY_HEAD_ONLY, f"tracking.uri={uri}", "tracking.experiment=first")
     assert_ok(run_a)
     client = mlflow.MlflowClient(uri)
     second = client.create_experiment("second", artifact_location=(root / "artifacts").as_uri())
     sweep = client.create_run(second, run_name="sweep-parent").info.run_id
     run_b = run_module(
         "bloodcell.train",
-        *TRAIN,
+        *TINY_HEAD_ONLY,
         f"tracking.uri={uri}",
         "tracking.experiment=second",
         f"tracking.parent_run_id={sweep}",
