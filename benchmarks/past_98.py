@@ -223,10 +223,9 @@ def wall_minutes(run: Any) -> float:
 
 
 def test_right(client: Any, run: Any, order: np.ndarray | None) -> np.ndarray:
-    from bloodcell.compare import stored_predictions
+    from bloodcell.compare import required_predictions
 
-    stored = stored_predictions(client, run.info.run_id, "test")
-    assert stored is not None, f"run {run.info.run_id} kept no test predictions"
+    stored = required_predictions(client, run.info.run_id, "test", "train it again with this version")
     right = stored.predicted == stored.labels
     if order is None:
         return right
@@ -235,15 +234,13 @@ def test_right(client: Any, run: Any, order: np.ndarray | None) -> np.ndarray:
 
 
 def rows(client: Any, args: argparse.Namespace) -> list[Row]:
-    from bloodcell.compare import stored_predictions
+    from bloodcell.compare import required_predictions
 
     preset, ema = single_run(client, False), single_run(client, True)
     parent = sweep_parent(client)
     if preset is None:
         raise SystemExit("no FINISHED preset run in the store yet: run without --report-only")
-    reference = stored_predictions(client, preset.info.run_id, "test")
-    assert reference is not None
-    order = reference.data_index
+    order = required_predictions(client, preset.info.run_id, "test", "train it again").data_index
     out = []
     singles = [("preset", preset), ("preset + EMA", ema)]
     if parent is not None:
