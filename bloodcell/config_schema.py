@@ -162,6 +162,7 @@ class TrainerSchema(Group):
     )
     distribute: Literal[None, "mirrored"] = fix("use null or mirrored", default=None)
     verbose: Literal["auto", 0, 1, 2] = fix("use auto, 0, 1 or 2", default="auto")
+    run_eagerly: bool = fix("use true or false", default=False)
     checkpoint: CheckpointSchema
     resume: str | None = None
     reuse_phase1: bool = fix("use true or false", default=True)

@@ -523,8 +523,9 @@ class RunCallbacks:
             self.pruner.resume_after(saved.epoch, last)
 
 
-def compile_for(setup: Setup, phase: Phase, label_smoothing: float) -> None:
-    """A fresh optimizer for the phase (Adam on an exponentially decaying learning rate)."""
+def compile_for(setup: Setup, phase: Phase, trainer: DictConfig) -> None:
+    """A fresh optimizer for the phase (Adam on an exponentially decaying learning rate); ``trainer`` gives
+    the label smoothing and whether Keras traces its steps (``trainer.run_eagerly``)."""
     import keras
 
     from bloodcell.finetune import optimizer
@@ -532,8 +533,9 @@ def compile_for(setup: Setup, phase: Phase, label_smoothing: float) -> None:
     with setup.strategy.scope():
         setup.trainable_model.compile(
             optimizer=optimizer(phase.lr, phase.lr_decay_steps, phase.lr_decay_rate, phase.ema_momentum),
-            loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=trainer.label_smoothing),
             metrics=["accuracy"],
+            run_eagerly=trainer.run_eagerly,
         )
 
 
@@ -595,7 +597,7 @@ def train_head(cfg: DictConfig, setup: Setup, callbacks: RunCallbacks, resume: R
     """Phase 1: the head (with the backbone frozen when it is pretrained) at ``trainer.lr``; returns the
     global epoch after its last."""
     phase = Phase.first(cfg)
-    compile_for(setup, phase, cfg.trainer.label_smoothing)
+    compile_for(setup, phase, cfg.trainer)
     if resume is not None:
         callbacks.resume_from(resume.run_id, resume.checkpoint)
     state = "trainable" if setup.backbone.trainable else "frozen"
@@ -620,7 +622,7 @@ def fine_tune(
         callbacks.phase1_weights = setup.model.get_weights()
     with setup.strategy.scope():
         trainable_layers = finetune.unfreeze(setup.backbone, cfg)
-    compile_for(setup, phase, cfg.trainer.label_smoothing)
+    compile_for(setup, phase, cfg.trainer)
     if resume is not None:
         callbacks.resume_from(resume.run_id, resume.checkpoint)
     log.info(
@@ -690,7 +692,7 @@ def fit_both_phases(
             cache,
             setup,
             callbacks,
-            prepare=lambda: compile_for(setup, Phase.first(cfg), cfg.trainer.label_smoothing),
+            prepare=lambda: compile_for(setup, Phase.first(cfg), cfg.trainer),
             train_phase1=lambda: train_head(cfg, setup, callbacks),
         )
     if wants_phase2(cfg) and not callbacks.out_of_time():

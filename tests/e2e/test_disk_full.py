@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import TINY, mlflow_runs, run_module
+from conftest import TINY, mlflow_runs, run_module, sqlite_store
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def test_disk_full_while_the_model_is_logged_leaves_a_loadable_local_copy_and_a_
 ):
     import keras
 
-    store = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    store = sqlite_store(tmp_path / "store" / "mlflow.db")
     proc = run_module(
         "bloodcell.train", *TINY, f"tracking.uri={store}", f"trainer.checkpoint.dir={tmp_path / 'ck'}"
     )

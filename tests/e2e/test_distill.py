@@ -10,7 +10,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import TINY, TINY_HEAD_ONLY, assert_ok, assert_user_error, logged_run_id, run_module
+from conftest import (
+    TINY,
+    TINY_HEAD_ONLY,
+    assert_ok,
+    assert_user_error,
+    logged_run_id,
+    run_module,
+    sqlite_store,
+)
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +27,7 @@ def store(tmp_path_factory):
     import mlflow
 
     root = tmp_path_factory.mktemp("distill")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = sqlite_store(root / "mlflow.db")
     assert_ok(run_module("bloodcell.train", *TINY_HEAD_ONLY, f"tracking.uri={uri}"))
     assert_ok(run_module("bloodcell.train", *TINY_HEAD_ONLY, "trainer.lr=5e-3", f"tracking.uri={uri}"))
     client = mlflow.MlflowClient(uri)

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import TINY_HEAD_ONLY, assert_ok, logged_run_id, run_module
+from conftest import TINY_HEAD_ONLY, assert_ok, logged_run_id, run_module, sqlite_store
 
 from bloodcell import CLASS_NAMES
 
@@ -27,7 +27,7 @@ def store(tmp_path_factory):
     import mlflow
 
     root = tmp_path_factory.mktemp("ensemble")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = sqlite_store(root / "mlflow.db")
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("members", artifact_location=(root / "artifacts").as_uri())
     sweep = client.create_run(experiment, run_name="sweep-parent").info.run_id

@@ -7,14 +7,14 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY_TRACED
 
 # what a user's shell has: none of the tests' own quieting
 USER_ENV = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}
 
 
 def test_a_run_logged_to_a_file_has_one_line_per_epoch_and_no_start_up_noise(tmp_path):
-    args = [o for o in TINY if not o.startswith("trainer.verbose")]  # the default: verbose=auto
+    args = [o for o in TINY_TRACED if not o.startswith("trainer.verbose")]  # the default: verbose=auto
     out, err = tmp_path / "log.out", tmp_path / "log.err"
     with out.open("w") as stdout, err.open("w") as stderr:  # files, not a terminal
         proc = subprocess.run(

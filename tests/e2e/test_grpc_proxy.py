@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, assert_user_error, run_module
+from conftest import TINY, assert_user_error, run_module, sqlite_store
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
 TRIAL = [o for o in TINY if o != "+experiment=quickstart"] + ["tracking.log_model=false"]
@@ -53,7 +53,7 @@ def _sweep(tmp: Path, url: str, name: str) -> subprocess.Popen:
         "hydra.sweeper.n_trials=3",
         "hydra.sweeper.study_name=grpc-proxy-test",
         f"hydra.sweeper.storage={url}",
-        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        f"tracking.uri={sqlite_store(tmp / 'mlflow.db')}",
         f"hydra.sweep.dir={tmp / name}",
     ]
     return _start(args, tmp, tmp / f"{name}.log")

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import REPO, TINY, assert_ok, run_module
+from conftest import REPO, TINY, assert_ok, run_module, sqlite_store
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -82,7 +82,7 @@ def http_get(url: str) -> str:
 def sweep(tmp_path_factory) -> SimpleNamespace:
     """A finished two-trial sweep: its MLflow store and Optuna storage."""
     tmp = tmp_path_factory.mktemp("sweep")
-    store = f"sqlite:///{tmp / 'mlflow.db'}"
+    store = sqlite_store(tmp / "mlflow.db")
     storage = f"sqlite:///{tmp / 'optuna.db'}"
     assert_ok(
         run_module(

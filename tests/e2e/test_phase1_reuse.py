@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import TINY, assert_ok, mlflow_runs, run_module
+from conftest import TINY, assert_ok, mlflow_runs, run_module, sqlite_store
 from mlflow.tracking import MlflowClient
 
 TWO_EPOCHS = [*TINY, "trainer.epochs=2", "finetune.epochs=2", "tracking.log_model=false"]
@@ -25,7 +25,7 @@ def metric_history(client: MlflowClient, run_id: str, key: str) -> dict[int, flo
 
 @pytest.mark.slow
 def test_second_run_reuses_phase1_and_fine_tunes_as_if_it_had_trained_it(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path / "mlruns" / "mlflow.db")
     runs: dict[str, str] = {}
     logs: dict[str, str] = {}
     for name, extra in {

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import TINY_HEAD_ONLY, assert_ok, assert_user_error, run_module
+from conftest import TINY_HEAD_ONLY, assert_ok, assert_user_error, run_module, sqlite_store
 
 from bloodcell import CLASS_NAMES
 
@@ -31,7 +31,7 @@ def store(tmp_path_factory):
     import mlflow
 
     root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = sqlite_store(root / "mlflow.db")
     run_a = run_module("bloodcell.train", *TINY_HEAD_ONLY, f"tracking.uri={uri}", "tracking.experiment=first")
     assert_ok(run_a)
     client = mlflow.MlflowClient(uri)

@@ -10,16 +10,26 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, assert_ok, assert_user_error, mlflow_runs, run_module
+from conftest import (
+    REPO,
+    TINY,
+    TINY_HEAD_ONLY,
+    TINY_TRACED,
+    assert_ok,
+    assert_user_error,
+    mlflow_runs,
+    run_module,
+    sqlite_store,
+)
 
 # long enough that phase 2 has a few epochs to be killed in; patience high so early stopping does not end it
-RUN = [
-    *TINY,
+EPOCHS = [
     "trainer.epochs=2",
     "finetune.epochs=4",
     "trainer.early_stopping_patience=10",
     "finetune.early_stopping_patience=10",
 ]
+RUN = [*TINY, *EPOCHS]
 METRICS = ("val_accuracy", "val_loss", "train_loss", "train_accuracy", "learning_rate")
 
 
@@ -69,14 +79,15 @@ def _steps(client, run_id: str, metric: str) -> list[int]:
 def test_sigkill_in_phase2_then_resume_auto_finishes_the_same_run_like_an_uninterrupted_twin(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    killed_store = f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}"
-    twin_store = f"sqlite:///{tmp_path / 'twin' / 'mlflow.db'}"
-    _kill_in_phase2([*RUN, f"tracking.uri={killed_store}"], tmp_path / "killed" / "checkpoints")
+    killed_store = sqlite_store(tmp_path / "killed" / "mlflow.db")
+    twin_store = sqlite_store(tmp_path / "twin" / "mlflow.db")
+    run_args = [*TINY_TRACED, *EPOCHS]  # the traced steps users train with: the resume must match them
+    _kill_in_phase2([*run_args, f"tracking.uri={killed_store}"], tmp_path / "killed" / "checkpoints")
     (run,) = mlflow_runs(killed_store, "quickstart")
     assert run.info.status == "RUNNING"  # what SIGKILL leaves; the next command marks it
 
-    assert_ok(run_module("bloodcell.train", *RUN, f"tracking.uri={killed_store}", "trainer.resume=auto"))
-    assert_ok(run_module("bloodcell.train", *RUN, f"tracking.uri={twin_store}"))
+    assert_ok(run_module("bloodcell.train", *run_args, f"tracking.uri={killed_store}", "trainer.resume=auto"))
+    assert_ok(run_module("bloodcell.train", *run_args, f"tracking.uri={twin_store}"))
 
     (resumed,) = mlflow_runs(killed_store, "quickstart")
     (twin,) = mlflow_runs(twin_store, "quickstart")
@@ -102,18 +113,15 @@ def test_sigkill_in_phase2_then_resume_auto_finishes_the_same_run_like_an_uninte
 
 
 def test_resume_by_id_refuses_a_finished_run_and_an_unknown_id(tracking, tmp_path):
-    assert_ok(run_module("bloodcell.train", *TINY, f"tracking.uri={tracking}"))
+    args = [*TINY_HEAD_ONLY, "tracking.log_model=false", f"tracking.uri={tracking}"]  # only the run's state
+    assert_ok(run_module("bloodcell.train", *args))
     (run,) = mlflow_runs(tracking, "quickstart")
     assert_user_error(
-        run_module("bloodcell.train", *TINY, f"tracking.uri={tracking}", f"trainer.resume={run.info.run_id}"),
-        "already FINISHED",
+        run_module("bloodcell.train", *args, f"trainer.resume={run.info.run_id}"), "already FINISHED"
     )
-    assert_user_error(
-        run_module("bloodcell.train", *TINY, f"tracking.uri={tracking}", "trainer.resume=0123abcd"),
-        "no such run",
-    )
+    assert_user_error(run_module("bloodcell.train", *args, "trainer.resume=0123abcd"), "no such run")
     # auto with nothing to resume starts a new run
-    assert_ok(run_module("bloodcell.train", *TINY, f"tracking.uri={tracking}", "trainer.resume=auto"))
+    assert_ok(run_module("bloodcell.train", *args, "trainer.resume=auto"))
     assert len(mlflow_runs(tracking, "quickstart")) == 2
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import TINY, assert_ok, run_module
+from conftest import TINY, assert_ok, run_module, sqlite_store
 
 TRIAL = [o for o in TINY if o != "+experiment=quickstart"] + ["tracking.log_model=false", "finetune.epochs=0"]
 FROM_ENV = "plantedsecret-env"
@@ -54,7 +54,7 @@ def test_no_password_is_written_or_printed_by_a_sweep(tmp_path):
         f"hydra.sweeper.study_name={study}",
         "hydra.sweeper.storage=${oc.env:OPTUNA_STORAGE}",  # the documented way
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+        f"tracking.uri={sqlite_store(tmp_path / 'mlruns' / 'mlflow.db')}",
         "+notify_url=${oc.env:HOOK_URL}",  # a *_url key, the documented way
         f"+backup_url=postgresql://backup:{WRITTEN}@localhost/db",  # written out on the command line
         cwd=tmp_path,

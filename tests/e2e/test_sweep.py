@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, assert_ok, assert_user_error, run_module
+from conftest import TINY, assert_ok, assert_user_error, run_module, sqlite_store
 
 # Speeds a trial up: no model logging (the train tests cover it).
 TRIAL = [o for o in TINY if o != "+experiment=quickstart"] + ["tracking.log_model=false"]
@@ -28,7 +28,7 @@ def sweep_args(tmp: Path, *extra: str, storage: str | None = None) -> list[str]:
         "-m",
         "+sweeps=quick",
         *TRIAL,
-        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        f"tracking.uri={sqlite_store(tmp / 'mlflow.db')}",
         f"hydra.sweeper.storage={storage}",
         f"hydra.sweep.dir={tmp / 'multirun'}",
         *extra,

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import assert_ok, assert_user_error, run_module
+from mlflow.tracking import MlflowClient
 from test_sweep import _start_sweep, kill_after_first_report, load_study, mlflow_runs, states, sweep_args
 
 
@@ -149,4 +150,6 @@ def test_repeats_with_cross_validation_is_refused_before_any_trial(tmp_path):
         timeout=300,
     )
     assert_user_error(proc, "hydra.sweeper.repeats=2 with data.cv.folds=3: choose one")
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.db").exists()
+    assert not (tmp_path / "optuna.db").exists()  # no study
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # made (empty) by sweep_args: it stays so
+    assert [experiment.name for experiment in store.search_experiments()] == ["Default"]

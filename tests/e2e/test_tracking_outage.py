@@ -10,10 +10,19 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, TINY, assert_ok, free_port, run_module, start_mlflow_server, stop_mlflow_server
+from conftest import (
+    REPO,
+    TINY_TRACED,
+    assert_ok,
+    free_port,
+    run_module,
+    start_mlflow_server,
+    stop_mlflow_server,
+)
 
-# long enough to outlive a 30-second outage; early stopping never ends it
-RUN = [*TINY, "trainer.epochs=40", "finetune.epochs=0", "trainer.early_stopping_patience=100"]
+# long enough to outlive a 30-second outage; early stopping never ends it. Traced steps: at 40 epochs
+# tracing is paid back (eager took 166 s)
+RUN = [*TINY_TRACED, "trainer.epochs=40", "finetune.epochs=0", "trainer.early_stopping_patience=100"]
 
 
 def _train(uri: str, checkpoints: Path, *extra: str) -> subprocess.Popen:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_ok, mlflow_runs, run_module
+from conftest import assert_ok, mlflow_runs, run_module, sqlite_store
 from test_resume import RUN, _kill_in_phase2  # the kill-in-phase-2 pattern of the exact-resume test
 
 EMA = ["trainer.ema=true", "trainer.ema_momentum=0.9"]  # ~10 steps: a few tiny epochs
@@ -66,7 +66,7 @@ def _test_probabilities(run) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def swa_store(tmp_path_factory) -> str:
-    store = f"sqlite:///{tmp_path_factory.mktemp('swa') / 'mlflow.db'}"
+    store = sqlite_store(tmp_path_factory.mktemp("swa") / "mlflow.db")
     assert_ok(run_module("bloodcell.train", *RUN, *SWA, f"tracking.uri={store}"))
     return store
 
@@ -90,8 +90,8 @@ def test_swa_run_averages_phase2s_last_epochs_and_keeps_the_average_only_if_vali
 def test_ema_run_killed_in_phase2_resumes_with_its_average_and_differs_from_the_plain_twin(
     tmp_path, swa_store
 ):
-    killed = f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}"
-    twin = f"sqlite:///{tmp_path / 'twin' / 'mlflow.db'}"
+    killed = sqlite_store(tmp_path / "killed" / "mlflow.db")
+    twin = sqlite_store(tmp_path / "twin" / "mlflow.db")
     _kill_in_phase2([*RUN, *EMA, f"tracking.uri={killed}"], tmp_path / "killed" / "checkpoints")
     assert_ok(run_module("bloodcell.train", *RUN, *EMA, f"tracking.uri={killed}", "trainer.resume=auto"))
     assert_ok(run_module("bloodcell.train", *RUN, *EMA, f"tracking.uri={twin}"))

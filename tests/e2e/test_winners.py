@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import TINY_HEAD_ONLY, assert_ok, assert_user_error, run_module
+from conftest import TINY_HEAD_ONLY, assert_ok, assert_user_error, run_module, sqlite_store
 from scipy.stats import binomtest
 
 from bloodcell import CLASS_NAMES, NUM_CLASSES, stats
@@ -24,7 +24,7 @@ def base(tmp_path_factory):
     import mlflow
 
     root = tmp_path_factory.mktemp("winners")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = sqlite_store(root / "mlflow.db")
     assert_ok(run_module("bloodcell.train", *TINY_HEAD_ONLY, f"tracking.uri={uri}"))
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
