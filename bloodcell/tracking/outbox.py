@@ -58,7 +58,7 @@ def apply(run_id: str, record: dict[str, Any]) -> None:
     elif kind == "inputs":  # the run's data splits as MLflow dataset inputs (bloodcell.tracking.datasets)
         from bloodcell.tracking.datasets import to_dataset_inputs
 
-        client.log_inputs(run_id, datasets=to_dataset_inputs(record["inputs"]))
+        log_inputs_once_created(client, run_id, to_dataset_inputs(record["inputs"]))
     elif kind == "artifact":
         client.log_artifact(run_id, record["path"], record.get("dir"))
     elif kind == "model":
@@ -67,6 +67,28 @@ def apply(run_id: str, record: dict[str, Any]) -> None:
         client.set_terminated(run_id, record["status"])
     else:
         raise ValueError(f"unknown outbox record {kind!r}")
+
+
+def log_inputs_once_created(client: Any, run_id: str, datasets: list[Any], tries: int = 3) -> None:
+    """``client.log_inputs``, tried again when another run created the same dataset meanwhile. MLflow's
+    store looks an experiment's dataset up and inserts it when missing; two trials that start together on
+    the same data both insert it, and the second one failed on the store's unique key (seen with two sweep
+    processes on one SQLite store: the trial ended FAIL). On the next try the lookup finds the row."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, tries + 1):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except MlflowException as err:
+            text = str(err)
+            # SQLite's and PostgreSQL's words for the same unique-key violation
+            duplicate = "UNIQUE constraint failed: datasets" in text or (
+                "duplicate key value" in text and "datasets" in text
+            )
+            if not duplicate or attempt == tries:
+                raise
+            log.debug("dataset created by another run meanwhile; logging the inputs again")
 
 
 def _log_model(run_id: str, path: Path, examples: Path) -> None:

@@ -135,3 +135,40 @@ def test_experiments_are_marked_model_training_and_records_reach_the_store(tmp_p
     inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
     assert sorted(i.tags[0].value for i in inputs) == ["test", "train", "val"]
     mlflow.set_tracking_uri(previous)  # setup_experiment pointed the process at the test store
+
+
+class _RacedClient:
+    """A real client whose first ``log_inputs`` fails as MLflow's SQLite store failed when another trial
+    inserted the same dataset between its lookup and its insert (two sweep processes, one store)."""
+
+    def __init__(self, client, error: str) -> None:
+        self.client, self.error, self.calls = client, error, 0
+
+    def log_inputs(self, run_id, datasets):
+        from mlflow.exceptions import MlflowException
+
+        self.calls += 1
+        if self.calls == 1:
+            raise MlflowException(self.error)
+        return self.client.log_inputs(run_id, datasets=datasets)
+
+
+def test_inputs_are_logged_when_another_run_created_the_dataset_meanwhile(tmp_path):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("race"))
+    arrays, splits = demo_splits()
+    datasets = to_dataset_inputs(dataset_inputs(DEMO, arrays, splits))
+    raced = _RacedClient(
+        client, "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, ..."
+    )
+    outbox.log_inputs_once_created(raced, run.info.run_id, datasets)
+    assert raced.calls == 2
+    assert len(client.get_run(run.info.run_id).inputs.dataset_inputs) == 3
+    # any other refusal is an error as before
+    other = _RacedClient(client, "(sqlite3.OperationalError) no such table: datasets")
+    with pytest.raises(MlflowException, match="no such table"):
+        outbox.log_inputs_once_created(other, run.info.run_id, datasets)
+    assert other.calls == 1
