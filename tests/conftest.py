@@ -173,7 +173,7 @@ def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
     import urllib.request
 
     store.mkdir(parents=True, exist_ok=True)
-    sqlite_store(store / "server.db")
+    backend = sqlite_store(store / "server.db")  # migrated once; kept when the server starts again
     with open(store / "server.log", "a") as log:  # the child keeps its own handle
         server = subprocess.Popen(
             [
@@ -188,7 +188,7 @@ def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
                 "--workers",
                 "1",
                 "--backend-store-uri",
-                f"sqlite:///{store / 'server.db'}",
+                backend,
                 "--artifacts-destination",
                 str(store / "artifacts"),
             ],
