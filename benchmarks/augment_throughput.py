@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bloodcell.cli import compose
+from bloodcell.core.cli import compose
 
 PIPELINES = ["none", "base", "heavy", "randaugment", "augmix", "mixup", "cutmix"]
 
@@ -77,8 +77,8 @@ def training_rates(images, labels, seconds: float) -> tuple[dict, int]:
     import tensorflow as tf
 
     from bloodcell import NUM_CLASSES
-    from bloodcell.finetune import set_backbone_trainable
     from bloodcell.models import BACKBONE_LAYER, build_model
+    from bloodcell.models.finetune import set_backbone_trainable
 
     cfg = compose(["+experiment=mobilenet_cpu", "backbone.weights=null"])
     batch = int(cfg.trainer.batch_size)

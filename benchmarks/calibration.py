@@ -31,8 +31,12 @@ def main() -> None:
     import mlflow
     from omegaconf import OmegaConf
 
-    from bloodcell.abstention import abstention_metrics
-    from bloodcell.calibration import apply_temperature, expected_calibration_error, fit_temperature
+    from bloodcell.evaluation.abstention import abstention_metrics
+    from bloodcell.evaluation.calibration import (
+        apply_temperature,
+        expected_calibration_error,
+        fit_temperature,
+    )
     from bloodcell.tracking import resolve_tracking_uri
 
     uri = args.store or resolve_tracking_uri(OmegaConf.create({"uri": None}))

@@ -59,7 +59,7 @@ SHARED = ROOT.parent / "shared" / "data"
 BUILDER = SHARED / "build_training_set.py"
 
 from bloodcell import CLASS_NAMES  # noqa: E402
-from bloodcell.clean import find_unwanted, find_unwanted_cached, resolve_cfg  # noqa: E402
+from bloodcell.data.cleaning import find_unwanted, find_unwanted_cached, resolve_cfg  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- scoring
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 def measure(cfg, policy: str, batch_size: int, images, labels, epochs: int) -> dict:
     import keras
 
-    from bloodcell.finetune import optimizer, set_backbone_trainable, unfreeze
     from bloodcell.models import BACKBONE_LAYER, build_model
+    from bloodcell.models.finetune import optimizer, set_backbone_trainable, unfreeze
 
     keras.backend.clear_session()
     keras.mixed_precision.set_global_policy(policy)
@@ -94,7 +94,7 @@ def main() -> None:
     import keras
     import numpy as np
 
-    from bloodcell.cli import compose
+    from bloodcell.core.cli import compose
 
     cfg = compose([f"+experiment={args.experiment}", "backbone.weights=null", *args.overrides])
     rng = np.random.default_rng(0)

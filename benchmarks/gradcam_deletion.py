@@ -31,10 +31,11 @@ def main() -> None:
     import tensorflow as tf
     from omegaconf import OmegaConf
 
-    from bloodcell.compare import run_splits
-    from bloodcell.explain import GradCam
-    from bloodcell.predict import load_model, predict_arrays
+    from bloodcell.evaluation.gradcam import GradCam
+    from bloodcell.serving.loading import load_model
+    from bloodcell.serving.prediction import predict_arrays
     from bloodcell.tracking import resolve_tracking_uri
+    from bloodcell.training.run_data import run_splits
 
     mlflow.set_tracking_uri(args.store or resolve_tracking_uri(OmegaConf.create({"uri": None})))
     run = mlflow.get_run(args.run_id)

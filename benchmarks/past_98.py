@@ -189,9 +189,10 @@ def ensemble_tta(client: Any, run: Any) -> dict[str, float]:
     keys = ("test_tta_accuracy", "test_tta_accuracy_ci_low", "test_tta_accuracy_ci_high", "test_tta_macro_f1")
     if all(k in run.data.metrics for k in keys):
         return {k: run.data.metrics[k] for k in keys}
-    from bloodcell.compare import run_splits
-    from bloodcell.evaluate import evaluate_predictions
-    from bloodcell.predict import load_model, predict_arrays
+    from bloodcell.evaluation.metrics import evaluate_predictions
+    from bloodcell.serving.loading import load_model
+    from bloodcell.serving.prediction import predict_arrays
+    from bloodcell.training.run_data import run_splits
 
     print(f"test-time augmentation of {run.data.tags.get('mlflow.runName')} ...", flush=True)
     test = run_splits(run).splits.test
@@ -223,7 +224,7 @@ def wall_minutes(run: Any) -> float:
 
 
 def test_right(client: Any, run: Any, order: np.ndarray | None) -> np.ndarray:
-    from bloodcell.compare import required_predictions
+    from bloodcell.evaluation.stored_predictions import required_predictions
 
     stored = required_predictions(client, run.info.run_id, "test", "train it again with this version")
     right = stored.predicted == stored.labels
@@ -234,7 +235,7 @@ def test_right(client: Any, run: Any, order: np.ndarray | None) -> np.ndarray:
 
 
 def rows(client: Any, args: argparse.Namespace) -> list[Row]:
-    from bloodcell.compare import required_predictions
+    from bloodcell.evaluation.stored_predictions import required_predictions
 
     preset, ema = single_run(client, False), single_run(client, True)
     parent = sweep_parent(client)
@@ -283,7 +284,7 @@ def rows(client: Any, args: argparse.Namespace) -> list[Row]:
 
 
 def report(table: list[Row], cores: int) -> None:
-    from bloodcell import stats
+    from bloodcell.evaluation import stats
 
     preset = table[0].right
     print(

@@ -37,9 +37,10 @@ def main() -> None:
 
     import mlflow
 
-    from bloodcell.compare import run_splits
-    from bloodcell.predict import load_model, predict_arrays
+    from bloodcell.serving.loading import load_model
+    from bloodcell.serving.prediction import predict_arrays
     from bloodcell.tracking import resolve_tracking_uri
+    from bloodcell.training.run_data import run_splits
 
     mlflow.set_tracking_uri(resolve_tracking_uri(OmegaConf.create({"uri": args.tracking_uri})))
     runs = mlflow.search_runs(
@@ -58,7 +59,7 @@ def main() -> None:
     images = np.concatenate([test.images] * max(1, -(-args.min_images // len(test))))
     arms = [(f"run {run.info.run_id[:8]}: {model_uri}", load_model(model_uri))]
     if args.ensemble:
-        from bloodcell.ensemble import build_ensemble
+        from bloodcell.evaluation.ensemble import build_ensemble
 
         split = run.data.tags.get("split_fingerprint")
         same = [r for r in runs if r.data.tags.get("split_fingerprint") == split]

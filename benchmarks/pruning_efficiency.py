@@ -134,7 +134,7 @@ def replay(trials, name: str, kwargs: dict):
     deterministic, since a pruned trial's curve is the prefix of its unpruned one."""
     import optuna
 
-    from bloodcell.trial import make_pruner
+    from bloodcell.sweep.trial import make_pruner
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", pruner=make_pruner({"name": name, "kwargs": kwargs}))
@@ -195,7 +195,7 @@ def main() -> None:
 
     import optuna
 
-    from bloodcell.trial import open_storage
+    from bloodcell.sweep.trial import open_storage
 
     if args.replay:
         tables = []

@@ -94,7 +94,7 @@ def main() -> None:
     overrides = args.overrides or DEFAULT
     out = ROOT / "benchmarks" / "results" / f"resume_{time.strftime('%Y%m%d-%H%M%S')}"
 
-    from bloodcell.cli import compose
+    from bloodcell.core.cli import compose
 
     cfg = compose(overrides)
     total = int(cfg.trainer.epochs) + int(cfg.finetune.epochs)

@@ -214,7 +214,7 @@ def load_arm(client: Any, args: argparse.Namespace, arm: str, seed: int) -> ArmR
 
 def load_pool(client: Any, args: argparse.Namespace, seed: int) -> dict[str, Trained]:
     """The single arm's runs of ``seed`` with their stored predictions, by configuration name."""
-    from bloodcell.compare import stored_predictions
+    from bloodcell.evaluation.stored_predictions import stored_predictions
 
     out = {}
     for run in trial_runs(client, args, "single", seed):
@@ -243,7 +243,7 @@ def _best(scores: dict[str, float]) -> str:
 
 def outcome(trained: dict[str, Trained], arm: ArmRuns) -> dict[str, float]:
     """The arm's pick judged on the test split, against the test winner of the whole pool."""
-    from bloodcell import stats
+    from bloodcell.evaluation import stats
 
     test = {name: r.test_accuracy for name, r in trained.items()}
     pick, winner = _best(arm.scores), _best(test)
@@ -264,7 +264,7 @@ def outcome(trained: dict[str, Trained], arm: ArmRuns) -> dict[str, float]:
 def single_split_noise(trained: dict[str, Trained], rng: np.random.Generator) -> tuple[int, float]:
     """How many configurations the validation split cannot separate from its winner (McNemar, Holm), and
     the share of paired bootstrap resamples of both splits in which the two winners agree."""
-    from bloodcell import stats
+    from bloodcell.evaluation import stats
 
     runs = list(trained.values())
     pick = trained[_best({n: r.best_val_accuracy for n, r in trained.items()})]

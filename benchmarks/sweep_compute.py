@@ -101,7 +101,7 @@ def run_sweep(args: argparse.Namespace, name: str, reuse: bool, data: Path) -> f
 def summarize(args: argparse.Namespace, name: str, seconds: float) -> dict[str, Any]:
     import optuna
 
-    from bloodcell.trial import open_storage
+    from bloodcell.sweep.trial import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(f"journal:{args.out / name / 'optuna.journal'}")

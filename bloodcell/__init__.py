@@ -8,8 +8,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # ... and what Abseil prints before that level applies (an "E0000 failed call to cuInit" on every CPU-only
-# run): filtered out of stderr while TensorFlow loads; real warnings and errors pass (bloodcell/tf_noise.py)
-from bloodcell import tf_noise
+# run): filtered out of stderr while TensorFlow loads; real warnings and errors pass
+# (bloodcell/core/tf_noise.py)
+from bloodcell.core import tf_noise
 
 tf_noise.install()
 

@@ -19,13 +19,13 @@ import hydra
 from omegaconf import DictConfig
 
 from bloodcell import PROJECT_ROOT
-from bloodcell.cli import run_or_exit
-from bloodcell.errors import UserError
+from bloodcell.core.cli import run_or_exit
+from bloodcell.core.errors import UserError
 
 
 def dashboard(cfg: DictConfig) -> None:
     """Serve optuna-dashboard on ``cfg.storage`` at ``cfg.host``:``cfg.port`` until interrupted."""
-    from bloodcell.trial import open_storage, redact, resolve_storage_url
+    from bloodcell.sweep.trial import open_storage, redact, resolve_storage_url
 
     try:
         from optuna_dashboard import run_server

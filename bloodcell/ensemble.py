@@ -9,7 +9,7 @@ The model is one Keras model: one input of the members' image shape -> each memb
 its own resizing and preprocessing, so members of other backbones and input sizes mix) ->
 ``keras.layers.Average``. A member picked twice (greedy selection picks with replacement) feeds the average
 twice: its weight is how often it was picked. With ``calibrate`` (default) a temperature fitted on the
-ensemble's validation probabilities follows the average, as after training (bloodcell.calibration).
+ensemble's validation probabilities follows the average, as after training (bloodcell.evaluation.calibration).
 
 Members must share one data set and split (tags ``data_fingerprint``, ``split_fingerprint``): the ensemble
 is evaluated on their common test split, which none of them trained on, and greedy selection reads their
@@ -21,151 +21,40 @@ ensemble is.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import hydra
-import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bloodcell import PROJECT_ROOT
-from bloodcell.cli import run_or_exit
-from bloodcell.compare import Candidate, _specs
-from bloodcell.errors import UserError
-from bloodcell.stats import interval_names
+from bloodcell.compare import _specs
+from bloodcell.core.cli import run_or_exit
+from bloodcell.core.errors import UserError
+from bloodcell.evaluation.ensemble import (
+    SELECTIONS,
+    Ensemble,
+    build_ensemble,
+    check_members,
+    ensemble_config,
+    evaluate,
+    record_ensemble,
+    select,
+)
+from bloodcell.evaluation.stats import interval_names
 
 if TYPE_CHECKING:
-    import keras
-
-    from bloodcell.train import RunData
+    pass
 
 log = logging.getLogger("bloodcell.ensemble")
-
-SELECTIONS = ("topk", "greedy")
-#: tag of an ensemble run: `compare sweep=` and a later `ensemble sweep=` leave it out of the sweep's trials
-ENSEMBLE_TAG = "bloodcell.ensemble"
-#: run tags copied from the members: which data and split the ensemble was evaluated on
-DATA_TAGS = ("data_fingerprint", "data_fingerprint_cleaned", "data_source", "split_fingerprint")
 
 
 # ---- which members -------------------------------------------------------------------------------------
 
 
-def check_members(models: list[Candidate]) -> None:
-    """Members that can be averaged and evaluated together: each logged a model, all trained on the same
-    data and split (else their test splits differ and one may have trained on another's test images)."""
-    first = models[0]
-    for m in models:
-        if not m.tags.get("model_uri"):
-            raise UserError(
-                f"run {m.run_id} logged no model (trained with tracking.log_model=false?); ensemble runs "
-                "that logged one, or train it again with tracking.log_model=true"
-            )
-    for m in models[1:]:
-        if m.data_fingerprint != first.data_fingerprint:
-            raise UserError(
-                f"runs {first.run_id[:8]} and {m.run_id[:8]} were trained on different data "
-                f"({first.tags.get('data_source', '?')}, fingerprint {first.data_fingerprint[:12] or '?'} vs "
-                f"{m.tags.get('data_source', '?')}, fingerprint {m.data_fingerprint[:12] or '?'}): an "
-                "ensemble's members must share one test split; ensemble runs of one data set"
-            )
-        if m.split_fingerprint != first.split_fingerprint:
-            seeds = f"seed {first.run.data.params.get('seed', '?')} vs {m.run.data.params.get('seed', '?')}"
-            raise UserError(
-                f"runs {first.run_id[:8]} and {m.run_id[:8]} were trained on the same data but split "
-                f"differently ({seeds}, or other fractions or folds): an ensemble's members must share one "
-                "validation and test split; ensemble runs of one split"
-            )
-
-
-def greedy_selection(probabilities: list[np.ndarray], labels: np.ndarray, size: int) -> list[int]:
-    """Ensemble selection with replacement (Caruana et al. 2004, "Ensemble selection from libraries of
-    models"): start empty, add the candidate whose addition gives the average the best validation accuracy
-    (ties: the lower log loss, then the earlier candidate), ``size`` times; return how often each candidate
-    was picked in the best of those ``size`` ensembles (the earliest, when several score alike).
-
-    Picking with replacement weights a good member more than once and lets the score plateau instead of
-    falling as weaker candidates join, which is what makes the method safe on a small validation split."""
-    from sklearn.metrics import log_loss
-
-    if size < 1:
-        raise UserError(f"size={size} must be >= 1 (how many picks greedy selection makes)")
-    classes = list(range(probabilities[0].shape[1]))
-
-    def score(average: np.ndarray) -> tuple[float, float]:
-        accuracy = float(np.mean(average.argmax(axis=1) == labels))
-        # rounded: the same average summed in another order must score the same
-        return accuracy, -round(float(log_loss(labels, average, labels=classes)), 9)
-
-    counts = np.zeros(len(probabilities), dtype=np.int64)
-    total = np.zeros_like(probabilities[0], dtype=np.float64)
-    best: tuple[tuple[float, float], np.ndarray] | None = None
-    for step in range(1, size + 1):
-        scores = [score((total + p) / step) for p in probabilities]
-        pick = max(range(len(scores)), key=lambda i: scores[i])  # max keeps the first of equals
-        counts[pick] += 1
-        total += probabilities[pick]
-        if best is None or scores[pick] > best[0]:
-            best = scores[pick], counts.copy()
-    assert best is not None
-    return [int(c) for c in best[1]]
-
-
-def select(
-    client: Any, models: list[Candidate], selection: str, size: int
-) -> tuple[list[Candidate], list[int]]:
-    """The members and their weights: every candidate once (``topk``), or greedy selection on the stored
-    validation predictions (``greedy``)."""
-    if selection == "topk":
-        return models, [1] * len(models)
-    from bloodcell.compare import required_predictions, shared_images
-
-    fix = "greedy selection needs them; use selection=topk"
-    stored = [required_predictions(client, m.run_id, "val", fix) for m in models]
-    _, rows = shared_images(stored)
-    labels = stored[0].labels[rows[0]]
-    weights = greedy_selection([p.probabilities[r] for p, r in zip(stored, rows)], labels, size)
-    chosen = [(m, w) for m, w in zip(models, weights) if w]
-    return [m for m, _ in chosen], [w for _, w in chosen]
-
-
 # ---- the model -------------------------------------------------------------------------------------------
 
 
-def build_ensemble(members: list[keras.Model], weights: list[int]) -> keras.Model:
-    """One input -> every member -> the average of their probabilities, member ``i`` counted ``weights[i]``
-    times. Members keep their own resizing and preprocessing layers, so they only need to take the same raw
-    images; each becomes a nested model named ``member_<i>``."""
-    import keras
-
-    shapes = {tuple(m.input_shape[1:]) for m in members}
-    if len(shapes) > 1:
-        raise UserError(
-            f"the members take images of different shapes {sorted(shapes)}: they were trained on other data; "
-            "ensemble runs of one data set"
-        )
-    inputs = keras.Input(shapes.pop(), name="image")
-    outputs = []
-    for i, (member, weight) in enumerate(zip(members, weights)):
-        member.name = f"member_{i}"  # the members' own names collide (bloodcell_<backbone>)
-        outputs += [member(inputs)] * weight
-    averaged = keras.layers.Average(name="average")(outputs) if len(outputs) > 1 else outputs[0]
-    return keras.Model(inputs, averaged, name="bloodcell_ensemble")
-
-
 # ---- the command -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Ensemble:
-    """What `ensemble` made: its members and weights, the model it logs, and that model on the splits."""
-
-    members: list[Candidate]
-    weights: list[int]
-    model: keras.Model
-    data: RunData
-    result: Any  # bloodcell.train.TestResult
-    run_id: str = ""
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -177,119 +66,6 @@ def check_config(cfg: DictConfig) -> None:
             raise UserError(f"{key}={cfg[key]} must be >= 1")
     if not _specs(cfg.runs) and not cfg.get("sweep"):
         raise UserError("say which runs: runs=[<run id>,<run id>] or sweep=<parent run id> top=<k>")
-
-
-def evaluate(cfg: DictConfig, model: keras.Model, data: RunData) -> Any:
-    """The ensemble (with its temperature when ``calibrate``) on the validation and test splits: a
-    `bloodcell.train.TestResult`, as a training run's final model makes."""
-    from bloodcell.predict import predict_arrays
-    from bloodcell.train import final_result
-
-    splits, batch = data.splits, int(cfg.batch_size)
-    val_probabilities = predict_arrays(model, splits.val.images, batch)
-    probabilities = predict_arrays(model, splits.test.images, batch)
-    return final_result(model, splits, val_probabilities, probabilities, bool(cfg.calibrate))
-
-
-def run_config(cfg: DictConfig, client: Any, ensemble: Ensemble) -> DictConfig:
-    """The config the ensemble run records: this command's, with the members and their weights
-    (params ``ensemble.members``, ``ensemble.runs``, ``ensemble.weights``), and the first member's data,
-    cleaning and seed, so that compare and promote load its test images again as they do a training run's."""
-    from bloodcell.compare import run_config as member_config
-
-    first = member_config(ensemble.members[0].run)
-    run_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    assert isinstance(run_cfg, DictConfig)
-    for key in ("data", "cleaning", "seed", "objective"):
-        if key in first:
-            run_cfg[key] = first[key]
-    run_cfg.model_name = cfg.get("model_name") or first.get("model_name")
-    run_cfg.ensemble = {
-        "members": len(ensemble.members),
-        "runs": [m.run_id for m in ensemble.members],
-        "weights": ensemble.weights,
-    }
-    sweep = cfg.get("sweep")
-    if sweep:  # nested under the sweep: in its experiment
-        parent = client.get_run(sweep)
-        run_cfg.tracking.parent_run_id = sweep
-        run_cfg.tracking.experiment = client.get_experiment(parent.info.experiment_id).name
-    elif not cfg.tracking.get("experiment"):
-        run_cfg.tracking.experiment = ensemble.members[0].experiment
-    if not cfg.tracking.get("run_name"):
-        run_cfg.tracking.run_name = f"ensemble-{cfg.selection}-{len(ensemble.members)}"
-    return run_cfg
-
-
-def record(run_cfg: DictConfig, ensemble: Ensemble) -> str:
-    """The ensemble as an MLflow run with a training run's records: config, datasets, test metrics and
-    plots, both splits' predictions, calibration and abstention, the model with its signature; plus which
-    runs it averages. ``best_val_accuracy`` is its validation accuracy (it has no epochs), so that promote
-    and the MLflow UI rank it beside the trials."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from bloodcell import checkpoints, tracking
-    from bloodcell.train import record_calibration
-
-    data, result = ensemble.data, ensemble.result
-    first = ensemble.members[0]
-    tags = {k: first.tags[k] for k in DATA_TAGS if k in first.tags}
-    tags |= {ENSEMBLE_TAG: "true", "ensemble.member_runs": ",".join(m.run_id for m in ensemble.members)}
-    tags |= {f"ensemble.member_{i}": m.run_id for i, m in enumerate(ensemble.members)}
-    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    experiment_id = tracking.setup_experiment(run_cfg.tracking)
-    root = checkpoints.root_for(tracking.resolve_tracking_uri(run_cfg.tracking))
-    with tracking.start_run(run_cfg, tags=tags, experiment_id=experiment_id, local_root=root) as run:
-        run_id = str(run.info.run_id)
-        tracking.log_config(run_cfg, overrides)
-        tracking.log_datasets(run_cfg.data, data.arrays, data.splits)
-        val = result.val
-        tracking.log_metrics(
-            {
-                "best_val_accuracy": val.evaluation.metrics["final_val_accuracy"],
-                "ensemble_members": float(len(ensemble.members)),
-            }
-        )
-        tracking.log_evaluation(result.evaluation, None, None)
-        tracking.log_predictions(
-            "test", data.splits.test, result.test_index, result.probabilities, result.split_fingerprint
-        )
-        tracking.log_validation(val.evaluation)
-        tracking.log_predictions(
-            "val", val.arrays, val.data_index, val.probabilities, result.split_fingerprint
-        )
-        record_calibration(data.splits.test, result)
-        if run_cfg.tracking.log_model:
-            example = data.splits.test.images[:2].astype(np.float32)
-            tracking.log_model(result.model, example, result.probabilities[:2], root / run_id)
-    # the model's local copy (and a server's outbox) lives there until the records are through
-    if not tracking.outbox_waiting(root / run_id):
-        checkpoints.delete(root / run_id)
-    return run_id
-
-
-def make_ensemble(cfg: DictConfig) -> Ensemble:
-    """Members -> selection -> one Keras model -> evaluated on the members' splits -> logged as a run.
-    Everything the user can get wrong is checked before any model loads or any run starts."""
-    import mlflow
-
-    from bloodcell.compare import candidates, run_splits
-    from bloodcell.predict import load_model, set_tracking
-
-    check_config(cfg)
-    set_tracking(cfg.tracking)
-    client = mlflow.MlflowClient()
-    models = candidates(client, _specs(cfg.runs), cfg.get("sweep"), int(cfg.top), command="ensemble")
-    check_members(models)
-    members, weights = select(client, models, str(cfg.selection), int(cfg.size))
-    data = run_splits(members[0].run)
-    model = build_ensemble([load_model(m.model_uri) for m in members], weights)
-    ensemble = Ensemble(members, weights, model, data, None)
-    ensemble.result = evaluate(cfg, model, data)
-    run_cfg = run_config(cfg, client, ensemble)
-    ensemble.run_id = record(run_cfg, ensemble) if cfg.log else ""
-    print(summary(ensemble, run_cfg))
-    return ensemble
 
 
 def summary(ensemble: Ensemble, run_cfg: DictConfig) -> str:
@@ -325,3 +101,28 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def make_ensemble(cfg: DictConfig) -> Ensemble:
+    """Members -> selection -> one Keras model -> evaluated on the members' splits -> logged as a run.
+    Everything the user can get wrong is checked before any model loads or any run starts."""
+    import mlflow
+
+    from bloodcell.evaluation.candidates import candidates
+    from bloodcell.serving.loading import load_model, set_tracking
+    from bloodcell.training.run_data import run_splits
+
+    check_config(cfg)
+    set_tracking(cfg.tracking)
+    client = mlflow.MlflowClient()
+    models = candidates(client, _specs(cfg.runs), cfg.get("sweep"), int(cfg.top), command="ensemble")
+    check_members(models)
+    members, weights = select(client, models, str(cfg.selection), int(cfg.size))
+    data = run_splits(members[0].run)
+    model = build_ensemble([load_model(m.model_uri) for m in members], weights)
+    ensemble = Ensemble(members, weights, model, data, None)
+    ensemble.result = evaluate(cfg, model, data)
+    run_cfg = ensemble_config(cfg, client, ensemble)
+    ensemble.run_id = record_ensemble(run_cfg, ensemble) if cfg.log else ""
+    print(summary(ensemble, run_cfg))
+    return ensemble

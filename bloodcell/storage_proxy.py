@@ -18,8 +18,8 @@ import hydra
 from omegaconf import DictConfig
 
 from bloodcell import PROJECT_ROOT
-from bloodcell.cli import run_or_exit
-from bloodcell.errors import UserError
+from bloodcell.core.cli import run_or_exit
+from bloodcell.core.errors import UserError
 
 
 def serve(cfg: DictConfig) -> None:
@@ -29,7 +29,7 @@ def serve(cfg: DictConfig) -> None:
     import optuna
     from optuna.exceptions import ExperimentalWarning
 
-    from bloodcell.trial import open_storage, redact, resolve_storage_url
+    from bloodcell.sweep.trial import open_storage, redact, resolve_storage_url
 
     url = resolve_storage_url(cfg.storage)
     if url.startswith(("journal:", "grpc://")):

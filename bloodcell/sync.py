@@ -15,12 +15,16 @@ import hydra
 from omegaconf import DictConfig
 
 from bloodcell import PROJECT_ROOT
-from bloodcell.cli import run_or_exit
+from bloodcell.core.cli import run_or_exit
 
 
 def sync(cfg: DictConfig) -> int:
     """Send every waiting outbox; returns how many records are still waiting."""
-    from bloodcell import checkpoints, tracking
+    from bloodcell import tracking
+
+    # a waiting model is loaded to be logged: Keras must know the layer a calibrated model ends with
+    from bloodcell.serving.submission_template import TemperatureScaling  # noqa: F401
+    from bloodcell.training import checkpoints
 
     uri = tracking.connect(cfg.tracking)
     root = checkpoints.root_for(uri, cfg.get("checkpoint_dir"))

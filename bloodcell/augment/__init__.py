@@ -54,7 +54,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from bloodcell.augment.mix import LabelMixer, build_mixer
-from bloodcell.augment.pipeline import VALUE_RANGE, build_augmentation
+from bloodcell.augment.pipeline import build_augmentation
+from bloodcell.augment.pixels import VALUE_RANGE
 from bloodcell.augment.preview import MIN_TILE, PAD, preview_grid
 
 if TYPE_CHECKING:

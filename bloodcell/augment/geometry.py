@@ -18,7 +18,7 @@ from keras import ops
 
 from bloodcell.augment.layers import FloatImageLayer
 from bloodcell.augment.ops import op_of
-from bloodcell.errors import UserError
+from bloodcell.core.errors import UserError
 
 #: Geometric ops that fuse_geometry folds into one RandomAffine resampling.
 AFFINE_OPS = ("flip", "rotation", "translation", "zoom")

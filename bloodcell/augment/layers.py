@@ -18,7 +18,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from bloodcell.augment.pipeline import VALUE_RANGE
+from bloodcell.augment.pixels import VALUE_RANGE
 
 #: Keras RandAugment's ops (CellRandAugment runs only the drawn one of each slot).
 RANDAUGMENT_OPS = (

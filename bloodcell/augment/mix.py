@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bloodcell.augment.pipeline import VALUE_RANGE, as_dict, strength_of
-from bloodcell.errors import UserError
+from bloodcell.augment.pipeline import as_dict, strength_of
+from bloodcell.augment.pixels import VALUE_RANGE
+from bloodcell.core.errors import UserError
 
 
 class LabelMixer:

@@ -21,8 +21,8 @@ from bloodcell.augment.layers import (
     RandomChoice,
     SeededAugMix,
 )
-from bloodcell.augment.pipeline import VALUE_RANGE
-from bloodcell.errors import UserError
+from bloodcell.augment.pixels import VALUE_RANGE
+from bloodcell.core.errors import UserError
 
 #: (magnitudes at this strength, the op's parameters as written, seed) -> layer
 Make = Callable[[dict[str, float], Mapping[str, Any], int], keras.layers.Layer]

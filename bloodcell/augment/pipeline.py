@@ -5,13 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from bloodcell.errors import UserError
+from bloodcell.core.errors import UserError
 
 if TYPE_CHECKING:
     from bloodcell.augment.layers import AugmentationPipeline
-
-#: the pixel range every stage takes and returns
-VALUE_RANGE = (0.0, 255.0)
 
 
 def as_dict(cfg: Any) -> dict:

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bloodcell import CLASS_NAMES, NUM_CLASSES, PROJECT_ROOT
+from bloodcell.core.errors import UserError
 from bloodcell.data.demo import make_demo_set
 from bloodcell.data.formats import read_folder, read_image, read_medmnist, read_npz, validate
-from bloodcell.errors import UserError
 
 if TYPE_CHECKING:
     import tensorflow as tf

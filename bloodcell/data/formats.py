@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from bloodcell import CLASS_NAMES, NUM_CLASSES
-from bloodcell.errors import UserError
+from bloodcell.core.errors import UserError
 
 log = logging.getLogger("bloodcell.data")
 

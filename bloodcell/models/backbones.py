@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bloodcell.errors import UserError
+from bloodcell.core.errors import UserError
 
 if TYPE_CHECKING:
     import keras

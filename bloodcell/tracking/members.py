@@ -17,8 +17,9 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from bloodcell.redaction import mask_secrets
-from bloodcell.tracking import flatten, git_tags, process_tags, record_to, version_tags
+from bloodcell.core.redaction import mask_secrets
+from bloodcell.tracking.recorder import record_to
+from bloodcell.tracking.run import flatten, git_tags, process_tags, version_tags
 
 log = logging.getLogger("bloodcell.tracking")
 

@@ -101,9 +101,6 @@ def _log_model(run_id: str, path: Path, examples: Path) -> None:
     import tensorflow as tf
     from mlflow.models import infer_signature
 
-    # Keras finds a layer of a saved model only when its class is registered: calibrated models end with one
-    from bloodcell.submission_template import TemperatureScaling  # noqa: F401
-
     active = mlflow.active_run()
     # in another process (sync) the run is reopened for the upload; its end status is a record of its own
     opened = contextlib.nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id)

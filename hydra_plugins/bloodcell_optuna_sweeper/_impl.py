@@ -43,11 +43,11 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from bloodcell import __version__
-from bloodcell.errors import UserError
-from bloodcell.optuna_tables import make_pruner, make_sampler
-from bloodcell.redaction import has_secret, mask_secrets, mask_text
+from bloodcell.core.errors import UserError
+from bloodcell.core.redaction import has_secret, mask_secrets, mask_text
+from bloodcell.sweep.tables import make_pruner, make_sampler
+from bloodcell.sweep.trial import PRUNER_ATTR, lock_path, open_storage, redact, resolve_storage_url
 from bloodcell.tracking import git_tags, record_to, version_tags
-from bloodcell.trial import PRUNER_ATTR, lock_path, open_storage, redact, resolve_storage_url
 
 from ._search_space import grid_of, parse_search_space
 from .config import BloodcellOptunaSweeperConf
@@ -96,7 +96,7 @@ def summary_counts(trials: list[FrozenTrial]) -> dict[str, int]:
 
 
 def phase1_savings(trials: list[FrozenTrial]) -> dict[str, float]:
-    """How many trials started phase 2 from a stored phase 1 (`bloodcell.phase1_cache`; their user
+    """How many trials started phase 2 from a stored phase 1 (`bloodcell.training.phase1_cache`; their user
     attributes, set by the trial), and the epochs and seconds of phase 1 they did not train."""
     reused = [t for t in trials if "phase1_reused_epochs" in t.user_attrs]
     return {
@@ -403,7 +403,7 @@ class OptunaSweep:
     def _interrupt(self, trial_id: int, number: int, why: str) -> None:
         """A trial that did not end by itself goes back into the study's queue (WAITING) with its parameters
         and its pruning reports: the next ask takes it again, and its training resumes from its last
-        checkpoint in its own MLflow run (bloodcell.resume), so it counts once toward n_trials. After
+        checkpoint in its own MLflow run (bloodcell.training.resume), so it counts once toward n_trials. After
         ``MAX_INTERRUPTIONS`` it is marked FAIL + interrupted (not counted; a new trial runs instead)."""
         try:
             interruptions = int(self.storage.get_trial(trial_id).user_attrs.get("interruptions", 0)) + 1
@@ -444,7 +444,7 @@ class OptunaSweep:
             f"++trial.trial_id={claimed.id}",
             f"++trial.number={trial.number}",
         ]
-        if int(self.options.repeats) > 1:  # the trial's job trains them in turn (bloodcell.repeats)
+        if int(self.options.repeats) > 1:  # the trial's job trains them in turn (bloodcell.training.repeats)
             extra.append(f"++trial.repeats={int(self.options.repeats)}")
         if self.mlflow is not None:
             # a name per trial: runs named at random would all be alike (train seeds `random`)

@@ -85,8 +85,8 @@ def sweep_noise(
     """Intervals per trial and the trials tied with ``best`` (see the module doc)."""
     import numpy as np
 
-    from bloodcell import stats
-    from bloodcell.compare import shared_images, stored_predictions
+    from bloodcell.evaluation import stats
+    from bloodcell.evaluation.stored_predictions import shared_images, stored_predictions
 
     runs = _trial_runs(children)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -175,7 +175,7 @@ def _noise_text(noise: Noise, path: Path) -> Path:
 
 
 def _names(metric: str) -> tuple[str, str]:
-    from bloodcell.stats import interval_names
+    from bloodcell.evaluation.stats import interval_names
 
     return interval_names(metric)
 

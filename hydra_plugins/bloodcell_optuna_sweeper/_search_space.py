@@ -14,7 +14,7 @@ Anything else (``trainer.epochs=3``, ``+experiment=quickstart``) is a fixed over
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bloodcell.errors import UserError
+from bloodcell.core.errors import UserError
 
 if TYPE_CHECKING:
     from hydra.core.override_parser.types import Override

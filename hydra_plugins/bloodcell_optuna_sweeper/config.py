@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from bloodcell.optuna_tables import PRUNERS, SAMPLERS, Choice
+from bloodcell.sweep.tables import PRUNERS, SAMPLERS, Choice
 
 
 def _blocks(cls_name: str, doc: str, head: Dict[str, Tuple[Any, Any]], table: Dict[str, Choice]) -> Any:
@@ -33,7 +33,7 @@ SamplerConf = _blocks(
     f"""``name`` picks the sampler ({" | ".join(SAMPLERS)}); the block of that name holds its keyword
     arguments (any keyword of the Optuna class; add one that is not listed with
     ``+hydra.sweeper.sampler.tpe.<keyword>=...``). The blocks and their defaults come from
-    bloodcell.optuna_tables.SAMPLERS.""",
+    bloodcell.sweep.tables.SAMPLERS.""",
     {"name": (str, "tpe"), "seed": (Optional[int], None)},
     SAMPLERS,
 )
@@ -43,7 +43,7 @@ PrunerConf = _blocks(
     f"""``name`` picks the pruner ({" | ".join(PRUNERS)}); the block of that name holds its keyword
     arguments. Steps are epochs, counted across both training phases (repeats or folds in a repeated or
     cross-validated trial: then use median, percentile, threshold or wilcoxon). The blocks and their
-    defaults come from bloodcell.optuna_tables.PRUNERS.""",
+    defaults come from bloodcell.sweep.tables.PRUNERS.""",
     {"name": (str, "median")},
     PRUNERS,
 )
@@ -70,7 +70,7 @@ class BloodcellOptunaSweeperConf:
     pruner: Any = field(default_factory=PrunerConf)
     #: train each sampled point this many times, with seeds seed, seed+1, ... on the same split (child runs
     #: of the trial's run); the trial's objective is their mean and Optuna's steps are the repeats
-    #: (bloodcell.repeats). Cross-validation is data.cv.folds instead
+    #: (bloodcell.training.repeats). Cross-validation is data.cv.folds instead
     repeats: int = 1
     #: the search space, in Hydra's sweep syntax: {finetune.lr: "tag(log, interval(1e-5, 1e-3))"};
     #: sweep overrides on the command line add to it

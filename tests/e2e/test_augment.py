@@ -266,7 +266,7 @@ def test_works_at_260_pixels(name, cells):
 
 def test_layers_can_be_overridden_dropped_and_unknown_ops_are_user_errors(cells):
     from bloodcell.augment import build_augmentation
-    from bloodcell.errors import UserError
+    from bloodcell.core.errors import UserError
 
     cfg = load("base")
     cfg.layers.zoom = None
@@ -342,7 +342,7 @@ def test_preview_grid_is_an_image_of_originals_and_views(cells):
 def test_preview_cli_writes_a_png_of_the_expected_size_and_keeps_existing_files(tmp_path):
     from PIL import Image
 
-    from bloodcell.augment_preview import preview_size
+    from bloodcell.augment.preview import preview_size
 
     out = tmp_path / "grid.png"
     args = [

@@ -19,7 +19,7 @@ import pytest
 from smears import SIZE, foreign_picture, jpeg, recoloured, shifted, smear_set
 
 from bloodcell import PROJECT_ROOT
-from bloodcell.clean import DEFAULTS, find_unwanted, find_unwanted_cached, write_report
+from bloodcell.data.cleaning import DEFAULTS, find_unwanted, find_unwanted_cached, write_report
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_small_sets_skip_the_outlier_check_with_a_note(clean_set):
 
 
 def test_unknown_setting_is_a_user_error(clean_set):
-    from bloodcell.errors import UserError
+    from bloodcell.core.errors import UserError
 
     with pytest.raises(UserError, match="unknown key"):
         find_unwanted(*clean_set, {"duplicates": {"treshold": 0.9}})

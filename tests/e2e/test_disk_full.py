@@ -38,7 +38,7 @@ def test_disk_full_while_the_model_is_logged_leaves_a_loadable_local_copy_and_a_
     error = run.data.tags["error"]
     assert "a loadable copy is at" in error, error
     local = error.rsplit("a loadable copy is at ", 1)[1].strip()
-    import bloodcell.calibration  # noqa: F401  (registers the temperature layer the calibrated model ends with)
+    import bloodcell.evaluation.calibration  # noqa: F401  (registers the temperature layer the calibrated model ends with)
 
     assert keras.saving.load_model(local, compile=False).output_shape == (None, 8)
     assert not list(small_artifact_disk.rglob("model.keras"))  # nothing truncated under the final name

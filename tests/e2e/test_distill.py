@@ -85,7 +85,8 @@ def test_students_model_loads_and_predicts_with_a_plain_runs_layers(store, stude
     import mlflow
 
     from bloodcell.data import make_demo_set
-    from bloodcell.predict import load_model, predict_arrays
+    from bloodcell.serving.loading import load_model
+    from bloodcell.serving.prediction import predict_arrays
 
     mlflow.set_tracking_uri(store.uri)
     model = load_model(student.data.tags["model_uri"])

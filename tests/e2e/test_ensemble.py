@@ -51,7 +51,7 @@ def store(tmp_path_factory):
 
 
 def stored(store, run_id: str, split: str):
-    from bloodcell.compare import stored_predictions
+    from bloodcell.evaluation.stored_predictions import stored_predictions
 
     found = stored_predictions(store.client, run_id, split)
     assert found is not None, f"run {run_id} kept no {split} predictions"
@@ -132,7 +132,8 @@ def predictions(store, plain):
 def test_predict_with_the_ensemble_gives_the_mean_of_its_members_models(store, predictions):
     import mlflow
 
-    from bloodcell.predict import load_model, predict_arrays
+    from bloodcell.serving.loading import load_model
+    from bloodcell.serving.prediction import predict_arrays
 
     mlflow.set_tracking_uri(store.uri)
     images = np.load(store.root / "cells.npz")["images"]
@@ -182,8 +183,8 @@ def test_ensemble_submission_runs_without_bloodcell(store, predictions, tmp_path
 
 
 def test_greedy_ensemble_of_a_sweep_is_nested_calibrated_and_no_trial(store):
-    from bloodcell.calibration import apply_temperature
-    from bloodcell.compare import sweep_top
+    from bloodcell.evaluation.calibration import apply_temperature
+    from bloodcell.evaluation.candidates import sweep_top
 
     proc = run_module(
         "bloodcell.ensemble",

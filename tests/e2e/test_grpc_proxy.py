@@ -74,7 +74,7 @@ def test_two_sweep_processes_share_one_study_through_the_grpc_proxy(tmp_path):
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from bloodcell.trial import open_storage
+    from bloodcell.sweep.trial import open_storage
 
     port = _free_port()
     url = f"grpc://127.0.0.1:{port}"

@@ -122,7 +122,7 @@ def sweep(tmp_path_factory) -> SimpleNamespace:
 def test_each_trial_links_its_mlflow_run_and_each_run_names_its_study_and_trial(sweep):
     import optuna
 
-    from bloodcell.trial import open_storage
+    from bloodcell.sweep.trial import open_storage
 
     study = optuna.load_study(study_name="quick", storage=open_storage(sweep.storage))
     runs = {r.info.run_id: r for r in sweep.trials}

@@ -60,7 +60,7 @@ def _storage(tmp_path: Path) -> str:
 def test_two_sweeps_with_submitit_jobs_share_one_study_and_one_mlflow_server(tmp_path, mlflow_server):
     import optuna
 
-    from bloodcell.trial import open_storage
+    from bloodcell.sweep.trial import open_storage
 
     storage = _storage(tmp_path)
     study_name = f"multinode-{uuid.uuid4().hex[:8]}"  # a shared database may hold earlier studies

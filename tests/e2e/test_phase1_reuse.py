@@ -1,4 +1,4 @@
-"""Phase-1 reuse across runs (issue 19, bloodcell/phase1_cache.py), as `python -m bloodcell.train` runs.
+"""Phase-1 reuse across runs (issue 19, training/phase1_cache.py), as `python -m bloodcell.train` runs.
 
 Four tiny runs on one MLflow store and one checkpoint root: A trains phase 1 and stores it; B (another
 phase-2 learning rate and augmentation strength) reuses it; C is B with ``trainer.reuse_phase1=false`` and

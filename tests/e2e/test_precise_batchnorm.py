@@ -15,7 +15,7 @@ def test_precise_batchnorm_sets_head_statistics_from_clean_images_before_each_va
     import keras
     import numpy as np
 
-    from bloodcell.callbacks import PreciseBatchNorm
+    from bloodcell.training.callbacks import PreciseBatchNorm
 
     cfg = config("small_cnn", filters=[8, 8], bn=True)
     cfg.head.units, cfg.head.dropout = [16, 8], [0.2, 0.1]

@@ -74,7 +74,7 @@ def versions(store) -> dict[str, str]:
 
 
 def champion(store) -> str | None:
-    from bloodcell.promote import alias_holder
+    from bloodcell.serving.registry import alias_holder
 
     holder = alias_holder(store.client, "bloodcell", "champion")
     return str(holder.version) if holder else None
@@ -152,8 +152,8 @@ def test_promote_bad_input_is_one_line_and_leaves_the_registry_alone(store, args
     ],
 )
 def test_promote_library_rejects_bad_input_before_touching_the_registry(store, kwargs, fragment):
-    from bloodcell.errors import UserError
-    from bloodcell.promote import promote as promote_run
+    from bloodcell.core.errors import UserError
+    from bloodcell.serving.promotion import promote as promote_run
 
     kwargs = {"experiment": "first", **{k: v.format(run_a=store.run["A"]) for k, v in kwargs.items()}}
     before = (versions(store), champion(store))
@@ -163,8 +163,8 @@ def test_promote_library_rejects_bad_input_before_touching_the_registry(store, k
 
 
 def test_best_run_ranks_by_metric_direction_and_skips_runs_without_a_model():
-    from bloodcell.errors import UserError
-    from bloodcell.promote import best_run
+    from bloodcell.core.errors import UserError
+    from bloodcell.serving.registry import best_run
 
     def run(name, start, model=True, **metrics):
         return SimpleNamespace(
@@ -243,8 +243,8 @@ def test_predict_unknown_model_or_alias_is_one_line(store, model, fragment):
     ],
 )
 def test_resolve_model_uri_names_what_is_missing(store, model, fragment):
-    from bloodcell.errors import UserError
-    from bloodcell.predict import resolve_model_uri
+    from bloodcell.core.errors import UserError
+    from bloodcell.serving.loading import resolve_model_uri
 
     with pytest.raises(UserError, match=re.escape(fragment)):
         resolve_model_uri(model, store.client)
@@ -339,7 +339,7 @@ class _MeanColourModel:
 
 def test_predict_arrays_batches_and_averages_over_flips_and_rotations():
     from bloodcell.data import make_demo_set
-    from bloodcell.predict import predict_arrays
+    from bloodcell.serving.prediction import predict_arrays
 
     images = make_demo_set(per_class=2, image_size=32, seed=3)[0]
     model = _MeanColourModel()

@@ -35,7 +35,7 @@ def _leaks(root: Path, needles: list[bytes]) -> list[str]:
 def test_no_password_is_written_or_printed_by_a_sweep(tmp_path):
     import optuna
 
-    from bloodcell.trial import open_storage
+    from bloodcell.sweep.trial import open_storage
 
     postgres = os.environ.get("BLOODCELL_TEST_POSTGRES")
     storage = postgres or f"sqlite:///{tmp_path / 'optuna.db'}"

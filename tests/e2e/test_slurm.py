@@ -149,7 +149,7 @@ def test_two_sweeps_with_sbatch_jobs_share_one_study_and_one_mlflow_server(
 ):
     import optuna
 
-    from bloodcell.trial import open_storage
+    from bloodcell.sweep.trial import open_storage
 
     # a journal file, not BLOODCELL_TEST_POSTGRES: on PostgreSQL this test launched a fifth job for a 4-trial
     # study (1 pass, 1 extra job in 2 runs on 2026-12-02, under investigation); the PostgreSQL study of
@@ -222,7 +222,7 @@ def test_a_trial_job_interrupted_in_phase_2_resumes_its_trial_and_its_run(
 ):
     import optuna
 
-    from bloodcell.trial import open_storage
+    from bloodcell.sweep.trial import open_storage
 
     storage = _storage(tmp_path)
     study_name = f"slurm-requeue-{uuid.uuid4().hex[:8]}"

@@ -38,7 +38,7 @@ def sweep_args(tmp: Path, *extra: str, storage: str | None = None) -> list[str]:
 def load_study(storage: str, name: str = "quick"):
     import optuna
 
-    from bloodcell.trial import open_storage
+    from bloodcell.sweep.trial import open_storage
 
     return optuna.load_study(study_name=name, storage=open_storage(storage))
 
@@ -114,7 +114,7 @@ def test_pruning_callback_reports_on_one_step_axis_and_raises_when_median_prunes
     import optuna
     from omegaconf import OmegaConf
 
-    from bloodcell.trial import PRUNER_ATTR, open_storage, pruning_callback
+    from bloodcell.sweep.trial import PRUNER_ATTR, open_storage, pruning_callback
 
     url = f"journal:{tmp_path / 'optuna.journal'}"
     storage = open_storage(url)

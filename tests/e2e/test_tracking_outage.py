@@ -69,7 +69,7 @@ def _assert_complete(uri: str, n_epochs: int) -> None:
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "plots"}
     import mlflow
 
-    import bloodcell.calibration  # noqa: F401  (registers the temperature layer the calibrated model ends with)
+    import bloodcell.evaluation.calibration  # noqa: F401  (registers the temperature layer the calibrated model ends with)
 
     mlflow.set_tracking_uri(uri)
     model = mlflow.keras.load_model(run.data.tags["model_uri"])

@@ -60,6 +60,7 @@ def test_a_create_run_retried_by_the_client_leaves_one_run(tmp_path: Path, monke
     from omegaconf import OmegaConf
 
     from bloodcell import tracking
+    from bloodcell.tracking.run import START_TOKEN_TAG
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", str(CLIENT_TIMEOUT))
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -82,9 +83,9 @@ def test_a_create_run_retried_by_the_client_leaves_one_run(tmp_path: Path, monke
                 },
             }
         )
-        with tracking.start_run(cfg, tags={}, local_root=tmp_path / "local") as run:
-            tracking.log_metrics({"accuracy": 0.5})
-        mine = run.info.run_id
+        with tracking.start_run(cfg, tags={}, local_root=tmp_path / "local") as recorder:
+            recorder.log_metrics({"accuracy": 0.5})
+        mine = recorder.run_id
 
         client = MlflowClient(f"http://127.0.0.1:{port}")  # the server itself, behind no proxy
         experiment = client.get_experiment_by_name("retries")
@@ -96,7 +97,7 @@ def test_a_create_run_retried_by_the_client_leaves_one_run(tmp_path: Path, monke
         assert live[0].info.status == "FINISHED" and live[0].data.metrics["accuracy"] == 0.5
         [copy] = [r for r in everything if r.info.run_id != mine]
         assert copy.info.lifecycle_stage == "deleted"
-        assert copy.data.tags[tracking.START_TOKEN_TAG] == live[0].data.tags[tracking.START_TOKEN_TAG]
+        assert copy.data.tags[START_TOKEN_TAG] == live[0].data.tags[START_TOKEN_TAG]
     finally:
         mlflow.set_tracking_uri(None)
         proxy.shutdown()

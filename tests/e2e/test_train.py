@@ -81,7 +81,7 @@ def test_artifacts_and_logged_model_reloads_and_predicts(quickstart_run):
     assert {"plots/gradcam.png", "plots/test_errors.png"} <= plots
     overrides = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/overrides.yaml")
     assert "+experiment=quickstart" in overrides
-    import bloodcell.calibration  # noqa: F401  (registers the temperature layer the calibrated model ends with)
+    import bloodcell.evaluation.calibration  # noqa: F401  (registers the temperature layer the calibrated model ends with)
 
     model = mlflow.keras.load_model(run.data.tags["model_uri"])
     probabilities = model.predict(np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)), verbose=0)
@@ -95,8 +95,8 @@ def test_calibrated_model_probabilities_and_abstention_metrics_agree(quickstart_
     the abstention metrics are those of the stored probabilities."""
     import mlflow
 
-    from bloodcell.abstention import abstention_metrics
-    from bloodcell.calibration import expected_calibration_error
+    from bloodcell.evaluation.abstention import abstention_metrics
+    from bloodcell.evaluation.calibration import expected_calibration_error
 
     uri, run, _ = quickstart_run
     metrics = run.data.metrics

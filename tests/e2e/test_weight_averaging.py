@@ -17,7 +17,7 @@ SWA = ["finetune.swa=true", "finetune.swa_epochs=3"]
 def test_weight_average_is_the_mean_of_the_last_epochs_weights_and_survives_a_checkpoint():
     import keras
 
-    from bloodcell.callbacks import WeightAverage
+    from bloodcell.training.callbacks import WeightAverage
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(32, 4)).astype(np.float32), rng.normal(size=(32, 2)).astype(np.float32)

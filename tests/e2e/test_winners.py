@@ -16,7 +16,8 @@ import pytest
 from conftest import TINY_HEAD_ONLY, assert_ok, assert_user_error, run_module, sqlite_store
 from scipy.stats import binomtest
 
-from bloodcell import CLASS_NAMES, NUM_CLASSES, stats
+from bloodcell import CLASS_NAMES, NUM_CLASSES
+from bloodcell.evaluation import stats
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def base(tmp_path_factory):
 
 
 def _stored(base, run_id: str, split: str):
-    from bloodcell.compare import stored_predictions
+    from bloodcell.evaluation.stored_predictions import stored_predictions
 
     found = stored_predictions(base.client, run_id, split)
     assert found is not None, (run_id, split)
@@ -42,7 +43,7 @@ def _stored(base, run_id: str, split: str):
 def test_a_run_keeps_its_predictions_and_logs_intervals(base):
     import mlflow
 
-    from bloodcell.cli import compose
+    from bloodcell.core.cli import compose
     from bloodcell.data import load_arrays, split_arrays
 
     run = base.run
@@ -197,7 +198,7 @@ def _version_tags(base, name: str, run_id: str) -> dict:
 
 
 def test_gate_refuses_better_overall_but_worse_on_one_class_and_accepts_a_clearly_better_one(base):
-    from bloodcell.promote import alias_holder
+    from bloodcell.serving.registry import alias_holder
 
     labels = np.repeat(np.arange(NUM_CLASSES), 50)  # 400 images, 50 per class (made up, on one split)
     index = np.arange(len(labels))
@@ -265,7 +266,7 @@ def _logged_model(base, size: int) -> str:
 
 
 def test_demo_models_register_apart_and_a_holder_that_cannot_take_the_images_loses(base):
-    from bloodcell.promote import alias_holder
+    from bloodcell.serving.registry import alias_holder
 
     # the quickstart preset's runs register under their own name, never holding bloodcell@champion
     proc = _promote(base, "experiment=quickstart")

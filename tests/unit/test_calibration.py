@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bloodcell.abstention import (
+from bloodcell.evaluation.abstention import (
     abstention_metrics,
     accuracy_coverage,
     accuracy_coverage_figure,
@@ -14,7 +14,7 @@ from bloodcell.abstention import (
     review_mask,
     review_summary,
 )
-from bloodcell.calibration import (
+from bloodcell.evaluation.calibration import (
     apply_temperature,
     calibration_metrics,
     expected_calibration_error,
@@ -147,7 +147,7 @@ def test_review_marks_images_below_the_threshold_and_counts_them():
 def test_predict_table_carries_the_review_column_in_csv_and_npy(tmp_path):
     import csv
 
-    from bloodcell.predict import write_predictions
+    from bloodcell.serving.prediction import write_predictions
 
     probabilities = np.eye(CLASSES, dtype=np.float32)[[0, 1, 2]] * 0.6 + 0.05
     probabilities[1] = np.full(CLASSES, 1 / CLASSES)
@@ -165,7 +165,7 @@ def test_predict_table_carries_the_review_column_in_csv_and_npy(tmp_path):
 def test_predict_refuses_a_review_threshold_outside_0_1_before_loading_anything(tmp_path, value):
     from omegaconf import OmegaConf
 
-    from bloodcell.errors import UserError
+    from bloodcell.core.errors import UserError
     from bloodcell.predict import predict
 
     cfg = OmegaConf.create(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from bloodcell.clean import DEFAULTS_FILE, config_digest, defaults, resolve_cfg
-from bloodcell.errors import UserError
+from bloodcell.core.errors import UserError
+from bloodcell.data.cleaning import DEFAULTS_FILE, config_digest, defaults, resolve_cfg
 
 
 def test_no_config_means_the_yaml_file():

@@ -10,9 +10,9 @@ import pytest
 from conftest import SHARED_WEIGHTS, needs_shared_weights
 from smears import foreign_picture, smear_set
 
-from bloodcell.clean import embedding as emb
-from bloodcell.clean import find_unwanted, find_unwanted_cached
-from bloodcell.errors import UserError
+from bloodcell.core.errors import UserError
+from bloodcell.data.cleaning import embedding as emb
+from bloodcell.data.cleaning import find_unwanted, find_unwanted_cached
 
 # the hand-made outlier check off, so that only the embedding can flag a foreign image
 EMBEDDING_ONLY = {"outliers": {"enabled": False}}

@@ -1,4 +1,4 @@
-"""The one validation pass of a train config (bloodcell.config_schema): every preset passes, every value
+"""The one validation pass of a train config (bloodcell.core.settings): every preset passes, every value
 outside its domain is one UserError line naming the key, the value and a fix. No subprocess, no training."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 from conftest import TINY
 
 from bloodcell import PROJECT_ROOT
-from bloodcell.cli import compose
-from bloodcell.config_schema import check_train_config
+from bloodcell.core.cli import compose
+from bloodcell.core.errors import UserError
+from bloodcell.core.settings import check_train_config
 from bloodcell.data import Arrays, min_images, split_arrays
-from bloodcell.errors import UserError
 
 
 @pytest.mark.parametrize(

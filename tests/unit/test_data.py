@@ -8,6 +8,7 @@ from conftest import write_npz
 from omegaconf import OmegaConf
 
 from bloodcell import CLASS_NAMES
+from bloodcell.core.errors import UserError
 from bloodcell.data import (
     class_weights,
     fingerprint,
@@ -19,7 +20,6 @@ from bloodcell.data import (
     read_npz,
     split_arrays,
 )
-from bloodcell.errors import UserError
 
 
 def cfg(**kw):

@@ -11,10 +11,11 @@ import pytest
 from omegaconf import OmegaConf
 
 from bloodcell import NUM_CLASSES
-from bloodcell.cli import compose
+from bloodcell.core.cli import compose
+from bloodcell.core.errors import UserError
 from bloodcell.data import load_arrays, make_tf_dataset
-from bloodcell.distill import check_config, soft_targets
-from bloodcell.errors import UserError
+from bloodcell.distill import check_config
+from bloodcell.training.distillation import soft_targets
 
 LABELS = np.array([0, 3, 7, 5])
 #: a confident teacher, right on the first three images and wrong on the last
@@ -93,8 +94,8 @@ def teacher_of(splits, **tags):
     """A Teacher whose run carries ``tags`` over the fingerprints of ``splits`` (no MLflow store)."""
     from types import SimpleNamespace
 
-    from bloodcell.compare import Candidate
-    from bloodcell.distill import Teacher
+    from bloodcell.evaluation.candidates import Candidate
+    from bloodcell.training.distillation import Teacher
 
     tags = {"data_fingerprint": splits.train.fingerprint, "split_fingerprint": splits.fingerprint(), **tags}
     run = SimpleNamespace(

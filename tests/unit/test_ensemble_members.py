@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from bloodcell.compare import Candidate
-from bloodcell.ensemble import build_ensemble, check_members, greedy_selection
-from bloodcell.errors import UserError
+from bloodcell.core.errors import UserError
+from bloodcell.evaluation.candidates import Candidate
+from bloodcell.evaluation.ensemble import build_ensemble, check_members, greedy_selection
 
 
 def candidate(run_id: str, data: str = "d" * 64, split: str = "s" * 64, model: bool = True, seed: int = 42):

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 from conftest import SHARED_WEIGHTS, needs_shared_weights
 
-from bloodcell.errors import UserError
-from bloodcell.explain import (
+from bloodcell.core.errors import UserError
+from bloodcell.evaluation.gradcam import (
     ERRORS_SHOWN,
     GradCam,
     NoFeatureMap,
-    check_output,
     errors_sheet,
     gradcam_grid,
     sheets,
     showcase,
 )
+from bloodcell.explain import check_output
 
 
 def red_detector(pool: bool, nested: bool):
@@ -161,7 +161,7 @@ def test_the_command_refuses_to_overwrite_sheets_or_to_write_into_a_file(tmp_pat
 
 
 def test_the_command_refuses_labels_that_are_no_class_before_loading_a_model(tmp_path):
-    from bloodcell.cli import compose
+    from bloodcell.core.cli import compose
     from bloodcell.explain import explain
 
     np.savez(tmp_path / "cells.npz", images=np.zeros((3, 16, 16, 3), np.uint8), labels=np.array([0, 9, 2]))
@@ -173,7 +173,7 @@ def test_the_command_refuses_labels_that_are_no_class_before_loading_a_model(tmp
 
 @needs_shared_weights
 def test_gradcam_finds_mobilenet_s_last_conv_inside_the_nested_backbone():
-    from bloodcell.cli import compose
+    from bloodcell.core.cli import compose
     from bloodcell.data import make_demo_set
     from bloodcell.models import build_model
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from conftest import model_config as config
 
-from bloodcell.finetune import layers_to_unfreeze, unfreeze
 from bloodcell.models import BACKBONE_LAYER, build_model, layer_blocks
+from bloodcell.models.finetune import layers_to_unfreeze, unfreeze
 
 
 def trainable_names(backbone):
@@ -71,7 +71,7 @@ def test_zero_and_all_blocks():
 def test_no_precise_batchnorm_without_head_batchnorm():
     import numpy as np
 
-    from bloodcell.callbacks import PreciseBatchNorm
+    from bloodcell.training.callbacks import PreciseBatchNorm
 
     cfg = config("small_cnn", filters=[8])
     cfg.head.batchnorm = False

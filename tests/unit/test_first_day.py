@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from bloodcell import tf_noise
-from bloodcell.train import keras_verbose
+from bloodcell.core import tf_noise
+from bloodcell.training.phases import keras_verbose
 
 
 class _Stream(io.StringIO):
@@ -81,7 +81,7 @@ def test_the_hook_waits_for_tensorflow_and_is_off_at_level_0(monkeypatch):
 
 
 def test_augment_preview_writes_under_outputs_by_default():
-    from bloodcell.cli import compose
+    from bloodcell.core.cli import compose
 
     cfg = compose(["+experiment=quickstart", "augmentation=heavy"], config_name="augment_preview")
     assert cfg.output == "outputs/augmentation_preview_heavy.png"  # git-ignored, not the repository root

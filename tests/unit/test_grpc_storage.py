@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from bloodcell import trial
-from bloodcell.errors import UserError
-from bloodcell.trial import grpc_address, lock_path, open_storage, redact, resolve_storage_url
+from bloodcell.core.errors import UserError
+from bloodcell.sweep import trial
+from bloodcell.sweep.trial import grpc_address, lock_path, open_storage, redact, resolve_storage_url
 
 
 def test_grpc_urls_pass_through_with_host_and_port():

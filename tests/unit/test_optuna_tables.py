@@ -1,4 +1,4 @@
-"""The sampler and pruner tables (bloodcell.optuna_tables): every entry builds, and its defaults are
+"""The sampler and pruner tables (bloodcell.sweep.tables): every entry builds, and its defaults are
 Optuna's own (issue 16, item 7: no value that differs from Optuna's default without a measured reason)."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import warnings
 import optuna
 import pytest
 
-from bloodcell.errors import UserError
-from bloodcell.optuna_tables import PRUNERS, SAMPLERS, make_pruner, make_sampler
+from bloodcell.core.errors import UserError
+from bloodcell.sweep.tables import PRUNERS, SAMPLERS, make_pruner, make_sampler
 
 #: keywords whose table value is not Optuna's default, and why (Optuna has none for these)
 NO_OPTUNA_DEFAULT = {("percentile", "percentile")}  # PercentilePruner's percentile is required

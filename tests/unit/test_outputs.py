@@ -1,12 +1,12 @@
-"""Output files appear whole or not at all (bloodcell.outputs)."""
+"""Output files appear whole or not at all (bloodcell.core.outputs)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bloodcell.errors import UserError
-from bloodcell.outputs import atomic_path, check_output
+from bloodcell.core.errors import UserError
+from bloodcell.core.outputs import atomic_path, check_output
 
 
 def test_a_failure_part_way_leaves_neither_the_final_name_nor_a_temporary_file(tmp_path):

@@ -1,4 +1,4 @@
-"""The phase-1 key (bloodcell.phase1_cache): what must miss the cache and what must not, when reuse is off,
+"""The phase-1 key (training.phase1_cache): what must miss the cache and what must not, when reuse is off,
 and the lock that makes a parallel run wait. No subprocess, no training (test_phase1_reuse.py trains)."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 from conftest import TINY
 from omegaconf import DictConfig
 
-from bloodcell import phase1_cache
-from bloodcell.cli import compose
-from bloodcell.config_schema import check_train_config
-from bloodcell.errors import UserError
+from bloodcell.core.cli import compose
+from bloodcell.core.errors import UserError
+from bloodcell.core.settings import check_train_config
+from bloodcell.training import phase1_cache
 
 TAGS = {"data_fingerprint": "d" * 64, "data_source": "demo", "split_fingerprint": "s" * 64}
 

@@ -1,4 +1,4 @@
-"""Secrets masked in every record (bloodcell.redaction), and the sweeper forwarding a password to its
+"""Secrets masked in every record (bloodcell.core.redaction), and the sweeper forwarding a password to its
 trials as an environment-variable reference instead of the value. No subprocess, no training."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
-from bloodcell.redaction import has_secret, mask_secrets, mask_text, mask_url
-from bloodcell.trial import redact
+from bloodcell.core.redaction import has_secret, mask_secrets, mask_text, mask_url
+from bloodcell.sweep.trial import redact
 from hydra_plugins.bloodcell_optuna_sweeper._impl import _forward_secret, _quote
 
 

@@ -10,13 +10,13 @@ import optuna
 import pytest
 from conftest import TINY
 
-from bloodcell.cli import compose
-from bloodcell.config_schema import check_train_config
+from bloodcell.core.cli import compose
+from bloodcell.core.errors import UserError
+from bloodcell.core.settings import check_train_config
 from bloodcell.data import cv_fold, make_demo_set, split_arrays
 from bloodcell.data import fingerprint as data_fingerprint
-from bloodcell.errors import UserError
-from bloodcell.optuna_tables import make_pruner
-from bloodcell.repeats import member_config, plan
+from bloodcell.sweep.tables import make_pruner
+from bloodcell.training.repeats import member_config, plan
 from hydra_plugins.bloodcell_optuna_sweeper import config
 
 

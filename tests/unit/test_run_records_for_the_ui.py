@@ -14,8 +14,11 @@ from omegaconf import OmegaConf
 from bloodcell import CLASS_NAMES, tracking
 from bloodcell.data import Arrays as DataArrays
 from bloodcell.data import fingerprint, make_demo_set, split_arrays
+from bloodcell.data.mlflow_inputs import dataset_inputs
 from bloodcell.tracking import outbox
-from bloodcell.tracking.datasets import dataset_inputs, to_dataset_inputs
+from bloodcell.tracking.datasets import to_dataset_inputs
+from bloodcell.tracking.recorder import Recorder
+from bloodcell.tracking.run import system_metrics
 
 DEMO = OmegaConf.create({"format": "demo", "per_class": 6, "image_size": 16, "demo_seed": 0})
 
@@ -50,7 +53,7 @@ def test_each_split_is_a_dataset_input_with_its_context_digest_and_class_counts(
 
 
 def test_dataset_sources_name_the_file_or_the_download(tmp_path):
-    from bloodcell.tracking.datasets import dataset_name, dataset_source
+    from bloodcell.data.mlflow_inputs import dataset_name, dataset_source
 
     npz = OmegaConf.create({"format": "npz", "path": str(tmp_path / "training_set.npz")})
     assert dataset_name(npz) == "training_set"
@@ -62,11 +65,12 @@ def test_dataset_sources_name_the_file_or_the_download(tmp_path):
 
 def test_secondary_metrics_go_to_named_sections_and_learning_curves_keep_their_names(monkeypatch):
     sent: list[dict] = []
-    monkeypatch.setattr(tracking, "_send", sent.append)
-    tracking.log_timings({"seconds_fit": 2.0, "seconds_in_train": 3.0})
+    recorder = Recorder(run=None)
+    monkeypatch.setattr(recorder, "send", sent.append)
+    recorder.log_timings({"seconds_fit": 2.0, "seconds_in_train": 3.0})
     assert sent[-1]["metrics"] == {"time/seconds_fit": 2.0, "time/seconds_in_train": 3.0}
 
-    from bloodcell.evaluate import evaluate_predictions
+    from bloodcell.evaluation.metrics import evaluate_predictions
 
     labels = np.arange(40) % 8
     metrics = evaluate_predictions(labels, np.eye(8)[labels]).metrics
@@ -76,7 +80,7 @@ def test_secondary_metrics_go_to_named_sections_and_learning_curves_keep_their_n
 
 
 def test_epoch_record_carries_the_training_throughput():
-    from bloodcell.callbacks import IMAGES_PER_SECOND, EpochLogger, epoch_record
+    from bloodcell.training.callbacks import IMAGES_PER_SECOND, EpochLogger, epoch_record
 
     model = SimpleNamespace(optimizer=SimpleNamespace(learning_rate=0.01))
     record = epoch_record(3, {"loss": 0.5, "val_loss": 0.6}, model, images_per_second=250.0)
@@ -97,12 +101,12 @@ def test_system_metrics_follow_the_config(monkeypatch):
     import os
 
     monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
-    assert not tracking.system_metrics(OmegaConf.create({"system_metrics_seconds": 0}))
-    assert not tracking.system_metrics(OmegaConf.create({"system_metrics_seconds": None}))
-    assert tracking.system_metrics(OmegaConf.create({"system_metrics_seconds": 3}))
+    assert not system_metrics(OmegaConf.create({"system_metrics_seconds": 0}))
+    assert not system_metrics(OmegaConf.create({"system_metrics_seconds": None}))
+    assert system_metrics(OmegaConf.create({"system_metrics_seconds": 3}))
     assert float(os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"]) == 3.0
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "7")  # the user's own setting wins
-    assert tracking.system_metrics(OmegaConf.create({"system_metrics_seconds": 3}))
+    assert system_metrics(OmegaConf.create({"system_metrics_seconds": 3}))
     assert os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] == "7"
 
 

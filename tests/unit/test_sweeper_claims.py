@@ -12,7 +12,7 @@ import pytest
 from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
-from bloodcell.trial import PRUNER_ATTR, open_storage
+from bloodcell.sweep.trial import PRUNER_ATTR, open_storage
 from hydra_plugins.bloodcell_optuna_sweeper._impl import HEARTBEAT_ATTR, OWNER_ATTR, OptunaSweep
 from hydra_plugins.bloodcell_optuna_sweeper._search_space import parse_search_space
 from hydra_plugins.bloodcell_optuna_sweeper.config import BloodcellOptunaSweeperConf

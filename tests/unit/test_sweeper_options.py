@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from bloodcell.optuna_tables import PRUNERS, SAMPLERS
+from bloodcell.sweep.tables import PRUNERS, SAMPLERS
 
 # config.BloodcellOptunaSweeperConf is looked up when a test runs: Hydra's plugin scan (any compose in the
 # same session) executes config.py again in place, so a class imported at collection would be a stale one

@@ -6,8 +6,8 @@ import optuna
 import pytest
 
 from bloodcell import PROJECT_ROOT
-from bloodcell.errors import UserError
-from bloodcell.trial import DEFAULT_JOURNAL, lock_path, open_storage, redact, resolve_storage_url
+from bloodcell.core.errors import UserError
+from bloodcell.sweep.trial import DEFAULT_JOURNAL, lock_path, open_storage, redact, resolve_storage_url
 
 
 def test_storage_urls_resolve_from_the_project_root(tmp_path):

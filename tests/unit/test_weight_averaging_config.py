@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from conftest import TINY
 
-from bloodcell.cli import compose
-from bloodcell.config_schema import check_train_config
-from bloodcell.errors import UserError
+from bloodcell.core.cli import compose
+from bloodcell.core.errors import UserError
+from bloodcell.core.settings import check_train_config
 
 
 def test_weight_averaging_is_off_by_default_and_the_presets_pass():
@@ -53,8 +53,8 @@ def test_averaging_without_head_batchnorm_needs_no_precise_bn():
 
 
 def test_the_optimizer_keeps_a_moving_average_only_when_asked():
-    from bloodcell.finetune import optimizer
-    from bloodcell.train import Phase
+    from bloodcell.models.finetune import optimizer
+    from bloodcell.training.phases import Phase
 
     assert optimizer(1e-3, 10, 0.9).use_ema is False
     averaged = optimizer(1e-3, 10, 0.9, ema_momentum=0.95)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from bloodcell import CLASS_NAMES, NUM_CLASSES, stats
+from bloodcell import CLASS_NAMES, NUM_CLASSES
+from bloodcell.evaluation import stats
 
 
 def _balanced(per_class: int) -> np.ndarray:
@@ -33,7 +34,7 @@ def test_wilson_interval_of_90_of_100_is_scipys():
 
 
 def test_a_run_evaluation_carries_intervals_under_the_helper_names():
-    from bloodcell.evaluate import evaluate_predictions
+    from bloodcell.evaluation.metrics import evaluate_predictions
 
     labels = np.arange(100) % NUM_CLASSES
     predicted = labels.copy()
@@ -95,7 +96,7 @@ def test_recall_deltas_resample_each_class_and_holm_adjusts():
 
 
 def _pair(holder_wrong: int, challenger_wrong_basophils: int):
-    from bloodcell.compare import compare_pair
+    from bloodcell.evaluation.comparison import compare_pair
 
     labels = _balanced(50)  # 400 images, 50 per class
     holder = labels.copy()
@@ -106,7 +107,7 @@ def _pair(holder_wrong: int, challenger_wrong_basophils: int):
 
 
 def test_gate_refuses_a_challenger_better_overall_but_worse_on_one_class():
-    from bloodcell.promote import _judge
+    from bloodcell.serving.gates import _judge
 
     pair = _pair(holder_wrong=30, challenger_wrong_basophils=2)  # 30 vs 2 errors; basophils 100 -> 96
     assert pair.test.p_value < 1e-5
@@ -119,7 +120,7 @@ def test_gate_refuses_a_challenger_better_overall_but_worse_on_one_class():
 
 
 def test_gate_accepts_a_clearly_better_challenger_and_refuses_noise():
-    from bloodcell.promote import _judge
+    from bloodcell.serving.gates import _judge
 
     decision = _judge(_pair(30, 0), "test", "holder version 1", 0.05, 0.02, {})
     assert decision.moved and "better than holder version 1" in decision.reason
@@ -150,7 +151,7 @@ def _child(number: int, split: str = "s1"):
 
 
 def test_sweep_report_names_the_trials_tied_with_the_best(monkeypatch, tmp_path):
-    from bloodcell import compare
+    import bloodcell.evaluation.stored_predictions as stored_module
     from hydra_plugins.bloodcell_optuna_sweeper import _report
 
     labels = _balanced(50)
@@ -159,10 +160,10 @@ def test_sweep_report_names_the_trials_tied_with_the_best(monkeypatch, tmp_path)
     for number, wrong in errors.items():
         predicted = labels.copy()
         predicted[:wrong] = _wrong(labels[:wrong])
-        stored[f"run{number}"] = compare.Predictions(
+        stored[f"run{number}"] = stored_module.Predictions(
             labels, _one_hot(predicted), np.arange(400), np.arange(400)
         )
-    monkeypatch.setattr(compare, "stored_predictions", lambda client, run_id, split: stored[run_id])
+    monkeypatch.setattr(stored_module, "stored_predictions", lambda client, run_id, split: stored[run_id])
     trials = [_trial(n, 1 - e / 400) for n, e in errors.items()]
     children = [_child(n, "s2" if n == 4 else "s1") for n in errors]
     noise = _report.sweep_noise(None, children, trials, trials[0])

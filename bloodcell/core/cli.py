@@ -1,0 +1,59 @@
+"""What every entry point (train, clean, promote, predict, submit, ...) shares: turning a UserError
+into one line on stderr and exit status 2, instead of a traceback; and, for scripts and notebooks, the
+config an entry point would compose."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from bloodcell.core.errors import UserError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+T = TypeVar("T")
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # outside Hydra
+        return False
+
+
+def run_or_exit(task: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``task``; on a UserError print ``error: <message>`` and exit 2.
+
+    Inside a Hydra multirun the error is re-raised instead, so that the sweeper records the one
+    trial as failed and goes on with the others.
+    """
+    import signal
+
+    # SIGTERM (kill, a scheduler's time limit) becomes SystemExit, so `finally` blocks run and an MLflow
+    # run ends KILLED instead of staying RUNNING forever.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return task(*args, **kwargs)
+    except UserError as err:
+        if _in_multirun():
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
+    """The config ``python -m bloodcell.<config_name> <overrides>`` would run with, through Hydra's compose
+    API (benchmarks, notebooks): same conf/ groups, presets and override grammar, no run directory."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from bloodcell import PROJECT_ROOT
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
+        return hydra_compose(config_name, overrides=overrides)

@@ -1,0 +1,87 @@
+"""A final model's result on a run's splits: the validation and test predictions, scored, calibrated by a
+temperature fitted on validation when asked (`final_result`); what training and ensembles both report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import keras
+    import numpy as np
+
+    from bloodcell.data import Arrays, Splits
+    from bloodcell.evaluation.metrics import Evaluation
+log = logging.getLogger("bloodcell.train")
+
+
+@dataclass
+class SplitPredictions:
+    """The final model's predictions on one split, and what they score."""
+
+    arrays: Arrays
+    data_index: np.ndarray  # positions in the data set the split was cut from (`Splits.positions`)
+    probabilities: np.ndarray
+    evaluation: Evaluation
+
+
+@dataclass
+class TestResult:
+    evaluation: Evaluation
+    probabilities: np.ndarray
+    tta: Evaluation | None = None
+    #: the validation split, predicted once more by the final model (its weights are the best epoch's)
+    val: SplitPredictions | None = None
+    #: `Splits.fingerprint` of the splits both were cut from, and the test images' `Splits.positions`
+    split_fingerprint: str = ""
+    test_index: np.ndarray | None = None
+    #: the model the run logs, whose outputs `probabilities` and `val.probabilities` are: the final model,
+    #: followed by its temperature (bloodcell.evaluation.calibration) when ``trainer.calibrate``
+    model: keras.Model | None = None
+    #: the temperature fitted on the validation split, and the final model's probabilities before it
+    temperature: float | None = None
+    uncalibrated: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def final_result(
+    model: keras.Model,
+    splits: Splits,
+    val_probabilities: np.ndarray,
+    probabilities: np.ndarray,
+    calibrate: bool,
+) -> TestResult:
+    """A final model's validation and test predictions, scored. With ``calibrate`` a temperature fitted on
+    validation is applied to both and the model ends with it: every probability the run reports is the
+    logged model's (a training run's, and an ensemble's, `bloodcell.ensemble`)."""
+    import numpy as np
+
+    from bloodcell.evaluation.metrics import evaluate_predictions
+
+    temperature, uncalibrated = None, {}
+    if calibrate:
+        from bloodcell.evaluation.calibration import apply_temperature, fit_temperature, with_temperature
+
+        temperature = fit_temperature(val_probabilities, splits.val.labels)
+        model = with_temperature(model, temperature)
+        uncalibrated = {"val": val_probabilities, "test": probabilities}
+        val_probabilities = apply_temperature(val_probabilities, temperature).astype(np.float32)
+        probabilities = apply_temperature(probabilities, temperature).astype(np.float32)
+        log.info("temperature scaling: T = %.3f (fitted on the validation split)", temperature)
+    val = SplitPredictions(
+        splits.val,
+        splits.positions("val"),
+        val_probabilities,
+        evaluate_predictions(splits.val.labels, val_probabilities, "final_val_"),
+    )
+    return TestResult(
+        evaluate_predictions(splits.test.labels, probabilities),
+        probabilities,
+        val=val,
+        split_fingerprint=splits.fingerprint(),
+        test_index=splits.positions("test"),
+        model=model,
+        temperature=temperature,
+        uncalibrated=uncalibrated,
+    )

@@ -1,0 +1,269 @@
+"""A run's life in MLflow: `start_run` opens (or reopens, to resume) the run, tags it with the code, package
+versions and process, yields its `Recorder`, and ends it FINISHED, FAILED with the reason, or KILLED
+(pruned, interrupted); records still waiting for an unreachable server are flushed or left for
+`python -m bloodcell.sync`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import bloodcell.tracking.outbox as outbox
+from bloodcell import PROJECT_ROOT, __version__
+from bloodcell.core.redaction import mask_secrets, mask_text
+from bloodcell.tracking.outbox import Outbox
+from bloodcell.tracking.recorder import Recorder
+from bloodcell.tracking.store import setup_experiment, ui_url
+
+log = logging.getLogger("bloodcell.tracking")
+
+
+def git_tags() -> dict[str, str]:
+    """Commit of the project checkout and whether it had uncommitted changes; 'unknown' outside git."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        return {
+            "git_commit": git("rev-parse", "HEAD"),
+            "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))),
+        }
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+
+
+#: packages whose installed versions every run records as tags ``<name>_version`` (``keras_cv_version``):
+#: what re-running an experiment in the environment it was tracked with needs (constraints.txt pins them)
+TRACKED_PACKAGES = ("tensorflow", "keras", "keras-cv", "numpy", "mlflow", "optuna", "hydra-core")
+
+
+def version_tags() -> dict[str, str]:
+    """Python's and the key packages' installed versions ('not installed' for a missing one)."""
+    import platform
+    from importlib import metadata
+
+    tags = {"python_version": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        tags[f"{name.replace('-', '_')}_version"] = version
+    return tags
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay whole (one param), as users override them whole."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+@contextlib.contextmanager
+def start_run(
+    cfg: Any,
+    *,
+    tags: dict[str, str],
+    experiment_id: str | None = None,
+    resume_run_id: str | None = None,
+    local_root: Path,
+) -> Iterator[Recorder]:
+    """An MLflow run for one training run (nested under ``tracking.parent_run_id`` inside a sweep), or the
+    run ``resume_run_id`` reopened to continue it (its params and config are already recorded). With a
+    remote server, records that cannot reach it wait in ``<local_root>/<run id>/outbox``.
+
+    On an exception the run ends FAILED with the error as tag ``error``; an Optuna prune ends it KILLED
+    with ``optuna.trial_state=PRUNED``, keeping the metrics logged so far. The run carries this process's
+    host and pid, so that a later command can tell a run whose process died (`mark_dead_runs`).
+    """
+    import mlflow
+    from omegaconf import OmegaConf
+
+    experiment_id = experiment_id or setup_experiment(cfg.tracking)
+    parent = cfg.tracking.get("parent_run_id")
+    if "trial" in cfg:
+        trial = cfg.trial
+        tags = {
+            **tags,
+            "trial_number": str(trial.number),
+            "optuna_trial_id": str(trial.trial_id),
+            "optuna_study": str(trial.study_name),
+        }
+    # tracking.tags: set by a run's caller (a repeated or cross-validated trial names its members so)
+    tags = {**tags, **{str(k): str(v) for k, v in (cfg.tracking.get("tags") or {}).items()}}
+    tags = {"bloodcell_version": __version__, **git_tags(), **version_tags(), **tags, **process_tags()}
+    system = system_metrics(cfg.tracking)
+    if resume_run_id:
+        run = mlflow.start_run(run_id=resume_run_id, nested=bool(parent), log_system_metrics=system)
+        mlflow.set_tags(tags)
+        # why it stopped is history now; a count says it was resumed
+        resumes = int(run.data.tags.get("resumed", "0")) + 1
+        with contextlib.suppress(Exception):
+            mlflow.MlflowClient().delete_tag(resume_run_id, "error")
+        mlflow.set_tag("resumed", str(resumes))
+    else:
+        token = uuid.uuid4().hex
+        run = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=cfg.tracking.get("run_name"),
+            parent_run_id=parent,
+            nested=bool(parent),
+            tags={**tags, START_TOKEN_TAG: token},
+            log_system_metrics=system,
+        )
+        drop_duplicate_starts(run.info.experiment_id, run.info.run_id, token)
+    run_id = run.info.run_id
+    log.info("MLflow run %s: %s", run_id, ui_url(run.info.experiment_id, run_id))
+    remote = mlflow.get_tracking_uri().startswith(("http://", "https://"))
+    recorder = Recorder(run, Outbox(run_id, local_root / run_id / "outbox") if remote else None)
+    try:
+        # `trial` (set by the sweeper) is the link to Optuna's storage, whose URL may hold a password:
+        # the trial number is a tag instead.
+        if not resume_run_id:
+            plain = mask_secrets(OmegaConf.to_container(cfg, resolve=True))  # no password in a param
+            assert isinstance(plain, dict)
+            params = flatten({k: v for k, v in plain.items() if k != "trial"})
+            mlflow.log_params({k: ("null" if v is None else str(v)[:6000]) for k, v in params.items()})
+        yield recorder
+    except BaseException as err:
+        import optuna
+
+        if isinstance(err, optuna.TrialPruned):
+            tags = {"optuna.trial_state": "PRUNED", "pruned": "true", "pruned_reason": str(err)[:5000]}
+            status = "KILLED"
+        elif isinstance(err, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, or SIGTERM (see bloodcell.cli)
+            tags, status = {"error": f"interrupted ({type(err).__name__})"}, "KILLED"
+        else:
+            tags, status = {"error": mask_text(f"{type(err).__name__}: {err}")[:5000]}, "FAILED"
+            if "trial" in cfg:
+                tags["optuna.trial_state"] = "FAIL"
+        _end_run(recorder, status, tags, cfg.tracking.get("outage_wait_seconds", 120))
+        raise
+    else:
+        tags = {"optuna.trial_state": "COMPLETE"} if "trial" in cfg else {}
+        _end_run(recorder, "FINISHED", tags, cfg.tracking.get("outage_wait_seconds", 120))
+
+
+#: A random token per run start: a busy server can create a run and answer too late, and the client's retry
+#: (MLFLOW_HTTP_REQUEST_MAX_RETRIES) then creates it again; the token finds such copies
+START_TOKEN_TAG = "bloodcell.start_token"
+
+
+def drop_duplicate_starts(experiment_id: str, run_id: str, token: str) -> list[str]:
+    """Delete the runs a retried create-run request left beside ``run_id`` (same start token): empty,
+    forever RUNNING copies of one run, which would show a trial two or three times. Only a server retries;
+    best effort (the run itself is fine either way). Returns the deleted run ids."""
+    import mlflow
+
+    if not mlflow.get_tracking_uri().startswith(("http://", "https://")):
+        return []
+    client = mlflow.MlflowClient()
+    deleted = []
+    try:
+        copies = client.search_runs([experiment_id], filter_string=f"tags.`{START_TOKEN_TAG}` = '{token}'")
+        for copy in copies:
+            if copy.info.run_id != run_id:
+                client.delete_run(copy.info.run_id)
+                deleted.append(copy.info.run_id)
+    except Exception as err:  # an outage now is the outbox's business, not this clean-up's
+        log.debug("could not look for copies of run %s: %s", run_id, err)
+    if deleted:
+        log.warning(
+            "the tracking server created run %s %d times (a slow answer, then the client's retry): "
+            "deleted the empty copies %s",
+            run_id,
+            len(deleted) + 1,
+            ", ".join(deleted),
+        )
+    return deleted
+
+
+def system_metrics(tracking_cfg: Any) -> bool:
+    """Whether the run records MLflow's system metrics (CPU, memory, disk, network, and GPU with
+    ``nvidia-ml-py``), sampled every ``tracking.system_metrics_seconds`` (null or 0: off). An
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL set by the user wins."""
+    seconds = tracking_cfg.get("system_metrics_seconds", 10)
+    if not seconds:
+        return False
+    if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
+        import mlflow
+
+        mlflow.set_system_metrics_sampling_interval(float(seconds))
+    return True
+
+
+def _end_run(recorder: Recorder, status: str, tags: dict[str, str], outage_wait: float) -> None:
+    """The run's last tags and its end status. With a remote server, records still waiting get up to
+    ``outage_wait`` seconds to go through; what is left then waits on disk for `python -m bloodcell.sync`."""
+    import mlflow
+
+    run_id, box = recorder.run_id, recorder.outbox
+    if box is None:
+        with contextlib.suppress(Exception):  # the run must still end when a tag cannot be written
+            recorder.set_tags(tags)
+        mlflow.end_run(status)
+        return
+    recorder.set_tags(tags)
+    deadline = time.monotonic() + outage_wait
+    while not box.flush(force=True) and time.monotonic() < deadline:
+        time.sleep(min(5.0, max(deadline - time.monotonic(), 0.0)))
+    try:
+        mlflow.end_run(status)  # leaves the active run first, then tells the server
+    except Exception as err:
+        if not outbox.unreachable(err):
+            raise
+        box.add({"kind": "end", "status": status})
+    waiting = len(box.pending())
+    if waiting:
+        log.warning(
+            "run %s: the tracking server stayed unreachable; its %d last records (metrics, model, end "
+            "status %s) wait in %s: send them with python -m bloodcell.sync tracking.uri=%s",
+            run_id,
+            waiting,
+            status,
+            box.directory,
+            mask_text(mlflow.get_tracking_uri()),
+        )
+
+
+def send_waiting(root: Path) -> list[tuple[str, int]]:
+    """Send the records that runs under a checkpoints root left for an unreachable server; returns
+    (run id, records still waiting) per run that had some."""
+    results = []
+    for box in outbox.waiting_outboxes(root):
+        box.flush(force=True)
+        left = len(box.pending())
+        if not left and not any((root / box.run_id).glob("epoch-*")):
+            import shutil
+
+            shutil.rmtree(root / box.run_id, ignore_errors=True)  # all sent, and no checkpoint to resume from
+        results.append((box.run_id, left))
+    return results
+
+
+def outbox_waiting(run_dir: Path) -> bool:
+    """Whether a run still has records waiting for the server (its folder must not be deleted yet)."""
+    return (run_dir / "outbox" / outbox.PENDING).is_file()
+
+
+def process_tags() -> dict[str, str]:
+    import os
+    import socket
+
+    return {"bloodcell.host": socket.gethostname(), "bloodcell.pid": str(os.getpid())}

@@ -1,0 +1,157 @@
+"""Which run a training command continues (``trainer.resume``), and the run state that makes it exact.
+
+- ``trainer.resume=<run id>``: that run, from its newest checkpoint.
+- ``trainer.resume=auto``: the newest unfinished run of the experiment with the same resolved config
+  (``config_digest`` tag) and data fingerprint that has a checkpoint; a new run when there is none.
+- In a sweep every trial resumes by itself: a trial that a killed sweep left behind (put back in the
+  study's queue by the sweeper) continues its own MLflow run from its checkpoint.
+
+Before looking, runs of this host left RUNNING by a process that no longer exists (SIGKILL, OOM killer)
+are marked KILLED with the reason (`bloodcell.tracking.mark_dead_runs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from bloodcell import tracking
+from bloodcell.core.errors import UserError
+from bloodcell.training import checkpoints
+from bloodcell.training.run_data import RunData
+
+log = logging.getLogger("bloodcell.train")
+
+#: config keys that name where or how a run is recorded or continued, not what it trains
+_NOT_IN_DIGEST = ("trial", "tracking")
+
+
+def config_digest(cfg: Any) -> str:
+    """sha256 of the resolved config without the keys that do not change what is trained."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(plain, dict)
+    plain = {k: v for k, v in plain.items() if k not in _NOT_IN_DIGEST}
+    plain["trainer"] = {
+        k: v for k, v in plain.get("trainer", {}).items() if k not in ("resume", "verbose", "checkpoint")
+    }
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Resume:
+    run_id: str
+    checkpoint: checkpoints.Checkpoint
+
+    @property
+    def next_epoch(self) -> int:
+        return self.checkpoint.epoch + 1
+
+
+def find_resumable(cfg: Any, experiment_id: str, data_fingerprint: str, root: Path) -> Resume | None:
+    """The run to continue and its newest checkpoint, or None for a new run (see the module docstring)."""
+    tracking.mark_dead_runs(experiment_id)
+    wanted = cfg.trainer.get("resume")
+    if "trial" in cfg:
+        # also RUNNING: a requeued SLURM job may land on another host, where its dead run cannot be checked
+        trial_tags = {"optuna_trial_id": str(cfg.trial.trial_id), "optuna_study": str(cfg.trial.study_name)}
+        candidates = tracking.unfinished_runs(experiment_id, trial_tags, include_running=True)
+    elif wanted in (None, "", False):
+        return None
+    elif str(wanted) == "auto":
+        candidates = tracking.unfinished_runs(
+            experiment_id, {"config_digest": config_digest(cfg), "data_fingerprint": data_fingerprint}
+        )
+    else:
+        return _explicit(str(wanted), data_fingerprint, root)
+    for run_id in candidates:
+        checkpoint = checkpoints.latest(root / run_id)
+        if checkpoint is not None:
+            return Resume(run_id, checkpoint)
+    if wanted == "auto":
+        log.info(
+            "trainer.resume=auto: no unfinished run of this config with a checkpoint; starting a new run"
+        )
+    return None
+
+
+def _explicit(run_id: str, data_fingerprint: str, root: Path) -> Resume:
+    status, tags = tracking.run_status(run_id)
+    if status is None:
+        raise UserError(
+            f"trainer.resume={run_id}: no such run in this store; use a run id or trainer.resume=auto"
+        )
+    if status == "FINISHED":
+        raise UserError(f"trainer.resume={run_id}: that run already FINISHED; there is nothing to resume")
+    if tags.get("data_fingerprint") != data_fingerprint:
+        raise UserError(
+            f"trainer.resume={run_id}: that run trained on other data (fingerprint "
+            f"{tags.get('data_fingerprint', '?')[:12]}, now {data_fingerprint[:12]}); "
+            "use the same data.* settings"
+        )
+    checkpoint = checkpoints.latest(root / run_id)
+    if checkpoint is None:
+        raise UserError(
+            f"trainer.resume={run_id}: no checkpoint under {root / run_id} "
+            "(trainer.checkpoint.every=0, or it was deleted); start a new run"
+        )
+    return Resume(run_id, checkpoint)
+
+
+@dataclass
+class CheckpointDirs:
+    """Where a run's checkpoints go (``<root>/<run id>``) and when they are deleted: when the run finishes
+    or is pruned (nothing left to resume), unless ``trainer.checkpoint.keep_after_finish``."""
+
+    root: Path
+    keep_after_finish: bool = False
+
+    @contextlib.contextmanager
+    def checkpointing(self, run_id: str) -> Iterator[Path]:
+        import optuna
+
+        try:
+            yield self.root / run_id
+        except optuna.TrialPruned:
+            checkpoints.delete(self.root / run_id)
+            raise
+
+    def finished(self, run_id: str) -> None:
+        """The run ended: its checkpoints go (unless kept); the folder stays while records wait for the
+        tracking server in its outbox (they need the saved model)."""
+        if self.keep_after_finish:
+            return
+        if tracking.outbox_waiting(self.root / run_id):
+            checkpoints.delete_epochs(self.root / run_id)
+        else:
+            checkpoints.delete(self.root / run_id)
+
+
+def start_or_resume(cfg: DictConfig, data: RunData) -> tuple[str, Resume | None, CheckpointDirs]:
+    """The MLflow experiment, the run to continue (``trainer.resume``, or a sweep trial that a killed sweep
+    left unfinished; None for a new run), and where the run's checkpoints go."""
+    experiment_id = tracking.setup_experiment(cfg.tracking)
+    dirs = CheckpointDirs(
+        checkpoints.root_for(tracking.resolve_tracking_uri(cfg.tracking), cfg.trainer.checkpoint.get("dir")),
+        bool(cfg.trainer.checkpoint.get("keep_after_finish")),
+    )
+    # a waiting model is loaded to be logged: Keras must know the layer a calibrated model ends with
+    from bloodcell.serving.submission_template import TemperatureScaling  # noqa: F401
+
+    tracking.send_waiting(dirs.root)  # what earlier runs here could not send to the server
+    resume = find_resumable(cfg, experiment_id, data.arrays.fingerprint, dirs.root)
+    if resume is not None:
+        log.info(
+            "resuming run %s after epoch %d (%s)",
+            resume.run_id,
+            resume.checkpoint.epoch,
+            resume.checkpoint.state["phase"],
+        )
+    return experiment_id, resume, dirs

@@ -1,0 +1,154 @@
+"""A run's data: the arrays as loaded and validated, cleaned when ``data.clean`` (cached), the stratified
+split (or one cross-validation fold), distillation targets; and the same splits rebuilt later from a
+finished run's logged config (`run_splits`), so that compare, ensemble and distill judge on its images.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig
+
+from bloodcell import PROJECT_ROOT
+from bloodcell.core.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from bloodcell.data import Arrays, Splits
+    from bloodcell.data.cleaning import CleaningResult
+log = logging.getLogger("bloodcell.train")
+
+
+CLEANING_CACHE = PROJECT_ROOT / "mlruns" / "cleaning_cache"
+
+
+@dataclass
+class Targets:
+    """What a training split learns in place of its one-hot labels (`bloodcell.distill`: a teacher's soft
+    labels mixed with the truth), and what the run records about where they came from."""
+
+    train: np.ndarray  # float (len(splits.train), NUM_CLASSES), rows summing to 1, in the split's order
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunData:
+    """The data of one run: the arrays as loaded, the splits actually used, and the cleaning result."""
+
+    arrays: Arrays
+    splits: Splits
+    cleaning: CleaningResult | None = None
+    #: what the training split learns when not its one-hot labels (`use_targets`)
+    targets: Targets | None = None
+
+    def use_targets(self, targets: Targets) -> None:
+        self.targets = targets
+        self.splits.train.targets = targets.train
+
+    def tags(self) -> dict[str, str]:
+        tags = {
+            "data_fingerprint": self.arrays.fingerprint,
+            "data_source": self.arrays.source,
+            # which images went to validation and test: runs that share it can be compared image by image
+            "split_fingerprint": self.splits.fingerprint(),
+        }
+        if (
+            self.cleaning is not None
+        ):  # every split carries the fingerprint of the cleaned set it was cut from
+            tags["data_fingerprint_cleaned"] = self.splits.train.fingerprint
+        if self.targets is not None:  # where the targets came from (a teacher) is part of what trains
+            tags |= self.targets.tags
+        return tags
+
+
+def load_splits(cfg: DictConfig) -> RunData:
+    """Validated arrays, cleaned when ``data.clean`` (cached by data fingerprint and cleaning settings, so
+    a sweep cleans once), then the stratified split."""
+    from bloodcell.data import Arrays, cv_fold, fingerprint, load_arrays, split_arrays
+
+    arrays = load_arrays(cfg.data)
+    cleaning = None
+    kept = arrays
+    if cfg.data.get("clean"):
+        from bloodcell.data.cleaning import find_unwanted_cached, summary
+
+        cleaning, cached = find_unwanted_cached(
+            arrays.images, arrays.labels, cfg.cleaning, arrays.fingerprint, CLEANING_CACHE
+        )
+        log.info("cleaning%s: %s", " (cached)" if cached else "", summary(cleaning))
+        images, labels = arrays.images[cleaning.keep], arrays.labels[cleaning.keep]
+        kept = Arrays(images, labels, fingerprint(images, labels), f"{arrays.source} (cleaned)")
+    # data.split_seed (null = seed): repeats of a sweep trial vary the seed but keep the split
+    split_seed = cfg.data.get("split_seed")
+    split_seed = cfg.seed if split_seed is None else int(split_seed)
+    splits = split_arrays(kept, cfg.data.val_fraction, cfg.data.test_fraction, split_seed)
+    cv = cfg.data.get("cv") or {}
+    if cv.get("fold") is not None:  # one fold of a cross-validation (training.repeats runs them all)
+        splits = cv_fold(kept, splits, int(cv["folds"]), int(cv["fold"]), split_seed)
+    log.info(
+        "data: %s, %d images %s -> train %d / val %d / test %d",
+        arrays.source,
+        len(arrays),
+        arrays.images.shape[1:],
+        len(splits.train),
+        len(splits.val),
+        len(splits.test),
+    )
+    return RunData(arrays, splits, cleaning)
+
+
+def run_config(run: Any) -> DictConfig:
+    """The resolved config a run logged (``config.yaml``); raises UserError when it has none."""
+    import mlflow
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.create(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.yaml"))
+    except Exception as err:
+        raise UserError(f"run {run.info.run_id} has no config.yaml to load its data from ({err})") from None
+    if not isinstance(cfg, DictConfig):
+        raise UserError(f"run {run.info.run_id}'s config.yaml is not a mapping")
+    return cfg
+
+
+def run_splits(run: Any) -> RunData:
+    """A run's data and splits, loaded again from its config and checked against its split fingerprint;
+    raises UserError when they cannot be had."""
+    from bloodcell.training.run_data import load_splits
+
+    data = load_splits(run_config(run))
+    if data.splits.fingerprint() != run.data.tags.get("split_fingerprint"):
+        raise UserError(
+            f"the data of run {run.info.run_id} ({data.arrays.source}) has changed since it trained"
+        )
+    return data
+
+
+def split_images(run: Any, split: str, data_index: np.ndarray) -> np.ndarray:
+    """The images at ``data_index`` of a run's data, loaded again from its config (``config.yaml``) and
+    checked against its split fingerprint; raises UserError when they cannot be had."""
+    data = run_splits(run)
+    part = getattr(data.splits, split)
+    where = {int(d): i for i, d in enumerate(data.splits.positions(split))}
+    return part.images[[where[int(d)] for d in data_index]]
+
+
+def labelled_images(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images and labels of an npz (``images``, ``labels``) or a folder with one sub-folder per class,
+    read and validated as training data is."""
+    from omegaconf import OmegaConf
+
+    from bloodcell.data import load_arrays, resolve_path
+
+    where = resolve_path(path)
+    if not where.exists():
+        raise UserError(
+            f"eval={path} not found; give a labelled .npz or a folder with one sub-folder per class"
+        )
+    fmt = "folder" if where.is_dir() else "npz"
+    arrays = load_arrays(OmegaConf.create({"format": fmt, "path": str(where)}))
+    return arrays.images, arrays.labels
