@@ -17,7 +17,7 @@ never used for choosing anything):
 
 Measured (2026-12-02, ``--store /tmp/real/mlflow.db``, the shared 2-core CPU at load 6-10): test accuracy
 preset 0.9800, + EMA 0.9707, the sweep's top 3 0.9653, greedy ensemble 0.9815 (TTA 0.9849; it picked the
-preset twice, EMA and one trial): 0.99 not reached (README, "Real cells on a CPU").
+preset twice, EMA and one trial): 0.99 not reached (docs/real-cells.md).
 
 Every figure is the test split's: accuracy with its 95% Wilson interval, test-time augmentation (the mean
 over flips and 90-degree rotations; for an ensemble computed here with its logged model and logged to its
@@ -29,7 +29,7 @@ candidate it was chosen from (choosing needs them all trained). CPU-minutes are 
 (2, the machine's cores): an upper bound on what a run got on a shared, loaded machine.
 
     python benchmarks/past_98.py                                   # trains what is missing, then the table
-    python benchmarks/past_98.py --store /tmp/real/mlflow.db       # as measured (README, "Past 98%")
+    python benchmarks/past_98.py --store /tmp/real/mlflow.db       # as measured (docs/real-cells.md)
     python benchmarks/past_98.py --report-only                     # the table from runs already made
 
 Runs already FINISHED in the store are reused (found by their parameters, the sweep by its study name,

@@ -41,7 +41,7 @@ split 1 both drew and picked the winner c3. At this budget the loss came from tr
 configurations, not from the scoring. Two splits are a coarse estimate: one more split could move any
 count by one.
 
-    python benchmarks/selection_noise.py                          # as measured (README): B = 6, seeds 0 1
+    python benchmarks/selection_noise.py                        # as measured (docs/sweeps.md): B=6, seeds 0 1
     python benchmarks/selection_noise.py --seeds 0 1 2 3          # more splits, a finer estimate
     python benchmarks/selection_noise.py --configs 3              # B = 3: one configuration per smaller arm
     python benchmarks/selection_noise.py --report-only            # figures from runs already made

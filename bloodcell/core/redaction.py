@@ -7,7 +7,8 @@ printed (MLflow params, tags and artifacts, console lines, the sweep's own files
     mask_secrets({"tracking": {"uri": "mysql://u:pw@h/db"}}) -> the same structure, every string masked
 
 The processes themselves still get the real value: users pass it as ``${oc.env:VAR}`` (which Hydra saves
-unresolved), and the sweeper hands a trial the storage URL as such a reference (see the README).
+unresolved), and the sweeper hands a trial the storage URL as such a reference
+(docs/configuration.md, Secrets).
 """
 
 from __future__ import annotations
