@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY, assert_ok, assert_user_error, mlflow_runs, run_module
 from omegaconf import OmegaConf
+
+from tests.helpers import REPO, TINY, assert_ok, assert_user_error, mlflow_runs, run_module
 
 PIPELINES = ["none", "base", "heavy", "randaugment", "augmix", "mixup", "cutmix"]
 

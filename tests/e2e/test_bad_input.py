@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, assert_user_error, run_module, write_npz
+
+from tests.helpers import TINY, assert_user_error, run_module, write_npz
 
 
 def train(tmp_path: Path, *overrides: str):

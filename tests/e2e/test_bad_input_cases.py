@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
+
+from bloodcell.data import make_demo_set
+from tests.helpers import (
     TINY,
     assert_ok,
     assert_user_error,
@@ -17,8 +19,6 @@ from conftest import (
     write_image_folder,
     write_npz,
 )
-
-from bloodcell.data import make_demo_set
 
 
 def _npz(tmp: Path) -> Path:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from smears import SIZE, foreign_picture, jpeg, recoloured, shifted, smear_set
 
 from bloodcell import PROJECT_ROOT
 from bloodcell.data.cleaning import DEFAULTS, find_unwanted, find_unwanted_cached, write_report
+from tests.smears import SIZE, foreign_picture, jpeg, recoloured, shifted, smear_set
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import TINY, mlflow_runs, run_module, sqlite_store
+
+from tests.helpers import TINY, mlflow_runs, run_module, sqlite_store
 
 
 @pytest.fixture

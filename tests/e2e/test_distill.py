@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import (
+
+from tests.helpers import (
     TINY,
     TINY_HEAD_ONLY,
     assert_ok,

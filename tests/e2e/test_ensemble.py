@@ -16,9 +16,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import TINY_HEAD_ONLY, assert_ok, logged_run_id, run_module, sqlite_store
 
 from bloodcell import CLASS_NAMES
+from tests.helpers import TINY_HEAD_ONLY, assert_ok, logged_run_id, run_module, sqlite_store
 
 
 @pytest.fixture(scope="module")

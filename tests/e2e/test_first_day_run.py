@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, TINY_TRACED
+from tests.helpers import REPO, TINY_TRACED
 
 # what a user's shell has: none of the tests' own quieting
 USER_ENV = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, assert_user_error, run_module, sqlite_store
+
+from tests.helpers import TINY, assert_user_error, run_module, sqlite_store
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
 TRIAL = [o for o in TINY if o != "+experiment=quickstart"] + ["tracking.log_model=false"]

@@ -31,7 +31,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import REPO, TINY, assert_ok, run_module, sqlite_store
+
+from tests.helpers import REPO, TINY, assert_ok, run_module, sqlite_store
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"

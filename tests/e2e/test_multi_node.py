@@ -17,7 +17,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import TINY, free_port, start_mlflow_server, stop_mlflow_server
+
+from tests.helpers import TINY, free_port, start_mlflow_server, stop_mlflow_server
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
 
@@ -26,7 +27,7 @@ TRIAL = [o for o in TINY if o != "+experiment=quickstart"] + ["tracking.log_mode
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """A real `mlflow server` on a free local port, SQLite behind it, artifacts served by it (conftest's
+    """A real `mlflow server` on a free local port, SQLite behind it, artifacts served by it (tests.helpers'
     start_mlflow_server; the whole process group is stopped afterwards)."""
     port = free_port()
     server = start_mlflow_server(tmp_path / "mlflow_server", port)

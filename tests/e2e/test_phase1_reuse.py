@@ -12,8 +12,9 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import TINY, assert_ok, mlflow_runs, run_module, sqlite_store
 from mlflow.tracking import MlflowClient
+
+from tests.helpers import TINY, assert_ok, mlflow_runs, run_module, sqlite_store
 
 TWO_EPOCHS = [*TINY, "trainer.epochs=2", "finetune.epochs=2", "tracking.log_model=false"]
 PHASE2 = ["finetune.lr=5e-4", "finetune.augmentation_strength=0.2"]  # phase 1: quickstart's strength 0.5

@@ -3,9 +3,8 @@ so it sits with the end-to-end tests rather than in tests/unit."""
 
 from __future__ import annotations
 
-from conftest import model_config as config
-
 from bloodcell.models import build_model
+from tests.helpers import model_config as config
 
 
 def test_precise_batchnorm_sets_head_statistics_from_clean_images_before_each_validation():

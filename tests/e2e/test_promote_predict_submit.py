@@ -19,9 +19,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import TINY_HEAD_ONLY, assert_ok, assert_user_error, run_module, sqlite_store
 
 from bloodcell import CLASS_NAMES
+from tests.helpers import TINY_HEAD_ONLY, assert_ok, assert_user_error, run_module, sqlite_store
 
 SCORE = {"A": 0.8, "B": 0.4}
 
@@ -152,13 +152,16 @@ def test_promote_bad_input_is_one_line_and_leaves_the_registry_alone(store, args
     ],
 )
 def test_promote_library_rejects_bad_input_before_touching_the_registry(store, kwargs, fragment):
+    from bloodcell.core.cli import compose
     from bloodcell.core.errors import UserError
+    from bloodcell.core.settings import promote_settings
     from bloodcell.serving.promotion import promote as promote_run
 
     kwargs = {"experiment": "first", **{k: v.format(run_a=store.run["A"]) for k, v in kwargs.items()}}
+    overrides = [f"tracking.{k}={v}" if k == "experiment" else f"{k}={v}" for k, v in kwargs.items()]
     before = (versions(store), champion(store))
     with pytest.raises(UserError, match=re.escape(fragment)):
-        promote_run(store.client, **kwargs)
+        promote_run(store.client, promote_settings(compose(overrides, "promote")))
     assert (versions(store), champion(store)) == before
 
 

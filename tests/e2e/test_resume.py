@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+
+from tests.helpers import (
     REPO,
     TINY,
     TINY_HEAD_ONLY,

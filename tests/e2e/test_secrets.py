@@ -15,7 +15,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import TINY, assert_ok, run_module, sqlite_store
+
+from tests.helpers import TINY, assert_ok, run_module, sqlite_store
 
 TRIAL = [o for o in TINY if o != "+experiment=quickstart"] + ["tracking.log_model=false", "finetune.epochs=0"]
 FROM_ENV = "plantedsecret-env"

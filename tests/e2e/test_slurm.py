@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import test_multi_node
-from conftest import TINY
+
+from tests.e2e import test_multi_node
+from tests.helpers import TINY
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
 

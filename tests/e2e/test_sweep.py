@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, assert_ok, assert_user_error, run_module, sqlite_store
+
+from tests.helpers import TINY, assert_ok, assert_user_error, run_module, sqlite_store
 
 # Speeds a trial up: no model logging (the train tests cover it).
 TRIAL = [o for o in TINY if o != "+experiment=quickstart"] + ["tracking.log_model=false"]

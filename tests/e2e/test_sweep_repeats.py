@@ -12,9 +12,17 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_ok, assert_user_error, run_module
 from mlflow.tracking import MlflowClient
-from test_sweep import _start_sweep, kill_after_first_report, load_study, mlflow_runs, states, sweep_args
+
+from tests.e2e.test_sweep import (
+    _start_sweep,
+    kill_after_first_report,
+    load_study,
+    mlflow_runs,
+    states,
+    sweep_args,
+)
+from tests.helpers import assert_ok, assert_user_error, run_module
 
 
 def trial_runs_and_members(tmp_path):

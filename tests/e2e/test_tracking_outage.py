@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import (
+from tests.helpers import (
     REPO,
     TINY_TRACED,
     assert_ok,

@@ -12,7 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import free_port, start_mlflow_server, stop_mlflow_server
+
+from tests.helpers import free_port, start_mlflow_server, stop_mlflow_server
 
 CLIENT_TIMEOUT = 3  # seconds: MLFLOW_HTTP_REQUEST_TIMEOUT for this test
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import (
+
+from bloodcell import CLASS_NAMES
+from tests.helpers import (
     SHARED_WEIGHTS,
     TINY,
     TINY_TRACED,
@@ -14,8 +16,6 @@ from conftest import (
     run_module,
     sqlite_store,
 )
-
-from bloodcell import CLASS_NAMES
 
 
 @pytest.fixture(scope="module")
@@ -242,9 +242,9 @@ def test_data_clean_true_removes_unwanted_samples_and_reports_to_mlflow(tmp_path
     """Duplicates and a blank frame in the training file are removed before the split; counts and the
     report land in the run."""
     import mlflow
-    from conftest import write_npz
 
     from bloodcell.data import make_demo_set
+    from tests.helpers import write_npz
 
     images, labels = make_demo_set(per_class=10, image_size=32, seed=2)
     images = np.concatenate([images, images[:4], np.full((1, 32, 32, 3), 255, np.uint8)])

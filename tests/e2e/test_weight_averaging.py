@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_ok, mlflow_runs, run_module, sqlite_store
-from test_resume import RUN, _kill_in_phase2  # the kill-in-phase-2 pattern of the exact-resume test
+
+from tests.e2e.test_resume import RUN, _kill_in_phase2  # the kill-in-phase-2 pattern of the exact-resume test
+from tests.helpers import assert_ok, mlflow_runs, run_module, sqlite_store
 
 EMA = ["trainer.ema=true", "trainer.ema_momentum=0.9"]  # ~10 steps: a few tiny epochs
 SWA = ["finetune.swa=true", "finetune.swa_epochs=3"]

@@ -13,11 +13,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import TINY_HEAD_ONLY, assert_ok, assert_user_error, run_module, sqlite_store
 from scipy.stats import binomtest
 
 from bloodcell import CLASS_NAMES, NUM_CLASSES
 from bloodcell.evaluation import stats
+from tests.helpers import TINY_HEAD_ONLY, assert_ok, assert_user_error, run_module, sqlite_store
 
 
 @pytest.fixture(scope="module")

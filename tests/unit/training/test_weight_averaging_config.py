@@ -4,11 +4,11 @@ before anything starts, and the optimizer it asks for. No subprocess, no trainin
 from __future__ import annotations
 
 import pytest
-from conftest import TINY
 
 from bloodcell.core.cli import compose
 from bloodcell.core.errors import UserError
 from bloodcell.core.settings import check_train_config
+from tests.helpers import TINY
 
 
 def test_weight_averaging_is_off_by_default_and_the_presets_pass():

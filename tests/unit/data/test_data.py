@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import write_npz
 from omegaconf import OmegaConf
 
 from bloodcell import CLASS_NAMES
@@ -20,6 +19,7 @@ from bloodcell.data import (
     read_npz,
     split_arrays,
 )
+from tests.helpers import write_npz
 
 
 def cfg(**kw):

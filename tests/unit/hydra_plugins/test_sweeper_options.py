@@ -17,8 +17,9 @@ from bloodcell.sweep.tables import PRUNERS, SAMPLERS
 # same session) executes config.py again in place, so a class imported at collection would be a stale one
 from hydra_plugins.bloodcell_optuna_sweeper import config
 from hydra_plugins.bloodcell_optuna_sweeper.config import options_from
+from tests.helpers import REPO
 
-SWEEPS = sorted((Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml"))
+SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
 
 
 def test_sampler_and_pruner_blocks_are_the_tables():

@@ -6,7 +6,6 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import SHARED_WEIGHTS, needs_shared_weights
 
 from bloodcell.core.errors import UserError
 from bloodcell.evaluation.gradcam import (
@@ -19,6 +18,7 @@ from bloodcell.evaluation.gradcam import (
     showcase,
 )
 from bloodcell.explain import check_output
+from tests.helpers import SHARED_WEIGHTS, needs_shared_weights
 
 
 def red_detector(pool: bool, nested: bool):

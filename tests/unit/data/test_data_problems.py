@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import truncated_copy, write_image_folder, write_npz
 from omegaconf import OmegaConf
 
 from bloodcell.core.errors import UserError
 from bloodcell.data import Arrays, load_arrays, make_demo_set, read_folder, read_npz, split_arrays
+from tests.helpers import truncated_copy, write_image_folder, write_npz
 
 
 def _cells(tmp_path: Path) -> Path:

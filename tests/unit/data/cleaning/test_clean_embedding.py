@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import SHARED_WEIGHTS, needs_shared_weights
-from smears import foreign_picture, smear_set
 
 from bloodcell.core.errors import UserError
 from bloodcell.data.cleaning import embedding as emb
 from bloodcell.data.cleaning import find_unwanted, find_unwanted_cached
+from tests.helpers import SHARED_WEIGHTS, needs_shared_weights
+from tests.smears import foreign_picture, smear_set
 
 # the hand-made outlier check off, so that only the embedding can flag a foreign image
 EMBEDDING_ONLY = {"outliers": {"enabled": False}}

@@ -7,13 +7,13 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import TINY
 
 from bloodcell import PROJECT_ROOT
 from bloodcell.core.cli import compose
 from bloodcell.core.errors import UserError
 from bloodcell.core.settings import check_train_config
 from bloodcell.data import Arrays, min_images, split_arrays
+from tests.helpers import TINY
 
 
 @pytest.mark.parametrize(

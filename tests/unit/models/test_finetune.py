@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import model_config as config
 
 from bloodcell.models import BACKBONE_LAYER, build_model, layer_blocks
 from bloodcell.models.finetune import layers_to_unfreeze, unfreeze
+from tests.helpers import model_config as config
 
 
 def trainable_names(backbone):

@@ -8,7 +8,6 @@ import warnings
 import numpy as np
 import optuna
 import pytest
-from conftest import TINY
 
 from bloodcell.core.cli import compose
 from bloodcell.core.errors import UserError
@@ -18,6 +17,7 @@ from bloodcell.data import fingerprint as data_fingerprint
 from bloodcell.sweep.tables import make_pruner
 from bloodcell.training.repeats import member_config, plan
 from hydra_plugins.bloodcell_optuna_sweeper import config
+from tests.helpers import TINY
 
 
 def demo_arrays(per_class: int = 13):

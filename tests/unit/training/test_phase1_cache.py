@@ -9,13 +9,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import TINY
 from omegaconf import DictConfig
 
 from bloodcell.core.cli import compose
 from bloodcell.core.errors import UserError
 from bloodcell.core.settings import check_train_config
 from bloodcell.training import phase1_cache
+from tests.helpers import TINY
 
 TAGS = {"data_fingerprint": "d" * 64, "data_source": "demo", "split_fingerprint": "s" * 64}
 

@@ -1,0 +1,229 @@
+"""Shared test helpers, imported explicitly (``from tests.helpers import ...``): run bloodcell's commands as
+a user would (subprocesses), the tiny runs' overrides, bad and tiny data files, MLflow stores and servers.
+The fixtures are in tests/conftest.py."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
+SHARED_CELLS = SHARED / "data" / "pbc96"
+
+# The smallest run that still goes through every step: 96 synthetic 32x32 images, 1 epoch per phase. Two
+# things users get by default are off, because they cost more than the tiny training itself: the traced
+# tf.function steps (eager steps: no tracing, 6 s less in fit for 1 + 1 epochs) and the Grad-CAM sheets
+# (about 2 s). TINY_TRACED keeps both.
+TINY = [
+    "+experiment=quickstart",
+    "data.image_size=32",
+    "data.per_class=12",
+    "trainer.epochs=1",
+    "finetune.epochs=1",
+    "trainer.verbose=0",
+    "trainer.run_eagerly=true",
+    "tracking.explain=false",
+]
+
+# TINY as every user's run has it (traced steps, explanations): the README's quickstart run, the first-day
+# log, the resumed twin, and runs of many epochs (an eager step is slower than a traced one: at 10 epochs the
+# tracing is paid back)
+TINY_TRACED = [arg for arg in TINY if arg not in ("trainer.run_eagerly=true", "tracking.explain=false")]
+
+# TINY with phase 1 only: for tests that look at a run's records, not at fine-tuning (half the training time)
+TINY_HEAD_ONLY = [arg for arg in TINY if not arg.startswith("finetune.epochs=")] + ["finetune.epochs=0"]
+
+needs_shared_weights = pytest.mark.skipif(
+    not SHARED_WEIGHTS.is_file(), reason="../shared/weights (MobileNet alpha 0.25) not present"
+)
+needs_shared_cells = pytest.mark.skipif(not SHARED_CELLS.is_dir(), reason="../shared/data/pbc96 not present")
+
+
+def run_module(
+    module: str, *args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m <module> args...`` with no GPU and quiet TensorFlow, as a user would type it."""
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    )
+
+
+def logged_run_id(proc: subprocess.CompletedProcess) -> str:
+    """The run id an ensemble or distill command prints as ``logged as run <id>``."""
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("logged as run ")]
+    return line.split()[3]
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit 2 and one `error: ...` line on stderr (no traceback) that mentions every fragment."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstderr:\n{proc.stderr[-3000:]}"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+@functools.cache
+def _migrated_store() -> Path:
+    """One empty MLflow SQLite store with MLflow's schema migrations applied, per test process."""
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="bloodcell-migrated-store-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments(max_results=1)
+    return folder / "mlflow.db"
+
+
+def sqlite_store(db: Path) -> str:
+    """``sqlite:///<db>``, a local MLflow store that is new to its test but already migrated (a copy of one
+    made per test process) unless ``db`` exists. MLflow's migrations take about 3 s on every new store, which
+    a hundred tests paid. What a user's first command does to a truly new store (the migration under
+    bloodcell's lock) is still tested: test_resume's four commands at once, test_first_day_run."""
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_migrated_store(), db)
+    return f"sqlite:///{db}"
+
+
+def write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+def write_image_folder(root: Path, per_class: int, image_size: int = 32, seed: int = 2) -> Path:
+    """A `data=folder` data set of synthetic cells: ``root/<class name>/<n>.jpg``."""
+    from PIL import Image
+
+    from bloodcell import CLASS_NAMES
+    from bloodcell.data import make_demo_set
+
+    images, labels = make_demo_set(per_class, image_size, seed=seed)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        (root / CLASS_NAMES[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / CLASS_NAMES[label] / f"{i:03d}.jpg")
+    return root
+
+
+def truncated_copy(path: Path) -> Path:
+    """The first half of ``path`` as ``half<suffix>`` beside it: a half-copied download."""
+    data = path.read_bytes()
+    half = path.with_name(f"half{path.suffix}")
+    half.write_bytes(data[: len(data) // 2])
+    return half
+
+
+def mlflow_runs(tracking_uri: str, experiment: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:<port> over a SQLite store and an artifact folder in ``store``
+    (the same store when started again after a kill); returns once it answers /health."""
+    import time
+    import urllib.request
+
+    store.mkdir(parents=True, exist_ok=True)
+    backend = sqlite_store(store / "server.db")  # migrated once; kept when the server starts again
+    with open(store / "server.log", "a") as log:  # the child keeps its own handle
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                backend,
+                "--artifacts-destination",
+                str(store / "artifacts"),
+            ],
+            cwd=store,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            # no job-runner processes: the tests need only the tracking API
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            start_new_session=True,  # its workers are children: stop_mlflow_server ends the whole group
+        )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(store / 'server.log').read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+            return server
+        except OSError:
+            time.sleep(0.5)
+    stop_mlflow_server(server)
+    raise RuntimeError("mlflow server did not answer within 120 s")
+
+
+def stop_mlflow_server(server: subprocess.Popen) -> None:
+    """SIGKILL the server and its worker processes (killing only the parent leaves a worker serving)."""
+    import os
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+
+
+def model_config(
+    name: str,
+    weights: str | None = None,
+    blocks: int = 2,
+    layers: int | None = None,
+    bn: str | bool = "auto",
+    **backbone_kw: object,
+):
+    """The backbone, head and finetune groups of a tiny model (32 px), for tests that build one."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(
+        {
+            "backbone": {"name": name, "weights": weights, "input_size": 32, "kwargs": backbone_kw},
+            "head": {"units": [16], "dropout": [0.1], "batchnorm": True, "leaky_relu_slope": 0.05},
+            "finetune": {"unfreeze_blocks": blocks, "unfreeze_layers": layers, "freeze_batchnorm": bn},
+        }
+    )
