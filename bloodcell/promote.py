@@ -32,36 +32,21 @@ from omegaconf import DictConfig
 from bloodcell import PROJECT_ROOT
 from bloodcell.core.cli import run_or_exit
 from bloodcell.serving.promotion import Promotion, promote
-from bloodcell.serving.registry import DEFAULT_MODEL_NAME, check_names
 
 
 def main_task(cfg: DictConfig) -> Promotion:
+    from bloodcell.core.settings import promote_settings
     from bloodcell.tracking import connect
 
-    check_names(cfg.model_name or DEFAULT_MODEL_NAME, cfg.alias)
+    settings = promote_settings(cfg)  # every bad value is one line, before the tracking store is touched
     uri = connect(cfg.tracking)
     import mlflow
 
-    client = mlflow.MlflowClient(uri)
-    gate = cfg.gate
-    result = promote(
-        client,
-        experiment=cfg.tracking.experiment,
-        metric=cfg.metric,
-        model_name=cfg.model_name,
-        alias=cfg.alias,
-        sweep=cfg.sweep,
-        run_id=cfg.get("run"),
-        force=bool(cfg.force),
-        gate=str(gate.name),
-        alpha=float(gate.get("alpha", 0.05)),
-        max_class_drop=float(gate.get("max_class_drop", 0.02)),
-        eval_path=cfg.get("eval"),
-    )
-    label = f"{result.model_name}@{cfg.alias}"
+    result = promote(mlflow.MlflowClient(uri), settings)
+    label = f"{result.model_name}@{settings.alias}"
     verb = "registered as" if result.created else "is already"
     print(
-        f"best run {result.run_id}: {cfg.metric}={result.value:.4f}, {verb} version {result.version} "
+        f"best run {result.run_id}: {settings.metric}={result.value:.4f}, {verb} version {result.version} "
         f"of '{result.model_name}'"
     )
     if result.details:

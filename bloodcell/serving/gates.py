@@ -8,12 +8,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bloodcell.core.errors import UserError
 from bloodcell.serving.registry import _beats, version_metric
 
-GATES = ("mcnemar", "metric")
+if TYPE_CHECKING:
+    from bloodcell.core.settings import PromoteSettings
 
 
 @dataclass
@@ -53,8 +54,10 @@ def _run_or_none(client: Any, run_id: str | None) -> Any:
         return None
 
 
-def metric_gate(client: Any, value: float, holder: Any, metric: str, who: str) -> Decision:
-    """The old rule: the challenger's ``metric`` beats the holder's, by any margin."""
+def metric_gate(client: Any, run: Any, version: Any, holder: Any, settings: PromoteSettings) -> Decision:
+    """The old rule: the challenger's (``run``'s) ``metric`` beats the holder's, by any margin."""
+    metric, who = settings.metric, holder_provenance(client, holder)
+    value = run.data.metrics[metric]
     held = version_metric(client, holder, metric)
     if held is None:
         return Decision(False, f"{who} has no {metric} to compare; use force=true to move the alias anyway")
@@ -97,104 +100,145 @@ def _size(shape: tuple) -> str:
     return f"{shape[0]}x{shape[1]}"
 
 
-def statistical_gate(
-    client: Any,
-    run: Any,
-    version: Any,
-    holder: Any,
-    *,
-    alpha: float,
-    max_class_drop: float,
-    eval_path: str | None = None,
-) -> Decision:
+@dataclass
+class _Paired:
+    """Both models' predicted classes on the same images, the images' true classes, and which images."""
+
+    labels: Any
+    holder: Any
+    challenger: Any
+    where: str
+
+
+class _Settled(Exception):
+    """The gate is decided before any test: the holder cannot take the images (it loses), or there are no
+    images both can be judged on (the alias stays)."""
+
+    def __init__(self, moved: bool, reason: str) -> None:
+        super().__init__(reason)
+        self.moved, self.reason = moved, reason
+
+
+def statistical_gate(client: Any, run: Any, version: Any, holder: Any, settings: PromoteSettings) -> Decision:
     """McNemar's exact test of the challenger (``run``, registered as ``version``) against the ``holder``
-    version on the same images, and every class's recall: see the module doc."""
+    version on the same images, and every class's recall (see the module doc), in three steps: which images
+    and both models' predictions on them (``eval=`` images, or test images), then the judgement."""
     from bloodcell.evaluation.comparison import compare_pair
-    from bloodcell.evaluation.stored_predictions import shared_images, stored_predictions
-    from bloodcell.training.run_data import labelled_images, split_images
 
     who = holder_provenance(client, holder)
-    holder_run = _run_or_none(client, holder.run_id)
-    base = {"gate.holder_version": str(holder.version), "gate.holder_run_id": str(holder.run_id or "")}
-    if eval_path:
-        images, labels = labelled_images(eval_path)
-        try:
-            challenger_pred = _predict(version.source, images, "the challenger")
-        except _CannotTake as err:
-            raise UserError(f"the challenger cannot take eval={eval_path}: {err}") from None
-        where = f"eval={eval_path} ({len(labels)} images)"
-        try:
-            holder_pred = _predict(holder.source, images, who)
-        except _CannotTake as err:
-            return Decision(True, f"{err}: it loses", tags=base)
-    else:
-        mine, theirs = _shape(version.source), _shape(holder.source)
-        if mine and theirs and tuple(mine[:2]) != tuple(theirs[:2]):
-            return Decision(
-                True,
-                f"{who} takes {_size(theirs)} images and cannot take the challenger's {_size(mine)} test "
-                "images: it loses",
-                tags=base,
-            )
-        challenger_stored = stored_predictions(client, run.info.run_id, "test")
-        if challenger_stored is None:
-            return Decision(
-                False,
-                f"run {run.info.run_id} kept no test predictions (trained before runs kept them): "
-                "judge it on eval=<labelled npz>, or use gate=metric",
-                tags=base,
-            )
-        mine_fp = run.data.tags.get("data_fingerprint_cleaned") or run.data.tags.get("data_fingerprint")
-        holder_tags = {**(holder_run.data.tags if holder_run else {}), **(holder.tags or {})}
-        theirs_fp = holder_tags.get("data_fingerprint_cleaned") or holder_tags.get("data_fingerprint")
-        if mine_fp and mine_fp == theirs_fp:
-            holder_stored = stored_predictions(client, holder.run_id, "test") if holder.run_id else None
-            if holder_stored is None:
-                return Decision(
-                    False,
-                    f"{who} has no stored test predictions to compare with: judge both on "
-                    "eval=<labelled npz>, or use gate=metric",
-                    tags=base,
-                )
-            common, (mine_rows, theirs_rows) = shared_images([challenger_stored, holder_stored])
-            if len(common) == 0:
-                return Decision(
-                    False,
-                    f"{who} and the challenger were split differently and their test splits share no "
-                    "image: judge both on eval=<labelled npz>, or use gate=metric",
-                    tags=base,
-                )
-            labels = challenger_stored.labels[mine_rows]
-            challenger_pred = challenger_stored.predicted[mine_rows]
-            holder_pred = holder_stored.predicted[theirs_rows]
-            same_split = run.data.tags.get("split_fingerprint") == holder_tags.get("split_fingerprint")
-            where = (
-                f"their shared test split ({len(common)} images)"
-                if same_split
-                else f"the {len(common)} test images both runs held out (same data, other splits)"
-            )
+    tags = {"gate.holder_version": str(holder.version), "gate.holder_run_id": str(holder.run_id or "")}
+    try:
+        if settings.eval:
+            paired = _on_eval_images(settings.eval, version, holder, who)
         else:
-            try:
-                images = split_images(run, "test", challenger_stored.data_index)
-            except (UserError, OSError, KeyError) as err:
-                return Decision(
-                    False,
-                    f"{who} was trained on other data than the challenger, and the challenger's test images "
-                    f"cannot be loaded again to show it them ({err}): judge both on eval=<labelled npz>",
-                    tags=base,
-                )
-            labels = challenger_stored.labels
-            challenger_pred = challenger_stored.predicted
-            try:
-                holder_pred = _predict(holder.source, images, who)
-            except _CannotTake as err:
-                return Decision(True, f"{err} (the challenger's test images): it loses", tags=base)
-            where = (
-                f"the challenger's test split ({len(labels)} images; the holder was trained on other data "
-                "and may have seen some of them, which can only favour it)"
-            )
-    pair = compare_pair(labels, holder_pred, challenger_pred, "holder", "challenger")
-    return _judge(pair, where, who, alpha, max_class_drop, base)
+            paired = _on_test_images(client, run, version, holder, who)
+    except _Settled as settled:
+        return Decision(settled.moved, settled.reason, tags=tags)
+    pair = compare_pair(paired.labels, paired.holder, paired.challenger, "holder", "challenger")
+    alpha, max_class_drop = settings.gate.alpha, settings.gate.max_class_drop
+    assert alpha is not None and max_class_drop is not None  # the mcnemar gate's settings have both
+    return _judge(pair, paired.where, who, alpha, max_class_drop, tags)
+
+
+def _on_eval_images(eval_path: str, version: Any, holder: Any, who: str) -> _Paired:
+    """Both models predict the labelled ``eval=`` images."""
+    from bloodcell.training.run_data import labelled_images
+
+    images, labels = labelled_images(eval_path)
+    try:
+        challenger = _predict(version.source, images, "the challenger")
+    except _CannotTake as err:
+        raise UserError(f"the challenger cannot take eval={eval_path}: {err}") from None
+    try:
+        held = _predict(holder.source, images, who)
+    except _CannotTake as err:
+        raise _Settled(True, f"{err}: it loses") from None
+    return _Paired(labels, held, challenger, f"eval={eval_path} ({len(labels)} images)")
+
+
+def _fingerprint(tags: dict) -> str | None:
+    return tags.get("data_fingerprint_cleaned") or tags.get("data_fingerprint")
+
+
+def _on_test_images(client: Any, run: Any, version: Any, holder: Any, who: str) -> _Paired:
+    """Test images: those both runs held out when they were trained on the same data (their stored
+    predictions), else the challenger's test split, loaded again and shown to the holder."""
+    from bloodcell.evaluation.stored_predictions import stored_predictions
+
+    mine, theirs = _shape(version.source), _shape(holder.source)
+    if mine and theirs and tuple(mine[:2]) != tuple(theirs[:2]):
+        raise _Settled(
+            True,
+            f"{who} takes {_size(theirs)} images and cannot take the challenger's {_size(mine)} test "
+            "images: it loses",
+        )
+    challenger = stored_predictions(client, run.info.run_id, "test")
+    if challenger is None:
+        raise _Settled(
+            False,
+            f"run {run.info.run_id} kept no test predictions (trained before runs kept them): "
+            "judge it on eval=<labelled npz>, or use gate=metric",
+        )
+    holder_run = _run_or_none(client, holder.run_id)
+    holder_tags = {**(holder_run.data.tags if holder_run else {}), **(holder.tags or {})}
+    mine_fp = _fingerprint(run.data.tags)
+    if mine_fp and mine_fp == _fingerprint(holder_tags):
+        return _on_shared_test_images(client, run, challenger, holder, holder_tags, who)
+    return _on_challenger_test_images(run, challenger, holder, who)
+
+
+def _on_shared_test_images(
+    client: Any, run: Any, challenger: Any, holder: Any, holder_tags: dict, who: str
+) -> _Paired:
+    """Same data: the stored test predictions of both runs, on the images both held out."""
+    from bloodcell.evaluation.stored_predictions import shared_images, stored_predictions
+
+    held = stored_predictions(client, holder.run_id, "test") if holder.run_id else None
+    if held is None:
+        raise _Settled(
+            False,
+            f"{who} has no stored test predictions to compare with: judge both on "
+            "eval=<labelled npz>, or use gate=metric",
+        )
+    common, (mine_rows, theirs_rows) = shared_images([challenger, held])
+    if len(common) == 0:
+        raise _Settled(
+            False,
+            f"{who} and the challenger were split differently and their test splits share no "
+            "image: judge both on eval=<labelled npz>, or use gate=metric",
+        )
+    same_split = run.data.tags.get("split_fingerprint") == holder_tags.get("split_fingerprint")
+    where = (
+        f"their shared test split ({len(common)} images)"
+        if same_split
+        else f"the {len(common)} test images both runs held out (same data, other splits)"
+    )
+    return _Paired(
+        challenger.labels[mine_rows], held.predicted[theirs_rows], challenger.predicted[mine_rows], where
+    )
+
+
+def _on_challenger_test_images(run: Any, challenger: Any, holder: Any, who: str) -> _Paired:
+    """Other data: the challenger's test images, loaded again, predicted by the holder."""
+    from bloodcell.training.run_data import split_images
+
+    try:
+        images = split_images(run, "test", challenger.data_index)
+    except (UserError, OSError, KeyError) as err:
+        raise _Settled(
+            False,
+            f"{who} was trained on other data than the challenger, and the challenger's test images "
+            f"cannot be loaded again to show it them ({err}): judge both on eval=<labelled npz>",
+        ) from None
+    try:
+        held = _predict(holder.source, images, who)
+    except _CannotTake as err:
+        raise _Settled(True, f"{err} (the challenger's test images): it loses") from None
+    where = (
+        f"the challenger's test split ({len(challenger.labels)} images; the holder was trained on other "
+        "data and may have seen some of them, which can only favour it)"
+    )
+    return _Paired(challenger.labels, held, challenger.predicted, where)
 
 
 def _judge(
@@ -280,3 +324,7 @@ def record_decision(
     }
     for key, value in tags.items():
         client.set_model_version_tag(model_name, str(version.version), key, value)
+
+
+#: ``gate=<name>``: the gate a challenger that is not already the holder has to pass (conf/gate/<name>.yaml)
+GATES = {"mcnemar": statistical_gate, "metric": metric_gate}
