@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from optuna.trial import FrozenTrial, TrialState
 
+from . import _parent_run
+
 if TYPE_CHECKING:
     from optuna.study import Study
 
@@ -42,7 +44,7 @@ def write_report(sweep: Any, trials: list[FrozenTrial], best: FrozenTrial | None
     if parent is not None and best is not None:
         try:
             maximize = getattr(getattr(sweep, "options", None), "direction", "maximize") != "minimize"
-            noise = sweep_noise(parent.client, parent.children(), trials, best, maximize)
+            noise = sweep_noise(parent.client, _parent_run.children(parent), trials, best, maximize)
         except Exception as err:  # the table and plots matter more: say what is missing and go on
             log.warning("no intervals or ties in the sweep report: %s", err, exc_info=True)
     files = [_trials_table(sweep.study, folder / "trials.csv", noise)]

@@ -13,7 +13,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
 from bloodcell.sweep.trial import PRUNER_ATTR, open_storage
-from hydra_plugins.bloodcell_optuna_sweeper._impl import HEARTBEAT_ATTR, OWNER_ATTR, OptunaSweep
+from hydra_plugins.bloodcell_optuna_sweeper._claims import HEARTBEAT_ATTR, OWNER_ATTR, claim, interrupt
+from hydra_plugins.bloodcell_optuna_sweeper._impl import OptunaSweep
 from hydra_plugins.bloodcell_optuna_sweeper._search_space import parse_search_space
 from hydra_plugins.bloodcell_optuna_sweeper.config import BloodcellOptunaSweeperConf
 
@@ -42,8 +43,8 @@ def journal(tmp_path) -> str:
 
 def test_claimed_trials_carry_their_id_owner_pruner_and_rerun_overrides(journal):
     sweep = bare_sweep(journal, n_trials=2)
-    batch = [sweep._claim(), sweep._claim()]
-    assert sweep._claim() is None  # n_trials reached
+    batch = [claim(sweep), claim(sweep)]
+    assert claim(sweep) is None  # n_trials reached
     for claimed in batch:
         assert claimed is not None
         frozen = sweep.storage.get_trial(claimed.id)
@@ -67,16 +68,16 @@ def test_a_trial_ranked_beyond_n_trials_goes_back_to_the_queue(journal, monkeypa
     ask = here.study.ask
 
     def ask_after_the_other_machine(**kwargs):
-        assert there._claim() is not None
+        assert claim(there) is not None
         return ask(**kwargs)
 
     monkeypatch.setattr(here.study, "ask", ask_after_the_other_machine)
-    assert here._claim() is None
+    assert claim(here) is None
     assert [t.state for t in here.study.get_trials()] == [TrialState.RUNNING, TrialState.WAITING]
     assert here.in_flight == {}
     # the queued trial is the next one taken, once there is room
     there.n_trials = 2
-    claimed = there._claim()
+    claimed = claim(there)
     assert claimed is not None and claimed.trial.number == 1
 
 
@@ -85,10 +86,10 @@ def test_a_trial_whose_sweep_stopped_beating_goes_back_to_the_queue_and_is_taken
     training resumes from its checkpoint), so it counts once toward n_trials."""
     gone, alive = bare_sweep(journal, n_trials=1), bare_sweep(journal, n_trials=1)
     gone.owner["host"] = "node-7"  # another machine: only its heartbeats say whether it still runs
-    claimed = gone._claim()
+    claimed = claim(gone)
     assert claimed is not None
     gone.storage.set_trial_system_attr(claimed.id, HEARTBEAT_ATTR, 0.0)
-    taken = alive._claim()  # recovers the silent trial first: back in the queue, and the next ask takes it
+    taken = claim(alive)  # recovers the silent trial first: back in the queue, and the next ask takes it
     assert taken is not None and taken.trial.number == 0 and taken.id == claimed.id
     assert taken.trial.params == claimed.trial.params
     frozen = alive.storage.get_trial(claimed.id)
@@ -100,29 +101,29 @@ def test_a_live_sweep_on_this_host_keeps_its_trial_however_late_its_heartbeats(j
     """A loaded machine can delay the heartbeat thread; on one host the process table decides, so a trial
     whose sweep process is alive is never judged interrupted and run twice."""
     slow, other = bare_sweep(journal, n_trials=2), bare_sweep(journal, n_trials=2)
-    claimed = slow._claim()
+    claimed = claim(slow)
     assert claimed is not None
     slow.storage.set_trial_system_attr(claimed.id, HEARTBEAT_ATTR, 0.0)  # silent for decades, pid alive
-    taken = other._claim()
+    taken = claim(other)
     assert taken is not None and taken.trial.number == 1  # a new trial, not the slow one's
     frozen = other.storage.get_trial(claimed.id)
     assert frozen.state == TrialState.RUNNING and "interruptions" not in frozen.user_attrs
 
 
 def test_a_trial_interrupted_more_than_max_interruptions_is_given_up(journal):
-    from hydra_plugins.bloodcell_optuna_sweeper._impl import MAX_INTERRUPTIONS
+    from hydra_plugins.bloodcell_optuna_sweeper._claims import MAX_INTERRUPTIONS
 
     sweep = bare_sweep(journal, n_trials=1)
-    claimed = sweep._claim()
+    claimed = claim(sweep)
     assert claimed is not None
     for _ in range(MAX_INTERRUPTIONS):
-        sweep._interrupt(claimed.id, 0, "its sweep process is gone")
+        interrupt(sweep, claimed.id, 0, "its sweep process is gone")
         assert sweep.storage.get_trial(claimed.id).state == TrialState.WAITING
         sweep.storage.set_trial_state_values(claimed.id, TrialState.RUNNING)  # taken again
-    sweep._interrupt(claimed.id, 0, "its sweep process is gone")
+    interrupt(sweep, claimed.id, 0, "its sweep process is gone")
     frozen = sweep.storage.get_trial(claimed.id)
     assert frozen.state == TrialState.FAIL and frozen.user_attrs["interrupted"] == "its sweep process is gone"
-    sweep._interrupt(claimed.id, 0, "again")  # already ended: nothing happens
+    interrupt(sweep, claimed.id, 0, "again")  # already ended: nothing happens
     assert sweep.storage.get_trial(claimed.id).user_attrs["interrupted"] == "its sweep process is gone"
 
 
@@ -136,7 +137,7 @@ def test_a_trial_interrupted_more_than_max_interruptions_is_given_up(journal):
 )
 def test_tell_ends_the_trial_as_the_job_did(journal, returned, state):
     sweep = bare_sweep(journal, n_trials=1)
-    claimed = sweep._claim()
+    claimed = claim(sweep)
     assert claimed is not None
     failed = isinstance(returned, Exception)
     sweep._tell(
@@ -156,9 +157,9 @@ def test_tell_ends_the_trial_as_the_job_did(journal, returned, state):
 
 def test_tell_of_a_trial_another_process_interrupted_meanwhile_keeps_the_job_s_outcome(journal):
     sweep, other = bare_sweep(journal, n_trials=1), bare_sweep(journal, n_trials=1)
-    claimed = sweep._claim()
+    claimed = claim(sweep)
     assert claimed is not None
-    other._interrupt(claimed.id, claimed.trial.number, "its sweep process stopped sending heartbeats")
+    interrupt(other, claimed.id, claimed.trial.number, "its sweep process stopped sending heartbeats")
     sweep._tell(claimed, JobReturn(status=JobStatus.COMPLETED, _return_value=0.5), 1.0)
     frozen = sweep.storage.get_trial(claimed.id)
     assert frozen.state == TrialState.COMPLETE and frozen.value == 0.5  # the job did finish
