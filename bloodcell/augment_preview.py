@@ -27,7 +27,7 @@ def run(cfg: Any) -> Path:
     output = Path(str(cfg.output)).expanduser()
     if output.suffix.lower() != ".png":
         raise UserError(f"output={output} must end in .png")
-    if output.exists() and not cfg.get("overwrite", False):
+    if output.exists() and not cfg.overwrite:
         raise UserError(f"{output} already exists; pass overwrite=true or choose another output=")
     arrays = load_arrays(cfg.data)
     path = write_preview(
@@ -38,7 +38,7 @@ def run(cfg: Any) -> Path:
         seed=int(cfg.seed),
         samples=int(cfg.samples),
         views=int(cfg.views),
-        overwrite=bool(cfg.get("overwrite")),
+        overwrite=bool(cfg.overwrite),
     )
     print(
         f"wrote {path} ({cfg.augmentation.name}, strength {cfg.augmentation.strength}, "

@@ -31,7 +31,7 @@ def dashboard(cfg: DictConfig) -> None:
         from optuna_dashboard import run_server
     except ImportError:
         raise UserError('optuna-dashboard is not installed: pip install -e ".[dashboard]"') from None
-    url = resolve_storage_url(cfg.get("storage"))
+    url = resolve_storage_url(cfg.storage)
     local = next((url[len(p) :] for p in ("journal:", "sqlite:///") if url.startswith(p)), None)
     if local is not None and local != ":memory:" and not Path(local).is_file():
         # opening it would create an empty study storage: say what to do instead

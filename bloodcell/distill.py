@@ -34,27 +34,30 @@ from bloodcell.core.errors import UserError
 from bloodcell.training.distillation import find_teacher
 
 if TYPE_CHECKING:
-    pass
+    from bloodcell.core.settings import DistillRunSchema
 
 log = logging.getLogger("bloodcell.distill")
 
 
-def check_config(cfg: DictConfig) -> None:
-    """The training config and the distill section, in one pass (bloodcell.core.settings); one student."""
-    from bloodcell.core.settings import DistillRunSchema, check_train_config
+def check_config(cfg: DictConfig) -> DistillRunSchema:
+    """The training config and the distill section, in one pass (bloodcell.core.settings); one student.
+    Returns the settings, which the student's run reads (`bloodcell.training.recipe.train` does not check
+    them again)."""
+    from bloodcell.core.settings import DistillRunSchema, train_settings
     from bloodcell.training.repeats import plan
 
-    if not cfg.get("teacher"):
+    if not cfg.teacher:
         raise UserError(
             "say which model teaches: teacher=<run id> | models:/<name>@<alias> | models:/<name>/<version>, "
             "e.g. the run id an ensemble printed"
         )
-    check_train_config(cfg, DistillRunSchema)
-    kind, count = plan(cfg)
+    settings = train_settings(cfg, DistillRunSchema)
+    kind, count = plan(settings)
     if kind:  # a fold's split is not its teacher's, and repeats would each need a teacher of their split
         raise UserError(
             f"distill trains one student, not {count} {kind}s: drop data.cv.folds and hydra.sweeper.repeats"
         )
+    return settings
 
 
 def distill(cfg: DictConfig) -> float:
@@ -62,9 +65,9 @@ def distill(cfg: DictConfig) -> float:
     student's objective, as `bloodcell.train.train` does."""
     from bloodcell.training.recipe import train
 
-    check_config(cfg)
-    teacher = find_teacher(cfg)
-    return train(cfg, targets=lambda splits: teacher.targets(cfg, splits))
+    settings = check_config(cfg)
+    teacher = find_teacher(settings.teacher, settings.tracking)
+    return train(cfg, targets=lambda splits: teacher.targets(settings.distill, splits), settings=settings)
 
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="distill")

@@ -71,7 +71,7 @@ def explain(cfg: DictConfig) -> list[Path]:
     folder = check_output(cfg.output, bool(cfg.overwrite))
     if not cfg.input:
         raise UserError("say which images: input=<file.npz | image folder | image file>")
-    limit = cfg.get("limit")
+    limit = cfg.limit
     if limit is not None and int(limit) < 1:
         raise UserError(f"limit={limit} must be >= 1 (or null for every image)")
     data = read_images(cfg.input)
@@ -85,7 +85,7 @@ def explain(cfg: DictConfig) -> list[Path]:
     set_tracking(cfg.tracking)
     model = load_model(resolve_model_uri(cfg.model))
     check_images(images, model_image_shape(model), str(cfg.input))
-    cam = GradCam.of(model, cfg.get("layer"))
+    cam = GradCam.of(model, cfg.layer)
     written = []
     if labels is None:
         figure = gradcam_grid(cam, images, data.names, f"Grad-CAM of {len(images)} images of {cfg.input}")

@@ -59,7 +59,7 @@ def predict(cfg: DictConfig) -> np.ndarray:
         raise UserError(f"batch_size={cfg.batch_size} must be >= 1")
     if not cfg.input:
         raise UserError("say what to predict: input=<file.npz | image folder | image file>")
-    below = cfg.get("review_below")
+    below = cfg.review_below
     if below is not None and (
         isinstance(below, bool) or not isinstance(below, (int, float)) or not 0 < below <= 1
     ):

@@ -27,7 +27,7 @@ def sync(cfg: DictConfig) -> int:
     from bloodcell.training import checkpoints
 
     uri = tracking.connect(cfg.tracking)
-    root = checkpoints.root_for(uri, cfg.get("checkpoint_dir"))
+    root = checkpoints.root_for(uri, cfg.checkpoint_dir)
     results = tracking.send_waiting(root)
     if not results:
         print(f"nothing waiting under {root}")

@@ -17,7 +17,7 @@ import tensorflow as tf
 from keras import ops
 
 from bloodcell.augment.layers import FloatImageLayer
-from bloodcell.augment.ops import op_of
+from bloodcell.augment.ops import OPS, op_of
 from bloodcell.core.errors import UserError
 
 #: Geometric ops that fuse_geometry folds into one RandomAffine resampling.
@@ -147,10 +147,10 @@ def fused_geometry(
     It goes first: the other ``layers`` are pixel-wise or content-agnostic, so moving the geometry
     ahead of them keeps the distribution. Turn it off with ``fuse_geometry: false``.
     """
-    geo = {op_of(k, v): dict(v) for k, v in spec.items() if v and op_of(k, v) in AFFINE_OPS}
+    geo = {op_of(k, v): OPS[op_of(k, v)].given(v) for k, v in spec.items() if v and op_of(k, v) in AFFINE_OPS}
     if not geo or strength <= 0:
         return None
-    fill_modes = {p.get("fill_mode", "reflect") for op, p in geo.items() if op != "flip"}
+    fill_modes = {p["fill_mode"] for op, p in geo.items() if op != "flip"}
     if len(fill_modes) > 1:
         raise UserError(
             f"fused geometry needs one fill_mode, got {sorted(fill_modes)}; "
@@ -158,11 +158,12 @@ def fused_geometry(
         )
 
     def factor(op: str) -> float:
-        return float(geo.get(op, {}).get("factor", 0.0)) * strength
+        """The op's magnitude at this strength; 0 for an op the pipeline does not have."""
+        return float(geo[op]["factor"]) * strength if op in geo else 0.0
 
     try:
         return RandomAffine(
-            flip_mode=geo["flip"].get("mode", "horizontal") if "flip" in geo else None,
+            flip_mode=geo["flip"]["mode"] if "flip" in geo else None,
             rotation=factor("rotation"),
             translation=factor("translation"),
             zoom=factor("zoom"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bloodcell.augment.pipeline import as_dict, strength_of
+from bloodcell.augment.pipeline import settings_of, strength_of
 from bloodcell.augment.pixels import VALUE_RANGE
 from bloodcell.core.errors import UserError
 
@@ -38,22 +38,21 @@ def build_mixer(aug_cfg: Any, num_classes: int, seed: int) -> LabelMixer | None:
     small alpha keeps most images close to one source. ``mixer.kind: cutmix`` pastes a box of another
     image, box area ~ Beta(a, a) with a ~ U(0, factor * strength). Labels are mixed by pixel share.
     """
-    aug = as_dict(aug_cfg)
-    spec = aug.get("mixer")
+    aug = settings_of(aug_cfg)
+    spec = aug.mixer
     if not spec:
         return None
-    spec = dict(spec)
     strength = strength_of(aug)
-    kind = spec.get("kind")
+    kind = spec.kind
     if strength == 0.0:
         return None
     import keras
 
     if kind == "mixup":
-        alpha = float(spec.get("alpha", 0.4)) * strength
+        alpha = float(spec.alpha) * strength
         layer = keras.layers.MixUp(alpha=alpha, seed=int(seed) + 99)
     elif kind == "cutmix":
-        factor = min(float(spec.get("factor", 1.0)) * strength, 1.0)
+        factor = min(float(spec.factor) * strength, 1.0)
         layer = keras.layers.CutMix(factor=factor, seed=int(seed) + 99)
     else:
         raise UserError(f"unknown augmentation.mixer.kind '{kind}'; use mixup or cutmix")

@@ -24,38 +24,47 @@ from bloodcell.augment.layers import (
 from bloodcell.augment.pixels import VALUE_RANGE
 from bloodcell.core.errors import UserError
 
-#: (magnitudes at this strength, the op's parameters as written, seed) -> layer
+#: (magnitudes at this strength, the op's parameters with its defaults, seed) -> layer
 Make = Callable[[dict[str, float], Mapping[str, Any], int], keras.layers.Layer]
 
 
 @dataclass(frozen=True)
 class Op:
-    """How one op reads its parameters.
+    """How one op reads its parameters, and their defaults: an op's parameters are the keyword arguments
+    of its layer, and a config may name any op with any of them left out (``+augmentation.one_of.erasing=
+    {probability: 0.5}``), so each op's entry is where its defaults live (`given`), as a function's do.
 
     ``scaled``: parameter -> (its value at strength 1 when the config leaves it out, cap); each is
     multiplied by strength, then capped. The op is a no-op (None) when every one of them ends up <= 0, and
     an op without any is on whenever strength > 0. ``probability``: the default of an unscaled
     ``probability`` parameter (the share of images touched), for the ops that take one; 0 turns them off.
+    ``defaults``: the other parameters the op reads, with their values when the config leaves them out.
     ``make(magnitudes, params, seed)`` builds the layer from those values and the other parameters.
     """
 
     make: Make
     scaled: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     probability: float | None = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def given(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``params`` (as a config writes them) over this op's defaults: every parameter it reads."""
+        defaults = {key: default for key, (default, _) in self.scaled.items()} | dict(self.defaults)
+        if self.probability is not None:
+            defaults["probability"] = self.probability
+        return defaults | dict(params)
 
     def __call__(self, params: Mapping[str, Any], strength: float, seed: int) -> keras.layers.Layer | None:
         """The layer for ``params`` (the magnitudes at strength 1) at ``strength``, or None if a no-op."""
-        magnitudes = {
-            key: min(float(params.get(key, default)) * strength, cap)
-            for key, (default, cap) in self.scaled.items()
-        }
+        given = self.given(params)
+        magnitudes = {key: min(float(given[key]) * strength, cap) for key, (_, cap) in self.scaled.items()}
         if self.probability is not None:
-            magnitudes["probability"] = float(params.get("probability", self.probability))
+            magnitudes["probability"] = float(given["probability"])
             if magnitudes["probability"] <= 0:
                 return None
         if strength <= 0 or (self.scaled and max(magnitudes[key] for key in self.scaled) <= 0):
             return None
-        return self.make(magnitudes, params, seed)
+        return self.make(magnitudes, given, seed)
 
 
 def _keras_cv() -> Any:
@@ -63,17 +72,19 @@ def _keras_cv() -> Any:
     return importlib.import_module("keras_cv")
 
 
-def _fill(p: Mapping[str, Any], default: str = "reflect") -> str:
-    return p.get("fill_mode", default)
+#: how the geometric ops fill the pixels they move in from outside the image (conf/augmentation/'s choice)
+REFLECT = {"fill_mode": "reflect"}
+#: the occlusion ops paint their holes black by default
+BLACK = {"fill_mode": "constant", "fill_value": 0.0}
 
 
 def _randaugment(m: dict[str, float], p: Mapping[str, Any], seed: int) -> CellRandAugment:
-    """Keras RandAugment restricted to `ops` (default: all but OFF_STAIN_OPS)."""
-    chosen = list(p.get("ops") or [op for op in RANDAUGMENT_OPS if op not in OFF_STAIN_OPS])
+    """Keras RandAugment restricted to `ops` (null: all but OFF_STAIN_OPS)."""
+    chosen = list(p["ops"] or [op for op in RANDAUGMENT_OPS if op not in OFF_STAIN_OPS])
     unknown = sorted(set(chosen) - set(RANDAUGMENT_OPS))
     if unknown:
         raise ValueError(f"unknown RandAugment ops {unknown}; choose from {', '.join(RANDAUGMENT_OPS)}")
-    num_ops = int(p.get("num_ops", 2))
+    num_ops = int(p["num_ops"])
     return CellRandAugment(
         value_range=VALUE_RANGE, num_ops=num_ops, factor=m["factor"], ops=chosen, seed=seed
     )
@@ -84,15 +95,15 @@ def _augmix(m: dict[str, float], p: Mapping[str, Any], seed: int) -> keras.layer
     copies = [
         SeededAugMix(
             value_range=VALUE_RANGE,
-            num_chains=int(p.get("num_chains", 3)),
-            chain_depth=int(p.get("chain_depth", 3)),
+            num_chains=int(p["num_chains"]),
+            chain_depth=int(p["chain_depth"]),
             factor=m["factor"],
-            alpha=float(p.get("alpha", 1.0)),
-            all_ops=bool(p.get("all_ops", True)),
-            exclude=tuple(p.get("exclude", OFF_STAIN_OPS)),
+            alpha=float(p["alpha"]),
+            all_ops=bool(p["all_ops"]),
+            exclude=tuple(p["exclude"]),
             seed=seed + k,
         )
-        for k in range(max(1, int(p.get("variants", 4))))
+        for k in range(max(1, int(p["variants"])))
     ]
     return copies[0] if len(copies) == 1 else RandomChoice(copies, seed=seed)
 
@@ -114,32 +125,38 @@ NO_CAP = math.inf
 #: op name -> Op. The parameters each op reads, with their defaults, are in its entry.
 OPS: dict[str, Op] = {
     # geometry (Keras core); a flip has no magnitude: cells have no orientation, so it is on with the rest
-    "flip": Op(lambda m, p, seed: keras.layers.RandomFlip(p.get("mode", "horizontal"), seed=seed)),
+    "flip": Op(
+        lambda m, p, seed: keras.layers.RandomFlip(p["mode"], seed=seed), defaults={"mode": "horizontal"}
+    ),
     "rotation": Op(
-        lambda m, p, seed: keras.layers.RandomRotation(m["factor"], fill_mode=_fill(p), seed=seed),
+        lambda m, p, seed: keras.layers.RandomRotation(m["factor"], fill_mode=p["fill_mode"], seed=seed),
         {"factor": (0.7, NO_CAP)},
+        defaults=REFLECT,
     ),
     "translation": Op(
         lambda m, p, seed: keras.layers.RandomTranslation(
-            m["factor"], m["factor"], fill_mode=_fill(p), seed=seed
+            m["factor"], m["factor"], fill_mode=p["fill_mode"], seed=seed
         ),
         {"factor": (0.15, NO_CAP)},
+        defaults=REFLECT,
     ),
     "zoom": Op(
-        lambda m, p, seed: keras.layers.RandomZoom(m["factor"], fill_mode=_fill(p), seed=seed),
+        lambda m, p, seed: keras.layers.RandomZoom(m["factor"], fill_mode=p["fill_mode"], seed=seed),
         {"factor": (0.3, NO_CAP)},
+        defaults=REFLECT,
     ),
     # elastic deformation (membranes and nuclei are soft)
     "elastic": Op(
         lambda m, p, seed: keras.layers.RandomElasticTransform(
             factor=(m["probability"], m["probability"]),
             scale=(0.0, m["scale"]),
-            fill_mode=_fill(p),
+            fill_mode=p["fill_mode"],
             value_range=VALUE_RANGE,
             seed=seed,
         ),
         {"scale": (0.5, NO_CAP)},
         probability=1.0,
+        defaults=REFLECT,
     ),
     # colour and focus (Keras core)
     "brightness": Op(
@@ -175,62 +192,78 @@ OPS: dict[str, Op] = {
     "gaussian_blur": Op(
         lambda m, p, seed: keras.layers.RandomGaussianBlur(
             factor=(m["probability"], m["probability"]),
-            kernel_size=int(p.get("kernel_size", 3)),
+            kernel_size=int(p["kernel_size"]),
             sigma=m["sigma"],
             value_range=VALUE_RANGE,
             seed=seed,
         ),
         {"sigma": (1.0, 1.0)},
         probability=1.0,
+        defaults={"kernel_size": 3},
     ),
     # policies (Keras core)
-    "randaugment": Op(_randaugment, {"factor": (0.5, 1.0)}),
-    "augmix": Op(_augmix, {"factor": (0.3, 1.0)}),
+    "randaugment": Op(_randaugment, {"factor": (0.5, 1.0)}, defaults={"ops": None, "num_ops": 2}),
+    "augmix": Op(
+        _augmix,
+        {"factor": (0.3, 1.0)},
+        defaults={
+            "num_chains": 3,
+            "chain_depth": 3,
+            "alpha": 1.0,
+            "all_ops": True,
+            "exclude": OFF_STAIN_OPS,
+            "variants": 4,
+        },
+    ),
     # occlusion: random erasing (Keras core), each image erased with probability `probability` * strength
     "erasing": Op(
         lambda m, p, seed: keras.layers.RandomErasing(
             factor=(m["probability"], m["probability"]),
-            scale=tuple(p.get("scale", (0.02, 0.33))),
-            fill_value=p.get("fill_value"),
+            scale=tuple(p["scale"]),
+            fill_value=p["fill_value"],
             value_range=VALUE_RANGE,
             seed=seed,
         ),
         {"probability": (0.5, NO_CAP)},
+        defaults={"scale": (0.02, 0.33), "fill_value": None},
     ),
     # KerasCV GridMask: a rotated grid of square holes, hole/cell ratio up to `ratio` * strength
     "grid_mask": Op(
         lambda m, p, seed: _keras_cv().layers.GridMask(
             ratio_factor=(0.0, m["ratio"]),
-            rotation_factor=float(p.get("rotation", 0.5)),
-            fill_mode=_fill(p, "constant"),
-            fill_value=float(p.get("fill_value", 0.0)),
+            rotation_factor=float(p["rotation"]),
+            fill_mode=p["fill_mode"],
+            fill_value=float(p["fill_value"]),
             seed=seed,
         ),
         {"ratio": (0.5, 1.0)},
+        defaults={"rotation": 0.5, **BLACK},
     ),
     # KerasCV RandomCutout: one rectangle per image, sides up to `size` * strength of the image
     "cutout": Op(
         lambda m, p, seed: _keras_cv().layers.RandomCutout(
             (0.0, m["size"]),
             (0.0, m["size"]),
-            fill_mode=_fill(p, "constant"),
-            fill_value=float(p.get("fill_value", 0.0)),
+            fill_mode=p["fill_mode"],
+            fill_value=float(p["fill_value"]),
             seed=seed,
         ),
         {"size": (0.4, 1.0)},
+        defaults=BLACK,
     ),
     # KerasCV ChannelShuffle: permutes R, G, B, no magnitude. Far outside what staining varies (purple
     # cells turn green), so no shipped pipeline uses it; opt in with
     # `+augmentation.one_of.channel_shuffle={}`.
     "channel_shuffle": Op(
-        lambda m, p, seed: _keras_cv().layers.ChannelShuffle(groups=int(p.get("groups", 3)), seed=seed)
+        lambda m, p, seed: _keras_cv().layers.ChannelShuffle(groups=int(p["groups"]), seed=seed),
+        defaults={"groups": 3},
     ),
 }
 
 
 def op_of(key: str, params: Any) -> str:
     """The op a config entry names: its ``type``, else its key."""
-    return params.get("type", key) if isinstance(params, Mapping) else key
+    return str(params["type"]) if isinstance(params, Mapping) and "type" in params else key
 
 
 def build_ops(spec: Mapping[str, Any], strength: float, seed: int, where: str) -> list[keras.layers.Layer]:
@@ -239,8 +272,8 @@ def build_ops(spec: Mapping[str, Any], strength: float, seed: int, where: str) -
     for i, (key, params) in enumerate(spec.items()):
         if params is None or params is False:
             continue  # dropped from the command line: augmentation.layers.<key>=null
-        params = dict(params) if isinstance(params, Mapping) else {}
-        op = params.pop("type", key)
+        op = op_of(key, params)
+        params = {k: v for k, v in params.items() if k != "type"} if isinstance(params, Mapping) else {}
         if op not in OPS:
             raise UserError(
                 f"unknown augmentation op '{op}' in augmentation.{where}.{key}; "

@@ -1,18 +1,26 @@
 """The domain of every config value a training run reads: one pydantic model per config group (conf/<group>/),
-each field with its type, its bounds and the fix its error suggests. `check_train_config` checks a composed
-config in one pass, before anything starts (no MLflow run, no TensorFlow), and raises a UserError whose one
-line names the key, the value, what it must be and an example.
+each field with its type, its bounds and the fix its error suggests. `train_settings` checks a composed
+config in one pass, before anything starts (no MLflow run, no TensorFlow), and returns it as typed settings
+(a `TrainSchema`: ``.data``, ``.backbone``, ``.head``, ... ``.seed``, ``.objective``), which is what the code
+then reads: each step of a run is handed its own group. Otherwise it raises a UserError whose one line names
+the key, the value, what it must be and an example.
 
-Values are checked strictly (no "32" for 32): the code reads the config itself, not a converted copy, so
-a value that only converts would fail later. Keys not listed here pass (``extra="allow"``); Hydra already
-refuses keys that do not exist (struct mode).
+Every key the code reads is a field here. Its default, where it has one, is the YAML's (conf/<group>/, the
+group's default option; tests/unit/core/test_settings_defaults.py holds them equal); the code never supplies
+one of its own. Values are checked strictly (no "32" for 32): a value that only converts would be a value
+the YAML did not say. Keys not listed here pass (``extra="allow"``); Hydra already refuses keys that do not
+exist (struct mode).
+
+Library calls and tests may hand a group as a mapping (a DictConfig, a dict) instead: `Group.of` takes it as
+written, with this schema's defaults for the keys it leaves out (unchecked: code, not a user, wrote it).
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -20,6 +28,8 @@ from bloodcell import NUM_CLASSES
 from bloodcell.core.errors import UserError
 
 log = logging.getLogger("bloodcell.config")
+
+G = TypeVar("G", bound="Group")
 
 
 def fix(text: str, **bounds: Any) -> Any:
@@ -30,6 +40,45 @@ def fix(text: str, **bounds: Any) -> Any:
 
 class Group(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
+
+    @classmethod
+    def of(cls, value: Any) -> Self:
+        """``value`` as these settings: settings pass as they are; a mapping (a DictConfig, a dict; None is
+        an empty one) is taken as written, nested groups too, with this schema's defaults for the keys it
+        leaves out. Unchecked: for what code wrote (a library call, a test, a config a finished run logged);
+        a user's config goes through `train_settings`."""
+        if isinstance(value, cls):
+            return value
+        return _construct(cls, plain_mapping(value))
+
+
+def plain_mapping(value: Any) -> dict[str, Any]:
+    """A DictConfig, a mapping or None as a plain dict (interpolations resolved)."""
+    if value is None:
+        return {}
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(value, DictConfig):
+        plain = OmegaConf.to_container(value, resolve=True)
+        assert isinstance(plain, dict)
+        return {str(k): v for k, v in plain.items()}
+    if isinstance(value, BaseModel):
+        return value.model_dump()
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"settings must be a mapping, got {type(value).__name__}")
+
+
+def _construct(schema: type[G], plain: Mapping[str, Any]) -> G:
+    """``schema`` over ``plain`` without validation: nested groups built the same way, defaults filled in."""
+    values: dict[str, Any] = {}
+    for name, value in plain.items():
+        field = schema.model_fields.get(str(name))
+        nested = _model_in(field.annotation) if field is not None else None
+        if nested is not None and isinstance(value, Mapping):
+            value = _construct(nested, value)
+        values[str(name)] = value
+    return schema.model_construct(**values)
 
 
 Fraction = Annotated[float, Field(gt=0, lt=1)]
@@ -64,7 +113,9 @@ class DataSchema(Group):
     image_size: int | None = fix("the demo images' side in pixels, e.g. 64", default=None, ge=16)
     size: Literal[28, 64, 128, 224] | None = fix("a BloodMNIST size: 28, 64, 128 or 224", default=None)
     split_seed: int | None = fix("a whole number >= 0, or null for the run's seed", default=None, ge=0)
-    cv: CrossValidationSchema | None = None
+    cv: CrossValidationSchema | None = Field(default_factory=lambda: CrossValidationSchema())
+    demo_seed: int = fix("the seed the demo images are drawn with, e.g. 0", default=0, ge=0)
+    cache_dir: str = fix("the folder BloodMNIST is downloaded into, e.g. data", default="data", min_length=1)
 
     @model_validator(mode="after")
     def _enough_for_a_split(self) -> DataSchema:
@@ -93,6 +144,7 @@ class BackboneSchema(Group):
     name: str
     weights: str | None
     input_size: int | None = fix("the side images are resized to, e.g. 128, or null", default=None, ge=32)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -117,7 +169,7 @@ class HeadSchema(Group):
     batchnorm: bool
     batchnorm_momentum: float = fix("in [0, 1), e.g. 0.99", default=0.99, ge=0, lt=1)
     leaky_relu_slope: float = fix("e.g. 0.05 (0 = ReLU)", ge=0)
-    precise_bn_images: int | None = fix("a number of images, e.g. 2048, or 0 for off", default=None, ge=0)
+    precise_bn_images: int | None = fix("a number of images, e.g. 2048, or 0 for off", ge=0)
 
 
 class MixerSchema(Group):
@@ -134,12 +186,19 @@ class AugmentationSchema(Group):
     fuse_geometry: bool = True
     one_of_rate: float = fix("a share of the images in [0, 1], e.g. 0.5", default=1.0, ge=0, le=1)
     mixer: MixerSchema | None = None
+    #: the pipeline's layer name (``augment_<name>``); each option file names itself
+    name: str = "custom"
+    #: op name (or a key with ``type: <op>``) -> the op's parameters at strength 1; null drops one
+    layers: dict[str, Any] = Field(default_factory=dict)
+    #: one of these ops per batch, on ``one_of_rate`` of its images; null or empty: none
+    one_of: dict[str, Any] | None = None
 
 
 class CheckpointSchema(Group):
     every: int = fix("epochs between checkpoints, e.g. 1, or 0 for none", ge=0)
     keep: int = fix("how many checkpoints to keep, e.g. 1", ge=1)
     keep_after_finish: bool = False
+    dir: str | None = None
 
 
 class TrainerSchema(Group):
@@ -188,6 +247,25 @@ class TrackingSchema(Group):
     uri: str | None = None
     experiment: str = fix("an experiment name, e.g. bloodcell", min_length=1)
     outage_wait_seconds: float = fix("seconds, e.g. 120", default=120, ge=0)
+    run_name: str | None = None
+    #: set by the sweeper (the sweep's run) or by training.repeats (the group run)
+    parent_run_id: str | None = None
+    log_model: bool = True
+    explain: bool = True
+    system_metrics_seconds: float | None = fix("seconds, e.g. 10, or null or 0 for off", default=10, ge=0)
+    #: tags every run gets; set by training.repeats on its members (not in conf/)
+    tags: dict[str, str] | None = None
+
+
+class TrialSchema(Group):
+    """``trial``: the Optuna trial a sweep's job trains, set by the sweeper (``++trial.*``); not in conf/."""
+
+    storage: str
+    study_name: str
+    trial_id: int
+    number: int
+    #: hydra.sweeper.repeats: how many times the trial's point trains (bloodcell.training.repeats)
+    repeats: int = fix("repeats of one point, e.g. 3", default=1, ge=1)
 
 
 class TrainSchema(Group):
@@ -204,6 +282,11 @@ class TrainSchema(Group):
     trainer: TrainerSchema
     finetune: FinetuneSchema
     tracking: TrackingSchema
+    model_name: str = fix("a registered model name, e.g. model_name=bloodcell", min_length=1)
+    #: conf/cleaning/ (data.clean=true), checked by bloodcell.data.cleaning.config, whose defaults are
+    #: conf/cleaning/default.yaml; null: those defaults
+    cleaning: dict[str, Any] | None = None
+    trial: TrialSchema | None = None
 
     @model_validator(mode="after")
     def _one_weight_average(self) -> TrainSchema:
@@ -242,10 +325,14 @@ class DistillRunSchema(TrainSchema):
     distill: DistillSchema
 
 
-def check_train_config(cfg: Any, schema: type[TrainSchema] = TrainSchema) -> None:
-    """Every value of a composed train config (or of another command's config that extends it, ``schema``)
-    within its domain, or a UserError (one line) for the first that is not, before anything is loaded or
-    started. Also warns about passwords written into the config in plain text (Hydra saves the config)."""
+T = TypeVar("T", bound=TrainSchema)
+
+
+def train_settings(cfg: Any, schema: type[T] = TrainSchema) -> T:  # type: ignore[assignment]
+    """A composed train config (or another command's config that extends it, ``schema``) as typed settings,
+    every value within its domain, or a UserError (one line) for the first that is not, before anything is
+    loaded or started. Also warns about passwords written into the config in plain text (Hydra saves the
+    config)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -255,14 +342,19 @@ def check_train_config(cfg: Any, schema: type[TrainSchema] = TrainSchema) -> Non
         where = f" ({err.full_key})" if getattr(err, "full_key", None) else ""
         raise UserError(f"the config does not resolve{where}: {str(err).splitlines()[0]}") from None
     try:
-        schema.model_validate(plain)
+        settings = schema.model_validate(plain)
     except ValidationError as err:
         raise UserError(_one_line(err, schema)) from None
-    if plain.get("data", {}).get("clean"):  # type: ignore[union-attr]
+    if settings.data.clean:
         from bloodcell.data.cleaning.config import resolve_cfg
 
-        resolve_cfg(cfg.get("cleaning"))
+        resolve_cfg(settings.cleaning)
     warn_plain_secrets(cfg)
+    return settings
+
+
+#: the name the checks were first known by (tests, other commands)
+check_train_config = train_settings
 
 
 # pydantic's "Input should be greater than or equal to 1" as "must be >= 1"

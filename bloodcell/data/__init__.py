@@ -11,7 +11,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -22,6 +22,10 @@ from bloodcell.data.formats import read_folder, read_image, read_medmnist, read_
 
 if TYPE_CHECKING:
     import tensorflow as tf
+
+    from bloodcell.core.settings import DataSchema
+
+T = TypeVar("T")
 
 __all__ = [
     "Arrays",
@@ -120,36 +124,50 @@ def resolve_path(path: str | Path) -> Path:
     return PROJECT_ROOT / path
 
 
-def load_arrays(data_cfg: Any) -> Arrays:
-    """Load and validate the data set the ``data`` config names; optionally subsample it (``limit``)."""
-    fmt = data_cfg.format
+def load_arrays(data_cfg: DataSchema | Any) -> Arrays:
+    """Load and validate the data set the ``data`` settings name (or a mapping of them, `DataSchema.of`);
+    optionally subsample it (``limit``)."""
+    from bloodcell.core.settings import DataSchema
+
+    data = DataSchema.of(data_cfg)
+    fmt = data.format
     skipped: list[str] = []
     if fmt == "npz":
-        path = resolve_path(data_cfg.path)
+        path = resolve_path(_needed(data.path, "path", fmt))
         images, labels = read_npz(path)
         source = str(path)
     elif fmt == "folder":
-        path = resolve_path(data_cfg.path)
-        images, labels, skipped = read_folder(path, strict=bool(data_cfg.get("strict")))
+        path = resolve_path(_needed(data.path, "path", fmt))
+        images, labels, skipped = read_folder(path, strict=data.strict)
         source = str(path)
     elif fmt == "medmnist":
-        local = resolve_path(data_cfg.path) if data_cfg.get("path") else None
-        images, labels = read_medmnist(int(data_cfg.size), local, resolve_path(data_cfg.cache_dir))
-        source = str(local or f"bloodmnist_{data_cfg.size}")
+        local = resolve_path(data.path) if data.path else None
+        size = int(_needed(data.size, "size", fmt))
+        images, labels = read_medmnist(size, local, resolve_path(data.cache_dir))
+        source = str(local or f"bloodmnist_{size}")
     elif fmt == "demo":
-        images, labels = make_demo_set(
-            int(data_cfg.per_class), int(data_cfg.image_size), int(data_cfg.get("demo_seed", 0))
+        per_class, side = (
+            _needed(data.per_class, "per_class", fmt),
+            _needed(data.image_size, "image_size", fmt),
         )
-        source = f"demo (synthetic, {data_cfg.per_class} per class, {data_cfg.image_size}px)"
+        images, labels = make_demo_set(int(per_class), int(side), int(data.demo_seed))
+        source = f"demo (synthetic, {per_class} per class, {side}px)"
     else:
         raise UserError(f"data.format={fmt!r} is unknown; use one of {', '.join(FORMATS)}")
-    limit = data_cfg.get("limit")
+    limit = data.limit
     if limit and limit < len(labels):
         keep = np.sort(subset_index(labels, int(limit)))
         images, labels = images[keep], labels[keep]
         source = f"{source} (data.limit={limit})"
     check_classes(labels, source)
     return Arrays(images, labels, fingerprint(images, labels), source, skipped)
+
+
+def _needed(value: T | None, key: str, fmt: str) -> T:
+    """A key the data's format needs, which a mapping made by code (`DataSchema.of`) may have left out."""
+    if value is None:
+        raise UserError(f"data.{key} is not set; data={fmt} needs it (conf/data/{fmt}.yaml has one)")
+    return value
 
 
 def subset_index(labels: np.ndarray, size: int) -> np.ndarray:

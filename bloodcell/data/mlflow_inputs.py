@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from bloodcell import CLASS_NAMES
+from bloodcell.core.settings import DataSchema
 
 SPLITS = ("train", "val", "test")
 
@@ -23,14 +24,15 @@ SPLITS = ("train", "val", "test")
 DIGEST_CHARS = 16
 
 
-def dataset_name(data_cfg: Any) -> str:
-    """What the UI calls the data: the file or folder name, ``bloodmnist_<size>``, or ``demo``."""
-    fmt = data_cfg.get("format")
-    if fmt in ("npz", "folder") and data_cfg.get("path"):
-        return Path(str(data_cfg.path)).stem or str(data_cfg.path)
-    if fmt == "medmnist":
-        return f"bloodmnist_{data_cfg.get('size')}"
-    return str(fmt or "data")
+def dataset_name(data_cfg: DataSchema | Any) -> str:
+    """What the UI calls the data (``data`` settings, or a mapping of them: `DataSchema.of`): the file or
+    folder name, ``bloodmnist_<size>``, or ``demo``."""
+    data = DataSchema.of(data_cfg)
+    if data.format in ("npz", "folder") and data.path:
+        return Path(data.path).stem or data.path
+    if data.format == "medmnist":
+        return f"bloodmnist_{data.size}"
+    return str(data.format)
 
 
 def dataset_source(data_cfg: Any) -> tuple[str, dict[str, Any]]:
@@ -40,21 +42,21 @@ def dataset_source(data_cfg: Any) -> tuple[str, dict[str, Any]]:
     from mlflow.data.http_dataset_source import HTTPDatasetSource
     from mlflow.data.sources import LocalArtifactDatasetSource  # type: ignore[attr-defined]  # made at import
 
-    fmt = data_cfg.get("format")
+    data = DataSchema.of(data_cfg)
+    fmt = data.format
     source: Any
-    if fmt in ("npz", "folder") or (fmt == "medmnist" and data_cfg.get("path")):
+    if fmt in ("npz", "folder") or (fmt == "medmnist" and data.path):
         from bloodcell.data import resolve_path
 
-        source = LocalArtifactDatasetSource(str(resolve_path(str(data_cfg.path)).resolve()))
+        source = LocalArtifactDatasetSource(str(resolve_path(str(data.path)).resolve()))
     elif fmt == "medmnist":
         from bloodcell.data.formats import MEDMNIST_FILES, MEDMNIST_RECORD
 
-        filename = MEDMNIST_FILES.get(data_cfg.get("size"), ("",))[0]
+        filename = MEDMNIST_FILES.get(data.size, ("",))[0] if data.size is not None else ""
         source = HTTPDatasetSource(f"{MEDMNIST_RECORD}/{filename}")
     else:
-        settings = {
-            k: str(data_cfg.get(k)) for k in ("per_class", "image_size", "demo_seed") if k in data_cfg
-        }
+        generator = {"per_class": data.per_class, "image_size": data.image_size, "demo_seed": data.demo_seed}
+        settings = {k: str(v) for k, v in generator.items()}
         source = CodeDatasetSource({"generator": "bloodcell.data.make_demo_set", **settings})
     return source._get_source_type(), json.loads(source.to_json())
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from bloodcell.core.errors import UserError
+from bloodcell.core.settings import BackboneSchema
 
 if TYPE_CHECKING:
     import keras
@@ -83,18 +84,22 @@ def check_weights(weights: str | None) -> str | None:
     return str(path)
 
 
-def input_size(backbone_cfg: Any) -> int:
-    return int(backbone_cfg.input_size or get_spec(backbone_cfg.name).input_size)
+def input_size(backbone_cfg: BackboneSchema | Any) -> int:
+    """``backbone.input_size``, or the backbone's native size when that is null."""
+    backbone = BackboneSchema.of(backbone_cfg)
+    return int(backbone.input_size or get_spec(backbone.name).input_size)
 
 
-def build_backbone(backbone_cfg: Any) -> keras.Model:
-    """The backbone as a Keras model with global average pooling (features, no classifier)."""
+def build_backbone(backbone_cfg: BackboneSchema | Any) -> keras.Model:
+    """The backbone as a Keras model with global average pooling (features, no classifier), as the
+    ``backbone`` settings say (or a mapping of them: `BackboneSchema.of`)."""
     import keras
 
+    backbone_cfg = BackboneSchema.of(backbone_cfg)
     spec = get_spec(backbone_cfg.name)
     weights = check_weights(backbone_cfg.weights)
     size = input_size(backbone_cfg)
-    kwargs = {**spec.kwargs, **dict(backbone_cfg.get("kwargs") or {})}
+    kwargs = {**spec.kwargs, **dict(backbone_cfg.kwargs or {})}
     shape = (size, size, 3)
     if spec.constructor == "small_cnn":
         if weights is not None:

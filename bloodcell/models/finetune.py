@@ -6,15 +6,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from bloodcell.core.errors import UserError
+from bloodcell.core.settings import TrainSchema
 from bloodcell.models import batchnorm_frozen, layer_blocks, resolve_auto
 
 if TYPE_CHECKING:
     import keras
 
 
-def freeze_backbone_in_phase1(cfg: Any) -> bool:
+def freeze_backbone_in_phase1(settings: TrainSchema | Any) -> bool:
     """Resolve ``trainer.freeze_backbone`` (``auto``: frozen with pretrained weights)."""
-    return resolve_auto(cfg.trainer.freeze_backbone, cfg.backbone)
+    settings = TrainSchema.of(settings)
+    return resolve_auto(settings.trainer.freeze_backbone, settings.backbone)
 
 
 def _is_batchnorm(layer: keras.Layer) -> bool:
@@ -31,16 +33,18 @@ def set_backbone_trainable(backbone: keras.Model, trainable: bool, *, keep_batch
         backbone.trainable = False
 
 
-def layers_to_unfreeze(backbone: keras.Model, cfg: Any) -> list[keras.Layer]:
-    """The backbone layers phase 2 trains: the top ``unfreeze_layers`` layers if set (the seed
-    notebook's way), else every layer of the top ``unfreeze_blocks`` blocks (-1 = all)."""
-    ft = cfg.finetune
-    if ft.get("unfreeze_layers") is not None:
+def layers_to_unfreeze(backbone: keras.Model, settings: TrainSchema | Any) -> list[keras.Layer]:
+    """The backbone layers phase 2 trains: the top ``finetune.unfreeze_layers`` layers if set (the seed
+    notebook's way), else every layer of the top ``finetune.unfreeze_blocks`` blocks (-1 = all). Reads the
+    ``finetune`` and ``backbone`` settings (or a mapping of them: `TrainSchema.of`)."""
+    settings = TrainSchema.of(settings)
+    ft = settings.finetune
+    if ft.unfreeze_layers is not None:
         count = int(ft.unfreeze_layers)
         if count < 0:
             raise UserError(f"finetune.unfreeze_layers={count} must be >= 0 (or null to use unfreeze_blocks)")
         return list(backbone.layers[len(backbone.layers) - count :]) if count else []
-    blocks = layer_blocks(backbone, cfg.backbone.name)
+    blocks = layer_blocks(backbone, settings.backbone.name)
     count = int(ft.unfreeze_blocks)
     if count < -1:
         raise UserError(f"finetune.unfreeze_blocks={count} must be >= 0, or -1 for the whole backbone")
@@ -51,11 +55,12 @@ def layers_to_unfreeze(backbone: keras.Model, cfg: Any) -> list[keras.Layer]:
     return [layer for _, block in chosen for layer in block]
 
 
-def unfreeze(backbone: keras.Model, cfg: Any) -> int:
+def unfreeze(backbone: keras.Model, settings: TrainSchema | Any) -> int:
     """Make exactly the chosen layers trainable (BatchNorm stays frozen per policy); returns how many
     layers are trainable afterwards."""
-    chosen = {id(layer) for layer in layers_to_unfreeze(backbone, cfg)}
-    keep_bn = batchnorm_frozen(cfg)
+    settings = TrainSchema.of(settings)
+    chosen = {id(layer) for layer in layers_to_unfreeze(backbone, settings)}
+    keep_bn = batchnorm_frozen(settings)
     backbone.trainable = True
     for layer in backbone.layers:
         layer.trainable = id(layer) in chosen and not (keep_bn and _is_batchnorm(layer))

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from bloodcell import PROJECT_ROOT
 from bloodcell.core.errors import UserError
+from bloodcell.core.settings import TrainSchema, TrialSchema
 
 # the pruner table and builder, shared with the sweeper; `as make_pruner`: re-exported (the pruning
 # benchmark imports it from here)
@@ -178,35 +179,38 @@ def redact(url: str) -> str:
     return mask_url(url)
 
 
-def pruning_callback(cfg: Any) -> OptunaPruning | None:
-    """A Keras callback reporting ``cfg.objective`` to this run's Optuna trial after every epoch (step = the
-    global epoch, counted on across both training phases) and raising ``optuna.TrialPruned`` when the
-    study's pruner stops the trial. None outside a sweep (no ``trial`` in cfg)."""
-    trial_cfg = cfg.get("trial")
-    if not trial_cfg:
+def pruning_callback(settings: TrainSchema | Any) -> OptunaPruning | None:
+    """A Keras callback reporting ``objective`` to this run's Optuna trial (``trial``) after every epoch
+    (step = the global epoch, counted on across both training phases) and raising ``optuna.TrialPruned``
+    when the study's pruner stops the trial. None outside a sweep (no ``trial``). ``settings``: the run's
+    (or a mapping of them: `TrainSchema.of`)."""
+    settings = TrainSchema.of(settings)
+    if not settings.trial:
         return None
-    trial, frozen = open_trial(trial_cfg)
+    trial, frozen = open_trial(settings.trial)
     from bloodcell.training.callbacks import OptunaPruning
 
     return OptunaPruning(
         trial,
-        objective=str(cfg.get("objective") or "val_accuracy"),
+        objective=settings.objective,
         reported_steps=frozen.intermediate_values,
         number=frozen.number,
     )
 
 
-def open_trial(trial_cfg: Any) -> tuple[optuna.trial.Trial, FrozenTrial]:
-    """This job's Optuna trial, reopened from the sweep's storage with the pruner the sweeper chose, and
-    the trial as stored now (its reports so far)."""
+def open_trial(trial_cfg: TrialSchema | Any) -> tuple[optuna.trial.Trial, FrozenTrial]:
+    """This job's Optuna trial (the ``trial`` settings, or a mapping of them: `TrialSchema.of`), reopened
+    from the sweep's storage with the pruner the sweeper chose, and the trial as stored now (its reports
+    so far)."""
     import optuna
 
-    storage = open_storage(str(trial_cfg.storage))
-    trial_id = int(trial_cfg.trial_id)
+    trial_settings = TrialSchema.of(trial_cfg)
+    storage = open_storage(str(trial_settings.storage))
+    trial_id = int(trial_settings.trial_id)
     frozen = storage.get_trial(trial_id)
     # the sampler is the sweeper's business; a random one keeps reopening the trial cheap
     study = optuna.load_study(
-        study_name=str(trial_cfg.study_name),
+        study_name=str(trial_settings.study_name),
         storage=storage,
         sampler=optuna.samplers.RandomSampler(),
         pruner=make_pruner(frozen.system_attrs.get(PRUNER_ATTR)),

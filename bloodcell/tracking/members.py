@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from bloodcell.core.redaction import mask_secrets
+from bloodcell.core.settings import TrackingSchema, TrialSchema
 from bloodcell.tracking.recorder import record_to
 from bloodcell.tracking.run import flatten, git_tags, process_tags, version_tags
 
@@ -37,18 +38,25 @@ def _client() -> Any:  # MlflowClient
     return MlflowClient(mlflow.get_tracking_uri())
 
 
-def open_group_run(cfg: Any, experiment_id: str, group: str, tags: dict[str, str]) -> str:
-    """The id of the group run for ``cfg``: in a sweep, the trial's own group run when a killed job left
-    one (found by the trial's tags, reopened RUNNING), else a new run nested under
-    ``tracking.parent_run_id`` with the config as params and ``tags``."""
+def open_group_run(
+    cfg: Any,
+    tracking_settings: TrackingSchema,
+    trial: TrialSchema | None,
+    experiment_id: str,
+    group: str,
+    tags: dict[str, str],
+) -> str:
+    """The id of the group run for ``cfg`` (the whole config, as the run's params): in a sweep (``trial``),
+    the trial's own group run when a killed job left one (found by the trial's tags, reopened RUNNING),
+    else a new run nested under ``tracking.parent_run_id`` with the config as params and ``tags``."""
     client = _client()
     here = process_tags()
-    if "trial" in cfg:
+    if trial is not None:
         query = " and ".join(
             [
                 f"tags.`{GROUP_TAG}` = '{group}'",
-                f"tags.optuna_trial_id = '{cfg.trial.trial_id}'",
-                f"tags.optuna_study = '{cfg.trial.study_name}'",
+                f"tags.optuna_trial_id = '{trial.trial_id}'",
+                f"tags.optuna_study = '{trial.study_name}'",
             ]
         )
         found = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
@@ -60,13 +68,13 @@ def open_group_run(cfg: Any, experiment_id: str, group: str, tags: dict[str, str
                 client.delete_tag(run_id, "error")
             resumes = int(found[0].data.tags.get("resumed", "0")) + 1
             record_to(run_id, tags={**here, "resumed": str(resumes)})
-            log.info("MLflow: continuing the %s run %s of trial %s", group, run_id, cfg.trial.number)
+            log.info("MLflow: continuing the %s run %s of trial %s", group, run_id, trial.number)
             return run_id
     all_tags = {**git_tags(), **version_tags(), **tags, **here, GROUP_TAG: group}
-    parent = cfg.tracking.get("parent_run_id")
+    parent = tracking_settings.parent_run_id
     if parent:
         all_tags["mlflow.parentRunId"] = str(parent)
-    run = client.create_run(experiment_id, run_name=cfg.tracking.get("run_name"), tags=all_tags)
+    run = client.create_run(experiment_id, run_name=tracking_settings.run_name, tags=all_tags)
     plain = mask_secrets(OmegaConf.to_container(cfg, resolve=True))  # no password in a param
     assert isinstance(plain, dict)
     params = flatten({k: v for k, v in plain.items() if k != "trial"})

@@ -19,6 +19,7 @@ from typing import Any
 import bloodcell.tracking.outbox as outbox
 from bloodcell import PROJECT_ROOT, __version__
 from bloodcell.core.redaction import mask_secrets, mask_text
+from bloodcell.core.settings import TrackingSchema, TrialSchema
 from bloodcell.tracking.outbox import Outbox
 from bloodcell.tracking.recorder import Recorder
 from bloodcell.tracking.store import setup_experiment, ui_url
@@ -83,10 +84,16 @@ def start_run(
     experiment_id: str | None = None,
     resume_run_id: str | None = None,
     local_root: Path,
+    tracking_settings: TrackingSchema | None = None,
+    trial: TrialSchema | None = None,
 ) -> Iterator[Recorder]:
     """An MLflow run for one training run (nested under ``tracking.parent_run_id`` inside a sweep), or the
     run ``resume_run_id`` reopened to continue it (its params and config are already recorded). With a
     remote server, records that cannot reach it wait in ``<local_root>/<run id>/outbox``.
+
+    ``cfg`` is the whole config, as the run's params; what the run is told by it comes from its settings,
+    ``tracking_settings`` and ``trial`` (the sweep's trial, None outside a sweep). A command that has no
+    settings of its own (an ensemble) leaves them out: then they are read from ``cfg`` (`TrackingSchema.of`).
 
     On an exception the run ends FAILED with the error as tag ``error``; an Optuna prune ends it KILLED
     with ``optuna.trial_state=PRUNED``, keeping the metrics logged so far. The run carries this process's
@@ -95,10 +102,12 @@ def start_run(
     import mlflow
     from omegaconf import OmegaConf
 
-    experiment_id = experiment_id or setup_experiment(cfg.tracking)
-    parent = cfg.tracking.get("parent_run_id")
-    if "trial" in cfg:
-        trial = cfg.trial
+    if tracking_settings is None:
+        tracking_settings = TrackingSchema.of(cfg.tracking)
+        trial = TrialSchema.of(cfg.trial) if "trial" in cfg else None
+    experiment_id = experiment_id or setup_experiment(tracking_settings)
+    parent = tracking_settings.parent_run_id
+    if trial is not None:
         tags = {
             **tags,
             "trial_number": str(trial.number),
@@ -106,9 +115,9 @@ def start_run(
             "optuna_study": str(trial.study_name),
         }
     # tracking.tags: set by a run's caller (a repeated or cross-validated trial names its members so)
-    tags = {**tags, **{str(k): str(v) for k, v in (cfg.tracking.get("tags") or {}).items()}}
+    tags = {**tags, **{str(k): str(v) for k, v in (tracking_settings.tags or {}).items()}}
     tags = {"bloodcell_version": __version__, **git_tags(), **version_tags(), **tags, **process_tags()}
-    system = system_metrics(cfg.tracking)
+    system = system_metrics(tracking_settings)
     if resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id, nested=bool(parent), log_system_metrics=system)
         mlflow.set_tags(tags)
@@ -121,7 +130,7 @@ def start_run(
         token = uuid.uuid4().hex
         run = mlflow.start_run(
             experiment_id=experiment_id,
-            run_name=cfg.tracking.get("run_name"),
+            run_name=tracking_settings.run_name,
             parent_run_id=parent,
             nested=bool(parent),
             tags={**tags, START_TOKEN_TAG: token},
@@ -151,13 +160,13 @@ def start_run(
             tags, status = {"error": f"interrupted ({type(err).__name__})"}, "KILLED"
         else:
             tags, status = {"error": mask_text(f"{type(err).__name__}: {err}")[:5000]}, "FAILED"
-            if "trial" in cfg:
+            if trial is not None:
                 tags["optuna.trial_state"] = "FAIL"
-        _end_run(recorder, status, tags, cfg.tracking.get("outage_wait_seconds", 120))
+        _end_run(recorder, status, tags, tracking_settings.outage_wait_seconds)
         raise
     else:
-        tags = {"optuna.trial_state": "COMPLETE"} if "trial" in cfg else {}
-        _end_run(recorder, "FINISHED", tags, cfg.tracking.get("outage_wait_seconds", 120))
+        tags = {"optuna.trial_state": "COMPLETE"} if trial is not None else {}
+        _end_run(recorder, "FINISHED", tags, tracking_settings.outage_wait_seconds)
 
 
 #: A random token per run start: a busy server can create a run and answer too late, and the client's retry
@@ -194,11 +203,12 @@ def drop_duplicate_starts(experiment_id: str, run_id: str, token: str) -> list[s
     return deleted
 
 
-def system_metrics(tracking_cfg: Any) -> bool:
+def system_metrics(tracking_cfg: TrackingSchema | Any) -> bool:
     """Whether the run records MLflow's system metrics (CPU, memory, disk, network, and GPU with
-    ``nvidia-ml-py``), sampled every ``tracking.system_metrics_seconds`` (null or 0: off). An
-    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL set by the user wins."""
-    seconds = tracking_cfg.get("system_metrics_seconds", 10)
+    ``nvidia-ml-py``), sampled every ``tracking.system_metrics_seconds`` (null or 0: off; the ``tracking``
+    settings, or a mapping of them: `TrackingSchema.of`). An MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL set
+    by the user wins."""
+    seconds = TrackingSchema.of(tracking_cfg).system_metrics_seconds
     if not seconds:
         return False
     if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:

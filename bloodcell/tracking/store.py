@@ -16,6 +16,7 @@ from typing import Any
 from bloodcell import PROJECT_ROOT
 from bloodcell.core.errors import UserError
 from bloodcell.core.redaction import mask_text
+from bloodcell.core.settings import TrackingSchema
 
 log = logging.getLogger("bloodcell.tracking")
 
@@ -23,8 +24,10 @@ log = logging.getLogger("bloodcell.tracking")
 DEFAULT_DB = PROJECT_ROOT / "mlruns" / "mlflow.db"
 
 
-def resolve_tracking_uri(tracking_cfg: Any) -> str:
-    uri = tracking_cfg.get("uri")
+def resolve_tracking_uri(tracking_cfg: TrackingSchema | Any) -> str:
+    """The store ``tracking.uri`` names (the ``tracking`` settings, or a mapping of them:
+    `TrackingSchema.of`): null is the project's SQLite store."""
+    uri = TrackingSchema.of(tracking_cfg).uri
     if not uri:
         DEFAULT_DB.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{DEFAULT_DB}"
@@ -98,13 +101,13 @@ UI_QUERY = "?workflowType=machine_learning"
 DEFAULT_UI = "http://127.0.0.1:5000"
 
 
-def setup_experiment(tracking_cfg: Any) -> str:
+def setup_experiment(tracking_cfg: TrackingSchema | Any) -> str:
     """Point MLflow at the configured store and return the experiment id (created if new), marked as a
     model-training experiment (`EXPERIMENT_KIND`; an older experiment gets the mark on its next run)."""
     import mlflow
 
     uri = connect(tracking_cfg)
-    name = tracking_cfg.experiment
+    name = TrackingSchema.of(tracking_cfg).experiment
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         if any(experiment.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from omegaconf import DictConfig
 
 from bloodcell import NUM_CLASSES
 from bloodcell.core.errors import UserError
+from bloodcell.core.settings import DistillSchema, TrackingSchema
 
 if TYPE_CHECKING:
     from bloodcell.data import Splits
@@ -77,7 +77,7 @@ class Teacher:
         logged = self.run.run.data.metrics
         return {f"distill/teacher_{name}": float(logged[name]) for name in TEACHER_METRICS if name in logged}
 
-    def targets(self, cfg: DictConfig, splits: Splits) -> Targets:
+    def targets(self, distill: DistillSchema, splits: Splits) -> Targets:
         """The student's training targets and what its run records about them: the teacher's probabilities
         for the training images, computed once here on the images as they are (un-augmented). Training
         then augments an image but keeps its target: an approximation (Hinton et al. ask the teacher about
@@ -86,13 +86,11 @@ class Teacher:
         from bloodcell.serving.prediction import predict_on
         from bloodcell.training.run_data import Targets
 
-        same_split = self.check_split(splits, bool(cfg.distill.allow_different))
+        same_split = self.check_split(splits, distill.allow_different)
         train = splits.train
         log.info("teacher %s: class probabilities for %d training images", self.spec, len(train))
-        probabilities = predict_on(
-            self.model_uri, train.images, f"teacher {self.spec}", int(cfg.distill.batch_size)
-        )
-        alpha, temperature = float(cfg.distill.alpha), float(cfg.distill.temperature)
+        probabilities = predict_on(self.model_uri, train.images, f"teacher {self.spec}", distill.batch_size)
+        alpha, temperature = float(distill.alpha), float(distill.temperature)
         tags = {
             "distill.teacher": self.spec,
             "distill.teacher_run": self.run.run_id,
@@ -106,17 +104,17 @@ class Teacher:
         return Targets(soft_targets(train.labels, probabilities, alpha, temperature), tags, metrics)
 
 
-def find_teacher(cfg: DictConfig) -> Teacher:
-    """The teacher named by ``cfg.teacher``: its run, which must have logged a model (checked before any
-    data is read or model loaded)."""
+def find_teacher(teacher: str, tracking: TrackingSchema) -> Teacher:
+    """The teacher named by ``teacher`` (a run id, runs:/ or models:/ URI), in the store of ``tracking``:
+    its run, which must have logged a model (checked before any data is read or model loaded)."""
     import mlflow
 
     from bloodcell.evaluation.candidates import Candidate, resolve_run
     from bloodcell.serving.loading import set_tracking
 
-    set_tracking(cfg.tracking)
+    set_tracking(tracking)
     client = mlflow.MlflowClient()
-    spec = str(cfg.teacher).strip()
+    spec = teacher.strip()
     run = resolve_run(client, spec)
     candidate = Candidate(spec, run, client.get_experiment(run.info.experiment_id).name)
     if not candidate.tags.get("model_uri"):

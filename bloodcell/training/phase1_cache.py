@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import OmegaConf
 
 from bloodcell import __version__
+from bloodcell.core.settings import TrainerSchema
 from bloodcell.training import checkpoints
 
 if TYPE_CHECKING:
@@ -83,9 +84,9 @@ DATA_NOT_IN_KEY = ("path", "strict")
 NOT_COPIED = ("time/train_images_per_second",)
 
 
-def enabled(cfg: Any) -> bool:
+def enabled(trainer: TrainerSchema) -> bool:
     """``trainer.reuse_phase1``, unless a time limit makes phase 1's end depend on the wall clock."""
-    return bool(cfg.trainer.get("reuse_phase1", False)) and not cfg.trainer.get("time_limit_minutes")
+    return trainer.reuse_phase1 and not trainer.time_limit_minutes
 
 
 def code_digest(names: tuple[str, ...] = CODE) -> str:
@@ -123,7 +124,7 @@ def key_parts(cfg: Any, data_tags: dict[str, str], replicas: int = 1) -> dict[st
     config = {k: v for k, v in plain.items() if k not in NOT_IN_KEY}
     config["trainer"] = {k: v for k, v in config["trainer"].items() if k not in TRAINER_NOT_IN_KEY}
     config["data"] = {k: v for k, v in config["data"].items() if k not in DATA_NOT_IN_KEY}
-    if not config["data"].get("clean"):
+    if not config["data"]["clean"]:
         config.pop("cleaning", None)  # unused without data.clean
     versions = {"bloodcell": __version__, "code": code_digest()}
     for package in ("tensorflow", "keras"):
@@ -222,10 +223,11 @@ class Phase1Cache:
 
 
 def for_run(
-    cfg: Any, data_tags: dict[str, str], root: Path, replicas: int, run_id: str
+    cfg: Any, trainer: TrainerSchema, data_tags: dict[str, str], root: Path, replicas: int, run_id: str
 ) -> Phase1Cache | None:
-    """The run's cache slot, or None when reuse is off for it (`enabled`)."""
-    if not enabled(cfg):
+    """The run's cache slot (keyed on its whole config, ``cfg``: `key_parts`), or None when reuse is off
+    for it (`enabled`: its ``trainer`` settings)."""
+    if not enabled(trainer):
         return None
     return Phase1Cache(root, phase1_key(cfg, data_tags, replicas), run_id)
 

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig
-
 from bloodcell import tracking
 from bloodcell.core.errors import UserError
+from bloodcell.core.settings import FinetuneSchema, TrainerSchema, TrainSchema
 from bloodcell.tracking.recorder import Recorder
 from bloodcell.training import checkpoints
 from bloodcell.training.resume import Resume
@@ -53,25 +52,31 @@ class Phase:
     ema_momentum: float | None = None
 
     @classmethod
-    def first(cls, cfg: DictConfig) -> Phase:
+    def first(cls, trainer: TrainerSchema) -> Phase:
         """Phase 1: the head (and a randomly initialised backbone) at ``trainer.lr``."""
-        t = cfg.trainer
+        t = trainer
         return cls(
-            "phase1", t.epochs, t.lr, t.lr_decay_steps, t.lr_decay_rate, t.early_stopping_patience, ema(cfg)
+            "phase1", t.epochs, t.lr, t.lr_decay_steps, t.lr_decay_rate, t.early_stopping_patience, ema(t)
         )
 
     @classmethod
-    def second(cls, cfg: DictConfig) -> Phase:
-        """Phase 2: fine-tuning the top of the backbone at ``finetune.lr``."""
-        f = cfg.finetune
+    def second(cls, finetune: FinetuneSchema, trainer: TrainerSchema) -> Phase:
+        """Phase 2: fine-tuning the top of the backbone at ``finetune.lr`` (``trainer.ema`` both phases)."""
+        f = finetune
         return cls(
-            "phase2", f.epochs, f.lr, f.lr_decay_steps, f.lr_decay_rate, f.early_stopping_patience, ema(cfg)
+            "phase2",
+            f.epochs,
+            f.lr,
+            f.lr_decay_steps,
+            f.lr_decay_rate,
+            f.early_stopping_patience,
+            ema(trainer),
         )
 
 
-def ema(cfg: DictConfig) -> float | None:
+def ema(trainer: TrainerSchema) -> float | None:
     """``trainer.ema_momentum`` when ``trainer.ema`` is on, else None."""
-    return float(cfg.trainer.ema_momentum) if cfg.trainer.get("ema") else None
+    return float(trainer.ema_momentum) if trainer.ema else None
 
 
 @dataclass
@@ -101,12 +106,14 @@ class RunCallbacks:
     @classmethod
     def for_run(
         cls,
-        cfg: DictConfig,
+        settings: TrainSchema,
         setup: Setup,
         train_images: np.ndarray,
         run_dir: Path | None,
         recorder: Recorder,
     ) -> RunCallbacks:
+        """The callbacks ``settings`` ask for: precise BN (``head.precise_bn_images``), the time limit,
+        checkpoints (``trainer.*``), weight averaging (``finetune.swa``), the Optuna pruner (``trial``)."""
         from bloodcell.sweep.trial import pruning_callback
         from bloodcell.training.callbacks import (
             Checkpoint,
@@ -117,21 +124,21 @@ class RunCallbacks:
             WeightAverage,
         )
 
+        trainer = settings.trainer
         precise_bn = PreciseBatchNorm.for_model(
-            setup.model, train_images, cfg.head.get("precise_bn_images") or 0, cfg.seed, setup.batch_size
+            setup.model, train_images, settings.head.precise_bn_images or 0, settings.seed, setup.batch_size
         )
-        minutes = cfg.trainer.get("time_limit_minutes")
+        minutes = trainer.time_limit_minutes
         time_limit = TimeLimit(60 * minutes) if minutes else None
-        every = int(cfg.trainer.checkpoint.every) if run_dir is not None else 0
+        every = trainer.checkpoint.every if run_dir is not None else 0
         epoch_log = EpochLogger(recorder, images_per_epoch=len(train_images))
-        callbacks = cls(setup, recorder, epoch_log, precise_bn, time_limit, None, pruning_callback(cfg))
+        pruner = pruning_callback(settings)
+        callbacks = cls(setup, recorder, epoch_log, precise_bn, time_limit, None, pruner)
         callbacks.order = EpochOrder(setup.epoch) if setup.epoch is not None else None
-        if cfg.finetune.get("swa"):
-            callbacks.averaging = WeightAverage(int(cfg.finetune.swa_epochs))
+        if settings.finetune.swa:
+            callbacks.averaging = WeightAverage(settings.finetune.swa_epochs)
         if every > 0:
-            callbacks.checkpoint = Checkpoint(
-                run_dir, callbacks.snapshot, every, int(cfg.trainer.checkpoint.keep)
-            )
+            callbacks.checkpoint = Checkpoint(run_dir, callbacks.snapshot, every, trainer.checkpoint.keep)
         return callbacks
 
     def for_phase(
@@ -240,7 +247,7 @@ class RunCallbacks:
             self.pruner.resume_after(saved.epoch, last)
 
 
-def compile_for(setup: Setup, phase: Phase, trainer: DictConfig) -> None:
+def compile_for(setup: Setup, phase: Phase, trainer: TrainerSchema) -> None:
     """A fresh optimizer for the phase (Adam on an exponentially decaying learning rate); ``trainer`` gives
     the label smoothing and whether Keras traces its steps (``trainer.run_eagerly``)."""
     import keras
@@ -293,10 +300,9 @@ def fit_phase(
     return start + len(history.epoch)
 
 
-def wants_phase2(cfg: DictConfig) -> bool:
-    return cfg.finetune.epochs > 0 and (
-        cfg.finetune.unfreeze_blocks != 0 or bool(cfg.finetune.get("unfreeze_layers"))
-    )
+def wants_phase2(finetune: FinetuneSchema) -> bool:
+    """Phase 2 runs when it has epochs and something to unfreeze."""
+    return finetune.epochs > 0 and (finetune.unfreeze_blocks != 0 or bool(finetune.unfreeze_layers))
 
 
 def best_value(history: list[dict[str, float]], objective: str) -> float:
@@ -310,27 +316,34 @@ def best_value(history: list[dict[str, float]], objective: str) -> float:
     return min(values) if "loss" in objective else max(values)
 
 
-def train_head(cfg: DictConfig, setup: Setup, callbacks: RunCallbacks, resume: Resume | None = None) -> int:
+def train_head(
+    trainer: TrainerSchema, setup: Setup, callbacks: RunCallbacks, resume: Resume | None = None
+) -> int:
     """Phase 1: the head (with the backbone frozen when it is pretrained) at ``trainer.lr``; returns the
     global epoch after its last."""
-    phase = Phase.first(cfg)
-    compile_for(setup, phase, cfg.trainer)
+    phase = Phase.first(trainer)
+    compile_for(setup, phase, trainer)
     if resume is not None:
         callbacks.resume_from(resume.run_id, resume.checkpoint)
     state = "trainable" if setup.backbone.trainable else "frozen"
     log.info("phase 1: %d epochs, backbone %s, lr %g", phase.epochs, state, phase.lr)
     resumed = resume.checkpoint if resume else None
-    return fit_phase(setup, phase, callbacks, first_epoch=0, verbose=cfg.trainer.verbose, resumed=resumed)
+    return fit_phase(setup, phase, callbacks, first_epoch=0, verbose=trainer.verbose, resumed=resumed)
 
 
 def fine_tune(
-    cfg: DictConfig, setup: Setup, callbacks: RunCallbacks, phase1_epochs: int, resume: Resume | None = None
+    settings: TrainSchema,
+    setup: Setup,
+    callbacks: RunCallbacks,
+    phase1_epochs: int,
+    resume: Resume | None = None,
 ) -> None:
     """Phase 2: unfreeze the top of the backbone and train at the low learning rate. If fine-tuning never
-    beats phase 1, the model keeps phase 1's best weights, as "restore the best weights" promises."""
+    beats phase 1, the model keeps phase 1's best weights, as "restore the best weights" promises. Reads
+    ``finetune``, ``trainer`` and ``backbone`` (which layers unfreeze, the BatchNorm policy)."""
     from bloodcell.models import finetune
 
-    phase = Phase.second(cfg)
+    phase = Phase.second(settings.finetune, settings.trainer)
     if setup.phase2_augmentation is not None:  # finetune.augmentation_strength
         setup.phase2_augmentation()
     if resume is None:
@@ -338,8 +351,8 @@ def fine_tune(
         callbacks.phase1_best = best_value(callbacks.epoch_log.history, "val_accuracy")
         callbacks.phase1_weights = setup.model.get_weights()
     with setup.strategy.scope():
-        trainable_layers = finetune.unfreeze(setup.backbone, cfg)
-    compile_for(setup, phase, cfg.trainer)
+        trainable_layers = finetune.unfreeze(setup.backbone, settings)
+    compile_for(setup, phase, settings.trainer)
     if resume is not None:
         callbacks.resume_from(resume.run_id, resume.checkpoint)
     log.info(
@@ -348,7 +361,7 @@ def fine_tune(
     callbacks.recorder.log_metrics({"finetune_trainable_layers": trainable_layers})
     resumed = resume.checkpoint if resume else None
     fit_phase(
-        setup, phase, callbacks, first_epoch=phase1_epochs, verbose=cfg.trainer.verbose, resumed=resumed
+        setup, phase, callbacks, first_epoch=phase1_epochs, verbose=settings.trainer.verbose, resumed=resumed
     )
     phase2_best = best_value(callbacks.epoch_log.history[phase1_epochs:], "val_accuracy")
     phase2 = "phase2"

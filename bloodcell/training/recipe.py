@@ -4,7 +4,8 @@
 MLflow run (`resume`, `bloodcell.tracking`) -> build (`setup`) -> fit phase 1 and phase 2 (`phases`,
 `phase1_cache`) -> evaluate -> record (`record`). Each step is a function of its own; what a run records
 goes through the run's `Recorder`, the Keras callbacks live in `callbacks`. It returns the objective (best
-epoch's ``cfg.objective``) for a sweeper.
+epoch's ``objective``) for a sweeper. The config is checked once, first, and each step is handed the
+groups of the settings that come of it (`bloodcell.core.settings`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig
 
 from bloodcell import tracking
+from bloodcell.core.settings import TrainerSchema, TrainSchema
 from bloodcell.evaluation.results import TestResult, final_result
 from bloodcell.training import phase1_cache
 from bloodcell.training.phases import Phase, RunCallbacks, compile_for, fine_tune, train_head, wants_phase2
@@ -33,12 +35,13 @@ log = logging.getLogger("bloodcell.train")
 # ---- checks before anything starts ----------------------------------------------------------------------
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig) -> TrainSchema:
     """Every value of the config within its domain (bloodcell.core.settings, one model per config group),
-    before any data is read, any MLflow run started or TensorFlow imported: a typo costs a second."""
-    from bloodcell.core.settings import check_train_config
+    before any data is read, any MLflow run started or TensorFlow imported: a typo costs a second. Returns
+    the run's settings, which every later step reads (each its own group)."""
+    from bloodcell.core.settings import train_settings
 
-    check_train_config(cfg)
+    return train_settings(cfg)
 
 
 # ---- step 1: data ----------------------------------------------------------------------------------------
@@ -54,7 +57,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def fit_both_phases(
-    cfg: DictConfig,
+    settings: TrainSchema,
     setup: Setup,
     callbacks: RunCallbacks,
     resume: Resume | None,
@@ -62,22 +65,23 @@ def fit_both_phases(
 ) -> int | None:
     """Phase 1, then phase 2 when the config wants it and time is left; a resumed run goes on in the phase
     its checkpoint was written in. Returns the global epoch phase 2 started at (None without phase 2)."""
+    trainer = settings.trainer
     if resume is not None and resume.checkpoint.state["phase"] == "phase2":
         phase1_epochs = int(resume.checkpoint.state["phase1_epochs"])
-        fine_tune(cfg, setup, callbacks, phase1_epochs, resume)
+        fine_tune(settings, setup, callbacks, phase1_epochs, resume)
         return phase1_epochs
     if cache is None:
-        phase1_epochs = train_head(cfg, setup, callbacks, resume)
+        phase1_epochs = train_head(trainer, setup, callbacks, resume)
     else:  # trained once per key, loaded by every later run with that key (trainer.reuse_phase1)
         phase1_epochs = phase1_cache.train_or_reuse(
             cache,
             setup,
             callbacks,
-            prepare=lambda: compile_for(setup, Phase.first(cfg), cfg.trainer),
-            train_phase1=lambda: train_head(cfg, setup, callbacks),
+            prepare=lambda: compile_for(setup, Phase.first(trainer), trainer),
+            train_phase1=lambda: train_head(trainer, setup, callbacks),
         )
-    if wants_phase2(cfg) and not callbacks.out_of_time():
-        fine_tune(cfg, setup, callbacks, phase1_epochs)
+    if wants_phase2(settings.finetune) and not callbacks.out_of_time():
+        fine_tune(settings, setup, callbacks, phase1_epochs)
         return phase1_epochs
     return None
 
@@ -85,21 +89,20 @@ def fit_both_phases(
 # ---- step 5: evaluate and record ------------------------------------------------------------------
 
 
-def evaluate_splits(cfg: DictConfig, setup: Setup, splits: Splits) -> TestResult:
+def evaluate_splits(trainer: TrainerSchema, seed: int, setup: Setup, splits: Splits) -> TestResult:
     """The final model on the validation split (one more predict, kept so that runs can be compared image by
-    image later) and on the held-out test split, touched once: plain predictions, and test-time
-    augmentation when asked."""
+    image later) and on the held-out test split, touched once: plain predictions, calibrated when
+    ``trainer.calibrate``, and test-time augmentation when ``trainer.test_tta``."""
     from bloodcell.data import make_tf_dataset
     from bloodcell.evaluation.metrics import evaluate_predictions
 
     test = splits.test
     val_probabilities = setup.model.predict(setup.val_ds.map(lambda x, y: x), verbose=0)
-    test_ds = make_tf_dataset(test, setup.batch_size, training=False, seed=cfg.seed)
+    test_ds = make_tf_dataset(test, setup.batch_size, training=False, seed=seed)
     probabilities = setup.model.predict(test_ds.map(lambda x, y: x), verbose=0)
-    calibrate = bool(cfg.trainer.get("calibrate", True))
-    result = final_result(setup.model, splits, val_probabilities, probabilities, calibrate)
+    result = final_result(setup.model, splits, val_probabilities, probabilities, trainer.calibrate)
     model = result.model
-    if cfg.trainer.get("test_tta"):
+    if trainer.test_tta:
         from bloodcell.serving.prediction import predict_arrays
 
         # with the logged model: the mean over views of calibrated probabilities, as predict tta=true gives
@@ -118,43 +121,68 @@ def _hydra_overrides() -> list[str]:
 # ---- the recipe ---------------------------------------------------------------------------------------
 
 
-def train(cfg: DictConfig, targets: Callable[[Splits], Targets] | None = None) -> float:
-    """Run both phases, evaluate, record everything in MLflow; return the best ``cfg.objective``.
-    ``targets`` (bloodcell.distill) gives the training split other targets than its one-hot labels, once
-    the splits are cut and before the run starts."""
-    check_config(cfg)
-    tracking.check_reachable(tracking.resolve_tracking_uri(cfg.tracking))
+def train(
+    cfg: DictConfig,
+    targets: Callable[[Splits], Targets] | None = None,
+    settings: TrainSchema | None = None,
+) -> float:
+    """Run both phases, evaluate, record everything in MLflow; return the best ``objective``.
+
+    ``cfg`` is checked here once (`check_config`) unless its ``settings`` come with it (a command that
+    checked it with a schema of its own: bloodcell.distill); the steps read the settings, and ``cfg``
+    itself is kept only as the record of the run (its params and config.yaml, the config digest, the
+    phase-1 key). ``targets`` (bloodcell.distill) gives the training split other targets than its one-hot
+    labels, once the splits are cut and before the run starts."""
+    if settings is None:
+        settings = check_config(cfg)
+    tracking.check_reachable(tracking.resolve_tracking_uri(settings.tracking))
     timed = Stopwatch()
     with timed("data"):
-        data = load_splits(cfg)
+        data = load_splits(settings.data, settings.seed, settings.cleaning)
     if targets is not None:
         with timed("targets"):
             data.use_targets(targets(data.splits))
-    strategy = distribution_strategy(cfg.trainer)
-    experiment_id, resume, run_dirs = start_or_resume(cfg, data)
-    tags = data.tags() | {"config_digest": config_digest(cfg)}
+    strategy = distribution_strategy(settings.trainer)
+    digest = config_digest(cfg)
+    experiment_id, resume, run_dirs = start_or_resume(
+        settings.tracking, settings.trainer, settings.trial, digest, data
+    )
+    tags = data.tags() | {"config_digest": digest}
     resume_id = resume.run_id if resume else None
     with tracking.start_run(
-        cfg, tags=tags, experiment_id=experiment_id, resume_run_id=resume_id, local_root=run_dirs.root
+        cfg,
+        tags=tags,
+        experiment_id=experiment_id,
+        resume_run_id=resume_id,
+        local_root=run_dirs.root,
+        tracking_settings=settings.tracking,
+        trial=settings.trial,
     ) as recorder:
-        run = RunContext(cfg, data, recorder, run_dirs.root / recorder.run_id, timed)
+        run = RunContext(
+            settings.objective, settings.tracking, data, recorder, run_dirs.root / recorder.run_id, timed
+        )
         if resume is not None:
             recorder.set_tags({"resumed_after_epoch": str(resume.checkpoint.epoch)})
         else:
-            record_inputs(recorder, cfg, data, _hydra_overrides())
-        setup = build(cfg, data.splits, strategy, preview_to=recorder if resume is None else None)
+            record_inputs(recorder, cfg, settings.data, data, _hydra_overrides())
+        setup = build(settings, data.splits, strategy, preview_to=recorder if resume is None else None)
         with run_dirs.checkpointing(recorder.run_id) as run_dir:
-            callbacks = RunCallbacks.for_run(cfg, setup, data.splits.train.images, run_dir, recorder)
+            callbacks = RunCallbacks.for_run(settings, setup, data.splits.train.images, run_dir, recorder)
             # a resumed run continues its own checkpoint; a new one may start phase 2 from a stored phase 1
             cache = None
             if resume is None:
                 cache = phase1_cache.for_run(
-                    cfg, data.tags(), run_dirs.root, strategy.num_replicas_in_sync, recorder.run_id
+                    cfg,
+                    settings.trainer,
+                    data.tags(),
+                    run_dirs.root,
+                    strategy.num_replicas_in_sync,
+                    recorder.run_id,
                 )
             with timed("fit"):
-                phase2_start = fit_both_phases(cfg, setup, callbacks, resume, cache)
+                phase2_start = fit_both_phases(settings, setup, callbacks, resume, cache)
         with timed("evaluate"):
-            result = evaluate_splits(cfg, setup, data.splits)
+            result = evaluate_splits(settings.trainer, settings.seed, setup, data.splits)
         objective = record(run, setup.model, result, callbacks.epoch_log.history, phase2_start)
     run_dirs.finished(recorder.run_id)
     return objective

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
+from bloodcell.core.settings import DataSchema, TrackingSchema
 from bloodcell.evaluation.results import TestResult
 from bloodcell.evaluation.stats import interval_names
 from bloodcell.tracking import Recorder
@@ -55,26 +56,30 @@ class Stopwatch:
 
 @dataclass
 class RunContext:
-    """One training run as its steps share it: the config, the data, the MLflow run's recorder, where the
-    run keeps local files (checkpoints, the saved model) and the stopwatch of its parts."""
+    """One training run as its steps share it: its objective (the metric it returns) and ``tracking``
+    settings (what it records), the data, the MLflow run's recorder, where the run keeps local files
+    (checkpoints, the saved model) and the stopwatch of its parts."""
 
-    cfg: DictConfig
+    objective: str
+    tracking: TrackingSchema
     data: RunData
     recorder: Recorder
     run_dir: Path
     timed: Stopwatch
 
 
-def record_inputs(recorder: Recorder, cfg: DictConfig, data: RunData, overrides: list[str]) -> None:
-    """What a new run records before it trains: its config and overrides, its data splits as MLflow
-    dataset inputs, the teacher's metrics (distillation), the cleaning report and the images a folder
-    data set could not read."""
+def record_inputs(
+    recorder: Recorder, cfg: DictConfig, data_settings: DataSchema, data: RunData, overrides: list[str]
+) -> None:
+    """What a new run records before it trains: its config (``cfg``, whole) and overrides, its data splits
+    as MLflow dataset inputs (described by its ``data`` settings), the teacher's metrics (distillation),
+    the cleaning report and the images a folder data set could not read."""
     from bloodcell.data.mlflow_inputs import dataset_inputs
 
     recorder.log_config(cfg, overrides)
     if data.targets is not None:
         recorder.log_metrics(data.targets.metrics)
-    recorder.log_inputs(dataset_inputs(cfg.data, data.arrays, data.splits))
+    recorder.log_inputs(dataset_inputs(data_settings, data.arrays, data.splits))
     if data.cleaning is not None:
         record_cleaning(recorder, data.cleaning, data.arrays)
     if data.arrays.skipped:  # unreadable images of a folder data set, left out with a warning
@@ -187,18 +192,18 @@ def record(
     time went. Returns the objective."""
     import numpy as np
 
-    cfg, recorder, test, timed = run.cfg, run.recorder, run.data.splits.test, run.timed
-    objective = best_value(history, cfg.objective)
+    recorder, test, timed = run.recorder, run.data.splits.test, run.timed
+    objective = best_value(history, run.objective)
     with timed("evaluate"):
-        recorder.log_metrics({f"best_{cfg.objective}": objective})
+        recorder.log_metrics({f"best_{run.objective}": objective})
         record_evaluation(recorder, result.evaluation, history, phase2_start)
         if result.tta is not None:
             recorder.log_metrics(result.tta.metrics)
-        if cfg.tracking.explain:  # Grad-CAM: one gradient pass over up to 16 test images
+        if run.tracking.explain:  # Grad-CAM: one gradient pass over up to 16 test images
             record_explanations(recorder, model, test, result.probabilities)
         record_predictions(recorder, test, result)
         record_calibration(recorder, test, result)
-    if cfg.tracking.log_model:
+    if run.tracking.log_model:
         with timed("log_model"):
             # the test predictions give the output example: another predict call would trace anew
             recorder.log_model(
@@ -218,7 +223,7 @@ def record(
         metrics[low],
         metrics[high],
         metrics["test_macro_f1"],
-        cfg.objective,
+        run.objective,
         objective,
         recorder.run_id,
         seconds["seconds_in_train"],

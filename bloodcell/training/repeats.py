@@ -31,6 +31,7 @@ from omegaconf import DictConfig, open_dict
 
 from bloodcell import tracking
 from bloodcell.core.errors import UserError
+from bloodcell.core.settings import TrainSchema
 from bloodcell.tracking import members
 from bloodcell.training import checkpoints
 from bloodcell.training.resume import config_digest
@@ -42,17 +43,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("bloodcell.train")
 
 
-def plan(cfg: DictConfig) -> tuple[str, int]:
-    """("repeat", N), ("fold", K), or ("", 1) for one ordinary run (also one fold given by data.cv.fold)."""
-    repeats = int((cfg.get("trial") or {}).get("repeats") or 1)
-    cv = cfg.data.get("cv") or {}
-    folds = int(cv.get("folds") or 1)
+def plan(settings: TrainSchema | DictConfig) -> tuple[str, int]:
+    """("repeat", N), ("fold", K), or ("", 1) for one ordinary run (also one fold given by data.cv.fold):
+    what ``trial.repeats`` and ``data.cv`` ask for (of the run's settings, or a config: `TrainSchema.of`)."""
+    settings = TrainSchema.of(settings)
+    repeats = settings.trial.repeats if settings.trial is not None else 1
+    cv = settings.data.cv
+    folds = (cv.folds if cv is not None else None) or 1  # null (or 1): no cross-validation
     if repeats > 1 and folds > 1:
         raise UserError(
             f"hydra.sweeper.repeats={repeats} with data.cv.folds={folds}: choose one (the folds already "
             "train the point several times, on different validation images)"
         )
-    if folds > 1 and cv.get("fold") is None:
+    if folds > 1 and cv is not None and cv.fold is None:
         return "fold", folds
     if repeats > 1:
         return "repeat", repeats
@@ -64,17 +67,19 @@ def member_config(
 ) -> DictConfig:
     """The config of member ``index``: no ``trial`` (the group reports to Optuna, a member does not), nested
     under the group run, tagged with its kind and index, its seed or fold, and the run to continue."""
+    settings = TrainSchema.of(cfg)
     member = copy.deepcopy(cfg)
     with open_dict(member):
-        member.pop("trial", None)
+        if "trial" in member:
+            del member["trial"]
         member.tracking.parent_run_id = group_run_id
-        member.tracking.tags = members.member_tags(kind, index, int(_count(cfg, kind)))
-        name = cfg.tracking.get("run_name")
+        member.tracking.tags = members.member_tags(kind, index, plan(settings)[1])
+        name = settings.tracking.run_name
         member.tracking.run_name = f"{name}-{kind}-{index}" if name else f"{kind}-{index}"
         if kind == "repeat":
-            split_seed = cfg.data.get("split_seed")
-            member.data.split_seed = int(cfg.seed if split_seed is None else split_seed)
-            member.seed = int(cfg.seed) + index
+            split_seed = settings.data.split_seed
+            member.data.split_seed = settings.seed if split_seed is None else split_seed
+            member.seed = settings.seed + index
         else:
             member.data.cv.fold = index
         if resume is not None:  # else the config's own (null in a sweep)
@@ -82,42 +87,37 @@ def member_config(
     return member
 
 
-def _count(cfg: DictConfig, kind: str) -> int:
-    return int(cfg.trial.repeats) if kind == "repeat" else int(cfg.data.cv.folds)
-
-
 def train_members(cfg: DictConfig) -> float:
     """`bloodcell.train.train`, or, for repeats / folds, each member in turn; returns the objective (the
     members' mean)."""
     from bloodcell.training.recipe import check_config, train
 
-    check_config(cfg)
-    kind, count = plan(cfg)
+    settings = check_config(cfg)
+    kind, count = plan(settings)
     if not kind:
-        return train(cfg)
-    tracking.check_reachable(tracking.resolve_tracking_uri(cfg.tracking))
-    experiment_id = tracking.setup_experiment(cfg.tracking)
+        return train(cfg, settings=settings)
+    tracking.check_reachable(tracking.resolve_tracking_uri(settings.tracking))
+    experiment_id = tracking.setup_experiment(settings.tracking)
     tracking.mark_dead_runs(experiment_id)
     tags = {"config_digest": config_digest(cfg), f"{members.KIND_TAG}_count": str(count)}
-    if "trial" in cfg:
-        trial_cfg = cfg.trial
+    if settings.trial is not None:
         tags |= {
-            "trial_number": str(trial_cfg.number),
-            "optuna_trial_id": str(trial_cfg.trial_id),
-            "optuna_study": str(trial_cfg.study_name),
+            "trial_number": str(settings.trial.number),
+            "optuna_trial_id": str(settings.trial.trial_id),
+            "optuna_study": str(settings.trial.study_name),
         }
     group = "repeats" if kind == "repeat" else "cv"
-    group_run_id = members.open_group_run(cfg, experiment_id, group, tags)
-    trial, frozen = _optuna_trial(cfg)
-    objective = str(cfg.objective)
+    group_run_id = members.open_group_run(cfg, settings.tracking, settings.trial, experiment_id, group, tags)
+    trial, frozen = _optuna_trial(settings)
+    objective = settings.objective
     try:
-        values = _run_members(cfg, kind, count, group_run_id, experiment_id, trial, frozen)
+        values = _run_members(cfg, settings, kind, count, group_run_id, experiment_id, trial, frozen)
         summary = members.log_member_summary(group_run_id, objective, values, kind)
         if trial is not None:
             for key, value in summary.items():
                 trial.set_user_attr(f"{kind}_{objective}_{key}", value)
     except BaseException as err:
-        _end_failed(cfg, group_run_id, err)
+        _end_failed(settings.trial is not None, group_run_id, err)
         raise
     members.end_group_run(group_run_id, "FINISHED", {"optuna.trial_state": "COMPLETE"} if trial else None)
     log.info(
@@ -134,16 +134,17 @@ def train_members(cfg: DictConfig) -> float:
     return float(summary["mean"])
 
 
-def _optuna_trial(cfg: DictConfig) -> tuple[optuna.trial.Trial | None, FrozenTrial | None]:
-    if "trial" not in cfg:
+def _optuna_trial(settings: TrainSchema) -> tuple[optuna.trial.Trial | None, FrozenTrial | None]:
+    if settings.trial is None:
         return None, None
     from bloodcell.sweep.trial import open_trial
 
-    return open_trial(cfg.trial)
+    return open_trial(settings.trial)
 
 
 def _run_members(
     cfg: DictConfig,
+    settings: TrainSchema,
     kind: str,
     count: int,
     group_run_id: str,
@@ -155,11 +156,11 @@ def _run_members(
 
     from bloodcell.training.recipe import train
 
-    objective = str(cfg.objective)
+    objective = settings.objective
     done = members.finished_members(experiment_id, group_run_id, f"best_{objective}")
     reported = set(frozen.intermediate_values) if frozen is not None else set()
     root = checkpoints.root_for(
-        tracking.resolve_tracking_uri(cfg.tracking), cfg.trainer.checkpoint.get("dir")
+        tracking.resolve_tracking_uri(settings.tracking), settings.trainer.checkpoint.dir
     )
     values: dict[int, float] = {}
     for index in range(count):
@@ -188,7 +189,7 @@ def _run_members(
     return values
 
 
-def _end_failed(cfg: DictConfig, group_run_id: str, err: BaseException) -> None:
+def _end_failed(in_sweep: bool, group_run_id: str, err: BaseException) -> None:
     import optuna
 
     from bloodcell.core.redaction import mask_text
@@ -200,7 +201,7 @@ def _end_failed(cfg: DictConfig, group_run_id: str, err: BaseException) -> None:
         tags, status = {"error": f"interrupted ({type(err).__name__})"}, "KILLED"
     else:
         tags, status = {"error": mask_text(f"{type(err).__name__}: {err}")[:5000]}, "FAILED"
-        if "trial" in cfg:
+        if in_sweep:
             tags["optuna.trial_state"] = "FAIL"
     try:
         members.end_group_run(group_run_id, status, tags)

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from bloodcell import tracking
 from bloodcell.core.errors import UserError
+from bloodcell.core.settings import TrackingSchema, TrainerSchema, TrialSchema
 from bloodcell.training import checkpoints
 from bloodcell.training.run_data import RunData
 
@@ -40,7 +41,7 @@ def config_digest(cfg: Any) -> str:
     assert isinstance(plain, dict)
     plain = {k: v for k, v in plain.items() if k not in _NOT_IN_DIGEST}
     plain["trainer"] = {
-        k: v for k, v in plain.get("trainer", {}).items() if k not in ("resume", "verbose", "checkpoint")
+        k: v for k, v in plain["trainer"].items() if k not in ("resume", "verbose", "checkpoint")
     }
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -55,22 +56,29 @@ class Resume:
         return self.checkpoint.epoch + 1
 
 
-def find_resumable(cfg: Any, experiment_id: str, data_fingerprint: str, root: Path) -> Resume | None:
-    """The run to continue and its newest checkpoint, or None for a new run (see the module docstring)."""
+def find_resumable(
+    wanted: str | None,
+    trial: TrialSchema | None,
+    digest: str,
+    experiment_id: str,
+    data_fingerprint: str,
+    root: Path,
+) -> Resume | None:
+    """The run to continue and its newest checkpoint, or None for a new run (see the module docstring):
+    ``wanted`` is ``trainer.resume``, ``trial`` the sweep's trial, ``digest`` the run's `config_digest`."""
     tracking.mark_dead_runs(experiment_id)
-    wanted = cfg.trainer.get("resume")
-    if "trial" in cfg:
+    if trial is not None:
         # also RUNNING: a requeued SLURM job may land on another host, where its dead run cannot be checked
-        trial_tags = {"optuna_trial_id": str(cfg.trial.trial_id), "optuna_study": str(cfg.trial.study_name)}
+        trial_tags = {"optuna_trial_id": str(trial.trial_id), "optuna_study": str(trial.study_name)}
         candidates = tracking.unfinished_runs(experiment_id, trial_tags, include_running=True)
-    elif wanted in (None, "", False):
+    elif not wanted:
         return None
-    elif str(wanted) == "auto":
+    elif wanted == "auto":
         candidates = tracking.unfinished_runs(
-            experiment_id, {"config_digest": config_digest(cfg), "data_fingerprint": data_fingerprint}
+            experiment_id, {"config_digest": digest, "data_fingerprint": data_fingerprint}
         )
     else:
-        return _explicit(str(wanted), data_fingerprint, root)
+        return _explicit(wanted, data_fingerprint, root)
     for run_id in candidates:
         checkpoint = checkpoints.latest(root / run_id)
         if checkpoint is not None:
@@ -134,19 +142,24 @@ class CheckpointDirs:
             checkpoints.delete(self.root / run_id)
 
 
-def start_or_resume(cfg: DictConfig, data: RunData) -> tuple[str, Resume | None, CheckpointDirs]:
-    """The MLflow experiment, the run to continue (``trainer.resume``, or a sweep trial that a killed sweep
-    left unfinished; None for a new run), and where the run's checkpoints go."""
-    experiment_id = tracking.setup_experiment(cfg.tracking)
-    dirs = CheckpointDirs(
-        checkpoints.root_for(tracking.resolve_tracking_uri(cfg.tracking), cfg.trainer.checkpoint.get("dir")),
-        bool(cfg.trainer.checkpoint.get("keep_after_finish")),
-    )
+def start_or_resume(
+    tracking_settings: TrackingSchema,
+    trainer: TrainerSchema,
+    trial: TrialSchema | None,
+    digest: str,
+    data: RunData,
+) -> tuple[str, Resume | None, CheckpointDirs]:
+    """The MLflow experiment (``tracking``), the run to continue (``trainer.resume``, or a sweep ``trial``
+    that a killed sweep left unfinished; None for a new run), and where the run's checkpoints go
+    (``trainer.checkpoint``). ``digest``: the run's `config_digest`."""
+    experiment_id = tracking.setup_experiment(tracking_settings)
+    root = checkpoints.root_for(tracking.resolve_tracking_uri(tracking_settings), trainer.checkpoint.dir)
+    dirs = CheckpointDirs(root, trainer.checkpoint.keep_after_finish)
     # a waiting model is loaded to be logged: Keras must know the layer a calibrated model ends with
     from bloodcell.serving.submission_template import TemperatureScaling  # noqa: F401
 
     tracking.send_waiting(dirs.root)  # what earlier runs here could not send to the server
-    resume = find_resumable(cfg, experiment_id, data.arrays.fingerprint, dirs.root)
+    resume = find_resumable(trainer.resume, trial, digest, experiment_id, data.arrays.fingerprint, dirs.root)
     if resume is not None:
         log.info(
             "resuming run %s after epoch %d (%s)",

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from bloodcell import PROJECT_ROOT
 from bloodcell.core.errors import UserError
+from bloodcell.core.settings import DataSchema, TrainSchema
 
 if TYPE_CHECKING:
     import numpy as np
@@ -65,30 +66,31 @@ class RunData:
         return tags
 
 
-def load_splits(cfg: DictConfig) -> RunData:
-    """Validated arrays, cleaned when ``data.clean`` (cached by data fingerprint and cleaning settings, so
-    a sweep cleans once), then the stratified split."""
+def load_splits(data: DataSchema, seed: int, cleaning_cfg: dict[str, Any] | None = None) -> RunData:
+    """Validated arrays, cleaned when ``data.clean`` (by ``cleaning_cfg``, the ``cleaning`` group; cached by
+    data fingerprint and cleaning settings, so a sweep cleans once), then the stratified split (seeded by
+    ``data.split_seed``, or ``seed`` when that is null)."""
     from bloodcell.data import Arrays, cv_fold, fingerprint, load_arrays, split_arrays
 
-    arrays = load_arrays(cfg.data)
+    arrays = load_arrays(data)
     cleaning = None
     kept = arrays
-    if cfg.data.get("clean"):
+    if data.clean:
         from bloodcell.data.cleaning import find_unwanted_cached, summary
 
         cleaning, cached = find_unwanted_cached(
-            arrays.images, arrays.labels, cfg.cleaning, arrays.fingerprint, CLEANING_CACHE
+            arrays.images, arrays.labels, cleaning_cfg, arrays.fingerprint, CLEANING_CACHE
         )
         log.info("cleaning%s: %s", " (cached)" if cached else "", summary(cleaning))
         images, labels = arrays.images[cleaning.keep], arrays.labels[cleaning.keep]
         kept = Arrays(images, labels, fingerprint(images, labels), f"{arrays.source} (cleaned)")
     # data.split_seed (null = seed): repeats of a sweep trial vary the seed but keep the split
-    split_seed = cfg.data.get("split_seed")
-    split_seed = cfg.seed if split_seed is None else int(split_seed)
-    splits = split_arrays(kept, cfg.data.val_fraction, cfg.data.test_fraction, split_seed)
-    cv = cfg.data.get("cv") or {}
-    if cv.get("fold") is not None:  # one fold of a cross-validation (training.repeats runs them all)
-        splits = cv_fold(kept, splits, int(cv["folds"]), int(cv["fold"]), split_seed)
+    split_seed = seed if data.split_seed is None else data.split_seed
+    splits = split_arrays(kept, data.val_fraction, data.test_fraction, split_seed)
+    cv = data.cv
+    if cv is not None and cv.fold is not None:  # one fold of a cross-validation (training.repeats: all)
+        assert cv.folds is not None  # checked: a fold needs folds
+        splits = cv_fold(kept, splits, cv.folds, cv.fold, split_seed)
     log.info(
         "data: %s, %d images %s -> train %d / val %d / test %d",
         arrays.source,
@@ -115,12 +117,19 @@ def run_config(run: Any) -> DictConfig:
     return cfg
 
 
+def logged_settings(run: Any) -> TrainSchema:
+    """The settings a finished run trained with, from the config it logged (`run_config`). Not checked
+    again (they were, when it trained), and read over today's defaults (`TrainSchema.of`): a run logged
+    before a key existed (data.split_seed, data.cv, data.strict, cleaning, ...) trained as that key's
+    default says. The one place an older logged config is tolerated."""
+    return TrainSchema.of(run_config(run))
+
+
 def run_splits(run: Any) -> RunData:
     """A run's data and splits, loaded again from its config and checked against its split fingerprint;
     raises UserError when they cannot be had."""
-    from bloodcell.training.run_data import load_splits
-
-    data = load_splits(run_config(run))
+    settings = logged_settings(run)
+    data = load_splits(settings.data, settings.seed, settings.cleaning)
     if data.splits.fingerprint() != run.data.tags.get("split_fingerprint"):
         raise UserError(
             f"the data of run {run.info.run_id} ({data.arrays.source}) has changed since it trained"
@@ -140,8 +149,6 @@ def split_images(run: Any, split: str, data_index: np.ndarray) -> np.ndarray:
 def labelled_images(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Images and labels of an npz (``images``, ``labels``) or a folder with one sub-folder per class,
     read and validated as training data is."""
-    from omegaconf import OmegaConf
-
     from bloodcell.data import load_arrays, resolve_path
 
     where = resolve_path(path)
@@ -150,5 +157,5 @@ def labelled_images(path: str) -> tuple[np.ndarray, np.ndarray]:
             f"eval={path} not found; give a labelled .npz or a folder with one sub-folder per class"
         )
     fmt = "folder" if where.is_dir() else "npz"
-    arrays = load_arrays(OmegaConf.create({"format": fmt, "path": str(where)}))
+    arrays = load_arrays(DataSchema.of({"format": fmt, "path": str(where)}))
     return arrays.images, arrays.labels

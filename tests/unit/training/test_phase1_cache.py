@@ -92,9 +92,13 @@ def test_the_code_is_in_the_key() -> None:
 
 
 def test_off_when_asked_or_with_a_time_limit(tmp_path: Path) -> None:
-    assert phase1_cache.for_run(config(), TAGS, tmp_path, 1, "r") is not None  # on by default
+    def slot(*overrides: str) -> phase1_cache.Phase1Cache | None:
+        cfg = config(*overrides)
+        return phase1_cache.for_run(cfg, check_train_config(cfg).trainer, TAGS, tmp_path, 1, "r")
+
+    assert slot() is not None  # on by default
     for override in ("trainer.reuse_phase1=false", "trainer.time_limit_minutes=5"):
-        assert phase1_cache.for_run(config(override), TAGS, tmp_path, 1, "r") is None
+        assert slot(override) is None
     assert phase1_cache.Phase1Cache(tmp_path, key(), "r").load() is None  # cold: no entry
 
 

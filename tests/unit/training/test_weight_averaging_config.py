@@ -59,6 +59,8 @@ def test_the_optimizer_keeps_a_moving_average_only_when_asked():
     assert optimizer(1e-3, 10, 0.9).use_ema is False
     averaged = optimizer(1e-3, 10, 0.9, ema_momentum=0.95)
     assert averaged.use_ema is True and averaged.ema_momentum == pytest.approx(0.95)
-    cfg = compose([*TINY, "trainer.ema=true", "trainer.ema_momentum=0.9"])
-    assert Phase.first(cfg).ema_momentum == Phase.second(cfg).ema_momentum == pytest.approx(0.9)
-    assert Phase.second(compose(TINY)).ema_momentum is None
+    settings = check_train_config(compose([*TINY, "trainer.ema=true", "trainer.ema_momentum=0.9"]))
+    first, second = Phase.first(settings.trainer), Phase.second(settings.finetune, settings.trainer)
+    assert first.ema_momentum == second.ema_momentum == pytest.approx(0.9)
+    plain = check_train_config(compose(TINY))
+    assert Phase.second(plain.finetune, plain.trainer).ema_momentum is None
