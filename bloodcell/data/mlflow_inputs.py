@@ -52,7 +52,7 @@ def dataset_source(data_cfg: Any) -> tuple[str, dict[str, Any]]:
     elif fmt == "medmnist":
         from bloodcell.data.formats import MEDMNIST_FILES, MEDMNIST_RECORD
 
-        filename = MEDMNIST_FILES.get(data.size, ("",))[0] if data.size is not None else ""
+        filename = MEDMNIST_FILES[data.size][0] if data.size in MEDMNIST_FILES else ""
         source = HTTPDatasetSource(f"{MEDMNIST_RECORD}/{filename}")
     else:
         generator = {"per_class": data.per_class, "image_size": data.image_size, "demo_seed": data.demo_seed}

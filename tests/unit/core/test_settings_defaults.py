@@ -249,8 +249,6 @@ NOT_CONFIG = {
     ("training/recipe.py", "HydraConfig"),
     # Python's keyword arguments of a Keras layer
     ("augment/layers.py", "kwargs"),
-    # the BloodMNIST file table
-    ("data/mlflow_inputs.py", "MEDMNIST_FILES"),
     # Optuna: the pruner the sweeper stored on the trial (its own JSON)
     ("sweep/trial.py", "frozen.system_attrs"),
     ("sweep/tables.py", "spec"),
