@@ -1,7 +1,7 @@
 """`python -m bloodcell.distill` end to end: two tiny runs averaged into an ensemble, which teaches a
 student run on its soft labels; a teacher of other data or another split is refused.
 
-The steps below share one store (module fixtures) and run in file order.
+The steps below share one copy of the session's tiny runs (tests/tiny_runs.py) and run in file order.
 """
 
 from __future__ import annotations
@@ -13,30 +13,28 @@ import pytest
 
 from tests.helpers import (
     TINY,
-    TINY_HEAD_ONLY,
     assert_ok,
     assert_user_error,
     logged_run_id,
     run_module,
-    sqlite_store,
 )
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """Two members (the second at another learning rate, so that they differ) and their ensemble."""
+def store(tiny_runs, tmp_path_factory):
+    """Two members (the session's tiny runs A and B, tests/tiny_runs.py: B resizes to 48 px inside the
+    model, so that they differ) and their ensemble, on a copy of their store. The students go to the
+    quickstart experiment."""
     import mlflow
 
     root = tmp_path_factory.mktemp("distill")
-    uri = sqlite_store(root / "mlflow.db")
-    assert_ok(run_module("bloodcell.train", *TINY_HEAD_ONLY, f"tracking.uri={uri}"))
-    assert_ok(run_module("bloodcell.train", *TINY_HEAD_ONLY, "trainer.lr=5e-3", f"tracking.uri={uri}"))
+    uri = tiny_runs.copy(root)
     client = mlflow.MlflowClient(uri)
-    experiment = client.get_experiment_by_name("quickstart").experiment_id
-    members = [r.info.run_id for r in client.search_runs([experiment])]
+    members = [tiny_runs.a, tiny_runs.b]  # A first: the plain run whose layers a student has
     proc = run_module("bloodcell.ensemble", f"runs=[{','.join(members)}]", f"tracking.uri={uri}")
     assert_ok(proc)
     teacher = client.get_run(logged_run_id(proc))
+    experiment = tiny_runs.quickstart_experiment
     return SimpleNamespace(
         root=root, uri=uri, client=client, experiment=experiment, members=members, teacher=teacher
     )

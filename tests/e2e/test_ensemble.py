@@ -2,7 +2,7 @@
 images to 48 px inside the model, averaged into one model that is logged, promoted, predicted with and
 submitted (the bundle runs in an interpreter without bloodcell).
 
-The steps below share one store (module fixtures) and run in file order.
+The steps below share one copy of the session's tiny runs (tests/tiny_runs.py) and run in file order.
 """
 
 from __future__ import annotations
@@ -18,31 +18,21 @@ import numpy as np
 import pytest
 
 from bloodcell import CLASS_NAMES
-from tests.helpers import TINY_HEAD_ONLY, assert_ok, logged_run_id, run_module, sqlite_store
+from tests.helpers import assert_ok, logged_run_id, run_module
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """Two trials of a hand-made sweep: A as the quickstart builds it, B with an in-model resize to 48 px."""
+def store(tiny_runs, tmp_path_factory):
+    """Two trials of a hand-made sweep (the session's tiny runs, tests/tiny_runs.py): A as the quickstart
+    builds it, B with an in-model resize to 48 px; on a copy of their store."""
     import mlflow
 
     root = tmp_path_factory.mktemp("ensemble")
-    uri = sqlite_store(root / "mlflow.db")
+    uri = tiny_runs.copy(root)
     client = mlflow.MlflowClient(uri)
-    experiment = client.create_experiment("members", artifact_location=(root / "artifacts").as_uri())
-    sweep = client.create_run(experiment, run_name="sweep-parent").info.run_id
-    common = [
-        *TINY_HEAD_ONLY,
-        f"tracking.uri={uri}",
-        "tracking.experiment=members",
-        f"tracking.parent_run_id={sweep}",
-    ]
-    assert_ok(run_module("bloodcell.train", *common))
-    assert_ok(run_module("bloodcell.train", *common, "backbone.input_size=48"))
-    client.set_terminated(sweep, "FINISHED")
-    runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{sweep}'")
-    [a] = [r.info.run_id for r in runs if r.data.params["backbone.input_size"] == "null"]
-    [b] = [r.info.run_id for r in runs if r.data.params["backbone.input_size"] == "48"]
+    a, b, sweep, experiment = tiny_runs.a, tiny_runs.b, tiny_runs.sweep, tiny_runs.members_experiment
+    assert client.get_run(a).data.params["backbone.input_size"] == "null"
+    assert client.get_run(b).data.params["backbone.input_size"] == "48"
     from bloodcell.data import make_demo_set
 
     images, labels = make_demo_set(per_class=2, image_size=32, seed=3)

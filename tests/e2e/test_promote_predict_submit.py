@@ -1,8 +1,10 @@
 """`bloodcell.promote`, `bloodcell.predict` and `bloodcell.submit` end to end, as a user runs them.
 
-Two tiny runs are trained once for the module, each in its own experiment: run A in ``first``, run B in
-``second`` as the child of a hand-made sweep parent. Which run is "better" is made deterministic with a
-metric the test logs itself (``score``: A 0.8, B 0.4), since 1-epoch accuracies on 15 images tie.
+Two tiny runs of the session's store (tests/tiny_runs.py), on a copy of it, each in its own experiment:
+run A, the quickstart run, alone in ``quickstart``; run B, the 48-px one, in ``members`` as a child of the
+hand-made sweep parent (its sibling logs no ``score``, so it is never ranked). Which run is "better" is made
+deterministic with a metric the test logs itself (``score``: A 0.8, B 0.4), since 1-epoch accuracies on 15
+images tie.
 The registry steps below depend on each other and run in file order.
 """
 
@@ -21,45 +23,33 @@ import numpy as np
 import pytest
 
 from bloodcell import CLASS_NAMES
-from tests.helpers import TINY_HEAD_ONLY, assert_ok, assert_user_error, run_module, sqlite_store
+from tests.helpers import assert_ok, assert_user_error, run_module
 
 SCORE = {"A": 0.8, "B": 0.4}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(tiny_runs, tmp_path_factory):
     import mlflow
 
     root = tmp_path_factory.mktemp("registry")
-    uri = sqlite_store(root / "mlflow.db")
-    run_a = run_module("bloodcell.train", *TINY_HEAD_ONLY, f"tracking.uri={uri}", "tracking.experiment=first")
-    assert_ok(run_a)
+    uri = tiny_runs.copy(root)
     client = mlflow.MlflowClient(uri)
-    second = client.create_experiment("second", artifact_location=(root / "artifacts").as_uri())
-    sweep = client.create_run(second, run_name="sweep-parent").info.run_id
-    run_b = run_module(
-        "bloodcell.train",
-        *TINY_HEAD_ONLY,
-        f"tracking.uri={uri}",
-        "tracking.experiment=second",
-        f"tracking.parent_run_id={sweep}",
-        "seed=7",
-    )
-    assert_ok(run_b)
-    client.set_terminated(sweep, "FINISHED")
     client.create_experiment("empty", artifact_location=(root / "artifacts").as_uri())
-    ids = {}
-    for key, experiment in (("A", "first"), ("B", "second")):
+    ids = {"A": tiny_runs.quickstart, "B": tiny_runs.b}
+    for key, experiment in (("A", "quickstart"), ("B", "members")):
         exp = client.get_experiment_by_name(experiment)
-        [run] = client.search_runs([exp.experiment_id], "tags.model_uri != ''")
-        client.log_metric(run.info.run_id, "score", SCORE[key])
-        ids[key] = run.info.run_id
+        assert ids[key] in {
+            r.info.run_id for r in client.search_runs([exp.experiment_id], "tags.model_uri != ''")
+        }
+        client.log_metric(ids[key], "score", SCORE[key])  # B's sibling A (no score) is never ranked
+    assert client.get_run(ids["B"]).data.tags["mlflow.parentRunId"] == tiny_runs.sweep
     from bloodcell.data import make_demo_set
 
     images, labels = make_demo_set(per_class=2, image_size=32, seed=3)
     np.savez(root / "cells.npz", images=images, labels=labels)
     np.savez(root / "cells48.npz", images=make_demo_set(per_class=1, image_size=48, seed=3)[0])
-    return SimpleNamespace(root=root, uri=uri, client=client, run=ids, sweep=sweep, images=images)
+    return SimpleNamespace(root=root, uri=uri, client=client, run=ids, sweep=tiny_runs.sweep, images=images)
 
 
 def promote(store, *args):
@@ -84,7 +74,7 @@ def champion(store) -> str | None:
 
 
 def test_promote_registers_best_run_with_provenance_and_sets_alias(store):
-    proc = promote(store, "experiment=first", "metric=score")
+    proc = promote(store, "experiment=quickstart", "metric=score")
     assert_ok(proc)
     assert versions(store) == {"1": store.run["A"]}
     assert champion(store) == "1"
@@ -104,7 +94,7 @@ def test_promote_registers_best_run_with_provenance_and_sets_alias(store):
 
 
 def test_worse_run_is_registered_but_does_not_take_the_alias(store):
-    proc = promote(store, "experiment=second", "metric=score", f"sweep={store.sweep}", "gate=metric")
+    proc = promote(store, "experiment=members", "metric=score", f"sweep={store.sweep}", "gate=metric")
     assert_ok(proc)
     assert versions(store) == {"1": store.run["A"], "2": store.run["B"]}
     assert champion(store) == "1"
@@ -112,16 +102,16 @@ def test_worse_run_is_registered_but_does_not_take_the_alias(store):
 
 
 def test_promoting_the_same_run_twice_makes_no_second_version(store):
-    proc = promote(store, "experiment=second", "metric=score")
+    proc = promote(store, "experiment=members", "metric=score")
     assert_ok(proc)
     assert len(versions(store)) == 2
     assert "is already version 2" in proc.stdout
 
 
 def test_force_moves_the_alias_and_a_better_run_takes_it_back(store):
-    assert_ok(promote(store, "experiment=second", "metric=score", "force=true"))
+    assert_ok(promote(store, "experiment=members", "metric=score", "force=true"))
     assert champion(store) == "2"
-    proc = promote(store, "experiment=first", "metric=score", "gate=metric")
+    proc = promote(store, "experiment=quickstart", "metric=score", "gate=metric")
     assert_ok(proc)
     assert champion(store) == "1" and len(versions(store)) == 2
     assert "beats holder version 2" in proc.stdout
@@ -146,7 +136,7 @@ def test_promote_bad_input_is_one_line_and_leaves_the_registry_alone(store, args
         ({"metric": "nope"}, "metric 'nope'"),
         ({"sweep": "0123abc"}, "not a run id"),
         ({"sweep": "{run_a}"}, "no FINISHED trial runs"),  # a run, but no sweep's parent
-        ({"experiment": "second", "sweep": "{run_a}"}, "belongs to experiment 'first'"),
+        ({"experiment": "members", "sweep": "{run_a}"}, "belongs to experiment 'quickstart'"),
         ({"alias": "latest"}, "reserved"),
         ({"model_name": "a/b"}, "not a valid registered model name"),
     ],
@@ -157,7 +147,7 @@ def test_promote_library_rejects_bad_input_before_touching_the_registry(store, k
     from bloodcell.core.settings import promote_settings
     from bloodcell.serving.promotion import promote as promote_run
 
-    kwargs = {"experiment": "first", **{k: v.format(run_a=store.run["A"]) for k, v in kwargs.items()}}
+    kwargs = {"experiment": "quickstart", **{k: v.format(run_a=store.run["A"]) for k, v in kwargs.items()}}
     overrides = [f"tracking.{k}={v}" if k == "experiment" else f"{k}={v}" for k, v in kwargs.items()]
     before = (versions(store), champion(store))
     with pytest.raises(UserError, match=re.escape(fragment)):

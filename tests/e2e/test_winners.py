@@ -1,9 +1,10 @@
 """Issue 15, "winners that are real, not noise", end to end: a real tiny run keeps its predictions and
 intervals; `bloodcell.compare` and the champion gate of `bloodcell.promote` run as a user runs them.
 
-One tiny run is trained for the module. The runs compared or promoted against it are made by hand in the
-same store (its tags, config and logged model, with predictions constructed so that the expected answer
-is known), since two 1-epoch models on 15 test images never differ significantly.
+One tiny run (the session's tiny quickstart run, tests/tiny_runs.py, on a copy of its store). The runs
+compared or promoted against it are made by hand in the same store (its tags, config and logged model, with
+predictions constructed so that the expected answer is known), since two 1-epoch models on 15 test images
+never differ significantly.
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ from scipy.stats import binomtest
 
 from bloodcell import CLASS_NAMES, NUM_CLASSES
 from bloodcell.evaluation import stats
-from tests.helpers import TINY_HEAD_ONLY, assert_ok, assert_user_error, run_module, sqlite_store
+from tests.helpers import TINY_HEAD_ONLY, assert_ok, assert_user_error, run_module
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tiny_runs, tmp_path_factory):
+    """The session's tiny quickstart run (tests/tiny_runs.py), alone in its experiment, on a copy of its
+    store."""
     import mlflow
 
     root = tmp_path_factory.mktemp("winners")
-    uri = sqlite_store(root / "mlflow.db")
-    assert_ok(run_module("bloodcell.train", *TINY_HEAD_ONLY, f"tracking.uri={uri}"))
+    uri = tiny_runs.copy(root)
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert run.info.run_id == tiny_runs.quickstart
     return SimpleNamespace(root=root, uri=uri, client=client, run=run)
 
 
