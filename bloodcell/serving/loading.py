@@ -14,11 +14,12 @@ if TYPE_CHECKING:
     import keras
 
 
-def resolve_model_uri(spec: str, client: Any = None) -> str:
+def resolve_model_uri(spec: str, client: Any = None, tracking_uri: str | None = None) -> str:
     """Check that ``spec`` names an existing model and return a URI/path MLflow or Keras can load.
 
     Registry names, aliases, versions and run ids are looked up first so that a typo is one clear line
-    instead of an MLflow stack trace."""
+    instead of an MLflow stack trace: in ``client``'s store, else ``tracking_uri``'s, else MLflow's
+    current one."""
     if not spec:
         raise UserError(
             "say which model: model=models:/<name>@<alias> | models:/<name>/<version> | "
@@ -29,7 +30,7 @@ def resolve_model_uri(spec: str, client: Any = None) -> str:
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        client = client or mlflow.MlflowClient()
+        client = client or mlflow.MlflowClient(tracking_uri)
         ref = spec[len("models:/") :].strip("/")
         if ref.startswith("m-") and "/" not in ref and "@" not in ref:  # a logged model id
             try:
@@ -67,7 +68,7 @@ def resolve_model_uri(spec: str, client: Any = None) -> str:
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        client = client or mlflow.MlflowClient()
+        client = client or mlflow.MlflowClient(tracking_uri)
         run_id = spec[len("runs:/") :].split("/", 1)[0]
         try:
             client.get_run(run_id)
@@ -102,12 +103,14 @@ def set_tracking(tracking_cfg: Any) -> None:
     connect(tracking_cfg)
 
 
-def load_model(spec: str) -> keras.Model:
+def load_model(spec: str, tracking_uri: str | None = None) -> keras.Model:
     """A Keras model from a registry/run URI, an MLflow model folder or a .keras/.h5 file. A file Keras
-    refuses (code that safe mode will not run, a damaged archive, not a model) is one UserError line."""
+    refuses (code that safe mode will not run, a damaged archive, not a model) is one UserError line.
+    ``tracking_uri``: the store a models:/ or runs:/ URI is looked up in, instead of MLflow's current one
+    (which stays as it is)."""
     import zipfile
 
-    uri = resolve_model_uri(spec)
+    uri = resolve_model_uri(spec, tracking_uri=tracking_uri)
     # Keras finds a layer of a saved model only when its class is registered: calibrated models end with one
     from bloodcell.serving.submission_template import TemperatureScaling  # noqa: F401
 
@@ -118,6 +121,8 @@ def load_model(spec: str) -> keras.Model:
             return keras.saving.load_model(uri, compile=False)
         import mlflow.keras
 
+        if tracking_uri and uri.startswith(("models:/", "runs:/")):
+            uri = _download(uri, tracking_uri)
         return mlflow.keras.load_model(uri)
     except (ValueError, TypeError, OSError, zipfile.BadZipFile) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -130,6 +135,30 @@ def load_model(spec: str) -> keras.Model:
         raise UserError(
             f"model {spec} cannot be loaded as a Keras model ({type(err).__name__}: {first})"
         ) from None
+
+
+def _download(uri: str, tracking_uri: str) -> str:
+    """A local copy of the models:/ or runs:/ model ``uri`` of the store at ``tracking_uri``. MLflow
+    resolves a models:/ URI (and a run's logged model) in its current store only, so a client of this
+    store is asked where the files are."""
+    import mlflow
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    client = mlflow.MlflowClient(tracking_uri)
+    if uri.startswith("models:/"):
+        found = get_model_name_and_version(client, uri)
+        if len(found) == 1:  # a logged model's id
+            uri = client.get_logged_model(found[0]).artifact_location
+        else:
+            uri = client.get_model_version_download_uri(*found)
+    else:  # runs:/<run id>/<name>: the run's logged model of that name, or (older runs) its artifacts
+        run_id, _, name = uri[len("runs:/") :].partition("/")
+        run = client.get_run(run_id)
+        query = f"source_run_id = '{run_id}' AND name = '{name.strip('/')}'"
+        logged = client.search_logged_models([run.info.experiment_id], filter_string=query, max_results=1)
+        if logged:
+            uri = logged[0].artifact_location
+    return mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
 
 
 def model_image_shape(model: Any) -> tuple[int | None, int | None, int]:

@@ -59,14 +59,14 @@ def resolve_weights(backbone_cfg: Mapping[str, Any]) -> tuple[str | None, str | 
 
     ``auto`` looks, without going online, for MobileNet's ImageNet weights of the configured alpha:
     ../shared/weights (alpha 0.25), then Keras' download cache (~/.keras/models, or $KERAS_HOME)."""
-    weights = backbone_cfg.get("weights")
-    name = backbone_cfg.get("name")
+    weights, name = backbone_cfg["weights"], backbone_cfg["name"]
     if weights is None:
         return None, "cleaning.embedding.backbone.weights=null"
     if weights != "auto":
         return str(weights), None
     if name == "mobilenet":
-        alpha = float((backbone_cfg.get("kwargs") or {}).get("alpha", 1.0))
+        kwargs = backbone_cfg["kwargs"] or {}  # what the backbone builder passes to Keras' MobileNet
+        alpha = float(kwargs["alpha"]) if "alpha" in kwargs else 1.0  # Keras' own width when not given
         tag = {1.0: "1_0", 0.75: "7_5", 0.5: "5_0", 0.25: "2_5"}.get(alpha, "")  # Keras' file naming
         found = [SHARED_WEIGHTS] if tag == "2_5" and SHARED_WEIGHTS.is_file() else []
         found += sorted(_keras_cache().glob(f"mobilenet_{tag}_*_tf_no_top.h5")) if tag else []
@@ -111,21 +111,15 @@ def _statistics(stats_of: Any, tiles: int) -> Any:
 def _trained_parts(spec: str, tracking_uri: str | None) -> tuple[list, Any]:
     """The layers before a trained bloodcell model's nested ``backbone`` (resizing, preprocessing) and the
     backbone itself."""
-    import mlflow
-
     from bloodcell.serving.loading import load_model
 
-    before = mlflow.get_tracking_uri()
+    uri = None
     if spec.startswith(("models:/", "runs:/")):
         from bloodcell.tracking import check_reachable, resolve_tracking_uri
 
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or resolve_tracking_uri({"uri": None})
         check_reachable(uri)
-        mlflow.set_tracking_uri(uri)
-    try:
-        model = load_model(spec)
-    finally:
-        mlflow.set_tracking_uri(before)  # training's own store stays what it was
+    model = load_model(spec, tracking_uri=uri)  # looked up there: MLflow's current store is not changed
     names = [layer.name for layer in model.layers]
     if "backbone" not in names:
         raise UserError(
@@ -149,8 +143,8 @@ def feature_network(
 
     inputs = keras.Input(tuple(image_shape), name="image")
     x = inputs
-    if emb_cfg.get("model"):
-        chain, backbone = _trained_parts(str(emb_cfg["model"]), emb_cfg.get("tracking_uri"))
+    if emb_cfg["model"]:
+        chain, backbone = _trained_parts(str(emb_cfg["model"]), emb_cfg["tracking_uri"])
         what = f"model {emb_cfg['model']}"
     else:
         from omegaconf import OmegaConf
@@ -159,7 +153,7 @@ def feature_network(
         weights, off = resolve_weights(bcfg)
         if weights is None:
             return None, str(off)
-        size = bcfg.get("input_size") or image_shape[0]
+        size = bcfg["input_size"] or image_shape[0]
         backbone = build_backbone(OmegaConf.create({**bcfg, "weights": weights, "input_size": int(size)}))
         chain = (
             [keras.layers.Resizing(size, size)] if tuple(image_shape[:2]) != (size, size) else []
@@ -167,7 +161,7 @@ def feature_network(
         what = f"{bcfg['name']} {Path(weights).name if weights != 'imagenet' else 'imagenet'}"
     for layer in chain:
         x = layer(x)
-    wanted = {"image": emb_cfg.get("layer"), "tile": emb_cfg.get("tile_layer")}
+    wanted = {"image": emb_cfg["layer"], "tile": emb_cfg["tile_layer"]}
     if wanted["tile"] is None:
         del wanted["tile"]
     taps = []
@@ -195,8 +189,8 @@ def network_digest(emb_cfg: Mapping[str, Any]) -> str:
     """What the features depend on (not the thresholds), with ``auto`` weights resolved to the file found
     (or to off): names a cached set of features, and enters the cleaning cache key."""
     keys = ("model", "backbone", "layer", "tile_layer", "tiles")
-    named = {k: emb_cfg.get(k) for k in keys}
-    if not emb_cfg.get("model"):
+    named = {k: emb_cfg[k] for k in keys}
+    if not emb_cfg["model"]:
         named["weights_found"] = resolve_weights(emb_cfg["backbone"])[0]
     return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -215,7 +209,7 @@ def embed(images: np.ndarray, emb_cfg: Mapping[str, Any]) -> tuple[dict[str, np.
         net, what = _NETWORKS[key]
     else:
         net, what = feature_network(emb_cfg, images.shape[1:])
-        if net is not None and not emb_cfg.get("model"):
+        if net is not None and not emb_cfg["model"]:
             _NETWORKS.clear()  # one at a time: a network holds a few MB
             _NETWORKS[key] = (net, what)
     if net is None:

@@ -11,7 +11,7 @@ import pytest
 from bloodcell.core.errors import UserError
 from bloodcell.data.cleaning import embedding as emb
 from bloodcell.data.cleaning import find_unwanted, find_unwanted_cached
-from tests.helpers import SHARED_WEIGHTS, needs_shared_weights
+from tests.helpers import SHARED_WEIGHTS, needs_shared_weights, sqlite_store
 from tests.smears import foreign_picture, smear_set
 
 # the hand-made outlier check off, so that only the embedding can flag a foreign image
@@ -87,6 +87,52 @@ def test_a_trained_model_can_be_the_network(cells_and_photos, tmp_path):
 
     with pytest.raises(UserError, match="not a layer"):
         find_unwanted(x, y, {"embedding": {"model": str(path), "layer": "conv_pw_3_relu"}})
+
+
+def test_a_registered_model_is_read_from_its_store_and_mlflow_s_current_store_stays(
+    cells_and_photos, tmp_path, monkeypatch
+):
+    """cleaning.embedding.model=models:/<name>@<alias> is looked up in cleaning.embedding.tracking_uri
+    without pointing MLflow elsewhere, even for a moment (training cleans inside its run, on its store)."""
+    import keras
+    import mlflow
+
+    from bloodcell.models.backbones import small_cnn
+
+    x, y, _ = cells_and_photos
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input(x.shape[1:])
+    backbone = small_cnn(x.shape[1:], filters=(8, 16))
+    backbone.name = "backbone"
+    model = keras.Model(inputs, keras.layers.Dense(8)(backbone(keras.layers.Rescaling(1 / 255.0)(inputs))))
+    model.save(tmp_path / "model.keras")
+    store, training = sqlite_store(tmp_path / "models.db"), sqlite_store(tmp_path / "training.db")
+    client = mlflow.MlflowClient(store)
+    experiment = client.create_experiment("models", artifact_location=(tmp_path / "artifacts").as_uri())
+    previous, set_tracking_uri = mlflow.get_tracking_uri(), mlflow.set_tracking_uri
+    try:
+        mlflow.set_tracking_uri(store)  # the fluent API logs to the current store
+        with mlflow.start_run(experiment_id=experiment) as run:
+            logged = mlflow.keras.log_model(model, name="model")
+        client.create_registered_model("cells")
+        version = client.create_model_version(
+            "cells", source=logged.model_uri, run_id=run.info.run_id, model_id=logged.model_id
+        )
+        client.set_registered_model_alias("cells", "champion", version.version)
+        mlflow.set_tracking_uri(training)
+        monkeypatch.setattr(mlflow, "set_tracking_uri", lambda uri: pytest.fail(f"MLflow pointed at {uri}"))
+        layers = {"layer": "conv_block1_relu2", "tile_layer": "conv_block1_relu1"}
+        for spec in ("models:/cells@champion", f"runs:/{run.info.run_id}/model"):
+            cfg = {**EMBEDDING_ONLY, "embedding": {"model": spec, "tracking_uri": store, **layers}}
+            from_store = find_unwanted(x, y, cfg)
+            assert mlflow.get_tracking_uri() == training
+            from_file = find_unwanted(
+                x, y, {**EMBEDDING_ONLY, "embedding": {"model": str(tmp_path / "model.keras"), **layers}}
+            )
+            for key, z in from_file.scores.items():
+                np.testing.assert_allclose(from_store.scores[key], z, rtol=1e-5, atol=1e-6)
+    finally:
+        set_tracking_uri(previous)
 
 
 def test_without_weights_the_hand_made_checks_run_and_a_note_says_so(monkeypatch, tmp_path):
