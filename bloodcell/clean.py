@@ -7,7 +7,7 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bloodcell import PROJECT_ROOT
 from bloodcell.core.cli import run_or_exit
@@ -22,11 +22,11 @@ def clean_file(cfg: DictConfig) -> dict[str, Path]:
     """What ``python -m bloodcell.clean`` does: read, find, write the cleaned npz and the report."""
     from bloodcell.data import read_folder, read_npz, resolve_path
 
-    if not cfg.get("input"):
+    if OmegaConf.is_missing(cfg, "input") or not cfg.input:
         raise UserError(
             "no input given; run python -m bloodcell.clean input=<file.npz or folder> output=<file.npz>"
         )
-    if not cfg.get("output"):
+    if OmegaConf.is_missing(cfg, "output") or not cfg.output:
         raise UserError("no output given; add output=<file.npz> (the input is never modified)")
     src = resolve_path(cfg.input)
     out = Path(str(cfg.output)).expanduser()
@@ -38,14 +38,14 @@ def clean_file(cfg: DictConfig) -> dict[str, Path]:
         )
     if out.resolve() == src.resolve():
         raise UserError(f"output {out} is the input; choose another file (the input is never modified)")
-    if out.exists() and not cfg.get("overwrite", False):
+    if out.exists() and not cfg.overwrite:
         raise UserError(f"output {out} already exists; choose another name or add overwrite=true")
-    resolve_cfg(cfg.get("cleaning"))  # a bad setting is reported before the data is read
+    resolve_cfg(cfg.cleaning)  # a bad setting is reported before the data is read
     # unreadable images of a folder are skipped with a warning that names them (read_folder)
     images, labels = read_folder(src)[:2] if src.is_dir() else read_npz(src)
     print(f"cleaning {src}: {len(labels)} images", flush=True)
-    result = find_unwanted(images, labels, cfg.get("cleaning"))
-    report_dir = Path(str(cfg.report_dir)) if cfg.get("report_dir") else out.with_name(out.stem + "_cleaning")
+    result = find_unwanted(images, labels, cfg.cleaning)
+    report_dir = Path(str(cfg.report_dir)) if cfg.report_dir else out.with_name(out.stem + "_cleaning")
     paths = write_report(result, images, labels, report_dir, source=str(src))
     with atomic_path(out) as partial:  # a failure part-way leaves no truncated file, and no temporary one
         np.savez(
@@ -64,3 +64,7 @@ def clean_file(cfg: DictConfig) -> dict[str, Path]:
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="clean")
 def main(cfg: DictConfig) -> None:
     run_or_exit(clean_file, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,7 @@ import numpy as np
 
 from bloodcell import CLASS_NAMES
 from bloodcell.core.outputs import atomic_path
-from bloodcell.data.cleaning.config import defaults
+from bloodcell.data.cleaning.config import resolve_cfg
 from bloodcell.data.cleaning.result import SCORE_MEANING, CleaningResult
 
 
@@ -50,7 +50,7 @@ def contact_sheet(
     and the tile size default to the ``report`` section of the result's settings."""
     from PIL import Image, ImageDraw
 
-    sheet_cfg = {**defaults()["report"], **result.config.get("report", {})}
+    sheet_cfg = resolve_cfg(result.config)["report"]  # its settings, the defaults' for a result without
     per_reason = int(sheet_cfg["per_reason"] if per_reason is None else per_reason)
     columns = int(sheet_cfg["columns"] if columns is None else columns)
     labels = np.asarray(labels).reshape(-1)
