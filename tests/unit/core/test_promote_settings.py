@@ -45,3 +45,13 @@ def test_a_bad_value_is_one_line(override, message):
     with pytest.raises(UserError) as caught:
         promote_settings(compose([override], "promote"))
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_every_gate_option_is_a_gate_promote_knows():
+    from bloodcell import PROJECT_ROOT
+    from bloodcell.serving.gates import GATES
+
+    names = sorted(path.stem for path in (PROJECT_ROOT / "conf" / "gate").glob("*.yaml"))
+    assert names == sorted(GATES)
+    for name in names:
+        assert promote_settings(compose([f"gate={name}"], "promote")).gate.name == name
