@@ -72,6 +72,41 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     )
 
 
+# A submission bundle's model.py run as the competition runs it: an isolated interpreter (-I, no PYTHONPATH)
+# in which bloodcell cannot be imported; each name=path argument saves the predicted class ids of that npz
+# file's images as <name>.npy (zeros96: three black 96x96 images)
+BUNDLE_RUNNER = """
+import os, sys
+sys.modules["bloodcell"] = None  # the editable install would otherwise make it importable anywhere
+try:
+    import bloodcell
+except ImportError:
+    print("bloodcell not importable")
+sys.path.insert(0, os.getcwd())
+import numpy as np
+from model import Model
+model = Model()
+for arg in sys.argv[1:]:
+    name, path = arg.split("=", 1)
+    images = np.zeros((3, 96, 96, 3), np.uint8) if path == "zeros96" else np.load(path)["images"]
+    np.save(f"{name}.npy", model.predict(images))
+"""
+
+
+def run_bundle(folder: Path, **inputs: Path | str) -> subprocess.CompletedProcess:
+    """BUNDLE_RUNNER in ``folder`` (an unpacked submission bundle) on ``name=npz file`` inputs."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run(
+        [sys.executable, "-I", "-c", BUNDLE_RUNNER, *(f"{name}={path}" for name, path in inputs.items())],
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def logged_run_id(proc: subprocess.CompletedProcess) -> str:
     """The run id an ensemble or distill command prints as ``logged as run <id>``."""
     [line] = [line for line in proc.stdout.splitlines() if line.startswith("logged as run ")]
@@ -128,6 +163,32 @@ def write_image_folder(root: Path, per_class: int, image_size: int = 32, seed: i
         (root / CLASS_NAMES[label]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(root / CLASS_NAMES[label] / f"{i:03d}.jpg")
     return root
+
+
+def demo_npz(folder: Path, name: str = "cells.npz", column_labels: bool = False) -> Path:
+    """64 synthetic 32x32 cells (8 per class, seed 1) as ``folder/name``; labels as make_demo_set gives
+    them, or as the competition's file has them (``column_labels``: (N, 1) uint8)."""
+    from bloodcell.data import make_demo_set
+
+    images, labels = make_demo_set(8, 32, seed=1)
+    if column_labels:
+        labels = labels.astype(np.uint8).reshape(-1, 1)
+    return write_npz(folder / name, images, labels)
+
+
+def jpeg_file(folder: Path) -> Path:
+    """One synthetic cell as ``folder/cell.jpg``: a picture where an npz archive is expected."""
+    from PIL import Image
+
+    from bloodcell.data import make_demo_set
+
+    Image.fromarray(make_demo_set(1, 32)[0][0]).save(folder / "cell.jpg")
+    return folder / "cell.jpg"
+
+
+def cut_short(path: Path, keep: int) -> None:
+    """Only the first ``keep`` bytes of ``path`` stay: an image or archive copied half-way."""
+    path.write_bytes(path.read_bytes()[:keep])
 
 
 def truncated_copy(path: Path) -> Path:

@@ -14,6 +14,9 @@ from tests.helpers import (
     TINY,
     assert_ok,
     assert_user_error,
+    cut_short,
+    demo_npz,
+    jpeg_file,
     run_module,
     truncated_copy,
     write_image_folder,
@@ -22,19 +25,11 @@ from tests.helpers import (
 
 
 def _npz(tmp: Path) -> Path:
-    images, labels = make_demo_set(8, 32, seed=1)
-    return write_npz(tmp / "cells.npz", images, labels.astype(np.uint8).reshape(-1, 1))
+    return demo_npz(tmp, column_labels=True)
 
 
 def _truncated(tmp: Path) -> Path:
     return truncated_copy(_npz(tmp))
-
-
-def _jpeg(tmp: Path) -> Path:
-    from PIL import Image
-
-    Image.fromarray(make_demo_set(1, 32)[0][0]).save(tmp / "cell.jpg")
-    return tmp / "cell.jpg"
 
 
 def _one_class(tmp: Path) -> Path:
@@ -49,7 +44,7 @@ def _folder(tmp: Path) -> Path:
 def _corrupt_one(folder: Path) -> str:
     """Cuts one JPEG short; returns its path relative to the folder."""
     victim = sorted((folder / "eosinophil").iterdir())[0]
-    victim.write_bytes(victim.read_bytes()[:200])
+    cut_short(victim, 200)
     return f"eosinophil/{victim.name}"
 
 
@@ -65,7 +60,7 @@ TRAIN_CASES: list[tuple[str, Make, list[str], list[str]]] = [
     ("truncated-npz", _truncated, ["data=npz", "data.path={}"], ["half.npz", "truncated"]),
     ("folder-as-file", lambda tmp: tmp, ["data=npz", "data.path={}"], ["is a folder", "data=folder"]),
     ("dev-null", lambda tmp: "/dev/null", ["data=npz", "data.path={}"], ["/dev/null is not a regular file"]),
-    ("jpeg-as-npz", _jpeg, ["data=npz", "data.path={}"], ["cell.jpg is a JPEG image", "not an npz"]),
+    ("jpeg-as-npz", jpeg_file, ["data=npz", "data.path={}"], ["cell.jpg is a JPEG image", "not an npz"]),
     ("one-class", _one_class, ["data=npz", "data.path={}"], ["one class (basophil)", "at least 2 classes"]),
     ("limit-5", lambda tmp: None, ["data.limit=5"], ["data.limit=5", "needs 48 images"]),
     ("batch-0", lambda tmp: None, ["trainer.batch_size=0"], ["trainer.batch_size=0", "e.g."]),

@@ -8,9 +8,7 @@ The steps below share one copy of the session's tiny runs (tests/tiny_runs.py) a
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
-import sys
 import zipfile
 from types import SimpleNamespace
 
@@ -18,7 +16,7 @@ import numpy as np
 import pytest
 
 from bloodcell import CLASS_NAMES
-from tests.helpers import assert_ok, logged_run_id, run_module
+from tests.helpers import assert_ok, logged_run_id, run_bundle, run_module
 
 
 @pytest.fixture(scope="module")
@@ -132,20 +130,6 @@ def test_predict_with_the_ensemble_gives_the_mean_of_its_members_models(store, p
     assert np.allclose(got, np.mean(members, axis=0), atol=1e-5)
 
 
-RUNNER = """
-import os, sys
-sys.modules["bloodcell"] = None  # the editable install would otherwise make it importable anywhere
-try:
-    import bloodcell
-except ImportError:
-    print("bloodcell not importable")
-sys.path.insert(0, os.getcwd())
-import numpy as np
-from model import Model
-np.save("ids.npy", Model().predict(np.load(sys.argv[1])["images"]))
-"""
-
-
 def test_ensemble_submission_runs_without_bloodcell(store, predictions, tmp_path):
     bundle = tmp_path / "submission.zip"
     proc = run_module(
@@ -157,16 +141,7 @@ def test_ensemble_submission_runs_without_bloodcell(store, predictions, tmp_path
     assert_ok(proc)
     with zipfile.ZipFile(bundle) as zf:
         zf.extractall(tmp_path / "fresh")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", RUNNER, str(store.root / "cells.npz")],
-        cwd=tmp_path / "fresh",
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_bundle(tmp_path / "fresh", ids=store.root / "cells.npz")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bloodcell not importable" in proc.stdout
     assert np.load(tmp_path / "fresh" / "ids.npy").tolist() == [int(row["class_id"]) for row in predictions]

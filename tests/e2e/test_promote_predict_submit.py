@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import ast
 import csv
-import os
 import re
-import subprocess
-import sys
 import zipfile
 from types import SimpleNamespace
 
@@ -23,7 +20,7 @@ import numpy as np
 import pytest
 
 from bloodcell import CLASS_NAMES
-from tests.helpers import assert_ok, assert_user_error, run_module
+from tests.helpers import assert_ok, assert_user_error, run_bundle, run_module
 
 SCORE = {"A": 0.8, "B": 0.4}
 
@@ -348,22 +345,6 @@ def test_predict_arrays_batches_and_averages_over_flips_and_rotations():
 
 # ------------------------------------------------------------------------------------------- submit
 
-ISOLATED_RUNNER = """
-import os, sys
-sys.modules["bloodcell"] = None  # the editable install would otherwise make it importable anywhere
-try:
-    import bloodcell
-except ImportError:
-    print("bloodcell not importable")
-sys.path.insert(0, os.getcwd())
-import numpy as np
-from model import Model
-model = Model()
-np.save("ids.npy", model.predict(np.load(sys.argv[1])["images"]))
-np.save("ids96.npy", model.predict(np.zeros((3, 96, 96, 3), np.uint8)))
-np.save("ids48.npy", model.predict(np.load(sys.argv[2])["images"]))
-"""
-
 
 def test_submission_predicts_like_predict_without_bloodcell(store, predictions, predictions48, tmp_path):
     bundle = tmp_path / "submission.zip"
@@ -392,22 +373,8 @@ def test_submission_predicts_like_predict_without_bloodcell(store, predictions, 
     with zipfile.ZipFile(unpacked / "model.keras") as keras_zip:
         assert b'"TemperatureScaling"' in keras_zip.read("config.json")
 
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-I",
-            "-c",
-            ISOLATED_RUNNER,
-            str(store.root / "cells.npz"),
-            str(store.root / "cells48.npz"),
-        ],
-        cwd=unpacked,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_bundle(
+        unpacked, ids=store.root / "cells.npz", ids96="zeros96", ids48=store.root / "cells48.npz"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bloodcell not importable" in proc.stdout

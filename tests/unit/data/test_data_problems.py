@@ -12,23 +12,11 @@ from omegaconf import OmegaConf
 
 from bloodcell.core.errors import UserError
 from bloodcell.data import Arrays, load_arrays, make_demo_set, read_folder, read_npz, split_arrays
-from tests.helpers import truncated_copy, write_image_folder, write_npz
-
-
-def _cells(tmp_path: Path) -> Path:
-    images, labels = make_demo_set(8, 32, seed=1)
-    return write_npz(tmp_path / "cells.npz", images, labels)
+from tests.helpers import cut_short, demo_npz, jpeg_file, truncated_copy, write_image_folder, write_npz
 
 
 def _truncated(tmp_path: Path) -> Path:
-    return truncated_copy(_cells(tmp_path))
-
-
-def _jpeg(tmp_path: Path) -> Path:
-    from PIL import Image
-
-    Image.fromarray(make_demo_set(1, 32)[0][0]).save(tmp_path / "cell.jpg")
-    return tmp_path / "cell.jpg"
+    return truncated_copy(demo_npz(tmp_path))
 
 
 def _npy(tmp_path: Path) -> Path:
@@ -64,7 +52,7 @@ def _garbled_member(tmp_path: Path) -> Path:
         (_truncated, ["truncated", "copy or download it again"]),
         (lambda tmp: tmp, ["is a folder", "data=folder"]),
         (lambda tmp: Path("/dev/null"), ["/dev/null is not a regular file"]),
-        (_jpeg, ["is a JPEG image, not an npz archive", "data=folder"]),
+        (jpeg_file, ["is a JPEG image, not an npz archive", "data=folder"]),
         (_npy, ["a single .npy array", "numpy.savez"]),
         (_empty, ["is empty"]),
         (_text, ["not an npz (zip) archive"]),
@@ -88,7 +76,7 @@ def _folder(tmp_path: Path) -> Path:
 def _damage(folder: Path) -> list[str]:
     """One truncated JPEG and one file that is no image at all; returns their relative paths."""
     cut = sorted((folder / "basophil").iterdir())[0]
-    cut.write_bytes(cut.read_bytes()[:300])
+    cut_short(cut, 300)
     (folder / "platelet" / "zz.png").write_bytes(b"not a png")
     return [f"basophil/{cut.name}", "platelet/zz.png"]
 
