@@ -68,12 +68,12 @@ def main_task(cfg: DictConfig) -> Comparison:
 
     set_tracking(cfg.tracking)
     client = mlflow.MlflowClient()
-    models = candidates(client, _specs(cfg.runs), cfg.get("sweep"), int(cfg.top))
+    models = candidates(client, _specs(cfg.runs), cfg.sweep, int(cfg.top))
     comparison = run_comparison(
         client,
         models,
         split=str(cfg.split),
-        eval_path=cfg.get("eval"),
+        eval_path=cfg.eval,
         allow_different=bool(cfg.allow_different),
         sheet=bool(cfg.contact_sheet),
     )
@@ -82,7 +82,7 @@ def main_task(cfg: DictConfig) -> Comparison:
     print()
     print(comparison.text())
     if cfg.log:
-        params = {"split": cfg.split, "eval": cfg.get("eval"), "runs": [m.run_id for m in models]}
+        params = {"split": cfg.split, "eval": cfg.eval, "runs": [m.run_id for m in models]}
         run_id = log_comparison(client, cfg.tracking.experiment, comparison, params)
         print(f"\nlogged as run {run_id} in experiment '{cfg.tracking.experiment}'")
     return comparison

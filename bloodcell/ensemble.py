@@ -64,7 +64,7 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("top", "size", "batch_size"):
         if int(cfg[key]) < 1:
             raise UserError(f"{key}={cfg[key]} must be >= 1")
-    if not _specs(cfg.runs) and not cfg.get("sweep"):
+    if not _specs(cfg.runs) and not cfg.sweep:
         raise UserError("say which runs: runs=[<run id>,<run id>] or sweep=<parent run id> top=<k>")
 
 
@@ -94,15 +94,6 @@ def summary(ensemble: Ensemble, run_cfg: DictConfig) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="ensemble")
-def main(cfg: DictConfig) -> None:
-    run_or_exit(make_ensemble, cfg)
-
-
-if __name__ == "__main__":
-    main()
-
-
 def make_ensemble(cfg: DictConfig) -> Ensemble:
     """Members -> selection -> one Keras model -> evaluated on the members' splits -> logged as a run.
     Everything the user can get wrong is checked before any model loads or any run starts."""
@@ -115,7 +106,7 @@ def make_ensemble(cfg: DictConfig) -> Ensemble:
     check_config(cfg)
     set_tracking(cfg.tracking)
     client = mlflow.MlflowClient()
-    models = candidates(client, _specs(cfg.runs), cfg.get("sweep"), int(cfg.top), command="ensemble")
+    models = candidates(client, _specs(cfg.runs), cfg.sweep, int(cfg.top), command="ensemble")
     check_members(models)
     members, weights = select(client, models, str(cfg.selection), int(cfg.size))
     data = run_splits(members[0].run)
@@ -126,3 +117,12 @@ def make_ensemble(cfg: DictConfig) -> Ensemble:
     ensemble.run_id = record_ensemble(run_cfg, ensemble) if cfg.log else ""
     print(summary(ensemble, run_cfg))
     return ensemble
+
+
+@hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="ensemble")
+def main(cfg: DictConfig) -> None:
+    run_or_exit(make_ensemble, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -169,20 +169,20 @@ def ensemble_config(cfg: DictConfig, client: Any, ensemble: Ensemble) -> DictCon
     for key in ("data", "cleaning", "seed", "objective"):
         if key in first:
             run_cfg[key] = first[key]
-    run_cfg.model_name = cfg.get("model_name") or first.get("model_name")
+    run_cfg.model_name = cfg.model_name or first.get("model_name")  # an older member run may have none
     run_cfg.ensemble = {
         "members": len(ensemble.members),
         "runs": [m.run_id for m in ensemble.members],
         "weights": ensemble.weights,
     }
-    sweep = cfg.get("sweep")
+    sweep = cfg.sweep
     if sweep:  # nested under the sweep: in its experiment
         parent = client.get_run(sweep)
         run_cfg.tracking.parent_run_id = sweep
         run_cfg.tracking.experiment = client.get_experiment(parent.info.experiment_id).name
-    elif not cfg.tracking.get("experiment"):
+    elif not cfg.tracking.experiment:
         run_cfg.tracking.experiment = ensemble.members[0].experiment
-    if not cfg.tracking.get("run_name"):
+    if not cfg.tracking.run_name:
         run_cfg.tracking.run_name = f"ensemble-{cfg.selection}-{len(ensemble.members)}"
     return run_cfg
 
