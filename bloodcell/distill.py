@@ -43,7 +43,8 @@ def check_config(cfg: DictConfig) -> DistillRunSchema:
     """The training config and the distill section, in one pass (bloodcell.core.settings); one student.
     Returns the settings, which the student's run reads (`bloodcell.training.recipe.train` does not check
     them again)."""
-    from bloodcell.core.settings import DistillRunSchema, train_settings
+    from bloodcell.core.settings import DistillRunSchema
+    from bloodcell.training.recipe import check_config as check_train_config
     from bloodcell.training.repeats import plan
 
     if not cfg.teacher:
@@ -51,7 +52,7 @@ def check_config(cfg: DictConfig) -> DistillRunSchema:
             "say which model teaches: teacher=<run id> | models:/<name>@<alias> | models:/<name>/<version>, "
             "e.g. the run id an ensemble printed"
         )
-    settings = train_settings(cfg, DistillRunSchema)
+    settings = check_train_config(cfg, DistillRunSchema)
     kind, count = plan(settings)
     if kind:  # a fold's split is not its teacher's, and repeats would each need a teacher of their split
         raise UserError(

@@ -35,7 +35,7 @@ from bloodcell.serving.promotion import Promotion, promote
 
 
 def main_task(cfg: DictConfig) -> Promotion:
-    from bloodcell.core.settings import promote_settings
+    from bloodcell.serving.settings import promote_settings
     from bloodcell.tracking import connect
 
     settings = promote_settings(cfg)  # every bad value is one line, before the tracking store is touched

@@ -18,11 +18,12 @@ written, with this schema's defaults for the keys it leaves out (unchecked: code
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bloodcell import NUM_CLASSES
 from bloodcell.core.errors import UserError
@@ -119,8 +120,6 @@ class DataSchema(Group):
 
     @model_validator(mode="after")
     def _enough_for_a_split(self) -> DataSchema:
-        from bloodcell.data import min_images
-
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
                 f"data.val_fraction={self.val_fraction} and data.test_fraction={self.test_fraction} leave "
@@ -146,21 +145,8 @@ class BackboneSchema(Group):
     input_size: int | None = fix("the side images are resized to, e.g. 128, or null", default=None, ge=32)
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        from bloodcell.models.backbones import get_spec
-
-        get_spec(name)  # its UserError lists the known backbones
-        return name
-
-    @field_validator("weights")
-    @classmethod
-    def _exists(cls, weights: str | None) -> str | None:
-        from bloodcell.models.backbones import check_weights
-
-        check_weights(weights)  # its UserError says what to give instead
-        return weights
+    # whether the name is a known backbone and the weights file exists is the backbone module's to say:
+    # models.backbones.check_backbone, right after this pass (bloodcell.training.recipe.check_config)
 
 
 class HeadSchema(Group):
@@ -333,28 +319,40 @@ def train_settings(cfg: Any, schema: type[T] = TrainSchema) -> T:  # type: ignor
     every value within its domain, or a UserError (one line) for the first that is not, before anything is
     loaded or started. Also warns about passwords written into the config in plain text (Hydra saves the
     config)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        plain = OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as err:  # e.g. ${oc.env:VARIABLE} of a variable that is not set
-        where = f" ({err.full_key})" if getattr(err, "full_key", None) else ""
-        raise UserError(f"the config does not resolve{where}: {str(err).splitlines()[0]}") from None
-    try:
-        settings = schema.model_validate(plain)
-    except ValidationError as err:
-        raise UserError(_one_line(err, schema)) from None
-    if settings.data.clean:
-        from bloodcell.data.cleaning.config import resolve_cfg
-
-        resolve_cfg(settings.cleaning)
+    settings = validated(cfg, schema)
     warn_plain_secrets(cfg)
     return settings
 
 
-#: the name the checks were first known by (tests, other commands)
-check_train_config = train_settings
+def validated(cfg: Any, schema: type[G]) -> G:
+    """A composed config (a DictConfig, or a plain dict of the same keys) as ``schema``'s settings, or a
+    UserError whose one line names the first bad value, its key and a fix."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        plain = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:  # e.g. ${oc.env:VARIABLE} of a variable that is not set
+        where = f" ({err.full_key})" if getattr(err, "full_key", None) else ""
+        raise UserError(f"the config does not resolve{where}: {str(err).splitlines()[0]}") from None
+    try:
+        return schema.model_validate(plain)
+    except ValidationError as err:
+        raise UserError(_one_line(err, schema)) from None
+
+
+def min_images(n_classes: int, val_fraction: float, test_fraction: float) -> int:
+    """The fewest images a stratified train / validation / test split of ``n_classes`` classes takes:
+    scikit-learn wants each part to hold at least one image per class, with the test part
+    ceil(n * test_fraction) and validation ceil(rest * val_fraction / (1 - test_fraction)) of the rest.
+    (Here, not in bloodcell.data: the schema checks ``data.limit`` against it before any data loads.)"""
+    val_share = val_fraction / (1 - test_fraction)
+    for n in range(n_classes * 3, 10**7):  # three parts, each at least one image per class
+        test = math.ceil(n * test_fraction)
+        val = math.ceil((n - test) * val_share)
+        if min(test, val, n - test - val) >= n_classes:
+            return n
+    raise ValueError(f"no split fits val_fraction={val_fraction}, test_fraction={test_fraction}")
 
 
 # pydantic's "Input should be greater than or equal to 1" as "must be >= 1"
@@ -442,95 +440,3 @@ def warn_plain_secrets(cfg: Any) -> None:
             )  # fmt: skip
 
     walk(OmegaConf.to_container(cfg, resolve=False), "")
-
-
-# ------------------------------------------------------------------- promote: conf/promote.yaml, conf/gate/
-# Settings objects, not only checks: `promote_settings` validates the composed config once, in the command,
-# and bloodcell.serving.promotion.promote and its gates read their values from what it returns. Every key is
-# required here: conf/promote.yaml and conf/gate/*.yaml hold the defaults.
-
-
-class GateSettings(Group):
-    """conf/gate/<name>.yaml: ``mcnemar`` (McNemar's exact test at ``alpha`` and no class's recall down by
-    more than ``max_class_drop``) or ``metric`` (a higher metric; it has neither value)."""
-
-    name: str
-    alpha: float | None = None
-    max_class_drop: float | None = None
-
-    @model_validator(mode="after")
-    def _known_and_in_range(self) -> GateSettings:
-        if self.name not in ("mcnemar", "metric"):  # bloodcell.serving.gates.GATES
-            raise ValueError(f"gate={self.name!r} is unknown; use gate=mcnemar (statistical) or gate=metric")
-        if self.name == "mcnemar":
-            alpha, drop = self.alpha, self.max_class_drop
-            if alpha is None or drop is None or not 0 < alpha < 1 or not 0 <= drop <= 1:
-                raise ValueError(
-                    f"gate.alpha={alpha} must be in (0, 1) and gate.max_class_drop={drop} in [0, 1] "
-                    "(a recall fraction: 0.02 = 2 points)"
-                )
-        return self
-
-
-class PromoteTracking(Group):
-    """The ``tracking`` group as promote reads it: the experiment whose runs compete (none with ``run=``)."""
-
-    experiment: str | None
-
-
-class PromoteSettings(Group):
-    """conf/promote.yaml (``python -m bloodcell.promote``) with its gate."""
-
-    tracking: PromoteTracking
-    sweep: str | None
-    run: str | None
-    metric: str = fix("a final run metric, e.g. metric=best_val_accuracy", min_length=1)
-    model_name: str | None
-    alias: str
-    eval: str | None
-    force: bool
-    gate: GateSettings
-
-    @field_validator("eval")
-    @classmethod
-    def _exists(cls, eval_path: str | None) -> str | None:
-        from bloodcell.data import resolve_path
-
-        if eval_path and not resolve_path(eval_path).exists():
-            raise ValueError(f"eval={eval_path} not found; give a labelled .npz or a folder of class folders")
-        return eval_path
-
-    @model_validator(mode="after")
-    def _valid_names(self) -> PromoteSettings:
-        from bloodcell.serving.registry import DEFAULT_MODEL_NAME, check_names
-
-        try:
-            check_names(self.model_name or DEFAULT_MODEL_NAME, self.alias)
-        except UserError as err:
-            raise ValueError(str(err)) from None
-        return self
-
-    def recorded(self) -> dict[str, Any]:
-        """What a gate decision is written with (``gate.<key>`` tags of the model version)."""
-        values: dict[str, Any] = {"metric": self.metric, "force": self.force}
-        if self.gate.name == "mcnemar":
-            gate = self.gate
-            values |= {"alpha": gate.alpha, "max_class_drop": gate.max_class_drop, "eval": self.eval or ""}
-        return values
-
-
-def promote_settings(cfg: Any) -> PromoteSettings:
-    """A composed promote config (or a plain dict of the same keys) as settings, or a UserError whose one
-    line names the first bad value, before the tracking store is touched."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        plain = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as err:
-        where = f" ({err.full_key})" if getattr(err, "full_key", None) else ""
-        raise UserError(f"the config does not resolve{where}: {str(err).splitlines()[0]}") from None
-    try:
-        return PromoteSettings.model_validate(plain)
-    except ValidationError as err:
-        raise UserError(_one_line(err, PromoteSettings)) from None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -17,6 +16,7 @@ import numpy as np
 
 from bloodcell import CLASS_NAMES, NUM_CLASSES, PROJECT_ROOT
 from bloodcell.core.errors import UserError
+from bloodcell.core.settings import min_images
 from bloodcell.data.demo import make_demo_set
 from bloodcell.data.formats import read_folder, read_image, read_medmnist, read_npz, validate
 
@@ -201,19 +201,6 @@ def check_classes(labels: np.ndarray, source: str) -> None:
             "outputs but never learns those, and they are missing from the test metrics",
             source, ", ".join(missing), len(present), NUM_CLASSES,
         )  # fmt: skip
-
-
-def min_images(n_classes: int, val_fraction: float, test_fraction: float) -> int:
-    """The fewest images a stratified train / validation / test split of ``n_classes`` classes takes:
-    scikit-learn wants each part to hold at least one image per class, with the test part
-    ceil(n * test_fraction) and validation ceil(rest * val_fraction / (1 - test_fraction)) of the rest."""
-    val_share = val_fraction / (1 - test_fraction)
-    for n in range(n_classes * SPLITS, 10**7):
-        test = math.ceil(n * test_fraction)
-        val = math.ceil((n - test) * val_share)
-        if min(test, val, n - test - val) >= n_classes:
-            return n
-    raise ValueError(f"no split fits val_fraction={val_fraction}, test_fraction={test_fraction}")
 
 
 def split_arrays(arrays: Arrays, val_fraction: float, test_fraction: float, seed: int) -> Splits:

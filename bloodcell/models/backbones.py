@@ -69,6 +69,14 @@ def get_spec(name: str) -> BackboneSpec:
     return BACKBONES[name]
 
 
+def check_backbone(backbone: BackboneSchema) -> None:
+    """What the schema cannot know (bloodcell.core.settings checks types and bounds): the backbone is one
+    this module builds, and its weights are ``imagenet``, ``null`` or a file that exists. A UserError (one
+    line) lists the known backbones or says what weights to give instead."""
+    get_spec(backbone.name)
+    check_weights(backbone.weights)
+
+
 def check_weights(weights: str | None) -> str | None:
     """``imagenet``, ``null`` or an existing weights file (returned as an absolute path)."""
     if weights in (None, "imagenet"):

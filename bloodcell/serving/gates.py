@@ -14,7 +14,7 @@ from bloodcell.core.errors import UserError
 from bloodcell.serving.registry import _beats, version_metric
 
 if TYPE_CHECKING:
-    from bloodcell.core.settings import PromoteSettings
+    from bloodcell.serving.settings import PromoteSettings
 
 
 @dataclass

@@ -20,7 +20,7 @@ from bloodcell.serving.registry import (
 )
 
 if TYPE_CHECKING:
-    from bloodcell.core.settings import PromoteSettings
+    from bloodcell.serving.settings import PromoteSettings
 
 
 @dataclass

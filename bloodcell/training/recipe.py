@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from omegaconf import DictConfig
 
@@ -31,17 +31,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bloodcell.train")
 
+S = TypeVar("S", bound=TrainSchema)
+
 
 # ---- checks before anything starts ----------------------------------------------------------------------
 
 
-def check_config(cfg: DictConfig) -> TrainSchema:
-    """Every value of the config within its domain (bloodcell.core.settings, one model per config group),
-    before any data is read, any MLflow run started or TensorFlow imported: a typo costs a second. Returns
+def check_config(cfg: DictConfig, schema: type[S] = TrainSchema) -> S:  # type: ignore[assignment]
+    """Every value of the config within its domain, before any data is read, any MLflow run started or
+    TensorFlow imported: a typo costs a second. First the schema's pass (bloodcell.core.settings, one model
+    per config group; ``schema``: another command's config that extends the train config), then what only
+    the code knows: the backbone exists and its weights file too, the cleaning settings are complete. Returns
     the run's settings, which every later step reads (each its own group)."""
     from bloodcell.core.settings import train_settings
+    from bloodcell.models.backbones import check_backbone
 
-    return train_settings(cfg)
+    settings = train_settings(cfg, schema)
+    check_backbone(settings.backbone)
+    if settings.data.clean:
+        from bloodcell.data.cleaning.config import resolve_cfg
+
+        resolve_cfg(settings.cleaning)
+    return settings
 
 
 # ---- step 1: data ----------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def train_members(cfg: DictConfig) -> float:
     members' mean)."""
     from bloodcell.training.recipe import check_config, train
 
-    settings = check_config(cfg)
+    settings: TrainSchema = check_config(cfg)
     kind, count = plan(settings)
     if not kind:
         return train(cfg, settings=settings)

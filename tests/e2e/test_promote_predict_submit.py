@@ -141,8 +141,8 @@ def test_promote_bad_input_is_one_line_and_leaves_the_registry_alone(store, args
 def test_promote_library_rejects_bad_input_before_touching_the_registry(store, kwargs, fragment):
     from bloodcell.core.cli import compose
     from bloodcell.core.errors import UserError
-    from bloodcell.core.settings import promote_settings
     from bloodcell.serving.promotion import promote as promote_run
+    from bloodcell.serving.settings import promote_settings
 
     kwargs = {"experiment": "quickstart", **{k: v.format(run_a=store.run["A"]) for k, v in kwargs.items()}}
     overrides = [f"tracking.{k}={v}" if k == "experiment" else f"{k}={v}" for k, v in kwargs.items()]

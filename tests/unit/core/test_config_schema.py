@@ -11,8 +11,8 @@ import pytest
 from bloodcell import PROJECT_ROOT
 from bloodcell.core.cli import compose
 from bloodcell.core.errors import UserError
-from bloodcell.core.settings import check_train_config
 from bloodcell.data import Arrays, min_images, split_arrays
+from bloodcell.training.recipe import check_config as check_train_config
 from tests.helpers import TINY
 
 

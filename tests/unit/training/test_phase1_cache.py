@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 
 from bloodcell.core.cli import compose
 from bloodcell.core.errors import UserError
-from bloodcell.core.settings import check_train_config
 from bloodcell.training import phase1_cache
+from bloodcell.training.recipe import check_config as check_train_config
 from tests.helpers import TINY
 
 TAGS = {"data_fingerprint": "d" * 64, "data_source": "demo", "split_fingerprint": "s" * 64}

@@ -11,10 +11,10 @@ import pytest
 
 from bloodcell.core.cli import compose
 from bloodcell.core.errors import UserError
-from bloodcell.core.settings import check_train_config
 from bloodcell.data import cv_fold, make_demo_set, split_arrays
 from bloodcell.data import fingerprint as data_fingerprint
 from bloodcell.sweep.tables import make_pruner
+from bloodcell.training.recipe import check_config as check_train_config
 from bloodcell.training.repeats import member_config, plan
 from hydra_plugins.bloodcell_optuna_sweeper import config
 from tests.helpers import TINY

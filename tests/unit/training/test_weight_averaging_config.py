@@ -7,7 +7,7 @@ import pytest
 
 from bloodcell.core.cli import compose
 from bloodcell.core.errors import UserError
-from bloodcell.core.settings import check_train_config
+from bloodcell.training.recipe import check_config as check_train_config
 from tests.helpers import TINY
 
 

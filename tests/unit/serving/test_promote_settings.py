@@ -7,7 +7,7 @@ import pytest
 
 from bloodcell.core.cli import compose
 from bloodcell.core.errors import UserError
-from bloodcell.core.settings import promote_settings
+from bloodcell.serving.settings import promote_settings
 
 
 def test_the_shipped_config_gives_the_yaml_values():
