@@ -100,13 +100,35 @@ def start_run(
     host and pid, so that a later command can tell a run whose process died (`mark_dead_runs`).
     """
     import mlflow
-    from omegaconf import OmegaConf
 
     if tracking_settings is None:
         tracking_settings = TrackingSchema.of(cfg.tracking)
         trial = TrialSchema.of(cfg.trial) if "trial" in cfg else None
     experiment_id = experiment_id or setup_experiment(tracking_settings)
-    parent = tracking_settings.parent_run_id
+    run = _open_run(experiment_id, resume_run_id, tracking_settings, run_tags(tags, tracking_settings, trial))
+    run_id = run.info.run_id
+    log.info("MLflow run %s: %s", run_id, ui_url(run.info.experiment_id, run_id))
+    remote = mlflow.get_tracking_uri().startswith(("http://", "https://"))
+    recorder = Recorder(run, Outbox(run_id, local_root / run_id / "outbox") if remote else None)
+    try:
+        if not resume_run_id:
+            _log_params(cfg)
+        yield recorder
+    except BaseException as err:
+        status, end_tags = _failed(err, in_sweep=trial is not None)
+        _end_run(recorder, status, end_tags, tracking_settings.outage_wait_seconds)
+        raise
+    else:
+        end_tags = {"optuna.trial_state": "COMPLETE"} if trial is not None else {}
+        _end_run(recorder, "FINISHED", end_tags, tracking_settings.outage_wait_seconds)
+
+
+def run_tags(
+    tags: dict[str, str], tracking_settings: TrackingSchema, trial: TrialSchema | None
+) -> dict[str, str]:
+    """The caller's tags with what every run carries: bloodcell's version, the git commit, the package
+    versions, the sweep's trial (number, id, study), ``tracking.tags`` (a repeated or cross-validated
+    trial names its members so) and this process (host, pid)."""
     if trial is not None:
         tags = {
             **tags,
@@ -114,59 +136,67 @@ def start_run(
             "optuna_trial_id": str(trial.trial_id),
             "optuna_study": str(trial.study_name),
         }
-    # tracking.tags: set by a run's caller (a repeated or cross-validated trial names its members so)
     tags = {**tags, **{str(k): str(v) for k, v in (tracking_settings.tags or {}).items()}}
-    tags = {"bloodcell_version": __version__, **git_tags(), **version_tags(), **tags, **process_tags()}
+    return {"bloodcell_version": __version__, **git_tags(), **version_tags(), **tags, **process_tags()}
+
+
+def _open_run(
+    experiment_id: str, resume_run_id: str | None, tracking_settings: TrackingSchema, tags: dict[str, str]
+) -> Any:
+    """A new MLflow run (nested under ``tracking.parent_run_id`` inside a sweep), or ``resume_run_id``
+    reopened: its tags refreshed, its last error dropped (why it stopped is history now) and a count of
+    resumes."""
+    import mlflow
+
+    parent = tracking_settings.parent_run_id
     system = system_metrics(tracking_settings)
     if resume_run_id:
         run = mlflow.start_run(run_id=resume_run_id, nested=bool(parent), log_system_metrics=system)
         mlflow.set_tags(tags)
-        # why it stopped is history now; a count says it was resumed
         resumes = int(run.data.tags.get("resumed", "0")) + 1
         with contextlib.suppress(Exception):
             mlflow.MlflowClient().delete_tag(resume_run_id, "error")
         mlflow.set_tag("resumed", str(resumes))
-    else:
-        token = uuid.uuid4().hex
-        run = mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=tracking_settings.run_name,
-            parent_run_id=parent,
-            nested=bool(parent),
-            tags={**tags, START_TOKEN_TAG: token},
-            log_system_metrics=system,
-        )
-        drop_duplicate_starts(run.info.experiment_id, run.info.run_id, token)
-    run_id = run.info.run_id
-    log.info("MLflow run %s: %s", run_id, ui_url(run.info.experiment_id, run_id))
-    remote = mlflow.get_tracking_uri().startswith(("http://", "https://"))
-    recorder = Recorder(run, Outbox(run_id, local_root / run_id / "outbox") if remote else None)
-    try:
-        # `trial` (set by the sweeper) is the link to Optuna's storage, whose URL may hold a password:
-        # the trial number is a tag instead.
-        if not resume_run_id:
-            plain = mask_secrets(OmegaConf.to_container(cfg, resolve=True))  # no password in a param
-            assert isinstance(plain, dict)
-            params = flatten({k: v for k, v in plain.items() if k != "trial"})
-            mlflow.log_params({k: ("null" if v is None else str(v)[:6000]) for k, v in params.items()})
-        yield recorder
-    except BaseException as err:
-        import optuna
+        return run
+    token = uuid.uuid4().hex
+    run = mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=tracking_settings.run_name,
+        parent_run_id=parent,
+        nested=bool(parent),
+        tags={**tags, START_TOKEN_TAG: token},
+        log_system_metrics=system,
+    )
+    drop_duplicate_starts(run.info.experiment_id, run.info.run_id, token)
+    return run
 
-        if isinstance(err, optuna.TrialPruned):
-            tags = {"optuna.trial_state": "PRUNED", "pruned": "true", "pruned_reason": str(err)[:5000]}
-            status = "KILLED"
-        elif isinstance(err, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, or SIGTERM (see bloodcell.cli)
-            tags, status = {"error": f"interrupted ({type(err).__name__})"}, "KILLED"
-        else:
-            tags, status = {"error": mask_text(f"{type(err).__name__}: {err}")[:5000]}, "FAILED"
-            if trial is not None:
-                tags["optuna.trial_state"] = "FAIL"
-        _end_run(recorder, status, tags, tracking_settings.outage_wait_seconds)
-        raise
-    else:
-        tags = {"optuna.trial_state": "COMPLETE"} if trial is not None else {}
-        _end_run(recorder, "FINISHED", tags, tracking_settings.outage_wait_seconds)
+
+def _log_params(cfg: Any) -> None:
+    """The whole resolved config as params (``a.b`` keys), passwords masked. `trial` (set by the sweeper)
+    is the link to Optuna's storage, whose URL may hold a password: the trial number is a tag instead."""
+    import mlflow
+    from omegaconf import OmegaConf
+
+    plain = mask_secrets(OmegaConf.to_container(cfg, resolve=True))
+    assert isinstance(plain, dict)
+    params = flatten({k: v for k, v in plain.items() if k != "trial"})
+    mlflow.log_params({k: ("null" if v is None else str(v)[:6000]) for k, v in params.items()})
+
+
+def _failed(err: BaseException, in_sweep: bool) -> tuple[str, dict[str, str]]:
+    """How a run that raised ``err`` ends: an Optuna prune KILLED with ``optuna.trial_state=PRUNED`` (the
+    metrics logged so far stay), Ctrl-C or SIGTERM KILLED as interrupted, anything else FAILED with the
+    error (passwords masked) as tag ``error``."""
+    import optuna
+
+    if isinstance(err, optuna.TrialPruned):
+        return "KILLED", {"optuna.trial_state": "PRUNED", "pruned": "true", "pruned_reason": str(err)[:5000]}
+    if isinstance(err, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, or SIGTERM (see bloodcell.core.cli)
+        return "KILLED", {"error": f"interrupted ({type(err).__name__})"}
+    tags = {"error": mask_text(f"{type(err).__name__}: {err}")[:5000]}
+    if in_sweep:
+        tags["optuna.trial_state"] = "FAIL"
+    return "FAILED", tags
 
 
 #: A random token per run start: a busy server can create a run and answer too late, and the client's retry
