@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,30 +53,56 @@ def near_duplicate_pairs(
     which must reach ``min_correlation``. Full resolution is what separates a re-encoded or shifted copy
     (it lines up pixel for pixel) from a different cell that merely looks alike. ``dup_cfg`` is the
     ``duplicates`` section (missing keys: conf/cleaning/default.yaml)."""
-    from sklearn.neighbors import NearestNeighbors
-
     dup_cfg = {**defaults()["duplicates"], **dup_cfg}
-
     idx = np.asarray(candidates)
     if len(idx) < 2:
         return []
-    n, h, w = len(idx), images.shape[1], images.shape[2]
-    f = max(1, int(round(h / int(dup_cfg["coarse_size"]))))
-    fs = max(1, h // int(dup_cfg["thumbnail"]))
-    # grey kept as uint8 (a quarter of the memory); thumbnails pooled chunk by chunk
-    grey_u8 = np.empty((n, h, w), np.uint8)
-    small = np.empty((n, h // fs, w // fs), np.float32)
-    coarse = np.empty((n, h // f, w // f), np.float32)
-    for s in range(0, n, chunk):
-        g = grey(images[idx[s : s + chunk]])
-        grey_u8[s : s + chunk] = np.rint(g).astype(np.uint8)
-        small[s : s + chunk] = pool(g, fs)
-        coarse[s : s + chunk] = pool(g, f)
-    max_shift = int(dup_cfg["max_shift"])
-    cs = min(int(np.ceil(max_shift / f)), coarse.shape[1] // 4, coarse.shape[2] // 4)
-    c_h, c_w = coarse.shape[1] - 2 * cs, coarse.shape[2] - 2 * cs
-    transforms = _DIHEDRAL if dup_cfg["match_flips"] and h == w else _DIHEDRAL[:1]
+    views = _Thumbnails.of(images, idx, dup_cfg, chunk)
+    found = _coarse_matches(views, dup_cfg, pair_chunk)
+    best_corr = _confirmed_at_full_resolution(views, found, dup_cfg)
+    return [(int(idx[i]), int(idx[j]), c) for (i, j), c in sorted(best_corr.items())]
 
+
+@dataclass
+class _Thumbnails:
+    """The candidates' grey images (uint8: a quarter of the memory) and two pooled thumbnails: ``small``
+    for the neighbour search, ``coarse`` (pooled by ``factor``) for the shifted correlations."""
+
+    grey: np.ndarray
+    small: np.ndarray
+    coarse: np.ndarray
+    factor: int
+    transforms: tuple[Any, ...]
+
+    @classmethod
+    def of(cls, images: np.ndarray, idx: np.ndarray, dup_cfg: Mapping[str, Any], chunk: int) -> _Thumbnails:
+        n, h, w = len(idx), images.shape[1], images.shape[2]
+        f = max(1, int(round(h / int(dup_cfg["coarse_size"]))))
+        fs = max(1, h // int(dup_cfg["thumbnail"]))
+        grey_u8 = np.empty((n, h, w), np.uint8)
+        small = np.empty((n, h // fs, w // fs), np.float32)
+        coarse = np.empty((n, h // f, w // f), np.float32)
+        for s in range(0, n, chunk):  # pooled chunk by chunk
+            g = grey(images[idx[s : s + chunk]])
+            grey_u8[s : s + chunk] = np.rint(g).astype(np.uint8)
+            small[s : s + chunk] = pool(g, fs)
+            coarse[s : s + chunk] = pool(g, f)
+        transforms = _DIHEDRAL if dup_cfg["match_flips"] and h == w else _DIHEDRAL[:1]
+        return cls(grey_u8, small, coarse, f, transforms)
+
+
+def _coarse_matches(
+    views: _Thumbnails, dup_cfg: Mapping[str, Any], pair_chunk: int
+) -> dict[tuple[int, int, int], tuple[int, int]]:
+    """Steps 1 and 2: each candidate's nearest thumbnails (in every flip and rotation asked for), kept when
+    their coarse thumbnails correlate above ``coarse_correlation`` at some small shift. Returns
+    (i, j, transform) -> the best coarse shift."""
+    from sklearn.neighbors import NearestNeighbors
+
+    small, coarse, f = views.small, views.coarse, views.factor
+    n = len(small)
+    cs = min(int(np.ceil(int(dup_cfg["max_shift"]) / f)), coarse.shape[1] // 4, coarse.shape[2] // 4)
+    c_h, c_w = coarse.shape[1] - 2 * cs, coarse.shape[2] - 2 * cs
     k = min(int(dup_cfg["neighbours"]) + 1, n)
     # neighbours in the thumbnails' leading principal directions: cheaper than all pixels and, for
     # candidates that a finer test then confirms, as good
@@ -93,8 +120,8 @@ def near_duplicate_pairs(
         win = coarse[:, cs + dy : cs + dy + c_h, cs + dx : cs + dx + c_w]
         total, squares = win.sum((1, 2)), np.square(win).sum((1, 2))
         win_norm[b_id] = np.sqrt(np.maximum(squares - total * total / size, 0)) + 1e-6
-    found: dict[tuple[int, int, int], tuple[int, int]] = {}  # (i, j, transform) -> coarse best shift
-    for t_id, t in enumerate(transforms):
+    found: dict[tuple[int, int, int], tuple[int, int]] = {}
+    for t_id, t in enumerate(views.transforms):
         # a flipped or rotated copy is the nearest neighbour of the matching view: one is enough
         kt = k if not t_id else min(2, n)
         _, nbr = nn.kneighbors(_standardise(t(small)) @ basis, n_neighbors=kt)
@@ -118,13 +145,21 @@ def near_duplicate_pairs(
             sel = corr >= coarse_min
             for i, j, b in zip(ci[sel], cj[sel], best[sel]):
                 found.setdefault((int(i), int(j), t_id), shifts[b])
+    return found
 
-    # full resolution: the transformed query's centre against the other image at whole-pixel shifts
-    # around the coarse best shift
+
+def _confirmed_at_full_resolution(
+    views: _Thumbnails, found: dict[tuple[int, int, int], tuple[int, int]], dup_cfg: Mapping[str, Any]
+) -> dict[tuple[int, int], float]:
+    """Step 3: the transformed query's centre against the other image at whole-pixel shifts around the
+    coarse best shift; a pair is kept when that correlation reaches ``min_correlation`` and their fine
+    detail correlates too (``min_detail_correlation``). Returns (i, j) -> the best correlation."""
     from numpy.lib.stride_tricks import sliding_window_view
     from scipy.ndimage import gaussian_filter
 
-    m = min(max_shift + f, h // 4, w // 4)
+    grey_u8, f, transforms = views.grey, views.factor, views.transforms
+    h, w = grey_u8.shape[1], grey_u8.shape[2]
+    m = min(int(dup_cfg["max_shift"]) + f, h // 4, w // 4)
     ch, cw = h - 2 * m, w - 2 * m
     min_corr, min_detail = float(dup_cfg["min_correlation"]), float(dup_cfg["min_detail_correlation"])
     sigma = float(dup_cfg["detail_sigma"])
@@ -154,7 +189,7 @@ def near_duplicate_pairs(
         )
         if detail >= min_detail:
             best_corr[key] = float(corr[b])
-    return [(int(idx[i]), int(idx[j]), c) for (i, j), c in sorted(best_corr.items())]
+    return best_corr
 
 
 def duplicate_groups(
