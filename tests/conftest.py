@@ -31,3 +31,46 @@ def tiny_runs(tmp_path_factory) -> TinyRuns:
     """Three tiny finished runs on one SQLite store, trained once for the whole session (all test
     processes): see tests/tiny_runs.py. Read only: a test that writes works on ``tiny_runs.copy(folder)``."""
     return shared(tmp_path_factory)
+
+
+# The test modules by the time they took (seconds on 2 workers, 2 cores), slowest first. `--dist loadfile`
+# hands whole modules to the workers in collection order (`--no-loadscope-reorder`: by default xdist puts
+# the modules with the most tests first, which left the slow modules of one to three tests for the end,
+# one worker running them while the other waited); slowest first, the short modules fill in at the end and
+# both workers finish together. A module not listed keeps its place after these; the figures only order.
+SLOWEST_FIRST = {
+    "e2e/test_slurm.py": 282,
+    "e2e/test_sweep.py": 225,
+    "e2e/test_train.py": 185,
+    "e2e/test_resume.py": 170,
+    "e2e/test_tracking_outage.py": 156,
+    "e2e/test_augment.py": 155,
+    "e2e/test_winners.py": 137,
+    "e2e/test_looking_at_runs.py": 131,
+    "e2e/test_promote_predict_submit.py": 102,
+    "e2e/test_sweep_repeats.py": 84,
+    "e2e/test_ensemble.py": 81,
+    "e2e/test_distill.py": 71,
+    "e2e/test_weight_averaging.py": 65,
+    "e2e/test_bad_input_cases.py": 62,
+    "e2e/test_multi_node.py": 50,
+    "e2e/test_phase1_reuse.py": 50,
+    "e2e/test_clean.py": 40,
+    "e2e/test_grpc_proxy.py": 39,
+    "unit/data/cleaning/test_clean_embedding.py": 33,
+    "e2e/test_secrets.py": 19,
+    "e2e/test_disk_full.py": 17,
+    "e2e/test_bad_input.py": 10,
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Slowest modules first (SLOWEST_FIRST); a module's tests keep their order (some build on each other)."""
+    tests = Path(__file__).parent
+    order = list(SLOWEST_FIRST)
+
+    def rank(item) -> int:
+        module = Path(item.path).relative_to(tests).as_posix()
+        return order.index(module) if module in SLOWEST_FIRST else len(order)
+
+    items.sort(key=rank)  # stable

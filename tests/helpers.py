@@ -66,6 +66,45 @@ def run_module(
     )
 
 
+class Started:
+    """``python -m <module> args...`` started in the background (as run_module runs it), for a test to do
+    other things meanwhile, e.g. an uninterrupted twin trained beside the run it is compared with. Its
+    output goes to files, not pipes, so that it never blocks on a full pipe; ``finish()`` waits for it."""
+
+    def __init__(self, module: str, *args: str, cwd: Path | None = None, env: dict | None = None):
+        full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+        self.args = [sys.executable, "-m", module, *args]
+        # closed by finish() (a `with` block ends with it)
+        self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            self.args, cwd=cwd or REPO, env=full_env, stdout=self._out, stderr=self._err, text=True
+        )
+
+    def __enter__(self) -> Started:
+        return self
+
+    def __exit__(self, *exc: object) -> None:  # the test failed before finish(): stop it, close its files
+        if not self._out.closed:
+            self.finish(timeout=0)
+
+    def finish(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            if timeout:
+                raise
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+        outputs = []
+        for file in (self._out, self._err):
+            file.seek(0)
+            outputs.append(file.read())
+            file.close()
+        return subprocess.CompletedProcess(self.args, self.process.returncode, *outputs)
+
+
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
@@ -139,7 +178,8 @@ def sqlite_store(db: Path) -> str:
     """``sqlite:///<db>``, a local MLflow store that is new to its test but already migrated (a copy of one
     made per test process) unless ``db`` exists. MLflow's migrations take about 3 s on every new store, which
     a hundred tests paid. What a user's first command does to a truly new store (the migration under
-    bloodcell's lock) is still tested: test_resume's four commands at once, test_first_day_run."""
+    bloodcell's lock) is still tested: test_resume's four commands at once, test_train's quickstart run
+    (a user's first day)."""
     if not db.exists():
         db.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_migrated_store(), db)

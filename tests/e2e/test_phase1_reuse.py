@@ -1,9 +1,10 @@
 """Phase-1 reuse across runs (issue 19, training/phase1_cache.py), as `python -m bloodcell.train` runs.
 
-Four tiny runs on one MLflow store and one checkpoint root: A trains phase 1 and stores it; B (another
-phase-2 learning rate and augmentation strength) reuses it; C is B with ``trainer.reuse_phase1=false`` and
-must reach B's results, which shows B entered phase 2 in the state that training phase 1 gives; D (another
-seed) misses. The parallel case (two trials of a sweep on a cold cache) is in test_sweep.py.
+Four tiny runs on one MLflow store and one checkpoint root (A first, then B, C and D side by side): A trains
+phase 1 and stores it; B (another phase-2 learning rate and augmentation strength) reuses it; C is B with
+``trainer.reuse_phase1=false`` and must reach B's results, which shows B entered phase 2 in the state that
+training phase 1 gives; D (another seed) misses. The parallel case (two trials of a sweep on a cold cache)
+is in test_sweep.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import TINY, assert_ok, mlflow_runs, run_module, sqlite_store
+from tests.helpers import TINY, Started, assert_ok, mlflow_runs, run_module, sqlite_store
 
 TWO_EPOCHS = [*TINY, "trainer.epochs=2", "finetune.epochs=2", "tracking.log_model=false"]
 PHASE2 = ["finetune.lr=5e-4", "finetune.augmentation_strength=0.2"]  # phase 1: quickstart's strength 0.5
@@ -27,20 +28,31 @@ def metric_history(client: MlflowClient, run_id: str, key: str) -> dict[int, flo
 @pytest.mark.slow
 def test_second_run_reuses_phase1_and_fine_tunes_as_if_it_had_trained_it(tmp_path: Path) -> None:
     uri = sqlite_store(tmp_path / "mlruns" / "mlflow.db")
-    runs: dict[str, str] = {}
-    logs: dict[str, str] = {}
-    for name, extra in {
-        "A": [],
+    proc = run_module("bloodcell.train", *TWO_EPOCHS, f"tracking.uri={uri}")  # A trains phase 1, stores it
+    assert_ok(proc)
+    logs = {"A": proc.stdout + proc.stderr}
+    (first,) = mlflow_runs(uri, "quickstart")
+    runs = {"A": first.info.run_id}
+    # then B, C and D side by side: B reads A's entry, C does not look, D's seed is another key
+    later = {
         "B": PHASE2,
         "C": [*PHASE2, "trainer.reuse_phase1=false"],
         "D": [*PHASE2, "seed=1"],
-    }.items():
-        known = {r.info.run_id for r in mlflow_runs(uri, "quickstart")} if runs else set()
-        proc = run_module("bloodcell.train", *TWO_EPOCHS, f"tracking.uri={uri}", *extra)
+    }
+    args = [*TWO_EPOCHS, f"tracking.uri={uri}"]
+    started = {name: Started("bloodcell.train", *args, *extra) for name, extra in later.items()}
+    finished = {name: process.finish() for name, process in started.items()}
+    for name, proc in finished.items():
         assert_ok(proc)
         logs[name] = proc.stdout + proc.stderr
-        (new,) = [r for r in mlflow_runs(uri, "quickstart") if r.info.run_id not in known]
-        runs[name] = new.info.run_id
+    for run in mlflow_runs(uri, "quickstart"):
+        if run.info.run_id != runs["A"]:
+            params = run.data.params
+            reuse = params["trainer.reuse_phase1"].lower()
+            name = "D" if params["seed"] == "1" else "C" if reuse == "false" else "B"
+            assert name not in runs, (name, params)
+            runs[name] = run.info.run_id
+    assert sorted(runs) == ["A", "B", "C", "D"]
 
     client = MlflowClient(uri)
     a, b, c, d = (client.get_run(runs[n]) for n in "ABCD")

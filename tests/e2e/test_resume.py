@@ -16,6 +16,7 @@ from tests.helpers import (
     TINY,
     TINY_HEAD_ONLY,
     TINY_TRACED,
+    Started,
     assert_ok,
     assert_user_error,
     mlflow_runs,
@@ -83,12 +84,15 @@ def test_sigkill_in_phase2_then_resume_auto_finishes_the_same_run_like_an_uninte
     killed_store = sqlite_store(tmp_path / "killed" / "mlflow.db")
     twin_store = sqlite_store(tmp_path / "twin" / "mlflow.db")
     run_args = [*TINY_TRACED, *EPOCHS]  # the traced steps users train with: the resume must match them
-    _kill_in_phase2([*run_args, f"tracking.uri={killed_store}"], tmp_path / "killed" / "checkpoints")
-    (run,) = mlflow_runs(killed_store, "quickstart")
-    assert run.info.status == "RUNNING"  # what SIGKILL leaves; the next command marks it
+    # the uninterrupted twin trains beside the killed run and its resume
+    with Started("bloodcell.train", *run_args, f"tracking.uri={twin_store}") as twin_run:
+        _kill_in_phase2([*run_args, f"tracking.uri={killed_store}"], tmp_path / "killed" / "checkpoints")
+        (run,) = mlflow_runs(killed_store, "quickstart")
+        assert run.info.status == "RUNNING"  # what SIGKILL leaves; the next command marks it
 
-    assert_ok(run_module("bloodcell.train", *run_args, f"tracking.uri={killed_store}", "trainer.resume=auto"))
-    assert_ok(run_module("bloodcell.train", *run_args, f"tracking.uri={twin_store}"))
+        resume = [*run_args, f"tracking.uri={killed_store}", "trainer.resume=auto"]
+        assert_ok(run_module("bloodcell.train", *resume))
+        assert_ok(twin_run.finish())
 
     (resumed,) = mlflow_runs(killed_store, "quickstart")
     (twin,) = mlflow_runs(twin_store, "quickstart")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from bloodcell import CLASS_NAMES
 from tests.helpers import (
+    REPO,
     SHARED_WEIGHTS,
     TINY,
     TINY_TRACED,
@@ -14,15 +19,39 @@ from tests.helpers import (
     mlflow_runs,
     needs_shared_weights,
     run_module,
-    sqlite_store,
 )
+
+# what a user's shell has: none of the tests' own quieting
+USER_ENV = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "CUDA_VISIBLE_DEVICES")}
 
 
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
-    """One tiny quickstart run shared by the assertions below (training is the slow part)."""
-    uri = sqlite_store(tmp_path_factory.mktemp("qs") / "mlflow.db")
-    proc = run_module("bloodcell.train", *TINY_TRACED, f"tracking.uri={uri}")  # the traced steps users get
+    """One tiny quickstart run shared by the assertions below (training is the slow part), as a new user
+    starts it: the traced steps and explanations users get, verbose at its default, in the environment a
+    new user has (no TF_CPP_MIN_LOG_LEVEL, no CUDA_VISIBLE_DEVICES set), output to files (SLURM, CI,
+    `> log`), on a new store. Returns the store, the run and the process with its stdout and stderr."""
+    tmp = tmp_path_factory.mktemp("qs")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"  # a truly new store, as on a user's first day: the run migrates it
+    args = [o for o in TINY_TRACED if not o.startswith("trainer.verbose")]  # the default: verbose=auto
+    out, err = tmp / "log.out", tmp / "log.err"
+    with out.open("w") as stdout, err.open("w") as stderr:  # files, not a terminal
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bloodcell.train",
+                *args,
+                f"tracking.uri={uri}",
+                f"hydra.run.dir={tmp / 'run'}",
+            ],
+            cwd=REPO,
+            env=USER_ENV,
+            stdout=stdout,
+            stderr=stderr,
+            timeout=600,
+        )
+    proc.stdout, proc.stderr = out.read_text(), err.read_text()
     assert_ok(proc)
     runs = mlflow_runs(uri, "quickstart")
     assert len(runs) == 1
@@ -154,6 +183,23 @@ def test_explain_writes_the_gradcam_and_error_sheets_for_the_run_s_model(quickst
     errors = int(proc.stdout.split(" errors among 20 labelled images")[0].split()[-1])
     assert 0 <= errors <= 20
     assert "feature map: backbone/conv_block4_relu2" in proc.stdout  # small_cnn's last conv, found inside
+
+
+def test_a_run_logged_to_a_file_has_one_line_per_epoch_and_no_start_up_noise(quickstart_run):
+    """Issue 16, items 6 and 9, end to end: a training run whose output goes to a file (SLURM, CI, `> log`),
+    in the environment a new user has (no TF_CPP_MIN_LOG_LEVEL, no CUDA_VISIBLE_DEVICES set): the
+    quickstart run above."""
+    _, _, proc = quickstart_run
+    log, errors = proc.stdout, proc.stderr
+    assert proc.returncode == 0, errors[-3000:]
+    assert "\r" not in log and "━" not in log  # no progress bar, redrawn or appended
+    epochs = [line for line in log.splitlines() if " - val_accuracy: " in line]
+    assert len(epochs) == 2, log  # one line per epoch: 1 epoch in each phase
+    assert len(log.encode()) < 8_000, log  # a few KB (with Keras' bar, the quickstart demo wrote 47 KB)
+    # no TensorFlow start-up noise on a CPU-only machine ...
+    for noise in ("absl::InitializeLog", "I0000 ", "oneDNN custom operations", "failed call to cuInit"):
+        assert noise not in errors, errors[-3000:]
+    assert "test accuracy" in log + errors  # ... while bloodcell's own lines are there
 
 
 def test_crash_after_run_start_marks_run_failed_with_reason(tracking, tmp_path):

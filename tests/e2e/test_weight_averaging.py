@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.e2e.test_resume import RUN, _kill_in_phase2  # the kill-in-phase-2 pattern of the exact-resume test
-from tests.helpers import assert_ok, mlflow_runs, run_module, sqlite_store
+from tests.helpers import Started, assert_ok, mlflow_runs, run_module, sqlite_store
 
 EMA = ["trainer.ema=true", "trainer.ema_momentum=0.9"]  # ~10 steps: a few tiny epochs
 SWA = ["finetune.swa=true", "finetune.swa_epochs=3"]
@@ -93,9 +93,11 @@ def test_ema_run_killed_in_phase2_resumes_with_its_average_and_differs_from_the_
 ):
     killed = sqlite_store(tmp_path / "killed" / "mlflow.db")
     twin = sqlite_store(tmp_path / "twin" / "mlflow.db")
-    _kill_in_phase2([*RUN, *EMA, f"tracking.uri={killed}"], tmp_path / "killed" / "checkpoints")
-    assert_ok(run_module("bloodcell.train", *RUN, *EMA, f"tracking.uri={killed}", "trainer.resume=auto"))
-    assert_ok(run_module("bloodcell.train", *RUN, *EMA, f"tracking.uri={twin}"))
+    # the uninterrupted EMA twin trains beside the killed run and its resume
+    with Started("bloodcell.train", *RUN, *EMA, f"tracking.uri={twin}") as twin_run:
+        _kill_in_phase2([*RUN, *EMA, f"tracking.uri={killed}"], tmp_path / "killed" / "checkpoints")
+        assert_ok(run_module("bloodcell.train", *RUN, *EMA, f"tracking.uri={killed}", "trainer.resume=auto"))
+        assert_ok(twin_run.finish())
     resumed, ema, plain = _only_run(killed), _only_run(twin), _only_run(swa_store)
 
     # the params record it
