@@ -37,7 +37,7 @@ def tiny_runs(tmp_path_factory) -> TinyRuns:
 # hands whole modules to the workers in collection order (`--no-loadscope-reorder`: by default xdist puts
 # the modules with the most tests first, which left the slow modules of one to three tests for the end,
 # one worker running them while the other waited); slowest first, the short modules fill in at the end and
-# both workers finish together. A module not listed keeps its place after these; the figures only order.
+# the workers finish together. A module not listed keeps its place after these; the figures only order.
 SLOWEST_FIRST = {
     "e2e/test_slurm.py": 282,
     "e2e/test_sweep.py": 225,

@@ -1,6 +1,6 @@
 """Tiny finished runs trained once for the whole test session and shared by the tests that read runs
-(ensemble, distill, promote/predict/submit, compare and the champion gate): the fixture ``tiny_runs`` of
-tests/conftest.py.
+(ensemble, distill, promote/predict/submit, compare and the champion gate, resume refusing a finished run):
+the fixture ``tiny_runs`` of tests/conftest.py.
 
 One SQLite store, every run on the same data and split (``TINY_HEAD_ONLY``, seed 42):
 

@@ -117,10 +117,12 @@ def test_sigkill_in_phase2_then_resume_auto_finishes_the_same_run_like_an_uninte
     assert not any((tmp_path / "killed" / "checkpoints").glob("*/epoch-*"))
 
 
-def test_resume_by_id_refuses_a_finished_run_and_an_unknown_id(tracking, tmp_path):
+def test_resume_by_id_refuses_a_finished_run_and_an_unknown_id(tiny_runs, tmp_path):
+    # the finished run: the session's tiny quickstart run (TINY_HEAD_ONLY, tests/tiny_runs.py), on a copy
+    tracking = tiny_runs.copy(tmp_path / "mlruns")
     args = [*TINY_HEAD_ONLY, "tracking.log_model=false", f"tracking.uri={tracking}"]  # only the run's state
-    assert_ok(run_module("bloodcell.train", *args))
     (run,) = mlflow_runs(tracking, "quickstart")
+    assert run.info.run_id == tiny_runs.quickstart and run.info.status == "FINISHED"
     assert_user_error(
         run_module("bloodcell.train", *args, f"trainer.resume={run.info.run_id}"), "already FINISHED"
     )
