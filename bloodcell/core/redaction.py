@@ -55,7 +55,18 @@ def mask_url(url: str) -> str:
 
 def mask_text(text: str) -> str:
     """Every URL inside ``text`` (a log line, an error message, an override ``key=url``) masked."""
-    return _URL.sub(lambda match: mask_url(match.group(0)), text) if "://" in text else text
+    return _URL.sub(lambda match: _mask_match(match.group(0)), text) if "://" in text else text
+
+
+def _mask_match(url: str) -> str:
+    """One `_URL` match masked, and any URL further inside it: a URL runs to the next space, so in an
+    override list joined by commas (Hydra's ``override_dirname``: ``a=x://u:pw@h,b=y://v:pw@h``) the first
+    match holds the others in its path."""
+    scheme, separator, rest = url.partition("://")
+    inner = _URL.search(rest)
+    if inner is None:
+        return mask_url(url)
+    return mask_url(scheme + separator + rest[: inner.start()]) + mask_text(rest[inner.start() :])
 
 
 def has_secret(text: str) -> bool:

@@ -418,10 +418,17 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
+#: the keys already warned about in this process: the members of a repeated or cross-validated run check
+#: the config again, and each would repeat the warning
+_WARNED_PLAIN_SECRETS: set[str] = set()
+
+
 def warn_plain_secrets(cfg: Any) -> None:
-    """A warning for each config value written with a password in it rather than as ``${oc.env:...}``:
-    Hydra saves the command line and the config in its output folder as written (unresolved)."""
-    from omegaconf import OmegaConf
+    """One warning per process for each config value written with a password in it rather than as
+    ``${oc.env:...}``. What bloodcell and Hydra save is masked (`bloodcell.core.hydra_callbacks`), but the
+    command line itself stays in the shell's history and the process list. ``cfg``: a config or a plain
+    mapping of them (the sweeper passes its storage URL under the name ``hydra.sweeper.storage``)."""
+    from omegaconf import DictConfig, OmegaConf
 
     from bloodcell.core.redaction import has_secret, mask_text
 
@@ -432,11 +439,13 @@ def warn_plain_secrets(cfg: Any) -> None:
         elif isinstance(value, list):
             for index, item in enumerate(value):
                 walk(item, f"{name}[{index}]")
-        elif isinstance(value, str) and has_secret(value):  # an unresolved ${oc.env:...} holds none
+        elif isinstance(value, str) and has_secret(value) and name not in _WARNED_PLAIN_SECRETS:
+            _WARNED_PLAIN_SECRETS.add(name)  # an unresolved ${oc.env:...} holds none
             log.warning(
-                "%s holds a password in plain text (%s); Hydra saves it in its output folder: pass it as "
-                "'%s=${oc.env:VARIABLE}' with the value in that environment variable",
+                "%s holds a password in plain text (%s); it is masked in what is saved and printed, but the "
+                "command line keeps it (shell history, process list): pass it as '%s=${oc.env:VARIABLE}' "
+                "with the value in that environment variable",
                 name, mask_text(value), name,
             )  # fmt: skip
 
-    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    walk(OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg, "")

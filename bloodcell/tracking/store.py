@@ -50,7 +50,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        urllib.request.urlopen(_health_request(uri), timeout=timeout).close()
     except urllib.error.HTTPError as err:
         if err.code in (401, 403):  # a proxy that guards /health too: the server is there, it answered
             return
@@ -61,6 +61,23 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             f"MLflow tracking server {mask_text(uri)} is unreachable ({reason}); start it "
             "(mlflow server ...) or drop tracking.uri to use the local SQLite store"
         ) from None
+
+
+def _health_request(uri: str) -> urllib.request.Request:
+    """GET <uri>/health. User info in the URL (``http://alice:pw@host``, which MLflow's client sends as
+    basic auth) goes in an Authorization header: urllib would take ``alice:pw@host`` for the host name."""
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri.rstrip("/"))
+    headers = {}
+    if "@" in parts.netloc:
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+        parts = parts._replace(netloc=hostport)
+    return urllib.request.Request(urlunsplit(parts) + "/health", headers=headers)
 
 
 def connect(tracking_cfg: Any) -> str:
@@ -79,6 +96,9 @@ def connect(tracking_cfg: Any) -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        # MLflow prints "View run ... at: <tracking URI>/..." with the URI's password in it; bloodcell logs
+        # the run's link itself, masked
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # a line per retry otherwise
     if uri.startswith("sqlite:///"):
         with FileLock(uri[len("sqlite:///") :] + ".init-lock"):

@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bloodcell.core.errors import UserError
 from bloodcell.core.redaction import has_secret, mask_secrets, mask_text
+from bloodcell.core.settings import warn_plain_secrets
 from bloodcell.sweep.tables import make_pruner, make_sampler
 from bloodcell.sweep.trial import open_storage, redact, resolve_storage_url
 
@@ -160,13 +161,11 @@ class OptunaSweep:
         }
         pruner = make_pruner(self.pruner_spec)
         self.storage_url = resolve_storage_url(opts.storage)
-        as_written = OmegaConf.to_container(self.config.hydra.sweeper, resolve=False)  # ${oc.env:...} kept
-        written = as_written.get("storage") if isinstance(as_written, dict) else None
-        if isinstance(written, str) and has_secret(written):
-            log.warning(
-                "hydra.sweeper.storage holds a password in plain text; Hydra saves it in every trial's "
-                ".hydra/hydra.yaml: pass it as 'hydra.sweeper.storage=${oc.env:VARIABLE}' instead"
-            )
+        # once, here: the trials get every such value as an ${oc.env:...} reference (_forward_secret)
+        as_written = cast(dict, OmegaConf.to_container(self.config, resolve=False))  # ${oc.env:...} kept
+        storage_written = as_written["hydra"]["sweeper"].get("storage")
+        task_written = {key: value for key, value in as_written.items() if key != "hydra"}
+        warn_plain_secrets({"hydra.sweeper.storage": storage_written, **task_written})
         self.storage = open_storage(self.storage_url)
         choices = self.config.hydra.runtime.choices
         self.study_name = str(opts.study_name or choices.get("sweeps") or self.config.hydra.job.name)

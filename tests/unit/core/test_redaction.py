@@ -50,6 +50,19 @@ def test_urls_inside_text_and_structures_are_masked():
     }
 
 
+def test_every_url_of_an_override_list_joined_by_commas_is_masked():
+    """Hydra's hydra.job.override_dirname joins a job's overrides with commas: one URL runs into the next."""
+    joined = (
+        "+backup_url=postgresql://b:pw1@localhost/db,seed=1,tracking.uri=http://alice:pw2@127.0.0.1:5000,x=1"
+    )
+    assert mask_text(joined) == (
+        "+backup_url=postgresql://b:***@localhost/db,seed=1,tracking.uri=http://alice:***@127.0.0.1:5000,x=1"
+    )
+    assert (
+        mask_text("https://h/login?next=https://u:pw@other/x") == "https://h/login?next=https://u:***@other/x"
+    )
+
+
 def test_the_sweeper_forwards_a_password_as_an_environment_reference(monkeypatch):
     url = "postgresql://u:it's-secret@db/optuna"
     monkeypatch.delenv("BLOODCELL_SECRET_TRIAL_STORAGE", raising=False)
