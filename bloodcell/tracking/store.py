@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -44,23 +45,40 @@ def artifact_location(uri: str) -> str | None:
     return None
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
+def check_reachable(uri: str, timeout: float = 5.0, wait: float = 0.0) -> None:
     """Fail in a second, with one line, when an http(s) tracking server does not answer (MLflow's own
-    client would retry for minutes)."""
+    client would retry for minutes); with ``wait``, ask again every 2 s for that many seconds first (a
+    sweep's trial: `server_wait`)."""
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        urllib.request.urlopen(_health_request(uri), timeout=timeout).close()
-    except urllib.error.HTTPError as err:
-        if err.code in (401, 403):  # a proxy that guards /health too: the server is there, it answered
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            urllib.request.urlopen(_health_request(uri), timeout=timeout).close()
             return
-        raise UserError(f"MLflow tracking server {mask_text(uri)} answered /health with {err}") from None
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise UserError(
-            f"MLflow tracking server {mask_text(uri)} is unreachable ({reason}); start it "
-            "(mlflow server ...) or drop tracking.uri to use the local SQLite store"
-        ) from None
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):  # a proxy that guards /health too: the server is there, it answered
+                return
+            raise UserError(f"MLflow tracking server {mask_text(uri)} answered /health with {err}") from None
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            if time.monotonic() >= deadline:
+                raise UserError(
+                    f"MLflow tracking server {mask_text(uri)} is unreachable ({reason}); start it "
+                    "(mlflow server ...) or drop tracking.uri to use the local SQLite store"
+                ) from None
+            if wait:
+                log.warning("MLflow tracking server %s is unreachable (%s); asking again for up to %.0f s",
+                            mask_text(uri), reason, deadline - time.monotonic())  # fmt: skip
+                wait = 0.0  # said once
+            time.sleep(2)
+
+
+def server_wait(tracking_settings: TrackingSchema) -> float:
+    """How long a run waits for its tracking server to answer before it gives up: none for a run a user
+    started (one error line at once), ``tracking.outage_wait_seconds`` for a sweep's trial (its parent run
+    is set), which would otherwise end FAIL for a server restarting at that moment and count as a trial."""
+    return tracking_settings.outage_wait_seconds if tracking_settings.parent_run_id else 0.0
 
 
 def _health_request(uri: str) -> urllib.request.Request:
@@ -89,7 +107,7 @@ def connect(tracking_cfg: Any) -> str:
     from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(tracking_cfg)
-    check_reachable(uri)
+    check_reachable(uri, wait=server_wait(TrackingSchema.of(tracking_cfg)))
     if uri.startswith(("http://", "https://")):
         # MLflow's defaults retry one request for about 4 minutes; a training run rather keeps its records
         # in its outbox and goes on (users can still set these themselves)
@@ -227,6 +245,13 @@ def run_status(run_id: str) -> tuple[str | None, dict[str, str]]:
     except MlflowException:
         return None, {}
     return run.info.status, dict(run.data.tags)
+
+
+def delete_run(run_id: str) -> None:
+    """Move a run to MLflow's trash (searches no longer find it; `mlflow gc` removes it for good)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().delete_run(run_id)
 
 
 def logged_steps(run_id: str, metric: str) -> set[int]:

@@ -146,7 +146,8 @@ def train(
     labels, once the splits are cut and before the run starts."""
     if settings is None:
         settings = check_config(cfg)
-    tracking.check_reachable(tracking.resolve_tracking_uri(settings.tracking))
+    uri = tracking.resolve_tracking_uri(settings.tracking)
+    tracking.check_reachable(uri, wait=tracking.server_wait(settings.tracking))
     timed = Stopwatch()
     with timed("data"):
         data = load_splits(settings.data, settings.seed, settings.cleaning)

@@ -96,7 +96,8 @@ def train_members(cfg: DictConfig) -> float:
     kind, count = plan(settings)
     if not kind:
         return train(cfg, settings=settings)
-    tracking.check_reachable(tracking.resolve_tracking_uri(settings.tracking))
+    uri = tracking.resolve_tracking_uri(settings.tracking)
+    tracking.check_reachable(uri, wait=tracking.server_wait(settings.tracking))
     experiment_id = tracking.setup_experiment(settings.tracking)
     tracking.mark_dead_runs(experiment_id)
     tags = {"config_digest": config_digest(cfg), f"{members.KIND_TAG}_count": str(count)}

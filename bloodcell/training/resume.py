@@ -83,11 +83,24 @@ def find_resumable(
         checkpoint = checkpoints.latest(root / run_id)
         if checkpoint is not None:
             return Resume(run_id, checkpoint)
+    if trial is not None:
+        _drop_empty_trial_runs(candidates)
     if wanted == "auto":
         log.info(
             "trainer.resume=auto: no unfinished run of this config with a checkpoint; starting a new run"
         )
     return None
+
+
+def _drop_empty_trial_runs(run_ids: list[str]) -> None:
+    """A sweep trial's earlier runs that were stopped before their first epoch ended (a killed job: no
+    checkpoint and no epoch recorded) hold nothing to continue; the trial starts a new run, so they go to
+    MLflow's trash, or the trial would have two child runs. A run with recorded epochs is kept (its
+    checkpoints may be on another host's disk)."""
+    for run_id in run_ids:
+        if not tracking.logged_steps(run_id, "train_loss"):
+            tracking.delete_run(run_id)
+            log.info("run %s of this trial was stopped before its first epoch ended: deleted", run_id)
 
 
 def _explicit(run_id: str, data_fingerprint: str, root: Path) -> Resume:

@@ -215,7 +215,8 @@ def interrupt(sweep: Sweep, trial_id: int, number: int, why: str) -> None:
             "trial %d interrupted (%s): back in the queue, it resumes from its checkpoint", number, why
         )
     if sweep.mlflow is not None:
-        fail_child(sweep.mlflow, number, f"interrupted: {why}")
+        given_up = interruptions > MAX_INTERRUPTIONS
+        fail_child(sweep.mlflow, number, f"interrupted: {why}", create=given_up, trial_id=trial_id)
 
 
 def send_heartbeats(sweep: Sweep, stop: threading.Event) -> None:

@@ -284,7 +284,19 @@ class OptunaSweep:
     def _run_batch(self, batch: list[Claimed]) -> list[JobReturn]:
         overrides = [self._trial_overrides(claimed) for claimed in batch]
         started = time.monotonic()
-        returns = list(self.launcher.launch(overrides, initial_job_idx=batch[0].trial.number))
+        try:
+            returns = list(self.launcher.launch(overrides, initial_job_idx=batch[0].trial.number))
+        except Exception as err:
+            # A job process was lost (SIGKILL, the OOM killer: joblib's TerminatedWorkerError breaks the
+            # whole batch); a trial's own error comes back in its JobReturn instead. The batch's trials did
+            # not end: back in the queue, each resumes from its checkpoint, and the sweep goes on. Lost
+            # batches count toward max_consecutive_failures, so a launcher that always fails stops it.
+            why = f"its job process was lost ({type(err).__name__})"
+            for claimed in batch:
+                interrupt(self, claimed.id, claimed.trial.number, why)
+            self.failures_in_a_row += len(batch)
+            self.last_error = mask_text(f"{type(err).__name__}: {err}".strip()).splitlines()[0][:300]
+            return []
         elapsed = time.monotonic() - started
         for claimed, ret in zip(batch, returns):
             self._tell(claimed, ret, elapsed)
@@ -338,7 +350,9 @@ class OptunaSweep:
             "trial %d %s %s | %s | %s", trial.number, frozen.state.name, outcome, params, _duration(elapsed)
         )
         if state == TrialState.FAIL and self.mlflow is not None:
-            fail_child(self.mlflow, trial.number, error or "failed", only_if_missing=True)
+            fail_child(
+                self.mlflow, trial.number, error or "failed", only_if_missing=True, trial_id=claimed.id
+            )
 
     def _log_summary(self) -> None:
         trials = self.study.get_trials(deepcopy=False)

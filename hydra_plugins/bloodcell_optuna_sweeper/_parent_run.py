@@ -176,17 +176,27 @@ def link(parent: ParentRun, trial: optuna.trial.Trial, trial_id: int) -> None:
         log.warning("MLflow: could not link trial %d to its run: %s", trial.number, err)
 
 
-def fail_child(parent: ParentRun, number: int, reason: str, only_if_missing: bool = False) -> None:
-    """Mark trial ``number``'s child run FAILED (a killed sweep left it RUNNING); create one when the
-    trial failed before train started its run, so that every trial has its child run."""
+def fail_child(
+    parent: ParentRun,
+    number: int,
+    reason: str,
+    only_if_missing: bool = False,
+    create: bool = True,
+    trial_id: int | None = None,
+) -> None:
+    """Mark trial ``number``'s child run FAILED (a killed sweep left it RUNNING); with ``create``, make one
+    when the trial ended before train started its run, so that every trial has its child run (not for a
+    trial going back into the queue: its job makes its run when it starts again, and a second one would
+    give the trial two). ``trial_id``: the Optuna storage id, tagged on a run made here."""
     try:
         runs = children(parent, number)
         if not runs:
-            run = parent.client.create_run(
-                parent.experiment_id,
-                run_name=f"trial-{number}",
-                tags={"mlflow.parentRunId": parent.run_id, "trial_number": str(number)},
-            )
+            if not create:
+                return
+            tags = {"mlflow.parentRunId": parent.run_id, "trial_number": str(number)}
+            if trial_id is not None:
+                tags["optuna_trial_id"] = str(trial_id)
+            run = parent.client.create_run(parent.experiment_id, run_name=f"trial-{number}", tags=tags)
             runs = [run]
         elif only_if_missing:
             return
