@@ -19,73 +19,23 @@ from both), and runs of different data only on ``eval=`` images.
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING, Any
-
 import hydra
 from omegaconf import DictConfig
 
 from bloodcell import PROJECT_ROOT
 from bloodcell.core.cli import run_or_exit
-from bloodcell.evaluation.candidates import candidates
-from bloodcell.evaluation.comparison import Comparison, run_comparison
-from bloodcell.evaluation.comparison_report import log_comparison
-
-if TYPE_CHECKING:
-    pass
-
-log = logging.getLogger("bloodcell.compare")
+from bloodcell.evaluation.comparison_report import ComparedRuns, compare_configured
 
 
-# ---- which models --------------------------------------------------------------------------------------
-
-
-# ---- their predictions ---------------------------------------------------------------------------------
-
-
-# ---- the figures -----------------------------------------------------------------------------------
-
-
-# ---- the images behind stored predictions ------------------------------------------------------------
-
-
-# ---- the command --------------------------------------------------------------------------------------
-
-
-def _specs(value: Any) -> list[str]:
-    """``runs`` as given: a list, or one string of comma-separated ids."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [s for s in (part.strip() for part in value.split(",")) if s]
-    return [str(v) for v in value]
-
-
-def main_task(cfg: DictConfig) -> Comparison:
-    import mlflow
-
-    from bloodcell.serving.loading import set_tracking
-
-    set_tracking(cfg.tracking)
-    client = mlflow.MlflowClient()
-    models = candidates(client, _specs(cfg.runs), cfg.sweep, int(cfg.top))
-    comparison = run_comparison(
-        client,
-        models,
-        split=str(cfg.split),
-        eval_path=cfg.eval,
-        allow_different=bool(cfg.allow_different),
-        sheet=bool(cfg.contact_sheet),
-    )
-    for m in models:
+def main_task(cfg: DictConfig) -> ComparedRuns:
+    compared = compare_configured(cfg)  # the library's, as bloodcell.api.compare calls it
+    for m in compared.comparison.models:
         print(f"{m.name} = {m.spec}: {m.describe()}")
     print()
-    print(comparison.text())
-    if cfg.log:
-        params = {"split": cfg.split, "eval": cfg.eval, "runs": [m.run_id for m in models]}
-        run_id = log_comparison(client, cfg.tracking.experiment, comparison, params)
-        print(f"\nlogged as run {run_id} in experiment '{cfg.tracking.experiment}'")
-    return comparison
+    print(compared.comparison.text())
+    if compared.run_id:
+        print(f"\nlogged as run {compared.run_id} in experiment '{cfg.tracking.experiment}'")
+    return compared
 
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="compare")

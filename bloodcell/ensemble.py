@@ -20,55 +20,16 @@ ensemble is.
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING
-
 import hydra
 from omegaconf import DictConfig
 
 from bloodcell import PROJECT_ROOT
-from bloodcell.compare import _specs
 from bloodcell.core.cli import run_or_exit
-from bloodcell.core.errors import UserError
-from bloodcell.evaluation.ensemble import (
-    SELECTIONS,
-    Ensemble,
-    build_ensemble,
-    check_members,
-    ensemble_config,
-    evaluate,
-    record_ensemble,
-    select,
-)
+from bloodcell.evaluation.ensemble import Ensemble, make_ensemble
 from bloodcell.evaluation.stats import interval_names
 
-if TYPE_CHECKING:
-    pass
 
-log = logging.getLogger("bloodcell.ensemble")
-
-
-# ---- which members -------------------------------------------------------------------------------------
-
-
-# ---- the model -------------------------------------------------------------------------------------------
-
-
-# ---- the command -----------------------------------------------------------------------------------------
-
-
-def check_config(cfg: DictConfig) -> None:
-    """The command's own keys, before MLflow is asked anything."""
-    if cfg.selection not in SELECTIONS:
-        raise UserError(f"selection={cfg.selection!r} is unknown; use topk or greedy")
-    for key in ("top", "size", "batch_size"):
-        if int(cfg[key]) < 1:
-            raise UserError(f"{key}={cfg[key]} must be >= 1")
-    if not _specs(cfg.runs) and not cfg.sweep:
-        raise UserError("say which runs: runs=[<run id>,<run id>] or sweep=<parent run id> top=<k>")
-
-
-def summary(ensemble: Ensemble, run_cfg: DictConfig) -> str:
+def summary(ensemble: Ensemble, experiment: str) -> str:
     result = ensemble.result
     count, votes = len(ensemble.members), sum(ensemble.weights)
     lines = [f"ensemble of {count} run{'s' * (count != 1)} ({votes} vote{'s' * (votes != 1)}):"]
@@ -88,40 +49,22 @@ def summary(ensemble: Ensemble, run_cfg: DictConfig) -> str:
     )
     if ensemble.run_id:
         lines.append(
-            f"logged as run {ensemble.run_id} in experiment '{run_cfg.tracking.experiment}': model "
+            f"logged as run {ensemble.run_id} in experiment '{experiment}': model "
             f"runs:/{ensemble.run_id}/model (python -m bloodcell.promote run={ensemble.run_id})"
         )
     return "\n".join(lines)
 
 
-def make_ensemble(cfg: DictConfig) -> Ensemble:
-    """Members -> selection -> one Keras model -> evaluated on the members' splits -> logged as a run.
-    Everything the user can get wrong is checked before any model loads or any run starts."""
-    import mlflow
-
-    from bloodcell.evaluation.candidates import candidates
-    from bloodcell.serving.loading import load_model, set_tracking
-    from bloodcell.training.run_data import run_splits
-
-    check_config(cfg)
-    set_tracking(cfg.tracking)
-    client = mlflow.MlflowClient()
-    models = candidates(client, _specs(cfg.runs), cfg.sweep, int(cfg.top), command="ensemble")
-    check_members(models)
-    members, weights = select(client, models, str(cfg.selection), int(cfg.size))
-    data = run_splits(members[0].run)
-    model = build_ensemble([load_model(m.model_uri) for m in members], weights)
-    ensemble = Ensemble(members, weights, model, data, None)
-    ensemble.result = evaluate(cfg, model, data)
-    run_cfg = ensemble_config(cfg, client, ensemble)
-    ensemble.run_id = record_ensemble(run_cfg, ensemble) if cfg.log else ""
-    print(summary(ensemble, run_cfg))
+def main_task(cfg: DictConfig) -> Ensemble:
+    ensemble = make_ensemble(cfg)  # the library's, as bloodcell.api.ensemble calls it
+    assert ensemble.config is not None
+    print(summary(ensemble, ensemble.config.tracking.experiment))
     return ensemble
 
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="ensemble")
 def main(cfg: DictConfig) -> None:
-    run_or_exit(make_ensemble, cfg)
+    run_or_exit(main_task, cfg)
 
 
 if __name__ == "__main__":

@@ -11,36 +11,23 @@ correct and the most confident wrong image with its heat map (``gradcam.png``), 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig
 
-from bloodcell import CLASS_NAMES, PROJECT_ROOT
+from bloodcell import PROJECT_ROOT
 from bloodcell.core import outputs
 from bloodcell.core.cli import run_or_exit
 from bloodcell.core.errors import UserError
 from bloodcell.core.outputs import atomic_path
-from bloodcell.evaluation.gradcam import GradCam, errors_sheet, gradcam_grid, gradcam_sheet
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-log = logging.getLogger("bloodcell.explain")
-
 #: the sheet files of the command (a run logs them as plots/gradcam.png and plots/test_errors.png)
 GRADCAM_FILE, ERRORS_FILE = "gradcam.png", "errors.png"
-
-
-# ---------------------------------------------------------------------------------------------- Grad-CAM
-
-
-# ---------------------------------------------------------------------------------------------- sheets
-
-
-# ---------------------------------------------------------------------------------------------- command
 
 
 def check_output(output: str | None, overwrite: bool) -> Path:
@@ -64,42 +51,26 @@ def save(figure: Figure, path: Path) -> None:
 
 
 def explain(cfg: DictConfig) -> list[Path]:
-    """Cheap checks first (output, input), then the model is loaded once."""
-    from bloodcell.serving.loading import load_model, model_image_shape, resolve_model_uri, set_tracking
-    from bloodcell.serving.prediction import check_images, predict_arrays, read_images
+    """Cheap checks first (output, input), then the model is loaded once; the sheets are the library's
+    (bloodcell.evaluation.explanation, as bloodcell.api.explain draws them)."""
+    from bloodcell.evaluation.explanation import explain_images, select_images
+    from bloodcell.serving.loading import load_model, resolve_model_uri, set_tracking
+    from bloodcell.serving.prediction import read_images
 
     folder = check_output(cfg.output, bool(cfg.overwrite))
     if not cfg.input:
         raise UserError("say which images: input=<file.npz | image folder | image file>")
-    limit = cfg.limit
-    if limit is not None and int(limit) < 1:
-        raise UserError(f"limit={limit} must be >= 1 (or null for every image)")
-    data = read_images(cfg.input)
-    check_images(data.images, (None, None, 3), str(cfg.input))
-    images = data.images[: int(limit)] if limit else data.images
-    labels = data.labels[: len(images)] if data.labels is not None else None
-    if labels is not None and ((labels < 0) | (labels >= len(CLASS_NAMES))).any():
-        raise UserError(
-            f"{cfg.input}: labels outside 0-{len(CLASS_NAMES) - 1} (class ids of {', '.join(CLASS_NAMES)})"
-        )
+    data = select_images(read_images(cfg.input), cfg.limit, str(cfg.input))
     set_tracking(cfg.tracking)
     model = load_model(resolve_model_uri(cfg.model))
-    check_images(images, model_image_shape(model), str(cfg.input))
-    cam = GradCam.of(model, cfg.layer)
-    written = []
-    if labels is None:
-        figure = gradcam_grid(cam, images, data.names, f"Grad-CAM of {len(images)} images of {cfg.input}")
-        save(figure, folder / GRADCAM_FILE)
-        written.append(folder / GRADCAM_FILE)
-    else:
-        probabilities = predict_arrays(model, images, int(cfg.batch_size))
-        title = f"Grad-CAM, {len(images)} images of {cfg.input}"
-        save(gradcam_sheet(cam, images, labels, probabilities, title), folder / GRADCAM_FILE)
-        save(errors_sheet(images, labels, probabilities, "labelled"), folder / ERRORS_FILE)
-        written += [folder / GRADCAM_FILE, folder / ERRORS_FILE]
-        errors = int((probabilities.argmax(axis=1) != labels).sum())
-        print(f"{errors} errors among {len(images)} labelled images")
-    print(f"wrote {', '.join(str(p) for p in written)} (feature map: {cam.layer})")
+    explained = explain_images(model, data, str(cfg.input), cfg.layer, int(cfg.batch_size))
+    files = {"gradcam": folder / GRADCAM_FILE, "errors": folder / ERRORS_FILE}
+    for name, figure in explained.figures.items():
+        save(figure, files[name])
+    if explained.errors is not None:
+        print(f"{explained.errors} errors among {len(data.images)} labelled images")
+    written = [files[name] for name in explained.figures]
+    print(f"wrote {', '.join(str(p) for p in written)} (feature map: {explained.layer})")
     return written
 
 

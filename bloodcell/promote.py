@@ -31,18 +31,11 @@ from omegaconf import DictConfig
 
 from bloodcell import PROJECT_ROOT
 from bloodcell.core.cli import run_or_exit
-from bloodcell.serving.promotion import Promotion, promote
+from bloodcell.serving.promotion import Promotion, expand_experiment_shorthand, promote_configured
 
 
 def main_task(cfg: DictConfig) -> Promotion:
-    from bloodcell.serving.settings import promote_settings
-    from bloodcell.tracking import connect
-
-    settings = promote_settings(cfg)  # every bad value is one line, before the tracking store is touched
-    uri = connect(cfg.tracking)
-    import mlflow
-
-    result = promote(mlflow.MlflowClient(uri), settings)
+    settings, result = promote_configured(cfg)  # the library's, as bloodcell.api.promote calls it
     label = f"{result.model_name}@{settings.alias}"
     verb = "registered as" if result.created else "is already"
     print(
@@ -56,12 +49,6 @@ def main_task(cfg: DictConfig) -> Promotion:
     else:
         print(f"{label} unchanged: {result.reason}")
     return result
-
-
-def expand_experiment_shorthand(argv: list[str]) -> list[str]:
-    """``experiment=<name>`` -> ``tracking.experiment=<name>``. Hydra would read the bare key as a choice
-    of the config group conf/experiment/ (train's ``+experiment=...`` overlays) and refuse it."""
-    return [f"tracking.{arg}" if arg.startswith("experiment=") else arg for arg in argv]
 
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="promote")

@@ -110,6 +110,15 @@ def sweep_top(client: Any, parent_id: str, top: int) -> list[Any]:
     return scored[: max(int(top), 2)]
 
 
+def run_specs(value: Any) -> list[str]:
+    """A command's ``runs`` as given: a list, or one string of comma-separated ids (None: none)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [s for s in (part.strip() for part in value.split(",")) if s]
+    return [str(v) for v in value]
+
+
 def candidates(
     client: Any, specs: list[str], sweep: str | None = None, top: int = 4, command: str = "compare"
 ) -> list[Candidate]:

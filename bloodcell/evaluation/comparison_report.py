@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,3 +103,39 @@ def log_comparison(client: Any, experiment: str, comparison: Comparison, params:
             status="FINISHED",
         )
     return str(run.info.run_id)
+
+
+@dataclass
+class ComparedRuns:
+    """A comparison as the compare config asked for it, and the run it was logged as ("" without ``log``)."""
+
+    comparison: Comparison
+    run_id: str
+    tracking_uri: str
+
+
+def compare_configured(cfg: Any) -> ComparedRuns:
+    """What ``python -m bloodcell.compare`` does with its composed config (conf/compare.yaml), less the
+    printing: resolve the models, compare them, log the comparison as a run when ``log``."""
+    import mlflow
+
+    from bloodcell.evaluation.candidates import candidates, run_specs
+    from bloodcell.evaluation.comparison import run_comparison
+    from bloodcell.serving.loading import set_tracking
+
+    set_tracking(cfg.tracking)
+    client = mlflow.MlflowClient()
+    models = candidates(client, run_specs(cfg.runs), cfg.sweep, int(cfg.top))
+    comparison = run_comparison(
+        client,
+        models,
+        split=str(cfg.split),
+        eval_path=cfg.eval,
+        allow_different=bool(cfg.allow_different),
+        sheet=bool(cfg.contact_sheet),
+    )
+    run_id = ""
+    if cfg.log:
+        params = {"split": cfg.split, "eval": cfg.eval, "runs": [m.run_id for m in models]}
+        run_id = log_comparison(client, cfg.tracking.experiment, comparison, params)
+    return ComparedRuns(comparison, run_id, mlflow.get_tracking_uri())

@@ -1,7 +1,7 @@
 """Several trained runs as one model: which members (`check_members`, top-k or greedy selection on their
 stored validation predictions), the averaging Keras model (`build_ensemble`), its evaluation on the members'
-shared splits, and its MLflow run with a training run's records (`record_ensemble`). The command is
-`bloodcell/ensemble.py`.
+shared splits, and its MLflow run with a training run's records (`record_ensemble`); `make_ensemble` does it
+all from the composed config, for the command (`bloodcell/ensemble.py`) and `bloodcell.api.ensemble`.
 """
 
 from __future__ import annotations
@@ -143,6 +143,8 @@ class Ensemble:
     data: RunData
     result: Any  # bloodcell.train.TestResult
     run_id: str = ""
+    #: the config its run records (`ensemble_config`)
+    config: DictConfig | None = None
 
 
 def evaluate(cfg: DictConfig, model: keras.Model, data: RunData) -> Any:
@@ -219,7 +221,7 @@ def record_ensemble(run_cfg: DictConfig, ensemble: Ensemble) -> str:
         )
         record_evaluation(recorder, result.evaluation, None, None)
         record_predictions(recorder, data.splits.test, result)
-        record_calibration(recorder, data.splits.test, result)
+        record_calibration(recorder, data.splits.test, result, run_cfg.get("trainer", {}).get("abstention"))
         if run_cfg.tracking.log_model:
             example = data.splits.test.images[:2].astype(np.float32)
             recorder.log_model(result.model, example, result.probabilities[:2], root / run_id)
@@ -227,3 +229,40 @@ def record_ensemble(run_cfg: DictConfig, ensemble: Ensemble) -> str:
     if not tracking.outbox_waiting(root / run_id):
         checkpoints.delete(root / run_id)
     return run_id
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The command's own keys, before MLflow is asked anything."""
+    from bloodcell.evaluation.candidates import run_specs
+
+    if cfg.selection not in SELECTIONS:
+        raise UserError(f"selection={cfg.selection!r} is unknown; use topk or greedy")
+    for key in ("top", "size", "batch_size"):
+        if int(cfg[key]) < 1:
+            raise UserError(f"{key}={cfg[key]} must be >= 1")
+    if not run_specs(cfg.runs) and not cfg.sweep:
+        raise UserError("say which runs: runs=[<run id>,<run id>] or sweep=<parent run id> top=<k>")
+
+
+def make_ensemble(cfg: DictConfig) -> Ensemble:
+    """Members -> selection -> one Keras model -> evaluated on the members' splits -> logged as a run (with
+    ``log``). Everything the user can get wrong is checked before any model loads or any run starts."""
+    import mlflow
+
+    from bloodcell.evaluation.candidates import candidates, run_specs
+    from bloodcell.serving.loading import load_model, set_tracking
+    from bloodcell.training.run_data import run_splits
+
+    check_config(cfg)
+    set_tracking(cfg.tracking)
+    client = mlflow.MlflowClient()
+    models = candidates(client, run_specs(cfg.runs), cfg.sweep, int(cfg.top), command="ensemble")
+    check_members(models)
+    members, weights = select(client, models, str(cfg.selection), int(cfg.size))
+    data = run_splits(members[0].run)
+    model = build_ensemble([load_model(m.model_uri) for m in members], weights)
+    ensemble = Ensemble(members, weights, model, data, None)
+    ensemble.result = evaluate(cfg, model, data)
+    ensemble.config = ensemble_config(cfg, client, ensemble)
+    ensemble.run_id = record_ensemble(ensemble.config, ensemble) if cfg.log else ""
+    return ensemble

@@ -80,3 +80,23 @@ def promote(client: Any, settings: PromoteSettings) -> Promotion:
         model_name,
         decision.details,
     )
+
+
+def promote_configured(cfg: Any) -> tuple[PromoteSettings, Promotion]:
+    """What ``python -m bloodcell.promote`` does with its composed config (conf/promote.yaml), less the
+    printing; every bad value is one line before the tracking store is touched. Returns the checked
+    settings with the outcome."""
+    import mlflow
+
+    from bloodcell.serving.settings import promote_settings
+    from bloodcell.tracking import connect
+
+    settings = promote_settings(cfg)
+    uri = connect(cfg.tracking)
+    return settings, promote(mlflow.MlflowClient(uri), settings)
+
+
+def expand_experiment_shorthand(overrides: list[str]) -> list[str]:
+    """``experiment=<name>`` -> ``tracking.experiment=<name>``. Hydra would read the bare key as a choice
+    of the config group conf/experiment/ (train's ``+experiment=...`` overlays) and refuse it."""
+    return [f"tracking.{arg}" if arg.startswith("experiment=") else arg for arg in overrides]
