@@ -5,22 +5,26 @@ because the server restarts or the network blips. Each record (metrics, tags, an
 model, the run's end) is one JSON line in ``<run dir>/outbox/pending.jsonl``; artifact files and the
 model stay beside it until sent. While the outbox holds anything, new records queue behind it (order is
 kept), and sending is retried at most every ``retry_seconds``. ``python -m bloodcell.sync`` (and the next
-training run on this machine) sends what a finished process left behind.
+training run on this machine) sends what a finished process left behind. The run's own process holds a
+lock on its outbox (``owner.lock``) while it runs, so that no other command sends a live run's records as
+well (sent twice, each sender removing the other's file; the kernel lets go of a killed process's lock).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 log = logging.getLogger("bloodcell.tracking")
 
 PENDING = "pending.jsonl"
+OWNER_LOCK = "owner.lock"
 
 
 def unreachable(err: BaseException) -> bool:
@@ -121,6 +125,28 @@ class Outbox:
         self.run_id, self.directory, self.retry_seconds = run_id, directory, retry_seconds
         self.retry_after = 0.0
         self.in_outage = False
+        self._held: IO[str] | None = None
+
+    def hold(self, wait: bool = True) -> bool:
+        """Hold this outbox for this process until `release` (or the process ends); False when another
+        live process holds it (``wait=False``): its run is alive and sends its records itself."""
+        if self._held is not None:
+            return True
+        self.directory.mkdir(parents=True, exist_ok=True)
+        handle = open(self.directory / OWNER_LOCK, "a")  # noqa: SIM115  (held open until release)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.close()
+            return False
+        self._held = handle
+        return True
+
+    def release(self) -> None:
+        if self._held is not None:
+            fcntl.flock(self._held, fcntl.LOCK_UN)
+            self._held.close()
+            self._held = None
 
     @property
     def file(self) -> Path:

@@ -109,7 +109,10 @@ def start_run(
     run_id = run.info.run_id
     log.info("MLflow run %s: %s", run_id, ui_url(run.info.experiment_id, run_id))
     remote = mlflow.get_tracking_uri().startswith(("http://", "https://"))
-    recorder = Recorder(run, Outbox(run_id, local_root / run_id / "outbox") if remote else None)
+    box = Outbox(run_id, local_root / run_id / "outbox") if remote else None
+    if box is not None:
+        box.hold()  # this run's records are sent by this process alone (outbox module docstring)
+    recorder = Recorder(run, box)
     try:
         if not resume_run_id:
             _log_params(cfg)
@@ -121,6 +124,9 @@ def start_run(
     else:
         end_tags = {"optuna.trial_state": "COMPLETE"} if trial is not None else {}
         _end_run(recorder, "FINISHED", end_tags, tracking_settings.outage_wait_seconds)
+    finally:
+        if box is not None:
+            box.release()
 
 
 def run_tags(
@@ -287,12 +293,17 @@ def send_waiting(root: Path) -> list[tuple[str, int]]:
     (run id, records still waiting) per run that had some."""
     results = []
     for box in outbox.waiting_outboxes(root):
-        box.flush(force=True)
-        left = len(box.pending())
-        if not left and not any((root / box.run_id).glob("epoch-*")):
-            import shutil
+        if not box.hold(wait=False):
+            continue  # its run is alive in another process, which sends its records itself
+        try:
+            box.flush(force=True)
+            left = len(box.pending())
+            if not left and not any((root / box.run_id).glob("epoch-*")):
+                import shutil
 
-            shutil.rmtree(root / box.run_id, ignore_errors=True)  # all sent, and no checkpoint to resume from
+                shutil.rmtree(root / box.run_id, ignore_errors=True)  # all sent, no checkpoint to resume from
+        finally:
+            box.release()
         results.append((box.run_id, left))
     return results
 
