@@ -15,12 +15,12 @@ Output: CSV with one row per image (image, class_id, class_name, one probability
 ``label`` when the input had labels), or .npy holding a structured array with fields image, class_id,
 class_name, probabilities (8,) (``np.load(path)`` -- no pickle needed). With ``review_below=0.9`` both
 also say per image whether its top probability is below 0.9 (``review``: true/false), and the count is
-printed: the cells to send to a human.
+printed: the cells to send to a human. ``review_accuracy=0.99`` instead takes the threshold the model's
+run certified for 99% accuracy among the kept cells (chosen on its validation split, with the confidence
+it states: docs/statistics.md), and prints that promise.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import hydra
 import numpy as np
@@ -38,18 +38,7 @@ from bloodcell.serving.prediction import (
     read_images,
     write_predictions,
 )
-
-if TYPE_CHECKING:
-    pass
-
-
-# ---------------------------------------------------------------------------------------------- models
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-
-
-# ---------------------------------------------------------------------------------------------- predict
+from bloodcell.serving.review import stored_guarantee
 
 
 def predict(cfg: DictConfig) -> np.ndarray:
@@ -59,17 +48,33 @@ def predict(cfg: DictConfig) -> np.ndarray:
         raise UserError(f"batch_size={cfg.batch_size} must be >= 1")
     if not cfg.input:
         raise UserError("say what to predict: input=<file.npz | image folder | image file>")
-    below = cfg.review_below
-    if below is not None and (
-        isinstance(below, bool) or not isinstance(below, (int, float)) or not 0 < below <= 1
-    ):
+    below, accuracy = cfg.review_below, cfg.get("review_accuracy")
+    if below is not None and not _is_number_in(below, 0, 1, closed=True):
         raise UserError(
             f"review_below={below} must be a top probability in (0, 1], e.g. 0.9, or null for none"
+        )
+    if accuracy is not None and not _is_number_in(accuracy, 0, 1, closed=False):
+        raise UserError(
+            f"review_accuracy={accuracy} must be an accuracy in (0, 1), e.g. 0.99, or null for none"
+        )
+    if below is not None and accuracy is not None:
+        raise UserError(
+            "give review_below=<top probability> or review_accuracy=<accuracy among kept cells>, not both"
         )
     data = read_images(cfg.input)
     check_images(data.images, (None, None, 3), str(cfg.input))
     set_tracking(cfg.tracking)
     uri = resolve_model_uri(cfg.model)
+    promise = None
+    if accuracy is not None:  # the threshold the model's run certified, before the model is loaded
+        import mlflow
+
+        guarantee, run_id = stored_guarantee(uri, float(accuracy), mlflow.MlflowClient())
+        below = guarantee.threshold
+        promise = (
+            f"review: {guarantee.promise()} (top probability >= {below:.4f}, chosen on "
+            f"{guarantee.calibration_images} validation cells of run {run_id})"
+        )
     model = load_model(uri)
     height, width, _ = model_image_shape(model)
     size = (height, width) if height and width and data.images.shape[1:3] != (height, width) else None
@@ -89,9 +94,18 @@ def predict(cfg: DictConfig) -> np.ndarray:
     print(f"wrote {len(probabilities)} prediction{plural} to {output}{tta}: {summary}")
     if data.labels is not None:
         print(f"accuracy against the input's labels: {(probabilities.argmax(1) == data.labels).mean():.4f}")
+    if promise is not None:
+        print(promise)
     if review is not None and below is not None:
         print(review_summary(review, float(below)))
     return probabilities
+
+
+def _is_number_in(value: object, low: float, high: float, closed: bool) -> bool:
+    """A number (not a bool) in (low, high], or (low, high) when not ``closed``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return low < value <= high if closed else low < value < high
 
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="predict")

@@ -187,6 +187,13 @@ class CheckpointSchema(Group):
     dir: str | None = None
 
 
+class AbstentionSchema(Group):
+    targets: list[Fraction] = fix(
+        "accuracies among kept cells in (0, 1), e.g. [0.95, 0.99]", default_factory=lambda: [0.95, 0.99]
+    )
+    confidence: Fraction = fix("a probability in (0, 1), e.g. 0.9", default=0.9)
+
+
 class TrainerSchema(Group):
     epochs: int = fix("phase 1's epochs, e.g. trainer.epochs=30", ge=1)
     batch_size: int = fix("images per step, e.g. trainer.batch_size=32", ge=1)
@@ -202,6 +209,7 @@ class TrainerSchema(Group):
     ema_momentum: float = fix("in (0, 1), e.g. 0.99 (about the last 100 steps)", default=0.99, gt=0, lt=1)
     test_tta: bool = False
     calibrate: bool = True
+    abstention: AbstentionSchema = Field(default_factory=AbstentionSchema)
     mixed_precision: Literal[False, True, "mixed_float16", "mixed_bfloat16", None] = fix(
         "use false, true (mixed_float16) or mixed_bfloat16", default=False
     )

@@ -171,7 +171,13 @@ def train(
         trial=settings.trial,
     ) as recorder:
         run = RunContext(
-            settings.objective, settings.tracking, data, recorder, run_dirs.root / recorder.run_id, timed
+            settings.objective,
+            settings.tracking,
+            data,
+            recorder,
+            run_dirs.root / recorder.run_id,
+            timed,
+            settings.trainer.abstention,
         )
         if resume is not None:
             recorder.set_tags({"resumed_after_epoch": str(resume.checkpoint.epoch)})

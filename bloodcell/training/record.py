@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from bloodcell.core.settings import DataSchema, TrackingSchema
+from bloodcell.core.settings import AbstentionSchema, DataSchema, TrackingSchema
 from bloodcell.evaluation.results import TestResult
 from bloodcell.evaluation.stats import interval_names
 from bloodcell.tracking import Recorder
@@ -66,6 +66,7 @@ class RunContext:
     recorder: Recorder
     run_dir: Path
     timed: Stopwatch
+    abstention: AbstentionSchema
 
 
 def record_inputs(
@@ -156,12 +157,17 @@ def record_explanations(recorder: Recorder, model: keras.Model, test: Arrays, pr
         recorder.log_figure(figure, "plots/gradcam.png" if name == "gradcam" else "plots/test_errors.png")
 
 
-def record_calibration(recorder: Recorder, test: Arrays, result: TestResult) -> None:
+def record_calibration(
+    recorder: Recorder, test: Arrays, result: TestResult, abstention: AbstentionSchema | None = None
+) -> None:
     """Temperature scaling's outcome (when the run calibrated): the temperature, the expected calibration
     error of both splits before and after (``calibration/*``), the test split's reliability diagram; and,
-    always, the test split's accuracy/coverage curve (``abstention/*``) on the probabilities the run
-    reports."""
-    from bloodcell.evaluation import abstention, calibration
+    always, abstention (``abstention/*``) on the probabilities the run reports: per target of
+    ``abstention`` (trainer.abstention), the guaranteed review threshold chosen on the validation split and
+    checked on the test split, the test split's own accuracy/coverage curve (point estimates) and
+    ``plots/accuracy_coverage.png``."""
+    from bloodcell.evaluation import abstention as review
+    from bloodcell.evaluation import calibration
 
     if result.temperature is not None and result.val is not None:
         labels = {"val": result.val.arrays.labels, "test": test.labels}
@@ -175,9 +181,39 @@ def record_calibration(recorder: Recorder, test: Arrays, result: TestResult) -> 
             ),
             "plots/reliability.png",
         )
-    recorder.log_metrics(abstention.abstention_metrics(result.probabilities, test.labels))
+    settings = AbstentionSchema.of(abstention)
+    targets = tuple(float(t) for t in settings.targets)
+    recorder.log_metrics(review.abstention_metrics(result.probabilities, test.labels, targets))
+    guarantees = None
+    if result.val is not None:  # the calibration split: never the test split that checks the threshold
+        metrics, guarantees = review.guarantee_metrics(
+            (result.val.probabilities, result.val.arrays.labels),
+            (result.probabilities, test.labels),
+            targets,
+            float(settings.confidence),
+        )
+        recorder.log_metrics(metrics)
+        for guarantee in guarantees:
+            at = f"{review.metric_suffix(guarantee.target)}_accuracy"
+            if guarantee.found:
+                log.info(
+                    "review threshold %.4f: %s (chosen on %d validation cells; "
+                    "kept %.1f%% of test at %.2f%%)",
+                    guarantee.threshold,
+                    guarantee.promise(),
+                    guarantee.calibration_images,
+                    100 * metrics[f"abstention/test_coverage_at_{at}"],
+                    100 * metrics[f"abstention/test_kept_accuracy_at_{at}"],
+                )
+            else:
+                log.info(
+                    "no review threshold reaches %s on %d validation cells",
+                    guarantee.promise().removeprefix("kept cells "),
+                    guarantee.calibration_images,
+                )
     recorder.log_figure(
-        abstention.accuracy_coverage_figure(result.probabilities, test.labels), "plots/accuracy_coverage.png"
+        review.accuracy_coverage_figure(result.probabilities, test.labels, guarantees=guarantees),
+        "plots/accuracy_coverage.png",
     )
 
 
@@ -202,7 +238,7 @@ def record(
         if run.tracking.explain:  # Grad-CAM: one gradient pass over up to 16 test images
             record_explanations(recorder, model, test, result.probabilities)
         record_predictions(recorder, test, result)
-        record_calibration(recorder, test, result)
+        record_calibration(recorder, test, result, run.abstention)
     if run.tracking.log_model:
         with timed("log_model"):
             # the test predictions give the output example: another predict call would trace anew

@@ -299,6 +299,41 @@ def test_predict_review_below_marks_and_counts_the_images_under_the_threshold(st
     )
 
 
+def test_predict_review_accuracy_uses_the_threshold_the_champions_run_certified(store, predictions, tmp_path):
+    """review_accuracy=0.99: the threshold is the one the champion's run logged for 99% (its 15 validation
+    cells certify none, so the test logs one, as a run with enough cells would), the column marks the
+    images below it, and the promise is printed with its confidence and where the threshold came from."""
+    run_id = store.client.get_model_version_by_alias("bloodcell", "champion").run_id
+    logged = store.client.get_run(run_id).data.metrics
+    assert logged["abstention/confidence"] == 0.9  # every run logs the guarantee, found or not
+    assert "abstention/threshold_at_99_accuracy" in logged
+    top = np.array([max(float(row[f"p_{c}"]) for c in CLASS_NAMES) for row in predictions])
+    ranked = np.unique(top)
+    cut = int(np.argmax(np.diff(ranked)))
+    threshold = round(float(ranked[cut] + ranked[cut + 1]) / 2, 6)
+    store.client.log_metric(run_id, "abstention/threshold_at_99_accuracy", threshold)
+    store.client.log_metric(run_id, "abstention/calibration_images", 2049)
+    output = tmp_path / "review.csv"
+    proc = run_module(
+        "bloodcell.predict",
+        "model=models:/bloodcell@champion",
+        f"input={store.root / 'cells.npz'}",
+        f"output={output}",
+        "review_accuracy=0.99",
+        f"tracking.uri={store.uri}",
+    )
+    assert_ok(proc)
+    with output.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [row["review"] for row in rows] == ["true" if t < threshold else "false" for t in top]
+    assert (
+        f"review: kept cells >= 99% correct with 90% confidence (top probability >= {threshold:.4f}, "
+        f"chosen on 2049 validation cells of run {run_id})" in proc.stdout
+    )
+    count = int((top < threshold).sum())
+    assert f"{count} of {len(top)} images ({count / len(top):.1%}) below {threshold:g}" in proc.stdout
+
+
 def test_predict_does_not_overwrite_unless_asked(store, predictions, tmp_path):
     existing = tmp_path / "p.csv"
     existing.write_text("keep me")

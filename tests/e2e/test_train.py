@@ -124,7 +124,7 @@ def test_calibrated_model_probabilities_and_abstention_metrics_agree(quickstart_
     the abstention metrics are those of the stored probabilities."""
     import mlflow
 
-    from bloodcell.evaluation.abstention import abstention_metrics
+    from bloodcell.evaluation.abstention import abstention_metrics, guarantee_metrics
     from bloodcell.evaluation.calibration import expected_calibration_error
 
     uri, run, _ = quickstart_run
@@ -143,6 +143,12 @@ def test_calibrated_model_probabilities_and_abstention_metrics_agree(quickstart_
     )
     assert metrics["test_accuracy"] == pytest.approx(float((probabilities.argmax(1) == labels).mean()))
     for name, value in abstention_metrics(probabilities, labels).items():
+        assert metrics[name] == pytest.approx(value, abs=1e-6, nan_ok=True), name
+    # the guaranteed review thresholds: chosen on the stored validation predictions, checked on the test ones
+    val = np.load(mlflow.artifacts.download_artifacts(f"{run.info.artifact_uri}/predictions/val.npz"))
+    guaranteed, _ = guarantee_metrics((val["probabilities"], val["labels"]), (probabilities, labels))
+    assert metrics["abstention/calibration_images"] == len(val["labels"])
+    for name, value in guaranteed.items():
         assert metrics[name] == pytest.approx(value, abs=1e-6, nan_ok=True), name
     assert (
         0.0 <= metrics["abstention/coverage_at_99_accuracy"] <= metrics["abstention/coverage_at_95_accuracy"]

@@ -123,7 +123,7 @@ def test_accuracy_coverage_on_a_constructed_case():
     metrics = abstention_metrics(probabilities, labels)
     assert metrics["abstention/coverage_at_99_accuracy"] == pytest.approx(2 / 6)
     assert metrics["abstention/coverage_at_95_accuracy"] == pytest.approx(2 / 6)
-    assert metrics["abstention/threshold_at_99_accuracy"] == pytest.approx(0.9)
+    assert metrics["abstention/point_threshold_at_99_accuracy"] == pytest.approx(0.9)
     fig = accuracy_coverage_figure(probabilities, labels)
     assert "33.3% kept" in " ".join(t.get_text() for t in fig.axes[0].get_legend().get_texts())
 
