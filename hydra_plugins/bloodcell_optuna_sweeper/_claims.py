@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from bloodcell.sweep.trial import PRUNER_ATTR, lock_path
 
-from ._parent_run import ParentRun, fail_child
+from ._parent_run import ParentRun, fail_child, link
 from ._search_space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -199,6 +199,9 @@ def interrupt(sweep: Sweep, trial_id: int, number: int, why: str) -> None:
         storage.set_trial_user_attr(trial_id, "interruptions", interruptions)
         if interruptions > MAX_INTERRUPTIONS:
             storage.set_trial_user_attr(trial_id, "interrupted", why)
+            if sweep.mlflow is not None:  # its run (made now if it has none) and the link, while it can
+                fail_child(sweep.mlflow, number, f"interrupted: {why}", trial_id=trial_id)
+                link(sweep.mlflow, number, trial_id, storage)
             end_trial(sweep.study, number, TrialState.FAIL)
         else:
             # no Study or Trial method sets a trial WAITING; the storage's method does
@@ -214,9 +217,9 @@ def interrupt(sweep: Sweep, trial_id: int, number: int, why: str) -> None:
         log.warning(
             "trial %d interrupted (%s): back in the queue, it resumes from its checkpoint", number, why
         )
-    if sweep.mlflow is not None:
-        given_up = interruptions > MAX_INTERRUPTIONS
-        fail_child(sweep.mlflow, number, f"interrupted: {why}", create=given_up, trial_id=trial_id)
+    if sweep.mlflow is not None and interruptions <= MAX_INTERRUPTIONS:
+        # its job makes its run when it starts again: none made here (a trial would have two)
+        fail_child(sweep.mlflow, number, f"interrupted: {why}", create=False, trial_id=trial_id)
 
 
 def send_heartbeats(sweep: Sweep, stop: threading.Event) -> None:

@@ -157,23 +157,32 @@ def children(parent: ParentRun, number: int | None = None) -> list:
     return parent.client.search_runs([parent.experiment_id], filter_string=query, max_results=5000)
 
 
-def link(parent: ParentRun, trial: optuna.trial.Trial, trial_id: int) -> None:
+def link(parent: ParentRun, trial: optuna.trial.Trial | int, trial_id: int, storage: Any = None) -> None:
     """The trial's MLflow run as its user attributes ``mlflow_run_id`` and ``mlflow_run_url`` (shown by
     optuna-dashboard): from a trial to its run; the run's tags ``optuna_study`` and ``trial_number``
-    lead back. A trial that failed before its run started has none."""
+    lead back. A trial that failed before its run started has none. ``trial``: the Trial, or its number
+    with the ``storage`` that writes its attributes (a trial of another process, given up)."""
     from bloodcell.tracking import ui_url
 
+    number = trial if isinstance(trial, int) else trial.number
+
+    def set_attr(key: str, value: str) -> None:
+        if isinstance(trial, int):
+            storage.set_trial_user_attr(trial_id, key, value)
+        else:
+            trial.set_user_attr(key, value)
+
     try:
-        runs = children(parent, trial.number)
+        runs = children(parent, number)
         # a study's trial numbers are unique; the storage id tells apart trials of another study
         # that logged under this parent run (a study renamed between sweeps)
         same = [r for r in runs if r.data.tags.get("optuna_trial_id") == str(trial_id)] or runs
         if same:
             run = same[0].info
-            trial.set_user_attr("mlflow_run_id", run.run_id)
-            trial.set_user_attr("mlflow_run_url", ui_url(run.experiment_id, run.run_id))
+            set_attr("mlflow_run_id", run.run_id)
+            set_attr("mlflow_run_url", ui_url(run.experiment_id, run.run_id))
     except Exception as err:  # a missing link must not stop the sweep
-        log.warning("MLflow: could not link trial %d to its run: %s", trial.number, err)
+        log.warning("MLflow: could not link trial %d to its run: %s", number, err)
 
 
 def fail_child(
