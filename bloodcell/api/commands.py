@@ -19,7 +19,7 @@ from bloodcell.api.results import (
     RunResult,
     SweepResult,
 )
-from bloodcell.api.session import clean_process, compose, one_line
+from bloodcell.api.session import clean_process, compose, compose_with_hydra, one_line
 from bloodcell.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -299,14 +299,7 @@ def _check_sweep(study: str, overrides: Sequence[str]) -> tuple[DictConfig, Dict
 
 def _sweeper_options(overrides: list[str]) -> DictConfig:
     """``hydra.sweeper`` as the multirun would compose it (the study's name and storage)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from bloodcell import PROJECT_ROOT
-
-    with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
-        cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
-    return cfg.hydra.sweeper
+    return compose_with_hydra("train", overrides).hydra.sweeper
 
 
 def _run_sweep(study: str, overrides: Sequence[str]) -> None:

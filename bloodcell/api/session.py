@@ -26,7 +26,23 @@ log = logging.getLogger("bloodcell.api")
 def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
     """``python -m bloodcell.<config_name> <overrides>``'s config (`bloodcell.core.cli.compose`); an
     override Hydra refuses (unknown key, bad syntax, missing group option) is a UserError with Hydra's
-    message on one line, as the command prints it before exiting."""
+    message on one line, as the command prints it before exiting.
+
+    As in a command's job, Hydra's own node is taken out of the config and kept in `HydraConfig` for the
+    length of the call (`clean_process` drops it): what a run records as its overrides
+    (``overrides.yaml``) it reads there, so a run trained from a notebook keeps them as a command's does."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    cfg = compose_with_hydra(config_name, overrides)
+    HydraConfig.instance().set_config(cfg)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def compose_with_hydra(config_name: str, overrides: Sequence[str]) -> DictConfig:
+    """The config with Hydra's node (``hydra.sweeper``, ``hydra.overrides.task``, ...), or the UserError."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -38,13 +54,15 @@ def compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
             f"overrides are strings as on the command line, e.g. 'trainer.epochs=1'; got {bad[0]!r}"
         )
     try:
-        return compose_config(list(overrides), config_name)
+        return compose_config(list(overrides), config_name, hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
         raise UserError(one_line(str(err))) from None
 
 
 def one_line(message: str) -> str:
-    """Hydra's multi-line messages as the one line a UserError holds."""
+    """Hydra's multi-line messages as the one line a UserError holds (without the config search path
+    Hydra appends to a missing option: four lines about its own plugins)."""
+    message = message.split("Config search path:")[0]
     return " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
 
 
@@ -76,9 +94,12 @@ def _end_active_runs(status: str) -> None:
 
 def _clear_hydra() -> None:
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
+    # what `compose` kept for the call
+    HydraConfig.instance().cfg = None
 
 
 def _clear_keras() -> None:

@@ -47,13 +47,14 @@ def run_or_exit(task: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         sys.exit(2)
 
 
-def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
+def compose(overrides: list[str], config_name: str = "train", hydra_config: bool = False) -> DictConfig:
     """The config ``python -m bloodcell.<config_name> <overrides>`` would run with, through Hydra's compose
-    API (benchmarks, notebooks): same conf/ groups, presets and override grammar, no run directory."""
+    API (benchmarks, notebooks): same conf/ groups, presets and override grammar, no run directory. With
+    ``hydra_config`` it includes Hydra's own node (``hydra.sweeper``, ``hydra.overrides``, ...)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from bloodcell import PROJECT_ROOT
 
     with initialize_config_dir(version_base="1.3", config_dir=str(PROJECT_ROOT / "conf")):
-        return hydra_compose(config_name, overrides=overrides)
+        return hydra_compose(config_name, overrides=overrides, return_hydra_config=hydra_config)

@@ -11,11 +11,13 @@ from tests.helpers import TINY_HEAD_ONLY
 
 
 def assert_clean() -> None:
-    """What a call must not leave behind: Hydra's global state, an active MLflow run."""
+    """What a call must not leave behind: Hydra's global state (its config search, a job's config), an
+    active MLflow run."""
     import mlflow
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
-    assert not GlobalHydra.instance().is_initialized()
+    assert not GlobalHydra.instance().is_initialized() and not HydraConfig.initialized()
     assert mlflow.active_run() is None
 
 
@@ -41,6 +43,10 @@ def test_train_raises_the_commands_line_then_trains_twice(tracking):
     html = first._repr_html_()
     assert first.run_id in html and first.link in html and "test_accuracy" in html
     assert "data:image/png;base64," in html  # the run's confusion matrix, inline
+    import mlflow
+
+    recorded = mlflow.artifacts.load_text(f"runs:/{second.run_id}/overrides.yaml")
+    assert "- tracking.log_model=false" in recorded and "- seed=1" in recorded  # as a command records them
 
 
 def test_sweep_raises_the_commands_line_then_runs_and_reads_the_study_back(tmp_path, tracking):
