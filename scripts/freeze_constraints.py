@@ -1,5 +1,5 @@
 """Write constraints.txt: the exact versions, installed in this environment, of every package that
-``pip install -e ".[dev,cluster]"`` brings (bloodcell's requirements and theirs, followed through the
+``pip install -e ".[dev,cluster,lite]"`` brings (bloodcell's requirements and theirs, followed through the
 installed packages' metadata), and nothing else that happens to be installed.
 
     python scripts/freeze_constraints.py            # after a full test run passed in this environment
@@ -68,13 +68,13 @@ def closure(requirements: list[Requirement]) -> dict[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--extras", default="dev,cluster", help="bloodcell's extras to follow")
+    parser.add_argument("--extras", default="dev,cluster,lite", help="bloodcell's extras to follow")
     parser.add_argument("--output", type=Path, default=ROOT / "constraints.txt")
     args = parser.parse_args()
     pins = closure(project_requirements({e for e in args.extras.split(",") if e}))
     header = [
-        '# Tested versions of everything `pip install -e ".[dev,cluster]"` installs; install with',
-        '#   pip install -c constraints.txt -e ".[dev]"',
+        '# Tested versions of everything `pip install -e ".[dev,cluster,lite]"` installs; install with',
+        '#   pip install -c constraints.txt -e ".[dev,lite]"',
         f"# Written by scripts/freeze_constraints.py (Python {platform.python_version()}, "
         f"{sys.platform}/{platform.machine()}); regenerate after upgrading on purpose and running the tests.",
     ]

