@@ -53,13 +53,14 @@ def save(figure: Figure, path: Path) -> None:
 def explain(cfg: DictConfig) -> list[Path]:
     """Cheap checks first (output, input), then the model is loaded once; the sheets are the library's
     (bloodcell.evaluation.explanation, as bloodcell.api.explain draws them)."""
-    from bloodcell.evaluation.explanation import explain_images, select_images
+    from bloodcell.evaluation.explanation import check_limit, explain_images, select_images
     from bloodcell.serving.loading import load_model, resolve_model_uri, set_tracking
     from bloodcell.serving.prediction import read_images
 
     folder = check_output(cfg.output, bool(cfg.overwrite))
     if not cfg.input:
         raise UserError("say which images: input=<file.npz | image folder | image file>")
+    check_limit(cfg.limit)  # before the input is read
     data = select_images(read_images(cfg.input), cfg.limit, str(cfg.input))
     set_tracking(cfg.tracking)
     model = load_model(resolve_model_uri(cfg.model))

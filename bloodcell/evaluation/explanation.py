@@ -34,13 +34,18 @@ class Explained:
     errors: int | None = None
 
 
+def check_limit(limit: Any) -> None:
+    """``limit`` is a count of images, or None for all."""
+    if limit is not None and int(limit) < 1:
+        raise UserError(f"limit={limit} must be >= 1 (or null for every image)")
+
+
 def select_images(data: Images, limit: Any, source: str) -> Images:
     """The first ``limit`` images (None: all) of ``data``, RGB, with labels that are class ids: checked
     before any model loads."""
     from bloodcell.serving.prediction import check_images
 
-    if limit is not None and int(limit) < 1:
-        raise UserError(f"limit={limit} must be >= 1 (or null for every image)")
+    check_limit(limit)
     check_images(data.images, (None, None, 3), source)
     count = int(limit) if limit else len(data.images)
     labels = data.labels[:count] if data.labels is not None else None
