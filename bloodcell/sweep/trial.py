@@ -25,8 +25,9 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bloodcell import PROJECT_ROOT
 from bloodcell.core.errors import UserError
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from bloodcell.training.callbacks import OptunaPruning
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_JOURNAL = PROJECT_ROOT / "mlruns" / "optuna.journal"
 
@@ -198,6 +201,34 @@ def pruning_callback(settings: TrainSchema | Any) -> OptunaPruning | None:
     )
 
 
+#: how long a trial's process keeps trying an Optuna storage call through a database outage (a restart, a
+#: failover, connections terminated) before the trial fails
+STORAGE_RETRY_SECONDS = 120.0
+
+
+def with_storage_retries(call: Callable[[], T], retry_seconds: float = STORAGE_RETRY_SECONDS) -> T:
+    """``call()``, tried again every 2 s while the storage's database cannot be reached. Without it a
+    database restarting under a sweep failed every trial that reported an epoch meanwhile (the chaos soak,
+    issue 26: PostgreSQL's connections terminated for a few seconds -> StorageInternalError -> FAIL)."""
+    from optuna.exceptions import StorageInternalError
+    from sqlalchemy.exc import DBAPIError
+
+    deadline = time.monotonic() + retry_seconds
+    said = False
+    while True:
+        try:
+            return call()
+        except (StorageInternalError, DBAPIError) as err:
+            if time.monotonic() >= deadline:
+                raise
+            if not said:  # one line per outage
+                first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+                log.warning("Optuna storage unavailable (%s); trying again for up to %.0f s", redact(first),
+                            retry_seconds)  # fmt: skip
+                said = True
+            time.sleep(2)
+
+
 def open_trial(trial_cfg: TrialSchema | Any) -> tuple[optuna.trial.Trial, FrozenTrial]:
     """This job's Optuna trial (the ``trial`` settings, or a mapping of them: `TrialSchema.of`), reopened
     from the sweep's storage with the pruner the sweeper chose, and the trial as stored now (its reports
@@ -207,12 +238,14 @@ def open_trial(trial_cfg: TrialSchema | Any) -> tuple[optuna.trial.Trial, Frozen
     trial_settings = TrialSchema.of(trial_cfg)
     storage = open_storage(str(trial_settings.storage))
     trial_id = int(trial_settings.trial_id)
-    frozen = storage.get_trial(trial_id)
+    frozen = with_storage_retries(lambda: storage.get_trial(trial_id))
     # the sampler is the sweeper's business; a random one keeps reopening the trial cheap
-    study = optuna.load_study(
-        study_name=str(trial_settings.study_name),
-        storage=storage,
-        sampler=optuna.samplers.RandomSampler(),
-        pruner=make_pruner(frozen.system_attrs.get(PRUNER_ATTR)),
+    study = with_storage_retries(
+        lambda: optuna.load_study(
+            study_name=str(trial_settings.study_name),
+            storage=storage,
+            sampler=optuna.samplers.RandomSampler(),
+            pruner=make_pruner(frozen.system_attrs.get(PRUNER_ATTR)),
+        )
     )
     return optuna.trial.Trial(study, trial_id), frozen

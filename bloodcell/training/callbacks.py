@@ -226,7 +226,9 @@ class OptunaPruning(keras.callbacks.Callback):
         """A resumed run goes on after ``epoch``; that epoch is reported if the killed process had not."""
         value = record.get(self.objective, record.get(f"train_{self.objective}"))
         if value is not None and epoch not in self.reported:
-            self.trial.report(float(value), epoch)
+            from bloodcell.sweep.trial import with_storage_retries
+
+            with_storage_retries(lambda: self.trial.report(float(value), epoch))
             self.reported.add(epoch)
         self.next_step = epoch + 1
 
@@ -243,9 +245,11 @@ class OptunaPruning(keras.callbacks.Callback):
     def report(self, value: float, step: int) -> None:
         import optuna
 
-        self.trial.report(value, step)
+        from bloodcell.sweep.trial import with_storage_retries
+
+        with_storage_retries(lambda: self.trial.report(value, step))
         self.reported.add(step)
-        if self.trial.should_prune():
+        if with_storage_retries(self.trial.should_prune):
             if getattr(self, "model", None) is not None:
                 self.model.stop_training = True
             shown = f"{value:.4f}" if math.isfinite(value) else str(value)
