@@ -235,6 +235,23 @@ def unfinished_runs(experiment_id: str, tags: dict[str, str], include_running: b
     return [run.info.run_id for run in runs]
 
 
+def ended_trial_run(experiment_id: str, tags: dict[str, str]) -> Any | None:
+    """The run with these tags (a sweep trial's: ``optuna_trial_id``, ``optuna_study``) that ended by itself:
+    FINISHED, or KILLED by its pruner (tag ``optuna.trial_state=PRUNED``); None when there is none. Runs of
+    repeats and folds (tag ``bloodcell.member``) are not the trial's own."""
+    from mlflow.tracking import MlflowClient
+
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = MlflowClient().search_runs([experiment_id], query, max_results=100)
+    for run in runs:
+        if "bloodcell.member" in run.data.tags:
+            continue
+        pruned = run.info.status == "KILLED" and run.data.tags.get("optuna.trial_state") == "PRUNED"
+        if run.info.status == "FINISHED" or pruned:
+            return run
+    return None
+
+
 def run_status(run_id: str) -> tuple[str | None, dict[str, str]]:
     """(status, tags) of a run, or (None, {}) when the store has no such run."""
     from mlflow.exceptions import MlflowException

@@ -22,7 +22,7 @@ from bloodcell.evaluation.results import TestResult, final_result
 from bloodcell.training import phase1_cache
 from bloodcell.training.phases import Phase, RunCallbacks, compile_for, fine_tune, train_head, wants_phase2
 from bloodcell.training.record import RunContext, Stopwatch, record, record_inputs
-from bloodcell.training.resume import Resume, config_digest, start_or_resume
+from bloodcell.training.resume import Resume, config_digest, ended_trial_outcome, start_or_resume
 from bloodcell.training.run_data import Targets, load_splits
 from bloodcell.training.setup import Setup, build, distribution_strategy
 
@@ -148,6 +148,9 @@ def train(
         settings = check_config(cfg)
     uri = tracking.resolve_tracking_uri(settings.tracking)
     tracking.check_reachable(uri, wait=tracking.server_wait(settings.tracking))
+    ended = ended_trial_outcome(settings)  # a sweep trial whose run ended before its sweep recorded it
+    if ended is not None:
+        return ended
     timed = Stopwatch()
     with timed("data"):
         data = load_splits(settings.data, settings.seed, settings.cleaning)

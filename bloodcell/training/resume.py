@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from bloodcell import tracking
 from bloodcell.core.errors import UserError
-from bloodcell.core.settings import TrackingSchema, TrainerSchema, TrialSchema
+from bloodcell.core.settings import TrackingSchema, TrainerSchema, TrainSchema, TrialSchema
 from bloodcell.training import checkpoints
 from bloodcell.training.run_data import RunData
 
@@ -90,6 +90,36 @@ def find_resumable(
             "trainer.resume=auto: no unfinished run of this config with a checkpoint; starting a new run"
         )
     return None
+
+
+def ended_trial_outcome(settings: TrainSchema) -> float | None:
+    """The outcome of this sweep trial's run if that run ended already: its job ended, but its sweep
+    process was killed before it told Optuna, so the trial came back in the queue (issue 26, the chaos
+    soak: trained again in a second run). Its objective (metric ``best_<objective>``) is returned again,
+    or ``optuna.TrialPruned`` raised again; None when the trial has no ended run (train it)."""
+    if settings.trial is None:
+        return None
+    trial = settings.trial
+    experiment_id = tracking.setup_experiment(settings.tracking)
+    tags = {"optuna_trial_id": str(trial.trial_id), "optuna_study": str(trial.study_name)}
+    run = tracking.ended_trial_run(experiment_id, tags)
+    if run is None:
+        return None
+    if run.info.status == "KILLED":  # pruned
+        import optuna
+
+        log.info(
+            "run %s of this trial was pruned before its sweep recorded it: pruned again", run.info.run_id
+        )
+        raise optuna.TrialPruned(run.data.tags.get("pruned_reason", "pruned before the sweep recorded it"))
+    value = run.data.metrics.get(f"best_{settings.objective}")
+    if value is None:
+        return None
+    log.info(
+        "run %s of this trial finished before its sweep recorded it: its %s %.4f stands",
+        run.info.run_id, settings.objective, value,
+    )  # fmt: skip
+    return float(value)
 
 
 def _drop_empty_trial_runs(run_ids: list[str]) -> None:
