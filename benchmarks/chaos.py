@@ -21,11 +21,14 @@ durations and targets):
 Any exit of the sweep before the study is done (a fault took it down) is followed by the same command, as a
 user would. The faults go on until the study has its N trials, or until --max-minutes.
 
-What it prints: faults injected by kind; sweep restarts; trials COMPLETE / PRUNED / FAIL (and how many were
-given up after repeated interruptions); MLflow child runs per Optuna trial (must be exactly one); runs left
-RUNNING (must be 0); the epochs trained beyond those the final trials kept (a checkpoint written again for
-an epoch of the same run is an epoch trained twice; epochs of a trial that was given up count too; epochs cut
-short by a kill before their checkpoint are not seen); and an integrity check of both stores: every
+What it prints: faults injected by kind; sweep restarts; trials COMPLETE / PRUNED / FAIL (a tiny trial
+cannot fail by itself, so a FAIL is a trial lost to a fault, unless it was given up after repeated
+interruptions and its place run anew; both listed), how often trials were restarted; MLflow child runs
+per Optuna trial (must be exactly one); runs left RUNNING (must be 0); the epochs trained beyond those the
+final trials kept (a checkpoint written again for an epoch of the same run is an epoch trained twice;
+epochs of a trial that was given up count too; epochs cut short by a kill before their checkpoint are not
+seen: a resumed trial goes on after its last checkpoint, so the faults' cost is mostly restarts); and an
+integrity check of both stores: every
 FINISHED trial run has its model and a metric for each epoch, every Optuna trial links to its MLflow run
 (user attribute ``mlflow_run_id``) and that run back to the trial (tags ``optuna_trial_id``,
 ``trial_number``), with matching end states.
@@ -338,6 +341,10 @@ def report(soak: Soak, done: bool, seconds: float) -> dict:
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name for t in trials)
     given_up = [t.number for t in trials if t.state == TrialState.FAIL and "interrupted" in t.user_attrs]
+    # a tiny trial cannot fail by itself (its config is valid): a FAIL that was not given up is a trial lost
+    lost = {t.number: str(t.user_attrs.get("error", ""))[:200] for t in trials
+            if t.state == TrialState.FAIL and "interrupted" not in t.user_attrs}  # fmt: skip
+    restarts = sum(int(t.user_attrs.get("interruptions", 0)) for t in trials)
     counted = [t for t in trials if counts_toward_total(t)]
     unfinished = [t.number for t in trials if not t.state.is_finished()]
 
@@ -407,7 +414,9 @@ def report(soak: Soak, done: bool, seconds: float) -> dict:
         "faults_skipped_no_target": dict(soak.skipped),
         "trials": dict(states),
         "trials_counted": len(counted),
+        "trials_lost_to_an_error": lost,
         "trials_given_up_after_interruptions": given_up,
+        "trial_restarts_after_interruptions": restarts,
         "trials_unfinished": unfinished,
         "child_runs_per_trial": {str(k): v for k, v in sorted(runs_per_trial.items())},
         "trials_with_two_or_more_runs": duplicated,
@@ -458,6 +467,7 @@ def main() -> int:
     whole = (
         done
         and figures["trials_counted"] == args.trials
+        and not figures["trials_lost_to_an_error"]
         and not figures["trials_unfinished"]
         and not figures["trials_with_two_or_more_runs"]
         and not figures["trials_without_run"]
