@@ -72,8 +72,8 @@ def predict(cfg: DictConfig) -> np.ndarray:
         guarantee, run_id = stored_guarantee(uri, float(accuracy), mlflow.MlflowClient())
         below = guarantee.threshold
         promise = (
-            f"review: {guarantee.promise()} (top probability >= {below:.4f}, chosen on "
-            f"{guarantee.calibration_images} validation cells of run {run_id})"
+            f"review: {guarantee.promise()}: top probability >= {below:.4f}, certified on "
+            f"{guarantee.calibration_images} validation cells of run {run_id}"
         )
     model = load_model(uri)
     height, width, _ = model_image_shape(model)

@@ -192,6 +192,11 @@ class AbstentionSchema(Group):
         "accuracies among kept cells in (0, 1), e.g. [0.95, 0.99]", default_factory=lambda: [0.95, 0.99]
     )
     confidence: Fraction = fix("a probability in (0, 1), e.g. 0.9", default=0.9)
+    batch_cells: int | None = fix(
+        "the smallest batch of kept cells the promise covers, e.g. 1000, or null for the long run",
+        default=1000,
+        ge=1,
+    )
 
 
 class TrainerSchema(Group):

@@ -73,6 +73,7 @@ def stored_guarantee(uri: str, target: float, client: Any) -> tuple[Guarantee, s
         calibration_coverage=float(
             metrics.get(f"abstention/calibration_coverage_at_{metric_suffix(target)}_accuracy", math.nan)
         ),
+        batch_cells=int(metrics.get("abstention/batch_cells", 0)) or None,
     )
     if not guarantee.found:
         raise UserError(

@@ -191,6 +191,7 @@ def record_calibration(
             (result.probabilities, test.labels),
             targets,
             float(settings.confidence),
+            settings.batch_cells,
         )
         recorder.log_metrics(metrics)
         for guarantee in guarantees:

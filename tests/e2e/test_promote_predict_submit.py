@@ -327,8 +327,9 @@ def test_predict_review_accuracy_uses_the_threshold_the_champions_run_certified(
         rows = list(csv.DictReader(f))
     assert [row["review"] for row in rows] == ["true" if t < threshold else "false" for t in top]
     assert (
-        f"review: kept cells >= 99% correct with 90% confidence (top probability >= {threshold:.4f}, "
-        f"chosen on 2049 validation cells of run {run_id})" in proc.stdout
+        "review: kept cells >= 99% correct with 90% confidence (any batch of >= 1000 kept cells): "
+        f"top probability >= {threshold:.4f}, certified on 2049 validation cells of run {run_id}"
+        in proc.stdout
     )
     count = int((top < threshold).sum())
     assert f"{count} of {len(top)} images ({count / len(top):.1%}) below {threshold:g}" in proc.stdout

@@ -12,6 +12,7 @@ from bloodcell.serving.review import source_run_id, stored_guarantee
 
 CERTIFIED = {
     "abstention/confidence": 0.9,
+    "abstention/batch_cells": 1000,
     "abstention/calibration_images": 2049,
     "abstention/threshold_at_95_accuracy": 0.41,
     "abstention/calibration_coverage_at_95_accuracy": 0.99,
@@ -61,7 +62,9 @@ def test_the_certified_threshold_comes_back_with_its_promise(store):
     guarantee, run_id = stored_guarantee("models:/bloodcell@champion", 0.99, client)
     assert run_id == runs["certified"]
     assert (guarantee.threshold, guarantee.confidence, guarantee.calibration_images) == (0.83, 0.9, 2049)
-    assert guarantee.promise() == "kept cells >= 99% correct with 90% confidence"
+    assert guarantee.batch_cells == 1000
+    promise = "kept cells >= 99% correct with 90% confidence (any batch of >= 1000 kept cells)"
+    assert guarantee.promise() == promise
     assert stored_guarantee("models:/bloodcell/1", 0.95, client)[0].threshold == 0.41
 
 
@@ -71,7 +74,7 @@ def test_the_certified_threshold_comes_back_with_its_promise(store):
         ("file", 0.99, "is a file, not a model logged by a run"),
         ("older", 0.99, "trained before they were logged): retrain it, or use review_below"),
         ("certified", 0.9, "has review thresholds for 0.95, 0.99, not 0.9"),
-        ("none_found", 0.99, "found no threshold that keeps >= 99% correct with 90% confidence on its 2049"),
+        ("none_found", 0.99, "found no threshold that keeps >= 99% correct with 90% confidence (any batch"),
     ],
 )
 def test_a_model_without_that_threshold_is_one_line(store, case, target, message):
