@@ -186,6 +186,20 @@ def sqlite_store(db: Path) -> str:
     return f"sqlite:///{db}"
 
 
+@contextlib.contextmanager
+def mlflow_at(uri: str):
+    """MLflow's current tracking URI (the fluent API, every MlflowClient() without one) set to ``uri`` for a
+    block, as a command sets it; the one before is set again after (another test may have set one)."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
     np.savez(path, images=images, labels=labels)
     return path

@@ -231,15 +231,17 @@ NOT_CONFIG = {
     ("training/phases.py", "state"),
     # MLflow: a run's tags and params, an experiment's tags
     ("training/distillation.py", "run.tags"),
-    ("training/distillation.py", "run.run.data.params"),
     ("training/distillation.py", "candidate.tags"),
     ("training/run_data.py", "run.data.tags"),
     ("training/resume.py", "tags"),
+    ("training/resume.py", "run.data.tags"),
+    ("training/resume.py", "run.data.metrics"),
     ("tracking/members.py", "found[0].data.tags"),
     ("tracking/members.py", "run.data.tags"),
     ("tracking/run.py", "run.data.tags"),
     ("tracking/store.py", "experiment.tags"),
     ("tracking/store.py", "tags"),
+    ("tracking/store.py", "run.data.tags"),
     # a record waiting in the outbox for the tracking server (JSON)
     ("tracking/outbox.py", "record"),
     # the stopwatch's seconds

@@ -166,7 +166,7 @@ def test_tell_of_a_trial_another_process_interrupted_meanwhile_keeps_the_job_s_o
     assert sweep.in_flight == {}
 
 
-def test_a_requeued_trial_gets_no_second_run_and_a_given_up_one_links_its_run(journal, tmp_path, monkeypatch):
+def test_a_requeued_trial_gets_no_second_run_and_a_given_up_one_links_its_run(journal, tmp_path):
     """Issue 26 (the chaos soak): interrupting a trial whose job had not started its MLflow run yet made a
     placeholder run, and the resumed job then made its own (two runs for one trial); a trial given up after
     MAX_INTERRUPTIONS ended without its link to its run."""
@@ -174,23 +174,23 @@ def test_a_requeued_trial_gets_no_second_run_and_a_given_up_one_links_its_run(jo
 
     from hydra_plugins.bloodcell_optuna_sweeper._claims import MAX_INTERRUPTIONS
     from hydra_plugins.bloodcell_optuna_sweeper._parent_run import ParentRun, children
-    from tests.helpers import sqlite_store
+    from tests.helpers import mlflow_at, sqlite_store
 
     uri = sqlite_store(tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the sweep's tracking URI, as the sweeper sets it
-    client = MlflowClient(uri)
-    experiment_id = client.create_experiment("sweep")
-    sweep = bare_sweep(journal, n_trials=1)
-    sweep.mlflow = ParentRun(client, client.create_run(experiment_id).info.run_id, experiment_id)
-    claimed = claim(sweep)
-    assert claimed is not None
-    interrupt(sweep, claimed.id, 0, "its job process was lost")  # before its job made a run
-    assert children(sweep.mlflow, 0) == []  # its job makes its run when it starts again
-    for _ in range(MAX_INTERRUPTIONS):
-        sweep.storage.set_trial_state_values(claimed.id, TrialState.RUNNING)  # taken again, lost again
-        interrupt(sweep, claimed.id, 0, "its job process was lost")
-    frozen = sweep.storage.get_trial(claimed.id)
-    assert frozen.state == TrialState.FAIL
-    (run,) = children(sweep.mlflow, 0)  # given up: every trial has its run, linked both ways
-    assert frozen.user_attrs["mlflow_run_id"] == run.info.run_id
-    assert run.data.tags["optuna_trial_id"] == str(claimed.id) and run.info.status == "FAILED"
+    with mlflow_at(uri):
+        client = MlflowClient(uri)
+        experiment_id = client.create_experiment("sweep")
+        sweep = bare_sweep(journal, n_trials=1)
+        sweep.mlflow = ParentRun(client, client.create_run(experiment_id).info.run_id, experiment_id)
+        claimed = claim(sweep)
+        assert claimed is not None
+        interrupt(sweep, claimed.id, 0, "its job process was lost")  # before its job made a run
+        assert children(sweep.mlflow, 0) == []  # its job makes its run when it starts again
+        for _ in range(MAX_INTERRUPTIONS):
+            sweep.storage.set_trial_state_values(claimed.id, TrialState.RUNNING)  # taken again, lost again
+            interrupt(sweep, claimed.id, 0, "its job process was lost")
+        frozen = sweep.storage.get_trial(claimed.id)
+        assert frozen.state == TrialState.FAIL
+        (run,) = children(sweep.mlflow, 0)  # given up: every trial has its run, linked both ways
+        assert frozen.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.data.tags["optuna_trial_id"] == str(claimed.id) and run.info.status == "FAILED"

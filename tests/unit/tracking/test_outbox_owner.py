@@ -9,24 +9,24 @@ from mlflow.tracking import MlflowClient
 
 from bloodcell.tracking import send_waiting
 from bloodcell.tracking.outbox import Outbox
-from tests.helpers import sqlite_store
+from tests.helpers import mlflow_at, sqlite_store
 
 
 def test_send_waiting_leaves_a_live_runs_outbox_to_its_run_and_sends_it_once_the_run_is_gone(
-    tmp_path, monkeypatch
+    tmp_path,
 ):
     uri = sqlite_store(tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("outbox")).info.run_id
-    root = tmp_path / "checkpoints"
-    live = Outbox(run_id, root / run_id / "outbox")
-    live.add({"kind": "tags", "tags": {"sent_by": "whoever"}})
-    assert live.hold()  # the run's own process, still training
+    with mlflow_at(uri):
+        client = MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("outbox")).info.run_id
+        root = tmp_path / "checkpoints"
+        live = Outbox(run_id, root / run_id / "outbox")
+        live.add({"kind": "tags", "tags": {"sent_by": "whoever"}})
+        assert live.hold()  # the run's own process, still training
 
-    assert send_waiting(root) == []  # another command: not its records to send
-    assert len(live.pending()) == 1 and "sent_by" not in client.get_run(run_id).data.tags
+        assert send_waiting(root) == []  # another command: not its records to send
+        assert len(live.pending()) == 1 and "sent_by" not in client.get_run(run_id).data.tags
 
-    live.release()  # the run's process ended (or was killed: the kernel lets go of its lock)
-    assert send_waiting(root) == [(run_id, 0)]
-    assert client.get_run(run_id).data.tags["sent_by"] == "whoever"
+        live.release()  # the run's process ended (or was killed: the kernel lets go of its lock)
+        assert send_waiting(root) == [(run_id, 0)]
+        assert client.get_run(run_id).data.tags["sent_by"] == "whoever"

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from bloodcell.core.cli import compose
 from bloodcell.core.settings import TrainSchema
 from bloodcell.training.resume import ended_trial_outcome
-from tests.helpers import TINY, sqlite_store
+from tests.helpers import TINY, mlflow_at, sqlite_store
 
 
 def _settings(uri: str, trial_id: int) -> TrainSchema:
@@ -32,19 +32,20 @@ def _trial_run(client: MlflowClient, trial_id: int, status: str, **tags: str) ->
     return run_id
 
 
-def test_a_trial_whose_run_ended_gives_its_outcome_again_instead_of_training(tmp_path, monkeypatch):
+def test_a_trial_whose_run_ended_gives_its_outcome_again_instead_of_training(tmp_path):
     uri = sqlite_store(tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    client = MlflowClient(uri)
-    assert ended_trial_outcome(_settings(uri, 1)) is None  # nothing ran yet: train
-    _trial_run(client, 1, "FAILED")  # killed: resumed as before, not an outcome
-    assert ended_trial_outcome(_settings(uri, 1)) is None
-    _trial_run(client, 1, "FINISHED")
-    assert ended_trial_outcome(_settings(uri, 1)) == 0.75
-    _trial_run(
-        client, 2, "KILLED", **{"optuna.trial_state": "PRUNED", "pruned_reason": "pruned after epoch 3"}
-    )
-    with pytest.raises(optuna.TrialPruned, match="epoch 3"):
-        ended_trial_outcome(_settings(uri, 2))
-    _trial_run(client, 3, "FINISHED", **{"bloodcell.member": "repeat"})  # a member's run is not the trial's
-    assert ended_trial_outcome(_settings(uri, 3)) is None
+    with mlflow_at(uri):
+        client = MlflowClient(uri)
+        assert ended_trial_outcome(_settings(uri, 1)) is None  # nothing ran yet: train
+        _trial_run(client, 1, "FAILED")  # killed: resumed as before, not an outcome
+        assert ended_trial_outcome(_settings(uri, 1)) is None
+        _trial_run(client, 1, "FINISHED")
+        assert ended_trial_outcome(_settings(uri, 1)) == 0.75
+        _trial_run(
+            client, 2, "KILLED", **{"optuna.trial_state": "PRUNED", "pruned_reason": "pruned after epoch 3"}
+        )
+        with pytest.raises(optuna.TrialPruned, match="epoch 3"):
+            ended_trial_outcome(_settings(uri, 2))
+        # a member's run (repeats, folds) is not the trial's own
+        _trial_run(client, 3, "FINISHED", **{"bloodcell.member": "repeat"})
+        assert ended_trial_outcome(_settings(uri, 3)) is None
