@@ -76,6 +76,16 @@ TRIAL = [
 ]
 
 
+#: the search space, given here: a study resumed with another space (sweeps/quick.yaml edited meanwhile)
+#: cannot take back its own trials
+SPACE = [
+    "hydra.sweeper.params=null",
+    "finetune.unfreeze_blocks=int(interval(0, 4))",
+    "finetune.lr=tag(log, interval(1e-5, 1e-2))",
+    "augmentation.strength=interval(0.0, 1.0)",
+]
+
+
 @dataclass
 class Fault:
     at: float  # seconds after the soak started
@@ -184,6 +194,7 @@ class Soak:
             "-m",
             "+sweeps=quick",
             *TRIAL,
+            *SPACE,
             f"hydra.sweeper.n_trials={self.trials}",
             "hydra.sweeper.n_jobs=2",
             "hydra/launcher=joblib",

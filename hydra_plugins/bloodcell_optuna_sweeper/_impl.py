@@ -289,12 +289,12 @@ class OptunaSweep:
         except Exception as err:
             # A job process was lost (SIGKILL, the OOM killer: joblib's TerminatedWorkerError breaks the
             # whole batch); a trial's own error comes back in its JobReturn instead. The batch's trials did
-            # not end: back in the queue, each resumes from its checkpoint, and the sweep goes on. Lost
-            # batches count toward max_consecutive_failures, so a launcher that always fails stops it.
+            # not end: back in the queue, each resumes from its checkpoint, and the sweep goes on. A lost
+            # batch counts once toward max_consecutive_failures, so a launcher that always fails stops it.
             why = f"its job process was lost ({type(err).__name__})"
             for claimed in batch:
                 interrupt(self, claimed.id, claimed.trial.number, why)
-            self.failures_in_a_row += len(batch)
+            self.failures_in_a_row += 1
             self.last_error = mask_text(f"{type(err).__name__}: {err}".strip()).splitlines()[0][:300]
             return []
         elapsed = time.monotonic() - started
