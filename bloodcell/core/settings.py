@@ -113,7 +113,7 @@ class DataSchema(Group):
     per_class: int | None = fix("images per class of the demo set, e.g. 100", default=None, ge=1)
     image_size: int | None = fix("the demo images' side in pixels, e.g. 64", default=None, ge=16)
     size: Literal[28, 64, 128, 224] | None = fix("a BloodMNIST size: 28, 64, 128 or 224", default=None)
-    split_seed: int | None = fix("a whole number >= 0, or null for the run's seed", default=None, ge=0)
+    split_seed: int | None = fix("a whole number >= 0, or null for the run's seed", default=42, ge=0)
     cv: CrossValidationSchema | None = Field(default_factory=lambda: CrossValidationSchema())
     demo_seed: int = fix("the seed the demo images are drawn with, e.g. 0", default=0, ge=0)
     cache_dir: str = fix("the folder BloodMNIST is downloaded into, e.g. data", default="data", min_length=1)

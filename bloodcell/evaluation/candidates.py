@@ -42,15 +42,23 @@ class Candidate:
         return self.tags.get("split_fingerprint", "")
 
     @property
+    def split_seed(self) -> str:
+        """The seed its split was cut with: ``data.split_seed`` (a fixed default since issue 27), or, for a
+        run that left it null (and runs from before it existed), its ``seed``."""
+        params = self.run.data.params
+        split_seed = params.get("data.split_seed", "None")
+        return split_seed if split_seed not in ("None", "") else params.get("seed", "?")
+
+    @property
     def model_uri(self) -> str:
         return self.tags.get("model_uri") or f"runs:/{self.run_id}/model"
 
     def describe(self) -> str:
         """Where the model came from, for people: run, experiment, data, split seed."""
-        seed, source = self.run.data.params.get("seed", "?"), self.tags.get("data_source", "?")
+        source = self.tags.get("data_source", "?")
         return (
             f"run {self.run_id[:8]} (experiment '{self.experiment}', data {source}, "
-            f"fingerprint {self.data_fingerprint[:12] or '?'}, seed {seed})"
+            f"fingerprint {self.data_fingerprint[:12] or '?'}, split seed {self.split_seed})"
         )
 
 

@@ -53,7 +53,7 @@ def check_members(models: list[Candidate]) -> None:
                 "ensemble's members must share one test split; ensemble runs of one data set"
             )
         if m.split_fingerprint != first.split_fingerprint:
-            seeds = f"seed {first.run.data.params.get('seed', '?')} vs {m.run.data.params.get('seed', '?')}"
+            seeds = f"split seed {first.split_seed} vs {m.split_seed}"
             raise UserError(
                 f"runs {first.run_id[:8]} and {m.run_id[:8]} were trained on the same data but split "
                 f"differently ({seeds}, or other fractions or folds): an ensemble's members must share one "

@@ -126,7 +126,7 @@ def comparable(models: list[Candidate], split: str, allow_different: bool, on_ev
     other_split = [m for m in models[1:] if m.split_fingerprint != first.split_fingerprint]
     if other_split:
         m = other_split[0]
-        seeds = f"seed {first.run.data.params.get('seed', '?')} vs {m.run.data.params.get('seed', '?')}"
+        seeds = f"split seed {first.split_seed} vs {m.split_seed}"
         if not allow_different:
             raise UserError(
                 f"runs {first.name} and {m.name} were trained on the same data but split differently "

@@ -57,12 +57,12 @@ class Teacher:
             )
             fix = "train the student on the teacher's data (its data.* overrides)"
         elif run.split_fingerprint != splits.fingerprint():
-            seed = run.run.data.params.get("seed", "?")
+            seed = run.split_seed
             what = (
                 f"teacher run {run.run_id[:8]} was trained on the student's data split differently (its "
-                f"seed {seed}, or other fractions or folds)"
+                f"split seed {seed}, or other fractions or folds)"
             )
-            fix = f"use its split (seed={seed}, its data.split_seed, data.val_fraction, data.test_fraction)"
+            fix = f"use its split (data.split_seed={seed}, its data.val_fraction, data.test_fraction)"
         else:
             return True
         leak = "it may have trained on the student's test images, inflating the student's test figures"

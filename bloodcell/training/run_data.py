@@ -121,8 +121,15 @@ def logged_settings(run: Any) -> TrainSchema:
     """The settings a finished run trained with, from the config it logged (`run_config`). Not checked
     again (they were, when it trained), and read over today's defaults (`TrainSchema.of`): a run logged
     before a key existed (data.split_seed, data.cv, data.strict, cleaning, ...) trained as that key's
-    default says. The one place an older logged config is tolerated."""
-    return TrainSchema.of(run_config(run))
+    default says, except data.split_seed: runs before it was fixed (issue 27) were split by their seed.
+    The one place an older logged config is tolerated."""
+    from omegaconf import open_dict
+
+    cfg = run_config(run)
+    if "data" in cfg and "split_seed" not in cfg.data:
+        with open_dict(cfg):
+            cfg.data.split_seed = None
+    return TrainSchema.of(cfg)
 
 
 def run_splits(run: Any) -> RunData:

@@ -102,7 +102,10 @@ def test_students_model_loads_and_predicts_with_a_plain_runs_layers(store, stude
 
 @pytest.mark.parametrize(
     "override, fragment",
-    [("data.per_class=13", "other data than the student"), ("seed=7", "split differently (its seed 42")],
+    [
+        ("data.per_class=13", "other data than the student"),
+        ("data.split_seed=7", "split differently (its split seed 42"),
+    ],
 )
 def test_a_teacher_of_other_data_or_another_split_is_refused_before_any_run(
     store, student, override, fragment

@@ -51,7 +51,8 @@ def test_a_run_keeps_its_predictions_and_logs_intervals(base):
 
     run = base.run
     cfg = compose(TINY_HEAD_ONLY)
-    splits = split_arrays(load_arrays(cfg.data), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    data = cfg.data
+    splits = split_arrays(load_arrays(data), data.val_fraction, data.test_fraction, data.split_seed)
     assert run.data.tags["split_fingerprint"] == splits.fingerprint()
     assert run.data.params["model_name"] == "bloodcell-demo"  # the demo preset's own registered model
     metrics = run.data.metrics

@@ -30,7 +30,7 @@ def test_members_of_one_data_set_and_split_are_accepted():
     "other, fragment",
     [
         (candidate("b", data="e" * 64), "trained on different data (demo, fingerprint dddddddddddd vs demo"),
-        (candidate("b", split="t" * 64, seed=7), "split differently (seed 42 vs 7"),
+        (candidate("b", split="t" * 64, seed=7), "split differently (split seed 42 vs 7"),
         (candidate("b", model=False), "run b logged no model"),
     ],
 )

@@ -117,7 +117,7 @@ def test_only_a_teacher_of_the_students_data_and_split_teaches_unless_told(split
     assert teacher_of(splits).check_split(splits, allow_different=False)
     for tags, fragment in [
         ({"data_fingerprint": "0" * 64}, "other data than the student"),
-        ({"split_fingerprint": "0" * 64}, "split differently (its seed 42"),
+        ({"split_fingerprint": "0" * 64}, "split differently (its split seed 42"),
     ]:
         teacher = teacher_of(splits, **tags)
         with pytest.raises(UserError, match=re.escape(fragment)) as refused:

@@ -83,7 +83,7 @@ def test_repeats_vary_the_seed_on_one_split_and_report_nothing_themselves():
     assert plan(cfg) == ("repeat", 3)
     members = [member_config(cfg, "repeat", i, "group-run", None) for i in range(3)]
     assert [m.seed for m in members] == [10, 11, 12]
-    assert {m.data.split_seed for m in members} == {10}  # the trial's split for all three
+    assert {m.data.split_seed for m in members} == {42}  # the fixed default split for all three
     for i, member in enumerate(members):
         assert "trial" not in member  # no epoch reports to Optuna, no trial tags: the group run has them
         assert member.tracking.parent_run_id == "group-run"
@@ -95,6 +95,8 @@ def test_repeats_vary_the_seed_on_one_split_and_report_nothing_themselves():
         }
         check_train_config(member)
     assert cfg.seed == 10 and "trial" in cfg and cfg.tracking.parent_run_id == "sweep-parent"  # untouched
+    own_split = sweep_trial_config("seed=10", "data.split_seed=null")  # split by the seed, as before
+    assert {member_config(own_split, "repeat", i, "g", None).data.split_seed for i in range(3)} == {10}
     resumed = member_config(cfg, "repeat", 1, "group-run", "run-abc")
     assert resumed.trainer.resume == "run-abc"
 
