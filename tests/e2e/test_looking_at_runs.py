@@ -407,7 +407,7 @@ def test_the_compare_view_of_two_trials_lists_their_parameter_differences(sweep,
     browser.click(browser.element("//button[@aria-label='Parameters - Show diff only']"))
     wait_for(lambda: "backbone.name" not in browser.text(), 30, "the same parameters hidden")
     text = browser.text()
-    for searched in ("finetune.lr", "augmentation.strength"):  # the study's search space
+    for searched in ("finetune.lr", "finetune.augmentation_strength"):  # the study's search space
         assert searched in text
     browser.scroll_to("(//*[normalize-space(text())='Run details'])[last()]")
     browser.shot("mlflow_compare_trials")
