@@ -198,8 +198,8 @@ def record_calibration(
             at = f"{review.metric_suffix(guarantee.target)}_accuracy"
             if guarantee.found:
                 log.info(
-                    "review threshold %.4f: %s (chosen on %d validation cells; "
-                    "kept %.1f%% of test at %.2f%%)",
+                    "review threshold %.4f: %s; chosen on %d validation cells, it kept %.1f%% of the "
+                    "test cells at %.2f%%",
                     guarantee.threshold,
                     guarantee.promise(),
                     guarantee.calibration_images,
