@@ -6,7 +6,7 @@ the same Hydra override strings and returning objects that show themselves in Ju
     run = api.train("+experiment=quickstart")                     # RunResult: run id, metrics, model URI
     study = api.sweep("quick", "hydra.sweeper.n_trials=4")        # SweepResult: best trial, trials, plots
     api.runs("quickstart")                                        # the MLflow runs table (pandas)
-    api.compare([run, study.parent_run_id])                       # ComparisonResult
+    api.compare(study)                                            # its best trials, image by image
     api.ensemble(study, "top=3")                                  # RunResult of the ensemble's run
     champion = api.promote("experiment=quickstart")               # PromotionResult
     api.predict(champion, images)                                 # (N, 8) probabilities
