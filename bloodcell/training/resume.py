@@ -101,6 +101,11 @@ def ended_trial_outcome(settings: TrainSchema) -> float | None:
         return None
     trial = settings.trial
     experiment_id = tracking.setup_experiment(settings.tracking)
+    # its end may still wait in its outbox: the job was killed while the tracking server was away
+    from bloodcell.serving.submission_template import TemperatureScaling  # noqa: F401  (a waiting model)
+
+    uri = tracking.resolve_tracking_uri(settings.tracking)
+    tracking.send_waiting(checkpoints.root_for(uri, settings.trainer.checkpoint.dir))
     tags = {"optuna_trial_id": str(trial.trial_id), "optuna_study": str(trial.study_name)}
     run = tracking.ended_trial_run(experiment_id, tags)
     if run is None:

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from bloodcell.sweep.trial import PRUNER_ATTR, lock_path
+from bloodcell.sweep.trial import PRUNER_ATTR, lock_path, with_storage_retries
 
 from ._parent_run import ParentRun, fail_child, link
 from ._search_space import SearchSpace
@@ -117,8 +117,8 @@ def end_trial(
 ) -> None:
     """study.tell, less GridSampler's request to stop once the grid is covered (study.stop works only
     inside study.optimize; the trial is told all the same)."""
-    try:
-        study.tell(trial, value, state=state)
+    try:  # through a database outage; a tell that went through before its error is refused as told
+        with_storage_retries(lambda: study.tell(trial, value, state=state))
     except RuntimeError as err:
         if "Study.stop" not in str(err):
             raise

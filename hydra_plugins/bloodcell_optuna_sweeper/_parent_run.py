@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from bloodcell import __version__
-from bloodcell.sweep.trial import redact
+from bloodcell.sweep.trial import redact, with_storage_retries
 from bloodcell.tracking import git_tags, record_to, version_tags
 
 if TYPE_CHECKING:
@@ -166,11 +166,11 @@ def link(parent: ParentRun, trial: optuna.trial.Trial | int, trial_id: int, stor
 
     number = trial if isinstance(trial, int) else trial.number
 
-    def set_attr(key: str, value: str) -> None:
+    def set_attr(key: str, value: str) -> None:  # through a database outage (bloodcell.sweep.trial)
         if isinstance(trial, int):
-            storage.set_trial_user_attr(trial_id, key, value)
+            with_storage_retries(lambda: storage.set_trial_user_attr(trial_id, key, value))
         else:
-            trial.set_user_attr(key, value)
+            with_storage_retries(lambda: trial.set_user_attr(key, value))
 
     try:
         runs = children(parent, number)

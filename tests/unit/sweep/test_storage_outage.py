@@ -9,16 +9,28 @@ import uuid
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
+from bloodcell.sweep.trial import with_storage_retries
 from bloodcell.training.callbacks import OptunaPruning
+from hydra_plugins.bloodcell_optuna_sweeper._claims import end_trial
 
 POSTGRES = os.environ.get("BLOODCELL_TEST_POSTGRES")
 
 
-@pytest.mark.skipif(not POSTGRES, reason="needs BLOODCELL_TEST_POSTGRES (scripts/ci_services.sh)")
-def test_an_epoch_report_survives_the_databases_connections_being_terminated():
+def _terminate(application_name: str) -> None:
+    """End every connection of this test's storage (its application name), as a database restart would."""
     import psycopg
 
+    assert POSTGRES is not None
+    with psycopg.connect(POSTGRES) as admin:
+        query = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s"
+        ended = admin.execute(query, (application_name,)).fetchone()
+    assert ended is not None and ended[0] >= 1
+
+
+@pytest.mark.skipif(not POSTGRES, reason="needs BLOODCELL_TEST_POSTGRES (scripts/ci_services.sh)")
+def test_a_trials_reports_and_end_survive_the_databases_connections_being_terminated():
     assert POSTGRES is not None
     name = f"bloodcell-outage-{uuid.uuid4().hex[:8]}"
     url = POSTGRES.replace("postgresql://", "postgresql+psycopg://", 1)
@@ -28,11 +40,20 @@ def test_an_epoch_report_survives_the_databases_connections_being_terminated():
     pruning = OptunaPruning(trial, "val_accuracy")
     pruning.report(0.5, 0)  # the trial's connection is open and pooled
 
-    with psycopg.connect(POSTGRES.replace("postgresql+psycopg://", "postgresql://")) as admin:
-        query = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s"
-        ended = admin.execute(query, (name,)).fetchone()
-    assert ended is not None and ended[0] >= 1
+    _terminate(name)
 
     pruning.report(0.6, 1)  # raised StorageInternalError: the pooled connection was gone
     assert storage.get_trial(trial._trial_id).intermediate_values == {0: 0.5, 1: 0.6}
+
+    _terminate(name)  # again, now under the sweeper's own calls: the link to the run, the trial's end
+    with pytest.raises(optuna.exceptions.StorageInternalError):
+        trial.set_user_attr("kept", 1)  # what a call without retries meets
+    with_storage_retries(lambda: storage.get_trial(trial._trial_id))  # a live connection in the pool again
+    _terminate(name)
+    with_storage_retries(lambda: trial.set_user_attr("mlflow_run_id", "abc"))
+    with_storage_retries(lambda: storage.get_trial(trial._trial_id))
+    _terminate(name)
+    end_trial(study, trial, TrialState.COMPLETE, 0.6)
+    ended = storage.get_trial(trial._trial_id)
+    assert ended.state == TrialState.COMPLETE and ended.user_attrs["mlflow_run_id"] == "abc"
     optuna.delete_study(study_name=name, storage=storage)

@@ -10,15 +10,16 @@ from mlflow.tracking import MlflowClient
 
 from bloodcell.core.cli import compose
 from bloodcell.core.settings import TrainSchema
+from bloodcell.tracking.outbox import Outbox
 from bloodcell.training.resume import ended_trial_outcome
 from tests.helpers import TINY, mlflow_at, sqlite_store
 
 
-def _settings(uri: str, trial_id: int) -> TrainSchema:
+def _settings(uri: str, trial_id: int, *extra: str) -> TrainSchema:
     from bloodcell.core.settings import validated
 
     cfg = compose([*TINY, f"tracking.uri={uri}", "+trial.storage=sqlite:///x.db", "+trial.study_name=s",
-                   f"+trial.trial_id={trial_id}", f"+trial.number={trial_id}"])  # fmt: skip
+                   f"+trial.trial_id={trial_id}", f"+trial.number={trial_id}", *extra])  # fmt: skip
     return validated(cfg, TrainSchema)
 
 
@@ -28,7 +29,8 @@ def _trial_run(client: MlflowClient, trial_id: int, status: str, **tags: str) ->
     all_tags = {"optuna_trial_id": str(trial_id), "optuna_study": "s", **tags}
     run_id = client.create_run(experiment_id, tags=all_tags).info.run_id
     client.log_metric(run_id, "best_val_accuracy", 0.75)
-    client.set_terminated(run_id, status)
+    if status != "RUNNING":
+        client.set_terminated(run_id, status)
     return run_id
 
 
@@ -46,6 +48,12 @@ def test_a_trial_whose_run_ended_gives_its_outcome_again_instead_of_training(tmp
         )
         with pytest.raises(optuna.TrialPruned, match="epoch 3"):
             ended_trial_outcome(_settings(uri, 2))
+        # killed while the server was away: its end still waits in its outbox, and is sent first
+        waiting = _trial_run(client, 4, "RUNNING")
+        box = Outbox(waiting, tmp_path / "checkpoints" / waiting / "outbox")
+        box.add({"kind": "end", "status": "FINISHED"})
+        checkpoints = f"trainer.checkpoint.dir={tmp_path / 'checkpoints'}"
+        assert ended_trial_outcome(_settings(uri, 4, checkpoints)) == 0.75
         # a member's run (repeats, folds) is not the trial's own
         _trial_run(client, 3, "FINISHED", **{"bloodcell.member": "repeat"})
         assert ended_trial_outcome(_settings(uri, 3)) is None
