@@ -1,5 +1,6 @@
 """Calibrated probabilities: temperature scaling fitted on the validation split, the expected calibration
-error before and after, a reliability diagram, and the model with its temperature built in.
+error before and after, a reliability diagram, and the model with its temperature built in (standard Keras
+layers only, so that any Keras or MLflow user loads it without bloodcell).
 
     temperature = fit_temperature(val_probabilities, val_labels)
     calibrated = with_temperature(model, temperature)   # logs, predicts and submits like any model
@@ -13,14 +14,14 @@ it applies as well to an ensemble's averaged probabilities, and it never changes
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-# Importing this module registers the layer calibrated models end with: Keras' loader finds a layer of a
-# saved model only when its class is registered, so code outside bloodcell's commands that loads a logged
-# model with Keras or MLflow imports bloodcell.evaluation.calibration first. The class lives in the submission
-# template, which ships as the submission's model.py and must load calibrated models without bloodcell.
+# The layer that calibrated models logged before issue 27 end with. New models hold no custom layer (the
+# temperature is folded into the last Dense layer, or, in an ensemble, is a Rescaling layer); the class stays
+# registered (importing this module registers it) so that those older models still load in bloodcell, and
+# `with_temperature` / `log_probabilities` fold it away when such a model is calibrated again or averaged.
 from bloodcell.serving.submission_template import TemperatureScaling
 
 if TYPE_CHECKING:
@@ -33,18 +34,21 @@ __all__ = [
     "calibration_metrics",
     "expected_calibration_error",
     "fit_temperature",
+    "log_probabilities",
     "reliability_figure",
     "with_temperature",
 ]
 #: the bounds of the temperature search: wide enough for any model seen (0.5-3 on real cells), and
 #: bounded away from 0 so that log(p) / T stays finite
 TEMPERATURE_BOUNDS = (0.05, 20.0)
-#: probabilities are clipped here before the log (as the TemperatureScaling layer does: its EPSILON)
-EPSILON = 1e-7
+#: probabilities are clipped here before the log: the smallest normal float32, so that log(p) is the model's
+#: logits up to a constant wherever a float32 softmax can say so, and the numpy formula gives what the
+#: calibrated model itself computes (softmax(logits / T)). (The older TemperatureScaling layer clips at 1e-7.)
+EPSILON = float(np.finfo(np.float32).tiny)
 
 
 def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log(clip(p)) / T) row by row, in float64: what the TemperatureScaling layer computes."""
+    """softmax(log(clip(p)) / T) row by row, in float64: what the calibrated model computes."""
     from scipy.special import log_softmax
 
     logits = np.log(np.clip(np.asarray(probabilities, dtype=np.float64), EPSILON, 1.0))
@@ -136,18 +140,100 @@ def reliability_figure(
     return fig
 
 
-def with_temperature(model: keras.Model, temperature: float) -> keras.Model:
-    """``model`` followed by a TemperatureScaling layer: the same inputs, calibrated probabilities out.
-    The layers are shared (no copy of the weights); the result saves and loads as a .keras file, and the
-    submission's model.py loads it (the layer is defined there)."""
+def _producer(tensor: Any) -> Any:
+    """The layer whose output ``tensor`` (a symbolic tensor of a functional model) is."""
+    return tensor._keras_history.operation
+
+
+def _input_of(tensor: Any) -> Any:
+    """The (first) input tensor of the call that made ``tensor``: right also for a layer called more than
+    once (a nested model)."""
+    history = tensor._keras_history
+    return history.operation._inbound_nodes[history.node_index].input_tensors[0]
+
+
+def _activation(layer: Any) -> str:
+    return str(getattr(getattr(layer, "activation", None), "__name__", ""))
+
+
+def _functional(model: keras.Model) -> keras.Model:
+    """``model`` as a functional model with one output (a Sequential one is rebuilt, sharing its layers)."""
     import keras
 
-    scaling = TemperatureScaling(temperature, name="temperature_scaling")
-    outputs = getattr(model, "outputs", None)  # functional and Sequential models: keep their layers flat
-    if outputs:
-        return keras.Model(model.inputs, scaling(outputs[0]), name=model.name)
+    if getattr(model, "outputs", None) and len(model.outputs) == 1:
+        return model
     inputs = keras.Input(model.input_shape[1:], name="image")
-    return keras.Model(inputs, scaling(model(inputs)), name=model.name)
+    return keras.Model(inputs, model(inputs), name=model.name)
+
+
+def _scaled_dense(dense: Any, temperature: float, activation: str) -> Any:
+    """A copy of the Dense layer ``dense`` (same name and config) whose kernel and bias are divided by
+    ``temperature``, with ``activation``: its pre-activation outputs are the logits / T."""
+    import keras
+
+    config = {**dense.get_config(), "activation": activation}
+    scaled = keras.layers.Dense.from_config(config)
+    scaled.build((None, int(dense.kernel.shape[0])))
+    scaled.set_weights([np.asarray(w) / np.float32(temperature) for w in dense.get_weights()])
+    return scaled
+
+
+def _softmax_output(model: keras.Model, temperature: float, activation: str, what: str) -> Any:
+    """The output of ``model`` (functional) rebuilt as ``activation`` ("softmax" or "log_softmax") of its
+    logits divided by ``temperature``, from standard layers only: a last Dense with a softmax gets a scaled
+    copy; an older model's TemperatureScaling is folded into the Dense before it; a last Activation
+    ("softmax", e.g. an ensemble's) gets a Rescaling before it."""
+    import keras
+
+    output = model.outputs[0]
+    last = _producer(output)
+    if isinstance(last, keras.Model):  # a nested model at the end (a Sequential wrapping one)
+        inner = _functional(last)
+        nested = keras.Model(
+            inner.inputs, _softmax_output(inner, temperature, activation, what), name=last.name
+        )
+        return nested(_input_of(output))
+    if isinstance(last, TemperatureScaling):
+        probabilities = _input_of(output)
+        dense = _producer(probabilities)
+        if isinstance(dense, keras.layers.Dense) and _activation(dense) == "softmax":
+            return _scaled_dense(dense, temperature * last.temperature, activation)(_input_of(probabilities))
+    elif isinstance(last, keras.layers.Dense) and _activation(last) == "softmax":
+        return _scaled_dense(last, temperature, activation)(_input_of(output))
+    elif isinstance(last, keras.layers.Activation) and _activation(last) == "softmax":
+        x = _input_of(output)
+        if temperature != 1.0:
+            x = keras.layers.Rescaling(1.0 / temperature, name="temperature", dtype="float32")(x)
+        return keras.layers.Activation(activation, name=last.name, dtype="float32")(x)
+    raise ValueError(
+        f"{what}: model {model.name} does not end with a softmax (a Dense layer with activation='softmax', "
+        f"or an Activation('softmax') layer) but with {type(last).__name__} {last.name!r}"
+    )
+
+
+def with_temperature(model: keras.Model, temperature: float) -> keras.Model:
+    """``model`` with its temperature built in: the same inputs, calibrated probabilities out, from standard
+    Keras layers only. A model ending with a Dense softmax layer (every bloodcell network) gets a copy of
+    that layer whose kernel and bias are divided by T: softmax(logits / T), the predicted class unchanged;
+    an ensemble (ending with Activation('softmax') of the log of its average) gets Rescaling(1 / T) before
+    it. The other layers are shared (no copy of their weights). It saves and loads as a .keras file that
+    Keras' safe mode, MLflow and the submission's model.py load without bloodcell."""
+    import keras
+
+    model = _functional(model)
+    output = _softmax_output(model, float(temperature), "softmax", "temperature scaling")
+    return keras.Model(model.inputs, output, name=model.name)
+
+
+def log_probabilities(model: keras.Model) -> keras.Model:
+    """``model`` (ending with a softmax, as in `with_temperature`) with log-probabilities out instead:
+    log_softmax of the same logits (an older model's TemperatureScaling folded in). What an ensemble
+    averages in log space (`bloodcell.evaluation.ensemble.build_ensemble`)."""
+    import keras
+
+    model = _functional(model)
+    output = _softmax_output(model, 1.0, "log_softmax", "an ensemble member")
+    return keras.Model(model.inputs, output, name=model.name)
 
 
 def calibration_metrics(

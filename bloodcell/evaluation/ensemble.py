@@ -115,8 +115,23 @@ def select(
 def build_ensemble(members: list[keras.Model], weights: list[int]) -> keras.Model:
     """One input -> every member -> the average of their probabilities, member ``i`` counted ``weights[i]``
     times. Members keep their own resizing and preprocessing layers, so they only need to take the same raw
-    images; each becomes a nested model named ``member_<i>``."""
+    images; each becomes a nested model named ``member_<i>``.
+
+    Standard Keras layers only, so that the ensemble loads without bloodcell (Keras' safe mode, MLflow)
+    and its temperature is one more standard layer (`calibration.with_temperature`: Rescaling(1 / T)
+    before the last softmax). Keras has no log layer, so the average is taken in log space: each member
+    gives log_softmax of its logits (log p_i; its own Dense layer with that activation), plus log w_i
+    (Rescaling's offset); log(sum_i w_i p_i) is the log-sum-exp over the members, x - log_softmax(x) along
+    the member axis (Permute, Activation('log_softmax'), Subtract; Cropping1D keeps one of its equal
+    columns); and softmax of it is the weighted average: softmax(log(sum_i w_i p_i) / T) is temperature
+    scaling of the average, T = 1 the plain average."""
+    import math
+
     import keras
+    from keras import layers
+
+    from bloodcell import NUM_CLASSES
+    from bloodcell.evaluation.calibration import log_probabilities
 
     shapes = {tuple(m.input_shape[1:]) for m in members}
     if len(shapes) > 1:
@@ -125,11 +140,27 @@ def build_ensemble(members: list[keras.Model], weights: list[int]) -> keras.Mode
             "ensemble runs of one data set"
         )
     inputs = keras.Input(shapes.pop(), name="image")
-    outputs = []
+    logs = []
     for i, (member, weight) in enumerate(zip(members, weights)):
+        try:
+            member = log_probabilities(member)
+        except ValueError as err:
+            raise UserError(f"member {i} cannot be averaged: {err}") from None
         member.name = f"member_{i}"  # the members' own names collide (bloodcell_<backbone>)
-        outputs += [member(inputs)] * weight
-    averaged = keras.layers.Average(name="average")(outputs) if len(outputs) > 1 else outputs[0]
+        x = member(inputs)
+        if weight != 1:  # log(w_i p_i)
+            x = layers.Rescaling(1.0, offset=math.log(weight), name=f"weight_{i}", dtype="float32")(x)
+        logs.append(layers.Reshape((1, NUM_CLASSES), name=f"stack_{i}", dtype="float32")(x))
+    x = logs[0]
+    if len(logs) > 1:
+        x = layers.Concatenate(axis=1, name="members", dtype="float32")(logs)  # (N, members, classes)
+        by_class = layers.Permute((2, 1), name="by_class", dtype="float32")(x)  # (N, classes, members)
+        shifted = layers.Activation("log_softmax", name="minus_logsumexp", dtype="float32")(by_class)
+        x = layers.Subtract(name="logsumexp", dtype="float32")([by_class, shifted])  # equal columns
+        x = layers.Permute((2, 1), name="by_member", dtype="float32")(x)
+        x = layers.Cropping1D((0, len(logs) - 1), name="one_column", dtype="float32")(x)
+    x = layers.Reshape((NUM_CLASSES,), name="log_sum", dtype="float32")(x)  # log(sum_i w_i p_i)
+    averaged = layers.Activation("softmax", name="average", dtype="float32")(x)
     return keras.Model(inputs, averaged, name="bloodcell_ensemble")
 
 

@@ -111,7 +111,8 @@ def load_model(spec: str, tracking_uri: str | None = None) -> keras.Model:
     import zipfile
 
     uri = resolve_model_uri(spec, tracking_uri=tracking_uri)
-    # Keras finds a layer of a saved model only when its class is registered: calibrated models end with one
+    # Keras finds a layer of a saved model only when its class is registered: calibrated models logged before
+    # issue 27 end with this one (newer models hold standard Keras layers only)
     from bloodcell.serving.submission_template import TemperatureScaling  # noqa: F401
 
     try:

@@ -26,9 +26,10 @@ EPSILON = 1e-7  # probabilities are clipped to [EPSILON, 1] before the log: a 0 
 class TemperatureScaling(keras.layers.Layer):
     """Calibrated probabilities from probabilities: softmax(log(clip(p)) / temperature).
 
-    The last layer of a calibrated bloodcell model (bloodcell.evaluation.calibration.with_temperature). It
-    is defined in this file, which ships as the submission's model.py, so the submission loads a
-    calibrated model with Keras alone; bloodcell imports it from here. On a softmax output it equals
+    The last layer of the calibrated bloodcell models logged before issue 27; newer ones hold no custom
+    layer (their temperature is folded into the last Dense layer), and only these older models need it.
+    It is defined in this file, which ships as the submission's model.py, so the submission loads such a
+    model with Keras alone; bloodcell imports it from here. On a softmax output it equals
     dividing the logits by the temperature (the log undoes the softmax up to a constant the next softmax
     removes), so the class order, hence the predicted class, never changes."""
 

@@ -85,28 +85,62 @@ def test_an_under_confident_set_gets_a_temperature_below_one():
     assert fit_temperature(apply_temperature(probabilities, 2.0), labels) < 1.0
 
 
-def test_with_temperature_saves_loads_and_equals_the_numpy_formula(tmp_path):
+def _tiny_model(separate_softmax: bool = False):
     import keras
 
     inputs = keras.Input((4, 4, 3), name="image")
-    x = keras.layers.Flatten()(inputs)
-    outputs = keras.layers.Dense(CLASSES, activation="softmax")(keras.layers.Rescaling(1 / 255)(x))
-    model = keras.Model(inputs, outputs, name="tiny")
+    x = keras.layers.Rescaling(1 / 255)(keras.layers.Flatten()(inputs))
+    if separate_softmax:
+        outputs = keras.layers.Activation("softmax")(keras.layers.Dense(CLASSES)(x))
+    else:
+        outputs = keras.layers.Dense(CLASSES, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="tiny")
+
+
+@pytest.mark.parametrize("separate_softmax", [False, True])
+def test_with_temperature_is_plain_keras_loads_in_safe_mode_and_equals_the_numpy_formula(
+    tmp_path, separate_softmax
+):
+    import keras
+
+    model = _tiny_model(separate_softmax)
     images = np.random.default_rng(0).uniform(0, 255, (6, 4, 4, 3)).astype(np.float32)
     plain = model.predict(images, verbose=0)
 
     calibrated = with_temperature(model, 1.7)
+    np.testing.assert_allclose(model.predict(images, verbose=0), plain)  # the original keeps its weights
     path = tmp_path / "calibrated.keras"
     calibrated.save(path)
-    loaded = keras.saving.load_model(path, compile=False)
-    assert loaded.layers[-1].__class__.__name__ == "TemperatureScaling"
-    assert loaded.layers[-1].temperature == pytest.approx(1.7)
+    # standard layers only: loads without any custom object registered for it
+    loaded = keras.saving.load_model(path, compile=False, safe_mode=True, custom_objects={})
+    assert {type(layer).__module__.split(".")[0] for layer in loaded.layers} == {"keras"}
+    if not separate_softmax:  # the temperature folded into the last Dense layer, same name and activation
+        assert loaded.layers[-1].name == "probabilities"
+        assert loaded.layers[-1].activation.__name__ == "softmax"
     out = loaded.predict(images, verbose=0)
-    np.testing.assert_allclose(out, apply_temperature(plain, 1.7), atol=1e-5)
+    np.testing.assert_allclose(out, apply_temperature(plain, 1.7), atol=1e-6)
     np.testing.assert_array_equal(out.argmax(1), plain.argmax(1))
     # a Sequential model (here holding the functional one) works alike
     sequential = with_temperature(keras.Sequential([keras.Input((4, 4, 3)), model]), 1.7)
     np.testing.assert_allclose(sequential.predict(images, verbose=0), out, atol=1e-6)
+
+
+def test_an_older_model_with_the_temperature_layer_is_folded_when_calibrated_again_or_averaged():
+    import keras
+
+    from bloodcell.evaluation.calibration import TemperatureScaling, log_probabilities
+
+    model = _tiny_model()
+    images = np.random.default_rng(1).uniform(0, 255, (6, 4, 4, 3)).astype(np.float32)
+    plain = model.predict(images, verbose=0)
+    old = keras.Model(model.inputs, TemperatureScaling(2.0)(model.outputs[0]))  # as logged before issue 27
+    again = with_temperature(old, 1.5)
+    assert not any(isinstance(layer, TemperatureScaling) for layer in again.layers)
+    np.testing.assert_allclose(again.predict(images, verbose=0), apply_temperature(plain, 3.0), atol=1e-6)
+    logs = log_probabilities(old).predict(images, verbose=0)
+    np.testing.assert_allclose(np.exp(logs), apply_temperature(plain, 2.0), atol=1e-6)
+    with pytest.raises(ValueError, match="does not end with a softmax"):
+        with_temperature(keras.Model(model.inputs, keras.layers.Dense(CLASSES)(model.inputs[0])), 2.0)
 
 
 def test_accuracy_coverage_on_a_constructed_case():

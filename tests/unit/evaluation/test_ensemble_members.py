@@ -98,6 +98,22 @@ def test_the_ensemble_model_averages_members_of_other_input_sizes_with_weights_a
     assert np.allclose(loaded.predict_on_batch(images), expected, atol=1e-6)
 
 
+def test_a_calibrated_ensemble_is_standard_layers_and_tempers_the_log_of_the_average(tmp_path):
+    import keras
+
+    from bloodcell.evaluation.calibration import apply_temperature, with_temperature
+
+    a, b, c = _member(None, 1), _member(48, 2), _member(None, 3)
+    images = np.random.default_rng(1).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    average = (a.predict_on_batch(images) + 3 * b.predict_on_batch(images) + c.predict_on_batch(images)) / 5
+    calibrated = with_temperature(build_ensemble([a, b, c], [1, 3, 1]), 2.5)
+    calibrated.save(tmp_path / "calibrated.keras")
+    loaded = keras.saving.load_model(tmp_path / "calibrated.keras", compile=False, safe_mode=True)
+    modules = {type(layer).__module__.split(".")[0] for layer in loaded._flatten_layers()}
+    assert modules == {"keras"}, modules
+    np.testing.assert_allclose(loaded.predict_on_batch(images), apply_temperature(average, 2.5), atol=1e-6)
+
+
 def test_members_that_take_images_of_other_shapes_are_refused():
     import keras
 
