@@ -161,6 +161,11 @@ class Recorder:
         """The Keras model as an MLflow model named ``model`` (registrable), with a signature from the given
         examples; returns its URI, also kept as tag ``model_uri``.
 
+        The signature's input is a float32 tensor (-1, H, W, 3) of the data set's image size: the model
+        takes cells as the data set stores them, 0-255, and resizes and scales inside. float32, not uint8:
+        JSON sent to `mlflow models serve` is cast to it (integers 0-255 are fine), while MLflow's schema
+        check refuses any other numpy dtype handed to a pyfunc model in Python (``.astype("float32")``).
+
         The model is first saved to ``local_dir/model.keras`` (written under a temporary name, then renamed):
         if the upload fails (a full disk, a server gone), the error names that loadable copy, and the run ends
         FAILED with it. The caller deletes the copy with the run's checkpoints once the run finished."""
@@ -180,6 +185,7 @@ class Recorder:
             partial.unlink(missing_ok=True)
             raise OSError(f"saving the model locally to {local} failed: {err}") from err
         examples = local_dir / "model_examples.npz"
+        example_input = np.asarray(example_input, dtype=np.float32)  # the signature's dtype (see above)
         np.savez(examples, input=example_input, output=example_output)
         if self.outbox is not None:
             self.outbox.send({"kind": "model", "path": str(local), "examples": str(examples)})
