@@ -100,6 +100,28 @@ def test_students_model_loads_and_predicts_with_a_plain_runs_layers(store, stude
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_the_calibrated_ensemble_and_the_student_load_in_a_fresh_python_without_bloodcell(store, student):
+    """Both are plain Keras (issue 27): mlflow.pyfunc and mlflow.keras load them, safe mode on, in a process
+    that cannot import bloodcell, and they give the probabilities their runs stored."""
+    from bloodcell.evaluation.stored_predictions import stored_predictions
+    from bloodcell.training.run_data import split_images
+    from tests.plain_mlflow import assert_plain_keras, fresh_load
+
+    teacher, runs = store.teacher, [store.teacher.info.run_id, student.info.run_id]
+    assert teacher.data.metrics["calibration/temperature"] > 0
+    stored = [stored_predictions(store.client, run_id, "test") for run_id in runs]
+    images = split_images(teacher, "test", stored[0].data_index)
+    np.testing.assert_array_equal(stored[1].data_index, stored[0].data_index)  # one split
+    uris = [f"runs:/{run_id}/model" for run_id in runs]
+    loaded = fresh_load(uris, images, store.uri, store.root / "fresh")
+    for uri, predictions in zip(uris, stored):
+        assert_plain_keras(loaded[uri])
+        for way in ("pyfunc", "keras"):
+            np.testing.assert_allclose(loaded[uri][way], predictions.probabilities, atol=1e-5)
+        difference = np.abs(loaded[uri]["keras"] - predictions.probabilities).max()
+        print(f"{uri}: max |fresh - stored| {difference:.2e}")
+
+
 @pytest.mark.parametrize(
     "override, fragment",
     [
