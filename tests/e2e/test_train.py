@@ -155,8 +155,10 @@ def test_calibrated_model_probabilities_and_abstention_metrics_agree(quickstart_
     )
 
     model = mlflow.keras.load_model(run.data.tags["model_uri"])
-    assert model.layers[-1].name == "temperature_scaling"
-    assert model.layers[-1].temperature == pytest.approx(temperature)
+    # the temperature folded into the last Dense layer (issue 27): no custom layer, the softmax kept
+    assert type(model.layers[-1]).__name__ == "Dense" and model.layers[-1].name == "probabilities"
+    assert model.layers[-1].activation.__name__ == "softmax"
+    assert all(type(layer).__module__.startswith("keras.") for layer in model._flatten_layers())
     from bloodcell.data import make_demo_set
 
     images, _ = make_demo_set(12, 32, 0)  # TINY's data set: data_index points into it
