@@ -110,9 +110,11 @@ def lock_path(url: str) -> Path | None:
     return None
 
 
-def open_storage(url: str) -> BaseStorage:
+def open_storage(url: str, retry_seconds: float = 0.0) -> BaseStorage:
     """An Optuna storage for a URL from `resolve_storage_url`. The sweeper writes the trials' system
-    attributes and the study's through its methods (Study and Trial have none for them in Optuna 5)."""
+    attributes and the study's through its methods (Study and Trial have none for them in Optuna 5).
+    ``retry_seconds``: how long to try a database server that refuses connections (a trial's process, in
+    an outage); a user's command says so at once."""
 
     if url.startswith("grpc://"):
         return _grpc_proxy(url)
@@ -124,7 +126,7 @@ def open_storage(url: str) -> BaseStorage:
         if url.startswith("sqlite:"):
             # trials of a batch write at once; wait for the file lock rather than fail at once
             return _rdb_storage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-        return _rdb_storage(url)
+        return with_storage_retries(lambda: _rdb_storage(url), retry_seconds)
     except ImportError as err:
         raise UserError(
             f"the Optuna storage {redact(url)} needs a database driver ({err}); for PostgreSQL: "
@@ -236,7 +238,7 @@ def open_trial(trial_cfg: TrialSchema | Any) -> tuple[optuna.trial.Trial, Frozen
     import optuna
 
     trial_settings = TrialSchema.of(trial_cfg)
-    storage = open_storage(str(trial_settings.storage))
+    storage = open_storage(str(trial_settings.storage), retry_seconds=STORAGE_RETRY_SECONDS)
     trial_id = int(trial_settings.trial_id)
     frozen = with_storage_retries(lambda: storage.get_trial(trial_id))
     # the sampler is the sweeper's business; a random one keeps reopening the trial cheap

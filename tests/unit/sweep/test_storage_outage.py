@@ -57,3 +57,44 @@ def test_a_trials_reports_and_end_survive_the_databases_connections_being_termin
     ended = storage.get_trial(trial._trial_id)
     assert ended.state == TrialState.COMPLETE and ended.user_attrs["mlflow_run_id"] == "abc"
     optuna.delete_study(study_name=name, storage=storage)
+
+
+def _admin(sql: str) -> None:
+    import subprocess
+
+    subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-qtAX", "-v", "ON_ERROR_STOP=1", "-c", sql],
+                   check=True, capture_output=True)  # fmt: skip
+
+
+@pytest.mark.skipif(
+    not POSTGRES or os.geteuid() != 0, reason="needs BLOODCELL_TEST_POSTGRES and root (runuser)"
+)
+def test_a_trial_opens_its_storage_through_a_database_refusing_connections():
+    """A trial that started while the database refused connections ended FAIL ("cannot open the Optuna
+    storage"); a database of the test's own is refused for 3 s (a user's command still fails at once)."""
+    import threading
+    import time
+    from urllib.parse import urlsplit, urlunsplit
+
+    from bloodcell.core.errors import UserError
+    from bloodcell.sweep.trial import open_storage
+
+    assert POSTGRES is not None
+    database = f"bloodcell_outage_{uuid.uuid4().hex[:8]}"
+    parts = urlsplit(POSTGRES)
+    url = urlunsplit(parts._replace(path=f"/{database}"))
+    _admin(f"CREATE DATABASE {database} OWNER {parts.username}")
+    try:
+        _admin(f"ALTER DATABASE {database} WITH ALLOW_CONNECTIONS false")
+        with pytest.raises(UserError, match="cannot open the Optuna storage"):
+            open_storage(url)
+        timer = threading.Timer(3, _admin, [f"ALTER DATABASE {database} WITH ALLOW_CONNECTIONS true"])
+        timer.start()
+        begun = time.monotonic()
+        storage = open_storage(url, retry_seconds=60)
+        assert 2 < time.monotonic() - begun < 60
+        timer.join()
+        optuna.create_study(study_name="s", storage=storage)
+        storage.engine.dispose()
+    finally:
+        _admin(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
