@@ -58,10 +58,11 @@ SLOWEST_FIRST = {
     "e2e/test_bad_input_cases.py": 62,
     "e2e/test_multi_node.py": 50,
     "e2e/test_phase1_reuse.py": 50,
+    "e2e/test_sweep_faults.py": 50,  # issue 26: not measured idle (137 s at load 9)
     "e2e/test_clean.py": 40,
     "e2e/test_grpc_proxy.py": 39,
     "unit/data/cleaning/test_clean_embedding.py": 33,
-    "e2e/test_secrets.py": 19,
+    "e2e/test_secrets.py": 35,  # issue 26 added a run and a server beside the sweep (93 s at load 8)
     "e2e/test_disk_full.py": 17,
     "e2e/test_bad_input.py": 10,
 }
