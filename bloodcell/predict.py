@@ -30,7 +30,7 @@ from bloodcell import CLASS_NAMES, NUM_CLASSES, PROJECT_ROOT
 from bloodcell.core.cli import run_or_exit
 from bloodcell.core.errors import UserError
 from bloodcell.evaluation.abstention import review_mask, review_summary
-from bloodcell.serving.loading import load_model, model_image_shape, resolve_model_uri, set_tracking
+from bloodcell.serving.loading import load_model, resize_for, resolve_model_uri, set_tracking
 from bloodcell.serving.prediction import (
     check_images,
     check_output,
@@ -76,12 +76,11 @@ def predict(cfg: DictConfig) -> np.ndarray:
             f"{guarantee.calibration_images} validation cells of run {run_id}"
         )
     model = load_model(uri)
-    height, width, _ = model_image_shape(model)
-    size = (height, width) if height and width and data.images.shape[1:3] != (height, width) else None
+    size = resize_for(model, data.images)
     if size:  # one rule with the submission bundle: resize, and say so
         print(
             f"{cfg.input}: images are {data.images.shape[1]}x{data.images.shape[2]}, the model takes "
-            f"{height}x{width}: resized to it (bilinear), as the submit bundle's model.py does"
+            f"{size[0]}x{size[1]}: resized to it (bilinear), as the submit bundle's model.py does"
         )
     probabilities = predict_arrays(
         model, data.images, int(cfg.batch_size), bool(cfg.tta), progress=True, resize_to=size

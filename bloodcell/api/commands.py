@@ -164,14 +164,13 @@ def predict(model: Any, images: Any, *overrides: str) -> np.ndarray:
     (``models:/bloodcell@champion``, ``runs:/<id>/model``, a .keras file), a result, or a Keras model."""
     with clean_process():
         cfg = compose("predict", _with_store([model], overrides))
-        from bloodcell.serving.loading import model_image_shape
+        from bloodcell.serving.loading import resize_for
         from bloodcell.serving.prediction import check_images, predict_arrays
 
         data = _images(images)
         check_images(data.images, (None, None, 3), _source(images))
         keras_model = _load(model, cfg)
-        height, width, _ = model_image_shape(keras_model)
-        size = (height, width) if height and width and data.images.shape[1:3] != (height, width) else None
+        size = resize_for(keras_model, data.images)
         return predict_arrays(keras_model, data.images, int(cfg.batch_size), bool(cfg.tta), resize_to=size)
 
 

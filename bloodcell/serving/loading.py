@@ -167,3 +167,13 @@ def model_image_shape(model: Any) -> tuple[int | None, int | None, int]:
     if isinstance(shape, list):
         shape = shape[0]
     return tuple(shape[1:])
+
+
+def resize_for(model: Any, images: Any) -> tuple[int, int] | None:
+    """The (height, width) ``images`` must be resized to before ``model`` takes them, or None when they
+    already fit (or the model takes any size): predict's and the notebook API's one rule, which the
+    submission bundle's ``model.py`` follows too."""
+    height, width, _ = model_image_shape(model)
+    if height and width and tuple(images.shape[1:3]) != (height, width):
+        return int(height), int(width)
+    return None
