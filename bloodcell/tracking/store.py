@@ -74,6 +74,33 @@ def check_reachable(uri: str, timeout: float = 5.0, wait: float = 0.0) -> None:
             time.sleep(2)
 
 
+def _run_request_defaults() -> None:
+    """MLflow's defaults retry one request for about 4 minutes; a training run rather keeps its records in
+    its outbox and goes on (users can still set these themselves)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+@contextlib.contextmanager
+def patient_requests(tracking_settings: TrackingSchema) -> Any:
+    """For a sweep's trial (`server_wait`), MLflow's HTTP requests retried for about a minute inside the
+    block (6 tries, backoff 1, 2, 4 ... s) instead of the run's 2: the look-ups before a trial's run starts
+    (its ended or unfinished runs, their logged steps) meet a tracking server that restarts then, and the
+    trial ended FAIL (the chaos soak). Once the run has started, its records wait in its outbox instead."""
+    if not server_wait(tracking_settings):
+        yield
+        return
+    _run_request_defaults()
+    name = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    previous = os.environ[name]
+    os.environ[name] = str(max(int(previous), 6)) if previous.isdigit() else "6"
+    try:
+        yield
+    finally:
+        os.environ[name] = previous
+
+
 def server_wait(tracking_settings: TrackingSchema) -> float:
     """How long a run waits for its tracking server to answer before it gives up: none for a run a user
     started (one error line at once), ``tracking.outage_wait_seconds`` for a sweep's trial (its parent run
@@ -109,11 +136,7 @@ def connect(tracking_cfg: Any) -> str:
     uri = resolve_tracking_uri(tracking_cfg)
     check_reachable(uri, wait=server_wait(TrackingSchema.of(tracking_cfg)))
     if uri.startswith(("http://", "https://")):
-        # MLflow's defaults retry one request for about 4 minutes; a training run rather keeps its records
-        # in its outbox and goes on (users can still set these themselves)
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        _run_request_defaults()
         # MLflow prints "View run ... at: <tracking URI>/..." with the URI's password in it; bloodcell logs
         # the run's link itself, masked
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

@@ -148,7 +148,8 @@ def train(
         settings = check_config(cfg)
     uri = tracking.resolve_tracking_uri(settings.tracking)
     tracking.check_reachable(uri, wait=tracking.server_wait(settings.tracking))
-    ended = ended_trial_outcome(settings)  # a sweep trial whose run ended before its sweep recorded it
+    with tracking.patient_requests(settings.tracking):
+        ended = ended_trial_outcome(settings)  # a sweep trial whose run ended before its sweep recorded it
     if ended is not None:
         return ended
     timed = Stopwatch()
@@ -159,9 +160,10 @@ def train(
             data.use_targets(targets(data.splits))
     strategy = distribution_strategy(settings.trainer)
     digest = config_digest(cfg)
-    experiment_id, resume, run_dirs = start_or_resume(
-        settings.tracking, settings.trainer, settings.trial, digest, data
-    )
+    with tracking.patient_requests(settings.tracking):
+        experiment_id, resume, run_dirs = start_or_resume(
+            settings.tracking, settings.trainer, settings.trial, digest, data
+        )
     tags = data.tags() | {"config_digest": digest}
     resume_id = resume.run_id if resume else None
     with tracking.start_run(

@@ -13,14 +13,14 @@ import pytest
 
 from bloodcell.core.errors import UserError
 from bloodcell.core.settings import TrackingSchema
-from bloodcell.tracking import check_reachable, server_wait
+from bloodcell.tracking import check_reachable, patient_requests, server_wait
 from tests.helpers import free_port
 
 
 class _Health(BaseHTTPRequestHandler):
     seen: list[tuple[str, str | None]] = []
 
-    def do_GET(self) -> None:  # noqa: N802  (http.server's name)
+    def do_GET(self) -> None:
         _Health.seen.append((self.path, self.headers.get("Authorization")))
         self.send_response(200)
         self.end_headers()
@@ -64,6 +64,32 @@ def test_a_sweep_trial_waits_for_a_restarting_server_and_a_run_does_not():
         begun = time.monotonic()
         check_reachable(uri, wait=server_wait(trial))
         assert 2.5 < time.monotonic() - begun < 30
+    finally:
+        thread.join()
+        for server in started:
+            server.shutdown()
+
+
+def test_a_sweep_trials_look_ups_before_its_run_wait_out_a_server_restart(monkeypatch):
+    """The soak's last finding: a trial's look-ups before its run starts (its ended or unfinished runs)
+    met a restarting server with the run's 2 quick retries and ended FAIL."""
+    import os
+
+    from mlflow.utils.rest_utils import MlflowHostCreds, http_request
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    trial = TrackingSchema.of({"uri": uri, "parent_run_id": "abc"})
+    started: list[ThreadingHTTPServer] = []
+    thread = threading.Thread(target=lambda: started.append(_serve(port, after=4)))
+    thread.start()
+    try:
+        with patient_requests(trial):
+            assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "6"
+            response = http_request(MlflowHostCreds(uri), "/health", "GET")
+        assert response.status_code == 200
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"  # the run's own, once it has started
     finally:
         thread.join()
         for server in started:
