@@ -395,13 +395,26 @@ class OptunaSweep:
             return
         trials = self.study.get_trials(deepcopy=False)
         if self.mlflow is not None:
-            try:
-                from ._report import write_report
+            from bloodcell.tracking.outbox import unreachable
 
-                files = write_report(self, trials, self._best(trials), self.sweep_dir)
-                finish(self.mlflow, trials, self._best(trials), files, status)
-            except Exception as err:  # the trials are safe in storage; say what the report missed
-                log.warning("could not finish the MLflow parent run: %s", err, exc_info=True)
+            from ._report import write_report
+
+            # a tracking server restarting as the sweep ends: waited for (as a run's end is), not left RUNNING
+            deadline, said = time.monotonic() + 120, False
+            while True:
+                try:
+                    files = write_report(self, trials, self._best(trials), self.sweep_dir)
+                    finish(self.mlflow, trials, self._best(trials), files, status)
+                    break
+                except Exception as err:  # the trials are safe in storage; say what the report missed
+                    if unreachable(err) and time.monotonic() < deadline:
+                        if not said:
+                            log.warning("tracking server unreachable; the parent run ends when it answers")
+                            said = True
+                        time.sleep(5)
+                        continue
+                    log.warning("could not finish the MLflow parent run: %s", err, exc_info=True)
+                    break
         best = self._best(trials)
         if best is not None:
             log.info(
