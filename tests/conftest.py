@@ -54,6 +54,7 @@ SLOWEST_FIRST = {
     "e2e/test_ensemble.py": 81,
     "unit/api/test_runs.py": 80,
     "e2e/test_distill.py": 71,
+    "e2e/test_plain_mlflow.py": 70,  # issue 27: fresh-Python loads, mlflow models serve and predict
     "e2e/test_weight_averaging.py": 65,
     "e2e/test_bad_input_cases.py": 62,
     "e2e/test_multi_node.py": 50,
@@ -62,6 +63,7 @@ SLOWEST_FIRST = {
     "e2e/test_clean.py": 40,
     "e2e/test_grpc_proxy.py": 39,
     "unit/data/cleaning/test_clean_embedding.py": 33,
+    "unit/models/test_efficientnet_lite.py": 25,
     "e2e/test_secrets.py": 35,  # issue 26 added a run and a server beside the sweep (93 s at load 8)
     "e2e/test_disk_full.py": 17,
     "e2e/test_bad_input.py": 10,
