@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from bloodcell import PROJECT_ROOT
 from bloodcell.core.errors import UserError
-from bloodcell.core.settings import TrainSchema, TrialSchema
+from bloodcell.core.settings import TrialSchema
 
 # the pruner table and builder, shared with the sweeper; `as make_pruner`: re-exported (the pruning
 # benchmark imports it from here)
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from optuna.storages import BaseStorage
     from optuna.trial import FrozenTrial
 
-    from bloodcell.training.callbacks import OptunaPruning
 
 log = logging.getLogger(__name__)
 
@@ -182,25 +181,6 @@ def redact(url: str) -> str:
     from bloodcell.core.redaction import mask_url
 
     return mask_url(url)
-
-
-def pruning_callback(settings: TrainSchema | Any) -> OptunaPruning | None:
-    """A Keras callback reporting ``objective`` to this run's Optuna trial (``trial``) after every epoch
-    (step = the global epoch, counted on across both training phases) and raising ``optuna.TrialPruned``
-    when the study's pruner stops the trial. None outside a sweep (no ``trial``). ``settings``: the run's
-    (or a mapping of them: `TrainSchema.of`)."""
-    settings = TrainSchema.of(settings)
-    if not settings.trial:
-        return None
-    trial, frozen = open_trial(settings.trial)
-    from bloodcell.training.callbacks import OptunaPruning
-
-    return OptunaPruning(
-        trial,
-        objective=settings.objective,
-        reported_steps=frozen.intermediate_values,
-        number=frozen.number,
-    )
 
 
 #: how long a trial's process keeps trying an Optuna storage call through a database outage (a restart, a

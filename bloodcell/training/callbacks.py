@@ -7,11 +7,6 @@ validation sees), then the epoch logger (what every later callback and MLflow re
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from bloodcell.tracking import Recorder
-
 import logging
 import math
 import time
@@ -21,8 +16,12 @@ from typing import TYPE_CHECKING, Any
 import keras
 import numpy as np
 
+from bloodcell.core.settings import TrainSchema
+
 if TYPE_CHECKING:
     import optuna
+
+    from bloodcell.tracking import Recorder
 
 log = logging.getLogger("bloodcell.train")
 
@@ -189,7 +188,7 @@ class PreciseBatchNorm(keras.callbacks.Callback):
 class OptunaPruning(keras.callbacks.Callback):
     """Reports the objective to the run's Optuna trial after every epoch (step = the global epoch, counted
     on across both phases) and raises ``optuna.TrialPruned`` when the study's pruner stops the trial.
-    Built by `bloodcell.trial.pruning_callback`, which reopens the trial from the sweep's storage."""
+    Built by `pruning_callback`, which reopens the trial from the sweep's storage."""
 
     def __init__(
         self,
@@ -364,3 +363,22 @@ class Checkpoint(keras.callbacks.Callback):
                         err,
                     )
                     self.warned = True
+
+
+def pruning_callback(settings: TrainSchema | Any) -> OptunaPruning | None:
+    """A Keras callback reporting ``objective`` to this run's Optuna trial (``trial``) after every epoch
+    (step = the global epoch, counted on across both training phases) and raising ``optuna.TrialPruned``
+    when the study's pruner stops the trial. None outside a sweep (no ``trial``). ``settings``: the run's
+    (or a mapping of them: `TrainSchema.of`)."""
+    settings = TrainSchema.of(settings)
+    if not settings.trial:
+        return None
+    from bloodcell.sweep.trial import open_trial
+
+    trial, frozen = open_trial(settings.trial)
+    return OptunaPruning(
+        trial,
+        objective=settings.objective,
+        reported_steps=frozen.intermediate_values,
+        number=frozen.number,
+    )

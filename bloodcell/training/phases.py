@@ -114,7 +114,6 @@ class RunCallbacks:
     ) -> RunCallbacks:
         """The callbacks ``settings`` ask for: precise BN (``head.precise_bn_images``), the time limit,
         checkpoints (``trainer.*``), weight averaging (``finetune.swa``), the Optuna pruner (``trial``)."""
-        from bloodcell.sweep.trial import pruning_callback
         from bloodcell.training.callbacks import (
             Checkpoint,
             EpochLogger,
@@ -122,6 +121,7 @@ class RunCallbacks:
             PreciseBatchNorm,
             TimeLimit,
             WeightAverage,
+            pruning_callback,
         )
 
         trainer = settings.trainer

@@ -115,7 +115,8 @@ def test_pruning_callback_reports_on_one_step_axis_and_raises_when_median_prunes
     import optuna
     from omegaconf import OmegaConf
 
-    from bloodcell.sweep.trial import PRUNER_ATTR, open_storage, pruning_callback
+    from bloodcell.sweep.trial import PRUNER_ATTR, open_storage
+    from bloodcell.training.callbacks import pruning_callback
 
     url = f"journal:{tmp_path / 'optuna.journal'}"
     storage = open_storage(url)
