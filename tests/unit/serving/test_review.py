@@ -9,6 +9,7 @@ import pytest
 
 from bloodcell.core.errors import UserError
 from bloodcell.serving.review import source_run_id, stored_guarantee
+from tests.helpers import sqlite_store
 
 CERTIFIED = {
     "abstention/confidence": 0.9,
@@ -23,12 +24,12 @@ CERTIFIED = {
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """A SQLite store with a run per case and the certified one registered as bloodcell@champion (one for
-    the module: a new SQLite store costs seconds of migrations; the tests only read it)."""
+    """A SQLite store (already migrated: tests.helpers.sqlite_store) with a run per case and the certified
+    one registered as bloodcell@champion; one for the module, which only reads it."""
     import mlflow
 
     tmp_path = tmp_path_factory.mktemp("review")
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient(sqlite_store(tmp_path / "mlflow.db"))
     experiment = client.create_experiment("review", artifact_location=(tmp_path / "artifacts").as_uri())
     runs = {}
     for name, metrics in {
