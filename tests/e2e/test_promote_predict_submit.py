@@ -271,13 +271,19 @@ def test_predict_resizes_images_of_another_size_and_refuses_non_rgb(store, predi
     assert_user_error(proc, "(N, H, W, 3)")
 
 
+def top_and_a_threshold_between(predictions) -> tuple[np.ndarray, float]:
+    """The champion's top probability per image (from the plain run's CSV rows) and a threshold in the middle
+    of their widest gap: far from every image's value, so it splits them without ties."""
+    top = np.array([max(float(row[f"p_{c}"]) for c in CLASS_NAMES) for row in predictions])
+    ranked = np.unique(top)
+    cut = int(np.argmax(np.diff(ranked)))
+    return top, round(float(ranked[cut] + ranked[cut + 1]) / 2, 6)
+
+
 def test_predict_review_below_marks_and_counts_the_images_under_the_threshold(store, predictions, tmp_path):
     """review_below: a threshold between two of the champion's top probabilities (from the plain run)
     splits the images; the column and the printed count say which and how many."""
-    top = np.array([max(float(row[f"p_{c}"]) for c in CLASS_NAMES) for row in predictions])
-    ranked = np.unique(top)
-    cut = int(np.argmax(np.diff(ranked)))  # the widest gap: its middle is far from every image's value
-    threshold = round(float(ranked[cut] + ranked[cut + 1]) / 2, 6)
+    top, threshold = top_and_a_threshold_between(predictions)
     expected = top < threshold
     assert 0 < expected.sum() < len(top)
     output = tmp_path / "review.csv"
@@ -307,10 +313,7 @@ def test_predict_review_accuracy_uses_the_threshold_the_champions_run_certified(
     logged = store.client.get_run(run_id).data.metrics
     assert logged["abstention/confidence"] == 0.9  # every run logs the guarantee, found or not
     assert "abstention/threshold_at_99_accuracy" in logged
-    top = np.array([max(float(row[f"p_{c}"]) for c in CLASS_NAMES) for row in predictions])
-    ranked = np.unique(top)
-    cut = int(np.argmax(np.diff(ranked)))
-    threshold = round(float(ranked[cut] + ranked[cut + 1]) / 2, 6)
+    top, threshold = top_and_a_threshold_between(predictions)
     store.client.log_metric(run_id, "abstention/threshold_at_99_accuracy", threshold)
     store.client.log_metric(run_id, "abstention/calibration_images", 2049)
     output = tmp_path / "review.csv"
