@@ -250,7 +250,8 @@ class TrackingSchema(Group):
     #: set by the sweeper (the sweep's run) or by training.repeats (the group run)
     parent_run_id: str | None = None
     log_model: bool = True
-    explain: bool = True
+    #: Grad-CAM and error sheets: auto = every run but a sweep trial that is not the study's best so far
+    explain: Auto = "auto"
     system_metrics_seconds: float | None = fix("seconds, e.g. 10, or null or 0 for off", default=10, ge=0)
     #: tags every run gets; set by training.repeats on its members (not in conf/)
     tags: dict[str, str] | None = None

@@ -220,28 +220,57 @@ def showcase(labels: np.ndarray, probabilities: np.ndarray) -> list[tuple[int, i
     return picks
 
 
-def _figure(rows: int, columns: int, tile: float = 1.9) -> tuple[Figure, np.ndarray]:
-    import matplotlib
+class Sheet:
+    """A grid of image tiles, each under its caption, drawn as one picture in one Matplotlib axes, with a
+    title above. A subplot per tile (up to 64 of them) cost a run seconds in axes set-up and drawing
+    (``python benchmarks/overhead.py --profile``); one image and a text per caption cost a tenth of that."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    #: inches per tile on the page, of its caption band (two lines of 7 pt) and of the title (three lines)
+    TILE, CAPTION, HEADER = 1.9, 0.45, 1.0
 
-    # a fixed grid with room for the title (1 in) and two caption lines per tile (0.45 in): Matplotlib's
-    # constrained layout took 3 of the 4 seconds these sheets cost a run
-    caption, header = 0.45, 1.0
-    height = rows * (tile + caption) + header
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * tile, height), squeeze=False)
-    fig.subplots_adjust(
-        left=0.01, right=0.99, bottom=0.01, top=1 - header / height, wspace=0.05, hspace=caption / tile
-    )
-    for ax in axes.flat:
+    def __init__(self, rows: int, columns: int, height: int, width: int) -> None:
+        self.rows, self.columns, self.height, self.width = rows, columns, height, width
+        # the caption band and the gap between tiles in image pixels, in the page's proportions
+        self.band = round(height * self.CAPTION / self.TILE)
+        self.gap = max(1, round(width * 0.05))
+        shape = (rows * (self.band + height), columns * (width + self.gap), 3)
+        self.canvas = np.full(shape, 255, dtype=np.uint8)
+        self.texts: list[tuple[float, float, str, str, str]] = []
+
+    def _corner(self, row: int, column: int) -> tuple[int, int]:
+        return row * (self.band + self.height) + self.band, column * (self.width + self.gap)
+
+    def put(self, row: int, column: int, image: np.ndarray, caption: str, colour: str = "black") -> None:
+        """``image`` (H, W, 3; uint8, or float 0-255) in the tile at (row, column), ``caption`` above it."""
+        top, left = self._corner(row, column)
+        pixels = np.clip(np.asarray(image, dtype=np.float32), 0, 255).astype(np.uint8)
+        self.canvas[top : top + self.height, left : left + self.width] = pixels[..., :3]
+        self.texts.append((left + self.width / 2, top - 1, caption, colour, "bottom"))
+
+    def note(self, row: int, column: int, text: str) -> None:
+        """``text`` in the middle of an empty tile."""
+        top, left = self._corner(row, column)
+        self.texts.append((left + self.width / 2, top + self.height / 2, text, "black", "center"))
+
+    def figure(self, title: str) -> Figure:
+        """The page: the tiles and captions, ``title`` (up to three lines) at the top."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        inches = self.TILE / self.width  # per image pixel: every tile TILE inches wide, none stretched
+        grid = self.canvas.shape[0] * inches
+        height = grid + self.HEADER
+        fig = plt.figure(figsize=(self.canvas.shape[1] * inches, height))
+        ax = fig.add_axes((0.0, 0.0, 1.0, grid / height))
+        ax.imshow(self.canvas, interpolation="nearest", aspect="auto")
         ax.set_axis_off()
-    return fig, axes
-
-
-def _title(fig: Figure, text: str) -> None:
-    """Up to three lines at the top, 0.08 in from the edge (the default place is a share of the height)."""
-    fig.suptitle(text, fontsize=10, y=1 - 0.08 / fig.get_figheight(), va="top")
+        for x, y, text, colour, anchor in self.texts:
+            ax.text(x, y, text, ha="center", va=anchor, fontsize=7, color=colour, multialignment="center")
+        # 0.08 in from the top edge (the default place is a share of the height)
+        fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
+        return fig
 
 
 def _caption(probabilities: np.ndarray, i: int, label: int | None) -> str:
@@ -258,33 +287,28 @@ def gradcam_sheet(
     picks = showcase(labels, probabilities)
     chosen = [i for _, right, wrong in picks for i in (right, wrong) if i is not None]
     maps = dict(zip(chosen, cam.heatmaps(images[chosen])[0])) if chosen else {}
-    fig, axes = _figure(len(picks), 4)
+    sheet = Sheet(len(picks), 4, *images.shape[1:3])
     for row, (c, right, wrong) in enumerate(picks):
         for col, (i, what) in enumerate(((right, "correct"), (wrong, "wrong"))):
-            left, ax = axes[row, 2 * col], axes[row, 2 * col + 1]
             if i is None:
-                left.text(0.5, 0.5, f"no {what}\n{CLASS_NAMES[c]}", ha="center", va="center", fontsize=8)
+                sheet.note(row, 2 * col, f"no {what}\n{CLASS_NAMES[c]}")
                 continue
-            left.imshow(images[i], interpolation="nearest")
-            left.set_title(_caption(probabilities, i, int(labels[i])), fontsize=7)
-            ax.imshow(overlay(images[i], maps[i]), interpolation="nearest")
-            ax.set_title(f"{what}: Grad-CAM", fontsize=7, color="green" if what == "correct" else "red")
-    _title(fig, f"{title}\nper class: most confident correct | wrong\nfeature map {cam.layer}")
-    return fig
+            sheet.put(row, 2 * col, images[i], _caption(probabilities, i, int(labels[i])))
+            colour = "green" if what == "correct" else "red"
+            sheet.put(row, 2 * col + 1, overlay(images[i], maps[i]), f"{what}: Grad-CAM", colour)
+    return sheet.figure(f"{title}\nper class: most confident correct | wrong\nfeature map {cam.layer}")
 
 
 def gradcam_grid(cam: GradCam, images: np.ndarray, names: list[str], title: str, columns: int = 4) -> Figure:
     """Every image (unlabelled input) beside its heat map for the predicted class, captioned with its name
     (file, or index in the npz)."""
     maps, probabilities = cam.heatmaps(images)
-    fig, axes = _figure(-(-len(images) // columns), 2 * columns)
+    sheet = Sheet(-(-len(images) // columns), 2 * columns, *images.shape[1:3])
     for i in range(len(images)):
         r, c = divmod(i, columns)
-        axes[r, 2 * c].imshow(images[i], interpolation="nearest")
-        axes[r, 2 * c].set_title(f"{names[i][-24:]}\n{_caption(probabilities, i, None)}", fontsize=7)
-        axes[r, 2 * c + 1].imshow(overlay(images[i], maps[i]), interpolation="nearest")
-    _title(fig, f"{title}\nfeature map {cam.layer}")
-    return fig
+        sheet.put(r, 2 * c, images[i], f"{names[i][-24:]}\n{_caption(probabilities, i, None)}")
+        sheet.put(r, 2 * c + 1, overlay(images[i], maps[i]), "")
+    return sheet.figure(f"{title}\nfeature map {cam.layer}")
 
 
 def errors_sheet(
@@ -295,16 +319,13 @@ def errors_sheet(
     predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
     wrong = np.flatnonzero(predicted != labels)
     shown = wrong[np.argsort(-confidence[wrong], kind="stable")][:ERRORS_SHOWN]
-    fig, axes = _figure(max(1, -(-len(shown) // columns)), columns)
+    sheet = Sheet(max(1, -(-len(shown) // columns)), columns, *images.shape[1:3])
     for k, i in enumerate(shown):
-        ax = axes.flat[k]
-        ax.imshow(images[i], interpolation="nearest")
-        ax.set_title(_caption(probabilities, int(i), int(labels[i])), fontsize=7)
-    more = f", the {len(shown)} most confident shown" if len(shown) < len(wrong) else ""
-    _title(fig, f"{len(wrong)} {what} errors of {len(labels)} images{more}")
+        sheet.put(*divmod(k, columns), images[i], _caption(probabilities, int(i), int(labels[i])))
     if not len(wrong):
-        axes[0, 0].text(0, 0.5, "no errors", fontsize=10)
-    return fig
+        sheet.note(0, 0, "no errors")
+    more = f", the {len(shown)} most confident shown" if len(shown) < len(wrong) else ""
+    return sheet.figure(f"{len(wrong)} {what} errors of {len(labels)} images{more}")
 
 
 def sheets(

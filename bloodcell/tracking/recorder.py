@@ -87,7 +87,9 @@ class Recorder:
         """A matplotlib figure as a PNG (closed once written)."""
         import matplotlib.pyplot as plt
 
-        self.log_file(artifact_path, lambda path: figure.savefig(path))
+        # zlib's fastest level: PNG's default (6) took a third of the time an image sheet costs a run, for
+        # files 10-15% smaller
+        self.log_file(artifact_path, lambda path: figure.savefig(path, pil_kwargs={"compress_level": 1}))
         plt.close(figure)
 
     def log_image(self, image: Any, artifact_path: str) -> None:

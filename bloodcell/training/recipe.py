@@ -206,6 +206,7 @@ def train(
                 phase2_start = fit_both_phases(settings, setup, callbacks, resume, cache)
         with timed("evaluate"):
             result = evaluate_splits(settings.trainer, settings.seed, setup, data.splits)
-        objective = record(run, setup.model, result, callbacks.epoch_log.history, phase2_start)
+        study = callbacks.pruner.trial.study if callbacks.pruner is not None else None
+        objective = record(run, setup.model, result, callbacks.epoch_log.history, phase2_start, study)
     run_dirs.finished(recorder.run_id)
     return objective

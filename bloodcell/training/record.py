@@ -23,6 +23,7 @@ from bloodcell.training.phases import best_value
 
 if TYPE_CHECKING:
     import keras
+    import optuna
 
     from bloodcell.data import Arrays
     from bloodcell.data.cleaning import CleaningResult
@@ -218,15 +219,35 @@ def record_calibration(
     )
 
 
+def wants_explanations(setting: bool | str, study: optuna.Study | None, objective: float) -> bool:
+    """Whether a run draws its Grad-CAM and error sheets (``tracking.explain``): always with true, never
+    with false; with auto, every run but a sweep trial (``study``, its sweep's) whose ``objective`` does
+    not beat the best finished trial of the study so far. A storage that cannot say means yes."""
+    if setting != "auto" or study is None:
+        return bool(setting)
+    import optuna
+
+    try:
+        best = study.best_value
+    except ValueError:  # no finished trial yet
+        return True
+    except Exception as err:  # the storage is out: drawing costs a second, skipping one loses a picture
+        log.debug("could not read the study's best value: %s", err)
+        return True
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    return objective >= best if maximize else objective <= best
+
+
 def record(
     run: RunContext,
     model: keras.Model,
     result: TestResult,
     history: list[dict[str, float]],
     phase2_start: int | None,
+    study: optuna.Study | None = None,
 ) -> float:
     """Everything the run keeps of its outcome: the objective, test metrics and plots, the model, where the
-    time went. Returns the objective."""
+    time went. Returns the objective. ``study``: the sweep's, for a trial (`wants_explanations`)."""
     import numpy as np
 
     recorder, test, timed = run.recorder, run.data.splits.test, run.timed
@@ -236,8 +257,16 @@ def record(
         record_evaluation(recorder, result.evaluation, history, phase2_start)
         if result.tta is not None:
             recorder.log_metrics(result.tta.metrics)
-        if run.tracking.explain:  # Grad-CAM: one gradient pass over up to 16 test images
+        if wants_explanations(run.tracking.explain, study, objective):
             record_explanations(recorder, model, test, result.probabilities)
+        else:
+            log.info(
+                "no Grad-CAM or error sheets: this trial's %s %.4f does not beat the study's best "
+                "(tracking.explain=auto); python -m bloodcell.explain model=runs:/%s/model draws them",
+                run.objective,
+                objective,
+                recorder.run_id,
+            )
         record_predictions(recorder, test, result)
         record_calibration(recorder, test, result, run.abstention)
     if run.tracking.log_model:

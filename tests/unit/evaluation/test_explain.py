@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pytest
 
+from bloodcell import CLASS_NAMES
 from bloodcell.core.errors import UserError
 from bloodcell.evaluation.gradcam import (
     ERRORS_SHOWN,
@@ -133,17 +134,34 @@ def test_showcase_and_error_sheet_pick_the_most_confident_and_count_all_errors()
         assert confidence[wrong] == confidence[same].max()
     errors = int((predicted != labels).sum())
     assert errors > ERRORS_SHOWN
-    figure = errors_sheet(rng.integers(0, 255, (len(labels), 8, 8, 3), dtype=np.uint8), labels, probabilities)
+    images = rng.integers(0, 255, (len(labels), 8, 8, 3), dtype=np.uint8)
+    figure = errors_sheet(images, labels, probabilities)
     assert figure._suptitle.get_text() == (
         f"{errors} test errors of {len(labels)} images, the {ERRORS_SHOWN} most confident shown"
     )
-    assert sum(bool(ax.images) for ax in figure.axes) == ERRORS_SHOWN
+    # one picture of the tiles (8 per row), the most confident error first, each under its caption
+    (ax,) = figure.axes
+    wrong = np.flatnonzero(predicted != labels)
+    shown = wrong[np.argsort(-confidence[wrong], kind="stable")][:ERRORS_SHOWN]
+    captions = [t.get_text() for t in ax.texts]
+    assert len(captions) == ERRORS_SHOWN
+    first = shown[0]
+    assert captions[0] == (
+        f"true {CLASS_NAMES[labels[first]]}\npred {CLASS_NAMES[predicted[first]]} {confidence[first]:.2f}"
+    )
+    canvas = ax.images[0].get_array()
+    band = canvas.shape[0] // 8 - 8  # 8 rows of an 8-pixel tile under its caption band
+    gap = canvas.shape[1] // 8 - 8
+    for k, i in enumerate(shown):
+        row, column = divmod(k, 8)
+        top, left = row * (band + 8) + band, column * (8 + gap)
+        np.testing.assert_array_equal(canvas[top : top + 8, left : left + 8], images[i])
 
 
 def test_unlabelled_images_each_get_a_tile_beside_their_heat_map_named_by_file():
     cam = GradCam.of(red_detector(pool=True, nested=True))
     figure = gradcam_grid(cam, red_square_images(), ["cells/a.png", "cells/b.png"], "two cells")
-    titles = [ax.get_title() for ax in figure.axes if ax.images]
+    titles = [text.get_text() for text in figure.axes[0].texts]  # image, heat map, image, heat map
     assert len(titles) == 4 and titles[0].startswith(
         "cells/a.png\npred eosinophil"
     )  # the blue class: more blue than red
