@@ -3,12 +3,17 @@ fit in the same run (start-up, data, MLflow logging and saving are the rest).
 
     python benchmarks/overhead.py                       # mobilenet_cpu on data/training_set.npz, 3 epochs
     python benchmarks/overhead.py --preset quickstart   # no data file needed
+    python benchmarks/overhead.py --profile             # and which calls take the time outside fit
 
 Prints one table: wall seconds, seconds inside fit, and each part bloodcell logs (time/seconds_* metrics).
 The goal is at most 10% overhead for a 3-epoch CPU run. For mobilenet_cpu it also runs the same 3 epochs as
 a hand-written Keras script (benchmarks/plain_keras.py), right after, and prints that script's own time
 outside fit: interpreter, TensorFlow import, data, model build and test predictions cost any script, so
 the difference is what bloodcell itself adds. Machines here are shared: run it twice.
+
+``--profile`` runs bloodcell's command once more under cProfile and prints, for each step of a run, the
+calls inside it that took more than a tenth of a second (cumulative; cProfile slows Python-heavy code, so
+read the shares, not the seconds).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ def main() -> None:
     ap.add_argument("--preset", default="mobilenet_cpu")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--no-plain", action="store_true", help="skip the plain-Keras comparison")
+    ap.add_argument("--profile", action="store_true", help="also profile one run: which call, how long")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = ap.parse_args()
     if args.preset == "mobilenet_cpu" and not (REPO / "data" / "training_set.npz").is_file():
@@ -43,9 +49,7 @@ def main() -> None:
         # A user's store exists after their first run; creating its tables (~2 s, once) is not per-run cost.
         mlflow.set_tracking_uri(uri)
         mlflow.search_experiments()
-        cmd = [
-            sys.executable,
-            "-m",
+        train_args = [
             "bloodcell.train",
             f"+experiment={args.preset}",
             f"trainer.epochs={args.epochs}",
@@ -57,6 +61,7 @@ def main() -> None:
             f"tracking.uri={uri}",
             *args.overrides,
         ]
+        cmd = [sys.executable, "-m", *train_args]
         tic = time.perf_counter()
         proc = subprocess.run(
             cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}
@@ -65,6 +70,14 @@ def main() -> None:
         if proc.returncode:
             sys.exit(proc.stderr[-3000:])
         (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        if args.profile:
+            profile = Path(tmp) / "train.prof"
+            command = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", *train_args]
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+            proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
+            if proc.returncode:
+                sys.exit(proc.stderr[-3000:])
+            print_profile(profile)
     prefix = "time/seconds_"
     parts = {k[len(prefix) :]: v for k, v in run.data.metrics.items() if k.startswith(prefix)}
     fit = parts["fit"]
@@ -95,6 +108,40 @@ def main() -> None:
     print(
         f"bloodcell's own overhead beyond the plain script: {extra:+.1f} s ({extra / wall:+.1%} of its wall)"
     )
+
+
+#: the steps of a run (bloodcell.training.recipe.train and what it calls) whose insides --profile shows
+PROFILED_STEPS = (
+    "recipe.py:train",
+    "run_data.py:load_splits",
+    "setup.py:build",
+    "resume.py:start_or_resume",
+    "recipe.py:evaluate_splits",
+    "record.py:record",
+    "record.py:record_explanations",
+)
+
+
+def print_profile(path: Path, at_least: float = 0.1) -> None:
+    """Per step of `PROFILED_STEPS`, the calls it makes that took at least ``at_least`` seconds."""
+    import pstats
+
+    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+
+    def name(key: tuple[str, int, str]) -> str:
+        where = key[0].split("site-packages/")[-1].replace(str(REPO) + "/", "")
+        return f"{where}:{key[2]}"
+
+    print("\nprofile (cProfile, cumulative seconds; the steps of one run and the calls inside them)")
+    for step in PROFILED_STEPS:
+        file, function = step.split(":")
+        keys = [k for k in stats if k[0].endswith(f"/{file}") and k[2] == function]
+        for key in keys:
+            print(f"{name(key):<60}{stats[key][3]:>8.2f}")
+            inside = [(callers[key][3], name(k)) for k, (*_, callers) in stats.items() if key in callers]
+            for seconds, callee in sorted(inside, reverse=True):
+                if seconds >= at_least:
+                    print(f"    {callee:<56}{seconds:>8.2f}")
 
 
 def plain_keras_run(epochs: int) -> tuple[float, float]:
