@@ -150,6 +150,15 @@ def claim(sweep: Sweep) -> Claimed | None:
         storage.set_trial_state_values(claimed.id, TrialState.WAITING)
         return None
     storage.set_trial_system_attr(claimed.id, PRUNER_ATTR, sweep.pruner_spec)
+    dropped = sweep.space.dropped(trial.params)
+    if dropped:  # a trial interrupted before the sweeps file changed: it goes on as it was sampled
+        log.warning(
+            "trial %d was sampled with %s, which this sweep no longer searches: it runs again with the "
+            "values it had (%s)",
+            trial.number,
+            ", ".join(dropped),
+            ", ".join(f"{name}={trial.params[name]}" for name in dropped),
+        )
     trial.set_user_attr(
         "overrides", sweep.rerun_prefix + sweep.space.overrides_for(trial.params)[len(sweep.space.fixed) :]
     )

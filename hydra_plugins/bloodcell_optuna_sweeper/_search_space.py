@@ -32,10 +32,16 @@ class SearchSpace:
     fixed: list[str] = field(default_factory=list)
 
     def overrides_for(self, params: dict[str, Any]) -> list[str]:
-        """The command-line overrides of one trial: the fixed ones, then its sampled values."""
+        """The command-line overrides of one trial: the fixed ones, then its sampled values. A value of a
+        parameter this sweep does not search (a trial sampled before its sweeps file dropped it, run again)
+        is forced in with ``++``, which sets a key whether or not the config has it."""
         return self.fixed + [
-            f"{self.prefixes[name]}{name}={format_value(value)}" for name, value in params.items()
+            f"{self.prefixes.get(name, '++')}{name}={format_value(value)}" for name, value in params.items()
         ]
+
+    def dropped(self, params: dict[str, Any]) -> list[str]:
+        """The parameters of ``params`` this sweep does not search."""
+        return [name for name in params if name not in self.distributions]
 
 
 def format_value(value: Any) -> str:

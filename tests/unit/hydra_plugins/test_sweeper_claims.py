@@ -97,6 +97,33 @@ def test_a_trial_whose_sweep_stopped_beating_goes_back_to_the_queue_and_is_taken
     assert len(alive.study.get_trials(deepcopy=False)) == 1  # no new trial in its place
 
 
+def test_a_requeued_trial_keeps_a_parameter_the_resumed_sweep_no_longer_searches(journal, caplog):
+    """Issue 26: a sweep killed mid-trial, its sweeps file then edited to drop a parameter, and resumed: the
+    interrupted trial runs again with every value it was sampled with (the dropped one forced in with ++,
+    whether or not the config has the key), and the log says so; it raised KeyError before."""
+    gone = bare_sweep(journal, n_trials=1)
+    gone.space = parse_search_space(
+        ["+experiment=quickstart", "finetune.lr=interval(0, 1)", "+finetune.extra=int(interval(1, 3))"]
+    )
+    gone.owner["host"] = "node-7"
+    claimed = claim(gone)
+    assert claimed is not None and set(claimed.trial.params) == {"finetune.lr", "finetune.extra"}
+    gone.storage.set_trial_system_attr(claimed.id, HEARTBEAT_ATTR, 0.0)
+    resumed = bare_sweep(journal, n_trials=1)  # searches finetune.lr alone
+    with caplog.at_level("WARNING"):
+        taken = claim(resumed)
+    assert taken is not None and taken.id == claimed.id
+    lr, extra = (claimed.trial.params[k] for k in ("finetune.lr", "finetune.extra"))
+    frozen = resumed.storage.get_trial(claimed.id)
+    assert frozen.user_attrs["overrides"] == [
+        "+experiment=quickstart",
+        f"finetune.lr={lr}",
+        f"++finetune.extra={extra}",
+    ]
+    assert f"++finetune.extra={extra}" in resumed._trial_overrides(taken)
+    assert "trial 0 was sampled with finetune.extra, which this sweep no longer searches" in caplog.text
+
+
 def test_a_live_sweep_on_this_host_keeps_its_trial_however_late_its_heartbeats(journal):
     """A loaded machine can delay the heartbeat thread; on one host the process table decides, so a trial
     whose sweep process is alive is never judged interrupted and run twice."""
