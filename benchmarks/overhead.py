@@ -4,6 +4,7 @@ fit in the same run (start-up, data, MLflow logging and saving are the rest).
     python benchmarks/overhead.py                       # mobilenet_cpu on data/training_set.npz, 3 epochs
     python benchmarks/overhead.py --preset quickstart   # no data file needed
     python benchmarks/overhead.py --profile             # and which calls take the time outside fit
+    python benchmarks/overhead.py --baseline 8e4e177    # that commit's code first, side by side
 
 Prints one table: wall seconds, seconds inside fit, and each part bloodcell logs (time/seconds_* metrics).
 The goal is at most 10% overhead for a 3-epoch CPU run. For mobilenet_cpu it also runs the same 3 epochs as
@@ -36,67 +37,39 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--no-plain", action="store_true", help="skip the plain-Keras comparison")
     ap.add_argument("--profile", action="store_true", help="also profile one run: which call, how long")
+    ap.add_argument("--baseline", help="a git commit whose code runs the same command first (before/after)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = ap.parse_args()
     if args.preset == "mobilenet_cpu" and not (REPO / "data" / "training_set.npz").is_file():
         sys.exit(
             "data/training_set.npz missing: python ../shared/data/build_training_set.py data/training_set.npz"
         )
+    arms: list[tuple[str, float, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{tmp}/mlflow.db"
-        import mlflow
+        if args.baseline:
+            from baseline import checkout
 
-        # A user's store exists after their first run; creating its tables (~2 s, once) is not per-run cost.
-        mlflow.set_tracking_uri(uri)
-        mlflow.search_experiments()
-        train_args = [
-            "bloodcell.train",
-            f"+experiment={args.preset}",
-            f"trainer.epochs={args.epochs}",
-            "finetune.epochs=0",
-            "trainer.early_stopping_patience=100",
-            # test-time augmentation is an optional 8x test pass (the preset turns it on), not overhead
-            "trainer.test_tta=false",
-            "trainer.verbose=0",
-            f"tracking.uri={uri}",
-            *args.overrides,
-        ]
-        cmd = [sys.executable, "-m", *train_args]
-        tic = time.perf_counter()
-        proc = subprocess.run(
-            cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-        )
-        wall = time.perf_counter() - tic
-        if proc.returncode:
-            sys.exit(proc.stderr[-3000:])
-        (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
-        if args.profile:
-            profile = Path(tmp) / "train.prof"
-            command = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", *train_args]
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-            proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
-            if proc.returncode:
-                sys.exit(proc.stderr[-3000:])
-            print_profile(profile)
-    prefix = "time/seconds_"
-    parts = {k[len(prefix) :]: v for k, v in run.data.metrics.items() if k.startswith(prefix)}
-    fit = parts["fit"]
-    outside_train = wall - parts["in_train"]
-    rest = parts["in_train"] - sum(v for k, v in parts.items() if k != "in_train")
+            with checkout(args.baseline) as code:
+                arms.append((f"at {args.baseline}", *timed_run(code, Path(tmp) / "baseline", args)))
+        arms.append(("this checkout", *timed_run(REPO, Path(tmp) / "current", args)))
     print(f"{args.preset}, {args.epochs} epochs, {os.cpu_count()} CPUs")
-    print(f"{'part':<38}{'seconds':>9}{'share':>8}")
-    rows = [
-        ("wall (python -m bloodcell.train)", wall),
-        ("inside Keras fit", fit),
-        ("interpreter + imports + Hydra (outside train())", outside_train),
-        ("data: load, validate, fingerprint, split", parts.get("data", 0.0)),
-        ("setup: TF import, model build, MLflow run", rest),
-        ("evaluate: test predictions, metrics, plots", parts.get("evaluate", 0.0)),
-        ("log_model: save + upload the model", parts.get("log_model", 0.0)),
+    print(f"{'part':<48}" + "".join(f"{name:>22}" for name, _, _ in arms))
+    labels = [
+        ("wall (python -m bloodcell.train)", "wall"),
+        ("inside Keras fit", "fit"),
+        ("interpreter + imports + Hydra (outside train())", "outside_train"),
+        ("data: load, validate, fingerprint, split", "data"),
+        ("setup: TF import, model build, MLflow run", "rest"),
+        ("evaluate: predictions, metrics, plots, sheets", "evaluate"),
+        ("log_model: save + upload the model", "log_model"),
     ]
-    for name, value in rows:
-        print(f"{name:<38}{value:>9.1f}{value / wall:>8.1%}")
-    print(f"overhead (wall - fit) / wall: {(wall - fit) / wall:.1%}")
+    for label, key in labels:
+        cells = "".join(
+            f"{parts.get(key, 0.0):>13.1f} s {parts.get(key, 0.0) / wall:>6.1%}" for _, wall, parts in arms
+        )
+        print(f"{label:<48}{cells}")
+    for name, wall, parts in arms:
+        print(f"{name}: overhead (wall - fit) / wall {(wall - parts['fit']) / wall:.1%}")
     if args.preset != "mobilenet_cpu" or args.no_plain:
         return
     plain_wall, plain_fit = plain_keras_run(args.epochs)
@@ -104,10 +77,60 @@ def main() -> None:
         f"plain Keras script, same {args.epochs} epochs: {plain_wall:.1f} s wall, {plain_fit:.1f} s in fit, "
         f"{plain_wall - plain_fit:.1f} s outside fit ({(plain_wall - plain_fit) / plain_wall:.1%})"
     )
-    extra = (wall - fit) - (plain_wall - plain_fit)
-    print(
-        f"bloodcell's own overhead beyond the plain script: {extra:+.1f} s ({extra / wall:+.1%} of its wall)"
+    for name, wall, parts in arms:
+        extra = (wall - parts["fit"]) - (plain_wall - plain_fit)
+        share = f"{extra / wall:+.1%} of its wall"
+        print(f"{name}: bloodcell's own overhead beyond the plain script {extra:+.1f} s ({share})")
+
+
+def timed_run(code: Path, folder: Path, args: argparse.Namespace) -> tuple[float, dict[str, float]]:
+    """Wall seconds of the run with the code in ``code`` (a checkout), its store in ``folder``, and its parts:
+    the run's ``time/seconds_*`` metrics, with ``outside_train`` (wall less time in train()) and ``rest``
+    (time in train() that no part names: TF import, model build, the MLflow run)."""
+    import mlflow
+
+    folder.mkdir(parents=True)
+    uri = f"sqlite:///{folder}/mlflow.db"
+    # A user's store exists after their first run; creating its tables (~2 s, once) is not per-run cost.
+    mlflow.set_tracking_uri(uri)
+    mlflow.search_experiments()
+    train_args = [
+        "bloodcell.train",
+        f"+experiment={args.preset}",
+        f"trainer.epochs={args.epochs}",
+        "finetune.epochs=0",
+        "trainer.early_stopping_patience=100",
+        # test-time augmentation is an optional 8x test pass (the preset turns it on), not overhead
+        "trainer.test_tta=false",
+        "trainer.verbose=0",
+        f"tracking.uri={uri}",
+        f"data.path={REPO / 'data' / 'training_set.npz'}",
+        f"hydra.run.dir={folder / 'outputs'}",
+        *args.overrides,
+    ]
+    # the checkout's own package first (python -m puts the working directory first on the path)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(code)}
+    tic = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", *train_args], cwd=code, capture_output=True, text=True, env=env
     )
+    wall = time.perf_counter() - tic
+    if proc.returncode:
+        sys.exit(proc.stderr[-3000:])
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    if args.profile and code == REPO:
+        profile = folder / "train.prof"
+        command = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", *train_args]
+        proc = subprocess.run(command, cwd=code, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            sys.exit(proc.stderr[-3000:])
+        print_profile(profile)
+    prefix = "time/seconds_"
+    parts = {k[len(prefix) :]: v for k, v in run.data.metrics.items() if k.startswith(prefix)}
+    parts["outside_train"] = wall - parts["in_train"]
+    named = ("data", "fit", "evaluate", "log_model", "targets")
+    parts["rest"] = parts["in_train"] - sum(parts.get(k, 0.0) for k in named)
+    return wall, parts | {"wall": wall}
 
 
 #: the steps of a run (bloodcell.training.recipe.train and what it calls) whose insides --profile shows

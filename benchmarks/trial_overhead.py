@@ -17,30 +17,15 @@ by part. Machines here are shared: run it twice, on an idle machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-
-
-@contextlib.contextmanager
-def checkout(ref: str) -> Iterator[Path]:
-    """A git worktree of ``ref`` beside this checkout (so that its ``../shared`` is this one's), removed
-    after."""
-    folder = Path(tempfile.mkdtemp(prefix=".baseline-", dir=ROOT.parent))
-    subprocess.run(["git", "worktree", "add", "-q", "--detach", str(folder), ref], cwd=ROOT, check=True)
-    try:
-        yield folder
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=ROOT, check=False)
 
 
 def cells(limit: int, out: Path) -> Path:
@@ -121,6 +106,8 @@ def main() -> None:
     data = cells(args.limit, out)
     rows = []
     if args.baseline:
+        from baseline import checkout
+
         with checkout(args.baseline) as code:
             wall = run_sweep(code, out / "baseline", args, data)
         rows.append(summary(f"baseline {args.baseline}", wall, trial_parts(out / "baseline")))
