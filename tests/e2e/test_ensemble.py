@@ -95,6 +95,21 @@ def test_ensemble_run_holds_the_mean_of_its_members_probabilities_and_a_training
     assert list(signature.inputs.inputs[0].shape) == [-1, 32, 32, 3]
 
 
+def test_the_plain_average_loads_in_a_fresh_python_without_bloodcell(store, plain):
+    """The uncalibrated ensemble is plain Keras too (issue 27): mlflow.pyfunc and mlflow.keras load it, safe
+    mode on, in a process that cannot import bloodcell, and it gives the probabilities its run stored."""
+    from bloodcell.training.run_data import split_images
+    from tests.plain_mlflow import assert_plain_keras, fresh_load
+
+    test = stored(store, plain.info.run_id, "test")
+    images = split_images(store.client.get_run(store.a), "test", test.data_index)
+    uri = plain.data.tags["model_uri"]
+    loaded = fresh_load([uri], images, store.uri, store.root / "fresh_plain")[uri]
+    assert_plain_keras(loaded)
+    for way in ("pyfunc", "keras"):
+        np.testing.assert_allclose(loaded[way], test.probabilities, atol=1e-5)
+
+
 def test_ensemble_promotes_by_run_id(store, plain):
     proc = run_module("bloodcell.promote", f"run={plain.info.run_id}", f"tracking.uri={store.uri}")
     assert_ok(proc)
