@@ -294,8 +294,12 @@ def delete_run(run_id: str) -> None:
     MlflowClient().delete_run(run_id)
 
 
-def logged_steps(run_id: str, metric: str) -> set[int]:
-    """The steps at which a run has recorded ``metric`` (a resumed run fills only the missing ones)."""
+def logged_steps(run_id: str, metric: str, tracking_settings: TrackingSchema | None = None) -> set[int]:
+    """The steps at which a run has recorded ``metric`` (a resumed run fills only the missing ones). With
+    the run's ``tracking_settings``, a sweep's trial waits out a restarting server (`patient_requests`): a
+    requeued trial asks this as it resumes, often just after the fault that stopped it (the chaos soak)."""
     from mlflow.tracking import MlflowClient
 
-    return {m.step for m in MlflowClient().get_metric_history(run_id, metric)}
+    waiting = patient_requests(tracking_settings) if tracking_settings else contextlib.nullcontext()
+    with waiting:
+        return {m.step for m in MlflowClient().get_metric_history(run_id, metric)}

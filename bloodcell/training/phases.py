@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from bloodcell import tracking
 from bloodcell.core.errors import UserError
-from bloodcell.core.settings import FinetuneSchema, TrainerSchema, TrainSchema
+from bloodcell.core.settings import FinetuneSchema, TrackingSchema, TrainerSchema, TrainSchema
 from bloodcell.tracking.recorder import Recorder
 from bloodcell.training import checkpoints
 from bloodcell.training.resume import Resume
@@ -102,6 +102,8 @@ class RunCallbacks:
     phase1_weights: list[np.ndarray] | None = None
     #: stochastic weight averaging over phase 2's last epochs (``finetune.swa``); None = off
     averaging: WeightAverage | None = None
+    #: the run's ``tracking`` settings: how long a resumed trial's look-ups wait for its server
+    tracking_settings: TrackingSchema | None = None
 
     @classmethod
     def for_run(
@@ -134,6 +136,7 @@ class RunCallbacks:
         epoch_log = EpochLogger(recorder, images_per_epoch=len(train_images))
         pruner = pruning_callback(settings)
         callbacks = cls(setup, recorder, epoch_log, precise_bn, time_limit, None, pruner)
+        callbacks.tracking_settings = settings.tracking
         callbacks.order = EpochOrder(setup.epoch) if setup.epoch is not None else None
         if settings.finetune.swa:
             callbacks.averaging = WeightAverage(settings.finetune.swa_epochs)
@@ -237,7 +240,7 @@ class RunCallbacks:
             self.time_limit.already_spent(float(state["time_spent"]))
         *earlier, last = state["history"]
         self.epoch_log.history = list(earlier)
-        if saved.epoch not in tracking.logged_steps(run_id, "val_accuracy"):
+        if saved.epoch not in tracking.logged_steps(run_id, "val_accuracy", self.tracking_settings):
             self.epoch_log.record(
                 last
             )  # killed after the checkpoint was written, before MLflow had the epoch

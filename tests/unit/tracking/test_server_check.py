@@ -94,3 +94,63 @@ def test_a_sweep_trials_look_ups_before_its_run_wait_out_a_server_restart(monkey
         thread.join()
         for server in started:
             server.shutdown()
+
+
+class _History(BaseHTTPRequestHandler):
+    """MLflow's REST answer to metrics/get-history: val_accuracy logged at step 3."""
+
+    def do_GET(self) -> None:
+        body = b'{"metrics": [{"key": "val_accuracy", "value": 0.5, "timestamp": 0, "step": 3}]}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_resumed_trials_look_up_of_its_logged_epochs_waits_out_a_server_restart(monkeypatch):
+    """The N = 40 soak (PostgreSQL, seed 2): two trials killed by a fault were requeued, and as they resumed
+    their look-up of the epochs their run had logged met the server restarting after another fault; with
+    the run's 2 quick retries both ended FAIL. A sweep's trial now waits about a minute; a user's run does
+    not wait."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from bloodcell.tracking import logged_steps
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with pytest.raises(MlflowException, match="Max retries exceeded"):
+            logged_steps("r1", "val_accuracy", TrackingSchema.of({"uri": uri}))  # a user's run: at once
+        restarted_look_up(port, TrackingSchema.of({"uri": uri, "parent_run_id": "abc"}))
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def restarted_look_up(port: int, trial: TrackingSchema) -> None:
+    """The server comes up 5 s into the trial's look-up, which gets its answer."""
+    from bloodcell.tracking import logged_steps
+
+    started: list[ThreadingHTTPServer] = []
+
+    def restart() -> None:
+        time.sleep(5)
+        server = ThreadingHTTPServer(("127.0.0.1", port), _History)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        started.append(server)
+
+    thread = threading.Thread(target=restart)
+    thread.start()
+    try:
+        assert logged_steps("r1", "val_accuracy", trial) == {3}
+    finally:
+        thread.join()
+        for server in started:
+            server.shutdown()
