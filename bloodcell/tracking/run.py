@@ -22,7 +22,7 @@ from bloodcell.core.redaction import mask_secrets, mask_text
 from bloodcell.core.settings import TrackingSchema, TrialSchema
 from bloodcell.tracking.outbox import Outbox
 from bloodcell.tracking.recorder import Recorder
-from bloodcell.tracking.store import setup_experiment, ui_url
+from bloodcell.tracking.store import patient_requests, setup_experiment, ui_url
 
 log = logging.getLogger("bloodcell.tracking")
 
@@ -105,7 +105,12 @@ def start_run(
         tracking_settings = TrackingSchema.of(cfg.tracking)
         trial = TrialSchema.of(cfg.trial) if "trial" in cfg else None
     experiment_id = experiment_id or setup_experiment(tracking_settings)
-    run = _open_run(experiment_id, resume_run_id, tracking_settings, run_tags(tags, tracking_settings, trial))
+    # a sweep's trial waits out a restarting server while its run starts (the chaos soak); a user's run
+    # does not wait (`patient_requests`)
+    with patient_requests(tracking_settings):
+        run = _open_run(
+            experiment_id, resume_run_id, tracking_settings, run_tags(tags, tracking_settings, trial)
+        )
     run_id = run.info.run_id
     log.info("MLflow run %s: %s", run_id, ui_url(run.info.experiment_id, run_id))
     remote = mlflow.get_tracking_uri().startswith(("http://", "https://"))
@@ -115,7 +120,8 @@ def start_run(
     recorder = Recorder(run, box)
     try:
         if not resume_run_id:
-            _log_params(cfg)
+            with patient_requests(tracking_settings):
+                _log_params(cfg)
         yield recorder
     except BaseException as err:
         status, end_tags = _failed(err, in_sweep=trial is not None)
