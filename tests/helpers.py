@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -322,6 +323,44 @@ def stop_mlflow_server(server: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(server.pid, signal.SIGKILL)
     server.wait()
+
+
+class RestartingServer:
+    """A real `mlflow server` (`start_mlflow_server`) a test kills and starts again on the same port and
+    store while its code runs (``restart(after)``); as a context manager it waits for the restart and stops
+    every server it started. MLflow's client gets a run's 2 quick retries (as ``bloodcell.tracking.connect``
+    sets them), so that only code that waits on purpose outlasts the restart."""
+
+    def __init__(self, store: Path, port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        self.store, self.port = store, port
+        self.uri = f"http://127.0.0.1:{port}"
+        self.servers = [start_mlflow_server(store, port)]
+        self.timer: Any = None
+
+    def restart(self, after: float = 6.0) -> None:
+        """Kill the server now, and start it again ``after`` seconds later (in a thread)."""
+        import threading
+
+        stop_mlflow_server(self.servers.pop())
+        self.timer = threading.Timer(
+            after, lambda: self.servers.append(start_mlflow_server(self.store, self.port))
+        )
+        self.timer.start()
+
+    def wait(self) -> None:
+        """Until the restarted server answers."""
+        if self.timer is not None:
+            self.timer.join()
+
+    def __enter__(self) -> RestartingServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wait()
+        for server in self.servers:
+            stop_mlflow_server(server)
 
 
 def model_config(

@@ -228,32 +228,19 @@ def test_a_sweep_ending_while_its_tracking_server_restarts_still_ends_its_parent
 ):
     """Issue 26 (the chaos soak's last finding): the server was down as the sweep finished, and its parent
     run stayed RUNNING. A real mlflow server, killed and started again 6 s later."""
-    import threading
-
     from mlflow.tracking import MlflowClient
 
     from hydra_plugins.bloodcell_optuna_sweeper._parent_run import ParentRun
-    from tests.helpers import free_port, mlflow_at, start_mlflow_server, stop_mlflow_server
+    from tests.helpers import RestartingServer, free_port, mlflow_at
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # as bloodcell.tracking.connect sets them
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    port, store = free_port(), tmp_path / "server"
-    servers = [start_mlflow_server(store, port)]
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        with mlflow_at(uri):
-            client = MlflowClient(uri)
-            experiment_id = client.create_experiment("sweep")
-            run_id = client.create_run(experiment_id).info.run_id
-            sweep = bare_sweep(journal, n_trials=1)
-            sweep.mlflow, sweep.sweep_dir = ParentRun(client, run_id, experiment_id), tmp_path / "multirun"
-            sweep.sweep_dir.mkdir()
-            stop_mlflow_server(servers.pop())
-            restart = threading.Timer(6, lambda: servers.append(start_mlflow_server(store, port)))
-            restart.start()
-            sweep._finish("FINISHED")
-            restart.join()
-            assert client.get_run(run_id).info.status == "FINISHED"
-    finally:
-        for server in servers:
-            stop_mlflow_server(server)
+    with RestartingServer(tmp_path / "server", free_port(), monkeypatch) as server, mlflow_at(server.uri):
+        client = MlflowClient(server.uri)
+        experiment_id = client.create_experiment("sweep")
+        run_id = client.create_run(experiment_id).info.run_id
+        sweep = bare_sweep(journal, n_trials=1)
+        sweep.mlflow, sweep.sweep_dir = ParentRun(client, run_id, experiment_id), tmp_path / "multirun"
+        sweep.sweep_dir.mkdir()
+        server.restart(after=6)
+        sweep._finish("FINISHED")
+        server.wait()
+        assert client.get_run(run_id).info.status == "FINISHED"

@@ -166,37 +166,26 @@ def test_a_sweep_trials_run_starts_through_a_server_restart(tmp_path, monkeypatc
 
     from bloodcell.core.settings import TrialSchema
     from bloodcell.tracking import start_run
-    from tests.helpers import mlflow_at, start_mlflow_server, stop_mlflow_server
+    from tests.helpers import RestartingServer, mlflow_at
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # as bloodcell.tracking.connect sets them
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    port, store = free_port(), tmp_path / "server"
-    servers = [start_mlflow_server(store, port)]
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        with mlflow_at(uri):
-            client = MlflowClient(uri)
-            experiment_id = client.create_experiment("sweep")
-            parent = client.create_run(experiment_id).info.run_id
-            settings = TrackingSchema.of({"uri": uri, "parent_run_id": parent, "outage_wait_seconds": 60})
-            trial = TrialSchema.of({"storage": "journal:x", "study_name": "s", "trial_id": 1, "number": 0})
-            stop_mlflow_server(servers.pop())
-            restart = threading.Timer(6, lambda: servers.append(start_mlflow_server(store, port)))
-            restart.start()
-            cfg = OmegaConf.create({"seed": 1})
-            with start_run(
-                cfg,
-                tags={},
-                experiment_id=experiment_id,
-                local_root=tmp_path / "runs",
-                tracking_settings=settings,
-                trial=trial,
-            ) as recorder:
-                run_id = recorder.run_id
-            restart.join()
-            run = client.get_run(run_id)
-            assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent
-            assert run.data.params["seed"] == "1" and run.data.tags["trial_number"] == "0"
-    finally:
-        for server in servers:
-            stop_mlflow_server(server)
+    with RestartingServer(tmp_path / "server", free_port(), monkeypatch) as server, mlflow_at(server.uri):
+        client = MlflowClient(server.uri)
+        experiment_id = client.create_experiment("sweep")
+        parent = client.create_run(experiment_id).info.run_id
+        settings = TrackingSchema.of({"uri": server.uri, "parent_run_id": parent, "outage_wait_seconds": 60})
+        trial = TrialSchema.of({"storage": "journal:x", "study_name": "s", "trial_id": 1, "number": 0})
+        server.restart(after=6)
+        cfg = OmegaConf.create({"seed": 1})
+        with start_run(
+            cfg,
+            tags={},
+            experiment_id=experiment_id,
+            local_root=tmp_path / "runs",
+            tracking_settings=settings,
+            trial=trial,
+        ) as recorder:
+            run_id = recorder.run_id
+        server.wait()
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["mlflow.parentRunId"] == parent
+        assert run.data.params["seed"] == "1" and run.data.tags["trial_number"] == "0"
