@@ -259,12 +259,18 @@ def record(
             recorder.log_metrics(result.tta.metrics)
         if wants_explanations(run.tracking.explain, study, objective):
             record_explanations(recorder, model, test, result.probabilities)
-        else:
+        elif run.tracking.explain == "auto":
             log.info(
                 "no Grad-CAM or error sheets: this trial's %s %.4f does not beat the study's best "
                 "(tracking.explain=auto); python -m bloodcell.explain model=runs:/%s/model draws them",
                 run.objective,
                 objective,
+                recorder.run_id,
+            )
+        else:
+            log.info(
+                "no Grad-CAM or error sheets (tracking.explain=false); "
+                "python -m bloodcell.explain model=runs:/%s/model draws them",
                 recorder.run_id,
             )
         record_predictions(recorder, test, result)
