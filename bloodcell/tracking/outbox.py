@@ -102,20 +102,45 @@ def _log_model(run_id: str, path: Path, examples: Path) -> None:
     import keras
     import mlflow
     import numpy as np
-    import tensorflow as tf
-    from mlflow.models import infer_signature
 
     active = mlflow.active_run()
     # in another process (sync) the run is reopened for the upload; its end status is a record of its own
     opened = contextlib.nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id)
     with np.load(examples) as data, opened:
-        info = mlflow.keras.log_model(
-            keras.saving.load_model(path, compile=False),
+        info = log_keras_model(keras.saving.load_model(path, compile=False), data["input"], data["output"])
+        mlflow.set_tag("model_uri", info.model_uri)
+
+
+def log_keras_model(model: Any, example_input: Any, example_output: Any) -> Any:
+    """``mlflow.keras.log_model`` of ``model`` as the active run's model named ``model``, its signature from
+    the examples and its requirements pinned to this process's TensorFlow and Keras; returns MLflow's
+    ModelInfo.
+
+    Pinned rather than inferred: inference imports and inspects every module (seconds). And MLflow checks
+    even pinned requirements against the environment, building a map of every installed distribution's
+    files first (``importlib.metadata.packages_distributions``: 0.8-1.8 s a run, the largest part of logging
+    a small model). The pins are this process's own versions, so that check cannot fail: it is given an
+    empty map for the call (versions are then read by package name, as for any package the map lacks) and
+    MLflow's lazy map is left unbuilt afterwards, as it was."""
+    import keras
+    import mlflow
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+    from mlflow.utils import requirements_utils
+
+    unbuilt = requirements_utils._MODULES_TO_PACKAGES is None
+    if unbuilt:
+        requirements_utils._MODULES_TO_PACKAGES = {}  # type: ignore[assignment]
+    try:
+        return mlflow.keras.log_model(
+            model,
             name="model",
-            signature=infer_signature(data["input"], data["output"]),
+            signature=infer_signature(example_input, example_output),
             pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
         )
-        mlflow.set_tag("model_uri", info.model_uri)
+    finally:
+        if unbuilt:
+            requirements_utils._MODULES_TO_PACKAGES = None
 
 
 class Outbox:

@@ -171,11 +171,7 @@ class Recorder:
         The model is first saved to ``local_dir/model.keras`` (written under a temporary name, then renamed):
         if the upload fails (a full disk, a server gone), the error names that loadable copy, and the run ends
         FAILED with it. The caller deletes the copy with the run's checkpoints once the run finished."""
-        import keras
-        import mlflow
         import numpy as np
-        import tensorflow as tf
-        from mlflow.models import infer_signature
 
         local_dir.mkdir(parents=True, exist_ok=True)
         local = local_dir / "model.keras"
@@ -193,13 +189,7 @@ class Recorder:
             self.outbox.send({"kind": "model", "path": str(local), "examples": str(examples)})
             return f"runs:/{self.run_id}/model"
         try:
-            info = mlflow.keras.log_model(
-                model,
-                name="model",
-                signature=infer_signature(example_input, example_output),
-                # pinned rather than inferred: inference imports and inspects every module (seconds).
-                pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
-            )
+            info = outbox.log_keras_model(model, example_input, example_output)
         except Exception as err:
             _remove_partial_model(self.run_id)
             raise RuntimeError(
