@@ -25,15 +25,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-
-
-def cells(limit: int, out: Path) -> Path:
-    path = out / f"cells_{limit}.npz"
-    if not path.exists():
-        build = SHARED / "data" / "build_training_set.py"
-        subprocess.run([sys.executable, str(build), str(path), "--limit", str(limit)], check=True)
-    return path
 
 
 def run_sweep(code: Path, folder: Path, args: argparse.Namespace, data: Path) -> float:
@@ -101,9 +92,13 @@ def main() -> None:
     ap.add_argument("--baseline", help="a git commit whose code runs the same sweep first")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    out = args.out or ROOT / "benchmarks" / "results" / time.strftime("trial_overhead_%Y%m%d-%H%M%S")
+    from sweep_compute import cells  # the same real cells, written once
+
+    out = args.out = args.out or ROOT / "benchmarks" / "results" / time.strftime(
+        "trial_overhead_%Y%m%d-%H%M%S"
+    )
     out.mkdir(parents=True, exist_ok=True)
-    data = cells(args.limit, out)
+    data = cells(args)
     rows = []
     if args.baseline:
         from baseline import checkout
