@@ -185,6 +185,51 @@ class PreciseBatchNorm(keras.callbacks.Callback):
             norm.moving_variance.assign(x64.var(axis=0).astype(np.float32))
 
 
+class Validation(keras.callbacks.Callback):
+    """Scores every epoch on the validation split with a predict pass of the saved model, in place of the
+    validation Keras' ``fit`` would run (``validation_data``), and keeps each epoch's probabilities.
+
+    Why: the final model is always one epoch's weights (early stopping's best epoch of the phase that is
+    kept), so the validation predictions it needs (calibration, the review thresholds, ``compare``,
+    ``ensemble``) are in hand and the run makes no second pass over the split (issue 29: about 3 s of a
+    3-epoch mobilenet_cpu run). `RunCallbacks.final_val_probabilities` finds the epoch.
+
+    It puts ``val_loss`` (the compiled loss, with its label smoothing, and the model's own losses) and
+    ``val_accuracy`` in the epoch's logs, computed as Keras' validation computes them, before any other
+    callback reads them: it must come first in the list. ``around`` are the callbacks Keras' validation
+    would have called around the pass (``on_test_begin``/``on_test_end``: the EMA swap, precise BN), in
+    the order Keras calls them."""
+
+    def __init__(
+        self,
+        predict_model: keras.Model,
+        images: Any,
+        targets: np.ndarray,
+        around: list[keras.callbacks.Callback] | None = None,
+    ) -> None:
+        super().__init__()
+        self.predict_model, self.images, self.targets = predict_model, images, targets
+        self.around = list(around or [])
+        #: global epoch -> that epoch's validation probabilities (kilobytes each)
+        self.probabilities: dict[int, np.ndarray] = {}
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        for callback in self.around:
+            callback.on_test_begin()
+        probabilities = self.predict_model.predict(self.images, verbose=0)
+        for callback in self.around:
+            callback.on_test_end()
+        self.probabilities[epoch] = probabilities
+        if logs is not None:
+            logs.update(self.scores(probabilities))
+
+    def scores(self, probabilities: np.ndarray) -> dict[str, float]:
+        loss = keras.ops.convert_to_numpy(self.model.loss(self.targets, probabilities))
+        extra = sum(float(keras.ops.convert_to_numpy(term)) for term in self.model.losses)
+        hits = probabilities.argmax(axis=1) == self.targets.argmax(axis=1)
+        return {"val_loss": float(loss) + extra, "val_accuracy": float(hits.mean())}
+
+
 class OptunaPruning(keras.callbacks.Callback):
     """Reports the objective to the run's Optuna trial after every epoch (step = the global epoch, counted
     on across both phases) and raises ``optuna.TrialPruned`` when the study's pruner stops the trial.

@@ -1,7 +1,7 @@
 """The two phases of a run as calls of Keras' fit: phase 1 trains the head on a frozen backbone, phase 2
 fine-tunes the top of the backbone at a lower rate (`Phase`), with the callbacks both share
-(`RunCallbacks`: precise BN, early stopping, checkpoint, time limit, pruning, weight averaging), and
-phase 2's rollback to phase 1 when it did not improve.
+(`RunCallbacks`: validation, precise BN, early stopping, checkpoint, time limit, pruning, weight
+averaging), and phase 2's rollback to phase 1 when it did not improve.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import keras
     import numpy as np
 
+    from bloodcell.data import Splits
     from bloodcell.training.callbacks import (
         Checkpoint,
         EpochLogger,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
         PreciseBatchNorm,
         ResumableEarlyStopping,
         TimeLimit,
+        Validation,
         WeightAverage,
     )
 log = logging.getLogger("bloodcell.train")
@@ -81,13 +83,15 @@ def ema(trainer: TrainerSchema) -> float | None:
 
 @dataclass
 class RunCallbacks:
-    """The callbacks both phases share: precise BN, the epoch logger (whose history the run reads), the
-    time limit, the checkpoint and the Optuna pruner; early stopping is made per phase (its patience
-    differs). Also what a checkpoint saves of the run's progress (`snapshot`)."""
+    """The callbacks both phases share: validation, precise BN, the epoch logger (whose history the run
+    reads), the time limit, the checkpoint and the Optuna pruner; early stopping is made per phase (its
+    patience differs). Also what a checkpoint saves of the run's progress (`snapshot`), and which epoch's
+    validation predictions are the final model's (`final_val_probabilities`)."""
 
     setup: Setup
     #: the run's MLflow records
     recorder: Recorder
+    validation: Validation
     epoch_log: EpochLogger
     precise_bn: PreciseBatchNorm | None
     time_limit: TimeLimit | None
@@ -104,13 +108,17 @@ class RunCallbacks:
     averaging: WeightAverage | None = None
     #: the run's ``tracking`` settings: how long a resumed trial's look-ups wait for its server
     tracking_settings: TrackingSchema | None = None
+    #: the epoch whose weights the model holds after the last phase (`final_val_probabilities`)
+    final_epoch: int | None = None
+    #: phase 1's, kept while phase 2 runs: the model's epoch again if phase 2 rolls back
+    phase1_final_epoch: int | None = None
 
     @classmethod
     def for_run(
         cls,
         settings: TrainSchema,
         setup: Setup,
-        train_images: np.ndarray,
+        splits: Splits,
         run_dir: Path | None,
         recorder: Recorder,
     ) -> RunCallbacks:
@@ -122,20 +130,25 @@ class RunCallbacks:
             EpochOrder,
             PreciseBatchNorm,
             TimeLimit,
+            Validation,
             WeightAverage,
             pruning_callback,
         )
 
         trainer = settings.trainer
+        train_images = splits.train.images
         precise_bn = PreciseBatchNorm.for_model(
             setup.model, train_images, settings.head.precise_bn_images or 0, settings.seed, setup.batch_size
+        )
+        validation = Validation(
+            setup.model, setup.val_ds.map(lambda x, y: x), splits.val.target_distributions()
         )
         minutes = trainer.time_limit_minutes
         time_limit = TimeLimit(60 * minutes) if minutes else None
         every = trainer.checkpoint.every if run_dir is not None else 0
         epoch_log = EpochLogger(recorder, images_per_epoch=len(train_images))
         pruner = pruning_callback(settings)
-        callbacks = cls(setup, recorder, epoch_log, precise_bn, time_limit, None, pruner)
+        callbacks = cls(setup, recorder, validation, epoch_log, precise_bn, time_limit, None, pruner)
         callbacks.tracking_settings = settings.tracking
         callbacks.order = EpochOrder(setup.epoch) if setup.epoch is not None else None
         if settings.finetune.swa:
@@ -166,9 +179,12 @@ class RunCallbacks:
         # the raw ones); early stopping keeps the averaged weights of the best epoch.
         swap = keras.callbacks.SwapEMAWeights() if phase.ema_momentum is not None else None
         averaging = self.averaging if phase.name == "phase2" else None
-        # precise BN first: its statistics are what validation sees; the checkpoint after the stoppers (their
-        # decisions are part of it) and before the epoch is recorded or reported (see callbacks.Checkpoint)
+        # validation first, with the EMA swap and precise BN around its pass (its statistics are what it
+        # scores), so that every later callback reads its val_* logs; the checkpoint after the stoppers
+        # (their decisions are part of it) and before the epoch is recorded or reported (callbacks.Checkpoint)
+        self.validation.around = [c for c in (swap, self.precise_bn) if c is not None]
         ordered = [
+            self.validation,
             swap,
             self.precise_bn,
             self.stopping,
@@ -179,6 +195,24 @@ class RunCallbacks:
             self.pruner,
         ]
         return [callback for callback in ordered if callback is not None]
+
+    def phase_ended(self) -> None:
+        """After a phase's fit: early stopping has put its best epoch's weights back (``best_weights``; with
+        none kept, the model is in an unknown epoch's state)."""
+        stopping = self.stopping
+        kept = stopping is not None and stopping.best_weights is not None
+        self.final_epoch = int(stopping.best_epoch) if kept and stopping is not None else None
+
+    def final_val_probabilities(self) -> np.ndarray | None:
+        """The validation probabilities of the weights the model holds now, when one of this process's
+        epochs scored exactly them (`callbacks.Validation`); None when not in hand: the epochs of a resumed
+        run's earlier process, a phase 1 reused from the cache, a weight average. The caller predicts then."""
+        kept = None if self.final_epoch is None else self.validation.probabilities.get(self.final_epoch)
+        if kept is None:
+            log.debug("the final model's validation predictions are not in hand: one more predict pass")
+        else:
+            log.debug("the final model's validation predictions: epoch %d's own pass", self.final_epoch)
+        return kept
 
     def out_of_time(self) -> bool:
         return self.time_limit is not None and self.time_limit.expired()
@@ -290,9 +324,9 @@ def fit_phase(
     the phase's best weights in the model."""
     start = resumed.epoch + 1 if resumed else first_epoch
     end = start if resumed and resumed.state["stopped"] else first_epoch + phase.epochs
+    # no validation_data: callbacks.Validation scores each epoch (and keeps its predictions)
     history = setup.trainable_model.fit(
         setup.train_ds,
-        validation_data=setup.val_ds,
         initial_epoch=start,
         epochs=end,
         shuffle=False,  # the tf.data pipeline shuffles, seeded
@@ -300,6 +334,7 @@ def fit_phase(
         callbacks=callbacks.for_phase(phase, resumed),
         verbose=keras_verbose(verbose),
     )
+    callbacks.phase_ended()
     return start + len(history.epoch)
 
 
@@ -353,6 +388,7 @@ def fine_tune(
         callbacks.phase1_epochs = phase1_epochs
         callbacks.phase1_best = best_value(callbacks.epoch_log.history, "val_accuracy")
         callbacks.phase1_weights = setup.model.get_weights()
+        callbacks.phase1_final_epoch = callbacks.final_epoch
     with setup.strategy.scope():
         trainable_layers = finetune.unfreeze(setup.backbone, settings)
     compile_for(setup, phase, settings.trainer)
@@ -371,9 +407,11 @@ def fine_tune(
     averaged = average_weights(setup, callbacks, phase2_best) if callbacks.averaging else None
     if averaged is not None:
         phase2, phase2_best = "swa", averaged
+        callbacks.final_epoch = None  # the average is no epoch's weights
     assert callbacks.phase1_best is not None and callbacks.phase1_weights is not None
     if phase2_best < callbacks.phase1_best:
         setup.model.set_weights(callbacks.phase1_weights)
+        callbacks.final_epoch = callbacks.phase1_final_epoch
     callbacks.recorder.set_tags(
         {"final_weights": phase2 if phase2_best >= callbacks.phase1_best else "phase1"}
     )

@@ -27,6 +27,8 @@ from bloodcell.training.run_data import Targets, load_splits
 from bloodcell.training.setup import Setup, build, distribution_strategy
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from bloodcell.data import Splits
 
 log = logging.getLogger("bloodcell.train")
@@ -100,15 +102,23 @@ def fit_both_phases(
 # ---- step 5: evaluate and record ------------------------------------------------------------------
 
 
-def evaluate_splits(trainer: TrainerSchema, seed: int, setup: Setup, splits: Splits) -> TestResult:
-    """The final model on the validation split (one more predict, kept so that runs can be compared image by
-    image later) and on the held-out test split, touched once: plain predictions, calibrated when
-    ``trainer.calibrate``, and test-time augmentation when ``trainer.test_tta``."""
+def evaluate_splits(
+    trainer: TrainerSchema,
+    seed: int,
+    setup: Setup,
+    splits: Splits,
+    val_probabilities: np.ndarray | None = None,
+) -> TestResult:
+    """The final model on the validation split (kept so that runs can be compared image by image later) and
+    on the held-out test split, touched once: plain predictions, calibrated when ``trainer.calibrate``, and
+    test-time augmentation when ``trainer.test_tta``. ``val_probabilities``: the final model's, when its
+    epoch's validation pass kept them (`RunCallbacks.final_val_probabilities`); else one more predict."""
     from bloodcell.data import make_tf_dataset
     from bloodcell.evaluation.metrics import evaluate_predictions
 
     test = splits.test
-    val_probabilities = setup.model.predict(setup.val_ds.map(lambda x, y: x), verbose=0)
+    if val_probabilities is None:
+        val_probabilities = setup.model.predict(setup.val_ds.map(lambda x, y: x), verbose=0)
     test_ds = make_tf_dataset(test, setup.batch_size, training=False, seed=seed)
     probabilities = setup.model.predict(test_ds.map(lambda x, y: x), verbose=0)
     result = final_result(setup.model, splits, val_probabilities, probabilities, trainer.calibrate)
@@ -190,7 +200,7 @@ def train(
             record_inputs(recorder, cfg, settings.data, data, _hydra_overrides())
         setup = build(settings, data.splits, strategy, preview_to=recorder if resume is None else None)
         with run_dirs.checkpointing(recorder.run_id) as run_dir:
-            callbacks = RunCallbacks.for_run(settings, setup, data.splits.train.images, run_dir, recorder)
+            callbacks = RunCallbacks.for_run(settings, setup, data.splits, run_dir, recorder)
             # a resumed run continues its own checkpoint; a new one may start phase 2 from a stored phase 1
             cache = None
             if resume is None:
@@ -205,7 +215,8 @@ def train(
             with timed("fit"):
                 phase2_start = fit_both_phases(settings, setup, callbacks, resume, cache)
         with timed("evaluate"):
-            result = evaluate_splits(settings.trainer, settings.seed, setup, data.splits)
+            val_probabilities = callbacks.final_val_probabilities()
+            result = evaluate_splits(settings.trainer, settings.seed, setup, data.splits, val_probabilities)
         study = callbacks.pruner.trial.study if callbacks.pruner is not None else None
         objective = record(run, setup.model, result, callbacks.epoch_log.history, phase2_start, study)
     run_dirs.finished(recorder.run_id)

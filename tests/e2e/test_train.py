@@ -164,6 +164,9 @@ def test_calibrated_model_probabilities_and_abstention_metrics_agree(quickstart_
     images, _ = make_demo_set(12, 32, 0)  # TINY's data set: data_index points into it
     logged = model.predict(images[stored["data_index"]].astype(np.float32), verbose=0)
     np.testing.assert_allclose(logged, probabilities, atol=1e-4)
+    # and its stored validation predictions, kept from the final epoch's own validation pass (issue 29)
+    logged = model.predict(images[val["data_index"]].astype(np.float32), verbose=0)
+    np.testing.assert_allclose(logged, val["probabilities"], atol=1e-4)
 
 
 def test_explain_writes_the_gradcam_and_error_sheets_for_the_run_s_model(quickstart_run, tmp_path):
