@@ -23,6 +23,7 @@ from tests.helpers import TINY
         ["+experiment=quickstart"],
         ["+experiment=effnetb2"],
         ["+experiment=mobilenet_cpu"],
+        ["+experiment=lite0_cpu"],
         TINY,
         *[[f"+sweeps={path.stem}"] for path in sorted((PROJECT_ROOT / "sweeps").glob("*.yaml"))],
         *[
