@@ -224,6 +224,8 @@ NOT_CONFIG = {
     ("training/callbacks.py", "record"),
     ("training/callbacks.py", "averages"),
     ("training/phase1_cache.py", "h"),
+    # each epoch's validation probabilities, by epoch (callbacks.Validation)
+    ("training/phases.py", "self.validation.probabilities"),
     # a checkpoint's or a phase-1 entry's saved arrays and state
     ("training/phase1_cache.py", "entry.saved.arrays"),
     ("training/phases.py", "resumed.arrays"),
