@@ -200,8 +200,10 @@ class RunCallbacks:
         """After a phase's fit: early stopping has put its best epoch's weights back (``best_weights``; with
         none kept, the model is in an unknown epoch's state)."""
         stopping = self.stopping
-        kept = stopping is not None and stopping.best_weights is not None
-        self.final_epoch = int(stopping.best_epoch) if kept and stopping is not None else None
+        if stopping is None or stopping.best_weights is None:
+            self.final_epoch = None
+        else:
+            self.final_epoch = int(stopping.best_epoch)
 
     def final_val_probabilities(self) -> np.ndarray | None:
         """The validation probabilities of the weights the model holds now, when one of this process's

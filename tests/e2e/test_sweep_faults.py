@@ -6,25 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.e2e.test_sweep import load_study, mlflow_runs, states, sweep_args
-
-
-def _start(tmp: Path, *extra: str, storage: str) -> subprocess.Popen:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "bloodcell.train", *sweep_args(tmp, *extra, storage=storage)],
-        cwd=tmp,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+from tests.helpers import Started
 
 
 def _workers(sweep: subprocess.Popen) -> list[int]:
@@ -67,16 +54,13 @@ def test_a_killed_trial_process_goes_back_in_the_queue_and_the_sweep_goes_on(tmp
         "finetune.epochs=0",
         "hydra.sweeper.pruner.name=none",
     )
-    sweep = _start(tmp_path, *args, storage=storage)
-    try:
-        _wait_for_a_report(sweep, storage)
-        os.kill(_workers(sweep)[0], signal.SIGKILL)
-        output, _ = sweep.communicate(timeout=600)
-    finally:
-        if sweep.poll() is None:
-            sweep.kill()
-            sweep.communicate()
-    assert sweep.returncode == 0, output[-4000:]
+    # output to files (Started), not a pipe nobody reads while the test polls the study
+    with Started("bloodcell.train", *sweep_args(tmp_path, *args, storage=storage), cwd=tmp_path) as sweep:
+        _wait_for_a_report(sweep.process, storage)
+        os.kill(_workers(sweep.process)[0], signal.SIGKILL)
+        proc = sweep.finish(timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
     assert "its job process was lost (TerminatedWorkerError)" in output
     study = load_study(storage)
     assert states(study) == {"COMPLETE": 2}
