@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -128,18 +129,18 @@ def serve_arms(arms: list[tuple[str, str]], tracking_uri: str, images, labels, a
     arms alternating at every batch size), JSON encoding and decoding included."""
     import json
     import os
-    import socket
     import subprocess
     import sys
     import urllib.request
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.helpers import free_port
 
     servers = []
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "CUDA_VISIBLE_DEVICES": ""}
     try:
         for _, uri in arms:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
+            port = free_port()
             command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local"]
             command += ["-h", "127.0.0.1", "-p", str(port), "-w", "1"]
             servers.append(

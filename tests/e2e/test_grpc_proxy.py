@@ -14,16 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TINY, assert_user_error, run_module, sqlite_store
+from tests.helpers import TINY, assert_user_error, free_port, run_module, sqlite_store
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
 TRIAL = [o for o in TINY if o != "+experiment=quickstart"] + ["tracking.log_model=false"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _database(tmp: Path) -> str:
@@ -77,7 +71,7 @@ def test_two_sweep_processes_share_one_study_through_the_grpc_proxy(tmp_path):
 
     from bloodcell.sweep.trial import open_storage
 
-    port = _free_port()
+    port = free_port()
     url = f"grpc://127.0.0.1:{port}"
     proxy = _start(
         ["bloodcell.storage_proxy", f"storage={_database(tmp_path)}", "host=127.0.0.1", f"port={port}"],

@@ -10,7 +10,6 @@ The server is started once for the module, at its start, so that it boots while 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +20,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from tests.helpers import free_port
 from tests.plain_mlflow import assert_plain_keras, fresh_load, plain_env
 
 NAME = "bloodcell-demo"
 CELLS = 6  # cells POSTed to the server
 ATOL = 1e-5  # float32 probabilities, computed by the same model in other processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +49,7 @@ def store(tiny_runs, tmp_path_factory):
     )  # registering a logged model (models:/m-...) looks it up in MLflow's current store
     version = mlflow.register_model(run.data.tags["model_uri"], NAME)
     client.set_registered_model_alias(NAME, "champion", version.version)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@champion"]
         + ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
