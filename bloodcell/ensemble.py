@@ -47,6 +47,13 @@ def summary(ensemble: Ensemble, experiment: str) -> str:
         f"macro-F1 {test['test_macro_f1']:.4f} on {len(result.probabilities)} test images"
         + (f"; temperature {result.temperature:.3f}" if result.temperature is not None else "")
     )
+    if result.tta is not None:
+        tta = result.tta.metrics
+        low, high = (tta[name] for name in interval_names("test_tta_accuracy"))
+        lines.append(
+            f"test accuracy with test-time augmentation {tta['test_tta_accuracy']:.4f} "
+            f"(95% interval {low:.4f}-{high:.4f})"
+        )
     if ensemble.run_id:
         lines.append(
             f"logged as run {ensemble.run_id} in experiment '{experiment}': model "

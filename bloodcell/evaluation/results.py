@@ -85,3 +85,16 @@ def final_result(
         temperature=temperature,
         uncalibrated=uncalibrated,
     )
+
+
+def add_test_tta(result: TestResult, test: Arrays, batch_size: int) -> None:
+    """Test-time augmentation on the test split (``result.tta``, metrics ``test_tta_*``), with the model the
+    run logs: the mean over views of its probabilities, calibrated when it ends with a temperature, as
+    ``python -m bloodcell.predict tta=true`` gives them."""
+    from bloodcell.evaluation.metrics import evaluate_predictions
+    from bloodcell.serving.prediction import predict_arrays
+
+    assert result.model is not None, "final_result gives the model"
+    probabilities = predict_arrays(result.model, test.images, batch_size, tta=True)
+    result.tta = evaluate_predictions(test.labels, probabilities, "test_tta_")
+    log.info("test accuracy with test-time augmentation %.4f", result.tta.metrics["test_tta_accuracy"])

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from bloodcell import tracking
 from bloodcell.core.settings import TrainerSchema, TrainSchema
-from bloodcell.evaluation.results import TestResult, final_result
+from bloodcell.evaluation.results import TestResult, add_test_tta, final_result
 from bloodcell.training import phase1_cache
 from bloodcell.training.phases import Phase, RunCallbacks, compile_for, fine_tune, train_head, wants_phase2
 from bloodcell.training.record import RunContext, Stopwatch, record, record_inputs
@@ -114,7 +114,6 @@ def evaluate_splits(
     test-time augmentation when ``trainer.test_tta``. ``val_probabilities``: the final model's, when its
     epoch's validation pass kept them (`RunCallbacks.final_val_probabilities`); else one more predict."""
     from bloodcell.data import make_tf_dataset
-    from bloodcell.evaluation.metrics import evaluate_predictions
 
     test = splits.test
     if val_probabilities is None:
@@ -122,14 +121,8 @@ def evaluate_splits(
     test_ds = make_tf_dataset(test, setup.batch_size, training=False, seed=seed)
     probabilities = setup.model.predict(test_ds.map(lambda x, y: x), verbose=0)
     result = final_result(setup.model, splits, val_probabilities, probabilities, trainer.calibrate)
-    model = result.model
     if trainer.test_tta:
-        from bloodcell.serving.prediction import predict_arrays
-
-        # with the logged model: the mean over views of calibrated probabilities, as predict tta=true gives
-        tta = predict_arrays(model, test.images, setup.batch_size, tta=True)
-        result.tta = evaluate_predictions(test.labels, tta, "test_tta_")
-        log.info("test accuracy with test-time augmentation %.4f", result.tta.metrics["test_tta_accuracy"])
+        add_test_tta(result, test, setup.batch_size)
     return result
 
 
