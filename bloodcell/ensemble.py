@@ -47,12 +47,12 @@ def summary(ensemble: Ensemble, experiment: str) -> str:
         f"macro-F1 {test['test_macro_f1']:.4f} on {len(result.probabilities)} test images"
         + (f"; temperature {result.temperature:.3f}" if result.temperature is not None else "")
     )
-    if result.tta is not None:
-        tta = result.tta.metrics
+    if result.tta is not None and result.val_tta is not None:
+        tta, val_tta = result.tta.metrics, result.val_tta.metrics
         low, high = (tta[name] for name in interval_names("test_tta_accuracy"))
         lines.append(
-            f"test accuracy with test-time augmentation {tta['test_tta_accuracy']:.4f} "
-            f"(95% interval {low:.4f}-{high:.4f})"
+            f"with test-time augmentation: validation accuracy {val_tta['final_val_tta_accuracy']:.4f}; "
+            f"test accuracy {tta['test_tta_accuracy']:.4f} (95% interval {low:.4f}-{high:.4f})"
         )
     if ensemble.run_id:
         lines.append(

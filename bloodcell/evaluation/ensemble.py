@@ -182,7 +182,7 @@ def evaluate(cfg: DictConfig, model: keras.Model, data: RunData) -> Any:
     """The ensemble (with its temperature when ``calibrate``) on the validation and test splits, and with
     test-time augmentation when ``test_tta``: a `bloodcell.train.TestResult`, as a training run's final
     model makes."""
-    from bloodcell.evaluation.results import add_test_tta, final_result
+    from bloodcell.evaluation.results import add_tta, final_result
     from bloodcell.serving.prediction import predict_arrays
 
     splits, batch = data.splits, int(cfg.batch_size)
@@ -190,7 +190,7 @@ def evaluate(cfg: DictConfig, model: keras.Model, data: RunData) -> Any:
     probabilities = predict_arrays(model, splits.test.images, batch)
     result = final_result(model, splits, val_probabilities, probabilities, bool(cfg.calibrate))
     if cfg.test_tta:
-        add_test_tta(result, splits.test, batch)
+        add_tta(result, splits, batch)
     return result
 
 
@@ -255,8 +255,9 @@ def record_ensemble(run_cfg: DictConfig, ensemble: Ensemble) -> str:
             }
         )
         record_evaluation(recorder, result.evaluation, None, None)
-        if result.tta is not None:
-            recorder.log_metrics(result.tta.metrics)
+        for tta in (result.tta, result.val_tta):
+            if tta is not None:
+                recorder.log_metrics(tta.metrics)
         record_predictions(recorder, data.splits.test, result)
         record_calibration(recorder, data.splits.test, result, run_cfg.get("trainer", {}).get("abstention"))
         if run_cfg.tracking.log_model:

@@ -31,7 +31,10 @@ class SplitPredictions:
 class TestResult:
     evaluation: Evaluation
     probabilities: np.ndarray
+    #: test-time augmentation on the test split (``test_tta_*``) and on validation (``final_val_tta_*``),
+    #: which says, before anyone looks at the test figure, whether ``predict tta=true`` is worth it
     tta: Evaluation | None = None
+    val_tta: Evaluation | None = None
     #: the validation split, predicted once more by the final model (its weights are the best epoch's)
     val: SplitPredictions | None = None
     #: `Splits.fingerprint` of the splits both were cut from, and the test images' `Splits.positions`
@@ -87,14 +90,26 @@ def final_result(
     )
 
 
-def add_test_tta(result: TestResult, test: Arrays, batch_size: int) -> None:
-    """Test-time augmentation on the test split (``result.tta``, metrics ``test_tta_*``), with the model the
-    run logs: the mean over views of its probabilities, calibrated when it ends with a temperature, as
-    ``python -m bloodcell.predict tta=true`` gives them."""
+def add_tta(result: TestResult, splits: Splits, batch_size: int) -> None:
+    """Test-time augmentation with the model the run logs, on the test split (``result.tta``, metrics
+    ``test_tta_*``) and on validation (``result.val_tta``, ``final_val_tta_*``): the mean over views of its
+    probabilities, calibrated when it ends with a temperature, as ``python -m bloodcell.predict tta=true``
+    gives them. Validation is what decides whether to use it: the test split only reports."""
     from bloodcell.evaluation.metrics import evaluate_predictions
     from bloodcell.serving.prediction import predict_arrays
 
-    assert result.model is not None, "final_result gives the model"
-    probabilities = predict_arrays(result.model, test.images, batch_size, tta=True)
-    result.tta = evaluate_predictions(test.labels, probabilities, "test_tta_")
-    log.info("test accuracy with test-time augmentation %.4f", result.tta.metrics["test_tta_accuracy"])
+    assert result.model is not None and result.val is not None, "final_result gives the model and validation"
+    val = predict_arrays(result.model, splits.val.images, batch_size, tta=True)
+    result.val_tta = evaluate_predictions(splits.val.labels, val, "final_val_tta_")
+    test = predict_arrays(result.model, splits.test.images, batch_size, tta=True)
+    result.tta = evaluate_predictions(splits.test.labels, test, "test_tta_")
+    plain = result.val.evaluation.metrics["final_val_accuracy"]
+    augmented = result.val_tta.metrics["final_val_tta_accuracy"]
+    log.info(
+        "test-time augmentation: validation accuracy %.4f without, %.4f with (%s); test accuracy with it "
+        "%.4f",
+        plain,
+        augmented,
+        "predict tta=true is worth it" if augmented > plain else "no gain on validation: leave tta off",
+        result.tta.metrics["test_tta_accuracy"],
+    )

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from bloodcell import tracking
 from bloodcell.core.settings import TrainerSchema, TrainSchema
-from bloodcell.evaluation.results import TestResult, add_test_tta, final_result
+from bloodcell.evaluation.results import TestResult, add_tta, final_result
 from bloodcell.training import phase1_cache
 from bloodcell.training.phases import Phase, RunCallbacks, compile_for, fine_tune, train_head, wants_phase2
 from bloodcell.training.record import RunContext, Stopwatch, record, record_inputs
@@ -111,8 +111,8 @@ def evaluate_splits(
 ) -> TestResult:
     """The final model on the validation split (kept so that runs can be compared image by image later) and
     on the held-out test split, touched once: plain predictions, calibrated when ``trainer.calibrate``, and
-    test-time augmentation when ``trainer.test_tta``. ``val_probabilities``: the final model's, when its
-    epoch's validation pass kept them (`RunCallbacks.final_val_probabilities`); else one more predict."""
+    test-time augmentation on both when ``trainer.test_tta``. ``val_probabilities``: the final model's, when
+    its epoch's validation pass kept them (`RunCallbacks.final_val_probabilities`); else one more predict."""
     from bloodcell.data import make_tf_dataset
 
     test = splits.test
@@ -122,7 +122,7 @@ def evaluate_splits(
     probabilities = setup.model.predict(test_ds.map(lambda x, y: x), verbose=0)
     result = final_result(setup.model, splits, val_probabilities, probabilities, trainer.calibrate)
     if trainer.test_tta:
-        add_test_tta(result, test, setup.batch_size)
+        add_tta(result, splits, setup.batch_size)
     return result
 
 

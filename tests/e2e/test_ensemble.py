@@ -176,7 +176,7 @@ def test_greedy_ensemble_of_a_sweep_is_nested_calibrated_and_no_trial(store):
         f"tracking.uri={store.uri}",
     )
     run = ensemble_run(store, proc)
-    assert "test accuracy with test-time augmentation" in proc.stdout
+    assert "with test-time augmentation: validation accuracy" in proc.stdout
     assert run.data.tags["mlflow.parentRunId"] == store.sweep and run.info.experiment_id == store.experiment
     members = run.data.tags["ensemble.member_runs"].split(",")
     weights = [int(w) for w in run.data.params["ensemble.weights"].strip("[]").split(",")]
@@ -192,16 +192,17 @@ def test_greedy_ensemble_of_a_sweep_is_nested_calibrated_and_no_trial(store):
     mine = stored(store, run.info.run_id, "test").probabilities
     assert np.allclose(mine, apply_temperature(average, temperature), atol=1e-4)
     assert "calibration/test_ece_after" in run.data.metrics
-    # test_tta=true: the logged model's mean over the 8 views of each test image, as predict tta=true gives
+    # test_tta=true: the logged model's mean over the 8 views of each image, as predict tta=true gives, on
+    # the test split and on validation (which says whether to use it)
     from bloodcell.serving.loading import load_model
     from bloodcell.serving.prediction import predict_arrays
     from bloodcell.training.run_data import split_images
 
-    test = stored(store, run.info.run_id, "test")
-    images = split_images(run, "test", test.data_index)
     model = load_model(f"runs:/{run.info.run_id}/model", tracking_uri=store.uri)
-    tta = predict_arrays(model, images, tta=True)
-    assert run.data.metrics["test_tta_accuracy"] == pytest.approx(np.mean(tta.argmax(1) == test.labels))
-    assert {"test_tta_accuracy_ci_low", "test_tta_macro_f1"} <= set(run.data.metrics)
+    for split, metric in (("test", "test_tta_accuracy"), ("val", "final_val_tta_accuracy")):
+        kept = stored(store, run.info.run_id, split)
+        tta = predict_arrays(model, split_images(run, split, kept.data_index), tta=True)
+        assert run.data.metrics[metric] == pytest.approx(np.mean(tta.argmax(1) == kept.labels))
+        assert {f"{metric}_ci_low", metric.replace("accuracy", "macro_f1")} <= set(run.data.metrics)
     # a later `compare sweep=` or `ensemble sweep=` sees the trials, not the ensemble
     assert {r.info.run_id for r in sweep_top(store.client, store.sweep, 5)} == {store.a, store.b}

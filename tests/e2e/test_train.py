@@ -291,8 +291,10 @@ def test_mobilenet_with_the_shared_imagenet_weights(tracking):
     assert "phase 1: 1 epochs, backbone frozen" in proc.stdout + proc.stderr
     # blocks 12 and 13 of MobileNet: dw + pw convs (BatchNorm stays frozen) -> 4 layers with weights
     assert run.data.metrics["finetune_trainable_layers"] == 4
-    # the preset also scores the test split with test-time augmentation
+    # the preset also scores the test split and validation with test-time augmentation, and says which helps
     assert 0.0 <= run.data.metrics["test_tta_accuracy"] <= 1.0 and "test_tta_macro_f1" in run.data.metrics
+    assert 0.0 <= run.data.metrics["final_val_tta_accuracy"] <= 1.0
+    assert "test-time augmentation: validation accuracy" in proc.stdout + proc.stderr
 
 
 def test_data_clean_true_removes_unwanted_samples_and_reports_to_mlflow(tmp_path, tracking):
