@@ -255,9 +255,8 @@ def record_ensemble(run_cfg: DictConfig, ensemble: Ensemble) -> str:
             }
         )
         record_evaluation(recorder, result.evaluation, None, None)
-        for tta in (result.tta, result.val_tta):
-            if tta is not None:
-                recorder.log_metrics(tta.metrics)
+        if tta := result.tta_metrics():  # no empty request for a run without TTA
+            recorder.log_metrics(tta)
         record_predictions(recorder, data.splits.test, result)
         record_calibration(recorder, data.splits.test, result, run_cfg.get("trainer", {}).get("abstention"))
         if run_cfg.tracking.log_model:

@@ -47,6 +47,10 @@ class TestResult:
     temperature: float | None = None
     uncalibrated: dict[str, np.ndarray] = field(default_factory=dict)
 
+    def tta_metrics(self) -> dict[str, float]:
+        """``test_tta_*`` and ``final_val_tta_*`` when `add_tta` scored them; else nothing."""
+        return {k: v for e in (self.tta, self.val_tta) if e is not None for k, v in e.metrics.items()}
+
 
 def final_result(
     model: keras.Model,

@@ -255,9 +255,8 @@ def record(
     with timed("evaluate"):
         recorder.log_metrics({f"best_{run.objective}": objective})
         record_evaluation(recorder, result.evaluation, history, phase2_start)
-        for tta in (result.tta, result.val_tta):
-            if tta is not None:
-                recorder.log_metrics(tta.metrics)
+        if tta := result.tta_metrics():  # no empty request for a run without TTA
+            recorder.log_metrics(tta)
         if wants_explanations(run.tracking.explain, study, objective):
             record_explanations(recorder, model, test, result.probabilities)
         elif run.tracking.explain == "auto":
