@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from bloodcell.core.errors import UserError
+from bloodcell.core.slurm_requeue import shield_requeue_from_sigterm
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -38,6 +39,7 @@ def run_or_exit(task: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     # run ends KILLED instead of staying RUNNING forever.
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    shield_requeue_from_sigterm()  # in a submitit job: a preempted trial is requeued, not failed
     try:
         return task(*args, **kwargs)
     except UserError as err:
