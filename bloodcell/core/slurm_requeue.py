@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from types import FrameType
 from typing import Any
 
@@ -27,9 +28,9 @@ def shield_requeue_from_sigterm() -> None:
     """Wrap submitit's requeue handler, where one is installed in this process (a submitit job's main
     thread); elsewhere do nothing."""
     job_environment = sys.modules.get("submitit.core.job_environment")
-    if job_environment is None:
-        return
-    for signum in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):  # what SUBMITIT_PREEMPT_SIGNAL may name
+    if job_environment is None or threading.current_thread() is not threading.main_thread():
+        return  # not a submitit job, or a thread that may not set handlers (signal.signal would raise)
+    for signum in signal.valid_signals():  # USR2 unless SUBMITIT_PREEMPT_SIGNAL names another
         handler = signal.getsignal(signum)
         owner = getattr(handler, "__self__", None)
         is_submitit = isinstance(owner, job_environment.SignalHandler)
