@@ -5,7 +5,8 @@ the call and running ``scontrol requeue <own job>``. That requeue makes SLURM se
 process of the job, ``scontrol`` included. When the signal reaches ``scontrol`` before it exits,
 submitit sees ``CalledProcessError: ... died with <Signals.SIGTERM: 15>``, writes it as the job's result
 and the sweeper records the trial as failed, although SLURM has queued the job again. It is a race: it
-did not show in 18 requeues by hand on the local cluster, and failed a CI run under load once.
+did not show in 17 requeues and preemptions by hand on the local cluster, some under load, and failed a
+CI run once.
 
 submitit ignores SIGTERM with a Python handler, which a child process does not inherit. An ignored signal
 (SIG_IGN) is inherited across exec, so SIGTERM is ignored, at the OS level, while submitit's handler runs:
