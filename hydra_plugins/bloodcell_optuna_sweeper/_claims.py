@@ -5,10 +5,12 @@ running or ended (complete, pruned, or failed by its own error); a trial whose s
 (SIGKILL, a lost node) or was stopped goes back into Optuna's queue (WAITING) with its parameters and
 pruning reports, and the next ask runs it again: its training resumes from its last checkpoint in its
 own MLflow run (``MAX_INTERRUPTIONS`` times; then it is marked FAIL + ``interrupted``, does not count,
-and its place is run anew). Before each ask, a process counts the trials under a file lock beside
-a local storage (journal / SQLite), so processes on one machine never ask one trial too many; on a
-database server it asks first and, when its trial ranks beyond ``n_trials``, puts it back in Optuna's
-queue (WAITING) for whoever needs a trial next.
+and its place is run anew). Before each ask, a process counts the trials under a lock: a file lock
+beside a local storage (journal / SQLite), PostgreSQL's advisory lock on a PostgreSQL server, so
+processes never ask one trial too many. Where no lock is shared (a gRPC storage proxy, MySQL) it asks
+first and, when its trial ranks beyond ``n_trials`` (another process asked at the same instant), puts it
+back in Optuna's queue (WAITING), unrun: the next ask takes it, and a study that already has its
+``n_trials`` keeps it queued for a later, longer sweep.
 
 A running trial carries its sweep process (host, pid) and a heartbeat time as system attributes. It is
 interrupted when that process is gone from this host, or, when it runs on another host, its heartbeat is
@@ -28,6 +30,7 @@ import socket
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,7 +38,7 @@ from typing import Any, Protocol
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from bloodcell.sweep.trial import PRUNER_ATTR, lock_path, with_storage_retries
+from bloodcell.sweep.trial import PRUNER_ATTR, lock_path, redact, with_storage_retries
 
 from ._parent_run import ParentRun, fail_child, link
 from ._search_space import SearchSpace
@@ -91,19 +94,57 @@ def counts_toward_total(trial: FrozenTrial) -> bool:
 
 
 @contextlib.contextmanager
-def storage_lock(storage_url: str) -> Iterator[None]:
-    """A file lock beside a local storage (journal / SQLite), for the processes of one machine; none for a
-    database server."""
+def storage_lock(storage_url: str, storage: Any = None) -> Iterator[None]:
+    """A lock the sweep processes of one storage share around counting and taking trials, creating the
+    study and its parent run: a file lock beside a local storage (journal / SQLite), for the processes of
+    one machine; PostgreSQL's advisory lock when ``storage`` is an RDBStorage on PostgreSQL, for every
+    machine; none otherwise (gRPC proxy, MySQL: `claim` ranks its trial instead)."""
     path = lock_path(storage_url or "")
-    if path is None:
+    if path is not None:
+        with open(path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    engine = getattr(storage, "engine", None)  # RDBStorage's SQLAlchemy engine (public attribute)
+    if engine is None or engine.dialect.name != "postgresql":
         yield
         return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with _advisory_lock(engine):
+        yield
+
+
+#: the advisory lock's key: any fixed bigint, the same in every sweep process (crc32 of the name below)
+ADVISORY_LOCK_KEY = zlib.crc32(b"bloodcell.sweep.storage_lock")
+
+
+@contextlib.contextmanager
+def _advisory_lock(engine: Any) -> Iterator[None]:
+    """PostgreSQL's session advisory lock on a connection of its own: the server releases it when the
+    connection ends, so a sweep process killed while holding it blocks nobody. A database that cannot be
+    reached to take it is not waited for here: the storage calls inside retry or fail on their own, and
+    `claim`'s rank check still keeps the total."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        connection = engine.connect()
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+    except DBAPIError as err:
+        log.warning("could not take the study's lock on PostgreSQL (%s): going on without it",
+                    redact(str(err).splitlines()[0][:200]))  # fmt: skip
+        yield
+        return
+    try:
+        yield
+    finally:
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_LOCK_KEY})
+            connection.close()
+        except DBAPIError:  # the connection is gone, and the lock with it
+            connection.invalidate()
 
 
 def _trial_id(sweep: Sweep, number: int) -> int:
@@ -128,7 +169,7 @@ def claim(sweep: Sweep) -> Claimed | None:
     """A trial for this process (a new one, or one given back), owned by it and with its settings, or None
     when the study has its ``n_trials``."""
     storage, study = sweep.storage, sweep.study
-    with storage_lock(sweep.storage_url):
+    with storage_lock(sweep.storage_url, storage):
         recover_interrupted(sweep)
         if sum(map(counts_toward_total, study.get_trials(deepcopy=False))) >= sweep.n_trials:
             return None
@@ -148,6 +189,12 @@ def claim(sweep: Sweep) -> Claimed | None:
         # back into Optuna's queue (what study.enqueue_trial makes, for the next ask): no Study or Trial
         # method sets a trial WAITING; the storage's method does
         storage.set_trial_state_values(claimed.id, TrialState.WAITING)
+        log.info(
+            "trial %d was asked at the same time as another process's last trial (no lock is shared on "
+            "%s): not run, it waits in the study's queue for the next ask",
+            trial.number,
+            redact(sweep.storage_url),
+        )
         return None
     storage.set_trial_system_attr(claimed.id, PRUNER_ATTR, sweep.pruner_spec)
     dropped = sweep.space.dropped(trial.params)

@@ -170,7 +170,7 @@ class OptunaSweep:
         choices = self.config.hydra.runtime.choices
         self.study_name = str(opts.study_name or choices.get("sweeps") or self.config.hydra.job.name)
         try:
-            with storage_lock(self.storage_url):
+            with storage_lock(self.storage_url, self.storage):
                 self.study = optuna.create_study(
                     study_name=self.study_name,
                     storage=self.storage,
@@ -191,7 +191,7 @@ class OptunaSweep:
         self.study.sampler = self._make_sampler(seed_offset=self.run_index)
         self.rerun_prefix = self._rerun_prefix()
         if "tracking" in self.config:
-            with storage_lock(self.storage_url):
+            with storage_lock(self.storage_url, self.storage):
                 self.mlflow = open_parent_run(self)
         trials = self.study.get_trials(deepcopy=False)
         seed = opts.sampler.seed
@@ -379,7 +379,7 @@ class OptunaSweep:
             c["complete"],
             c["pruned"],
             c["failed"],
-            f", {c['running']} running" if c["running"] else "",
+            "".join(f", {c[k]} {k}" for k in ("running", "waiting") if c[k]),
             best_text,
         )
 

@@ -38,7 +38,7 @@ class ParentRun:
 
 
 def summary_counts(trials: list[FrozenTrial]) -> dict[str, int]:
-    counts = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "interrupted": 0}
+    counts = {"complete": 0, "pruned": 0, "failed": 0, "running": 0, "interrupted": 0, "waiting": 0}
     for t in trials:
         if t.state == TrialState.COMPLETE:
             counts["complete"] += 1
@@ -46,6 +46,8 @@ def summary_counts(trials: list[FrozenTrial]) -> dict[str, int]:
             counts["pruned"] += 1
         elif t.state == TrialState.RUNNING:
             counts["running"] += 1
+        elif t.state == TrialState.WAITING:  # queued, not run: given back, or asked beyond n_trials
+            counts["waiting"] += 1
         elif t.state == TrialState.FAIL:
             counts["interrupted" if "interrupted" in t.user_attrs else "failed"] += 1
     return counts

@@ -3,7 +3,9 @@ Hydra or training: each Optuna call it makes is public API (or a method of the s
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 import uuid
 
@@ -13,21 +15,28 @@ from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
 from bloodcell.sweep.trial import PRUNER_ATTR, open_storage
-from hydra_plugins.bloodcell_optuna_sweeper._claims import HEARTBEAT_ATTR, OWNER_ATTR, claim, interrupt
+from hydra_plugins.bloodcell_optuna_sweeper._claims import (
+    HEARTBEAT_ATTR,
+    OWNER_ATTR,
+    claim,
+    interrupt,
+    storage_lock,
+)
 from hydra_plugins.bloodcell_optuna_sweeper._impl import OptunaSweep
+from hydra_plugins.bloodcell_optuna_sweeper._parent_run import summary_counts
 from hydra_plugins.bloodcell_optuna_sweeper._search_space import parse_search_space
 from hydra_plugins.bloodcell_optuna_sweeper.config import BloodcellOptunaSweeperConf
 
 
-def bare_sweep(url: str, n_trials: int) -> OptunaSweep:
+def bare_sweep(url: str, n_trials: int, study_name: str = "s") -> OptunaSweep:
     """An OptunaSweep as `_prepare` leaves it, less Hydra (no launcher, no MLflow)."""
     sweep = OptunaSweep.__new__(OptunaSweep)
     sweep.options = BloodcellOptunaSweeperConf()
     sweep.storage_url = url
     sweep.storage = open_storage(url)
-    sweep.study = optuna.create_study(study_name="s", storage=sweep.storage, load_if_exists=True)
-    sweep.study_id = sweep.storage.get_study_id_from_name("s")
-    sweep.study_name, sweep.objective_name, sweep.n_trials = "s", "val_accuracy", n_trials
+    sweep.study = optuna.create_study(study_name=study_name, storage=sweep.storage, load_if_exists=True)
+    sweep.study_id = sweep.storage.get_study_id_from_name(study_name)
+    sweep.study_name, sweep.objective_name, sweep.n_trials = study_name, "val_accuracy", n_trials
     sweep.space = parse_search_space(["+experiment=quickstart", "finetune.lr=interval(0, 1)"])
     sweep.rerun_prefix = ["+experiment=quickstart"]
     sweep.pruner_spec = {"name": "median", "kwargs": {}}
@@ -60,11 +69,11 @@ def test_claimed_trials_carry_their_id_owner_pruner_and_rerun_overrides(journal)
     assert set(sweep.in_flight) == {c.id for c in batch if c is not None}
 
 
-def test_a_trial_ranked_beyond_n_trials_goes_back_to_the_queue(journal, monkeypatch):
-    # two machines share no lock (a database URL: no lock file); the other takes the last place between
-    # this one's count and its ask
+def test_a_trial_ranked_beyond_n_trials_goes_back_to_the_queue(journal, monkeypatch, caplog):
+    # two machines share no lock (a gRPC proxy's URL: no lock file, no database lock); the other takes
+    # the last place between this one's count and its ask
     here, there = bare_sweep(journal, n_trials=1), bare_sweep(journal, n_trials=1)
-    here.storage_url = there.storage_url = "postgresql://db/optuna"
+    here.storage_url = there.storage_url = "grpc://proxy-host:13000"
     ask = here.study.ask
 
     def ask_after_the_other_machine(**kwargs):
@@ -72,13 +81,73 @@ def test_a_trial_ranked_beyond_n_trials_goes_back_to_the_queue(journal, monkeypa
         return ask(**kwargs)
 
     monkeypatch.setattr(here.study, "ask", ask_after_the_other_machine)
-    assert claim(here) is None
+    with caplog.at_level(logging.INFO):
+        assert claim(here) is None
     assert [t.state for t in here.study.get_trials()] == [TrialState.RUNNING, TrialState.WAITING]
     assert here.in_flight == {}
+    assert "trial 1 was asked at the same time as another process's last trial" in caplog.text
+    assert summary_counts(here.study.get_trials())["waiting"] == 1  # the sweep's summary says so
     # the queued trial is the next one taken, once there is room
     there.n_trials = 2
     claimed = claim(there)
     assert claimed is not None and claimed.trial.number == 1
+
+
+POSTGRES = os.environ.get("BLOODCELL_TEST_POSTGRES")
+
+
+@pytest.mark.skipif(not POSTGRES, reason="needs BLOODCELL_TEST_POSTGRES (scripts/ci_services.sh)")
+def test_on_postgresql_sweep_processes_take_trials_one_at_a_time_under_an_advisory_lock():
+    """On PostgreSQL every machine shares the database's advisory lock: while one sweep process counts
+    and asks, another waits, so no trial is ever asked beyond n_trials (the gRPC proxy has no such lock:
+    the test above)."""
+    assert POSTGRES is not None
+    first, second = open_storage(POSTGRES), open_storage(POSTGRES)  # two processes' own connections
+    holding, entered, release = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with storage_lock(POSTGRES, first):
+            holding.set()
+            release.wait(30)
+
+    def take() -> None:
+        with storage_lock(POSTGRES, second):
+            entered.set()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(30)
+    taker = threading.Thread(target=take)
+    taker.start()
+    assert not entered.wait(1.0)  # blocked while the lock is held (without the lock: entered at once)
+    release.set()
+    assert entered.wait(30)  # and goes on once it is released
+    holder.join(30)
+    taker.join(30)
+
+    # the race of the test above, on PostgreSQL: two sweeps claim the last place at the same instant
+    study_name = f"lock-{uuid.uuid4().hex[:8]}"
+    sweeps = []
+    for _ in range(2):
+        sweep = bare_sweep(POSTGRES, n_trials=1, study_name=study_name)
+        sweeps.append(sweep)
+    start = threading.Barrier(2)
+    results: list = []
+
+    def claim_at_once(sweep: OptunaSweep) -> None:
+        start.wait(30)
+        results.append(claim(sweep))
+
+    threads = [threading.Thread(target=claim_at_once, args=(s,)) for s in sweeps]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    try:
+        assert sorted(r is None for r in results) == [False, True]
+        assert [t.state for t in sweeps[0].study.get_trials()] == [TrialState.RUNNING]  # none put back
+    finally:
+        optuna.delete_study(study_name=study_name, storage=sweeps[0].storage)
 
 
 def test_a_trial_whose_sweep_stopped_beating_goes_back_to_the_queue_and_is_taken_again(journal):
