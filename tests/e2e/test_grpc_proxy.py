@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from hydra_plugins.bloodcell_optuna_sweeper._parent_run import PARENT_RUN_ATTR
 from tests.helpers import TINY, assert_user_error, free_port, run_module, sqlite_store
 
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -82,12 +83,14 @@ def test_two_sweep_processes_share_one_study_through_the_grpc_proxy(tmp_path):
     try:
         storage = open_storage(url)  # waits until the proxy answers
         sweeps.append(_sweep(tmp_path, url, "a"))
-        # the second process starts once the first made the study: the n-th process of a study seeds its
-        # sampler with seed + n, counted in the study, and two that start at the same instant could both
-        # read n = 0 (a database server has no lock the sweepers share) and propose the same points
+        # the second process starts once the first made the study and its MLflow parent run, as
+        # docs/sweeps.md advises: through a proxy the sweepers share no lock, and two that start at the same
+        # instant could both read run index n = 0 (seeding their samplers alike) or open two parent runs
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and sweeps[0].poll() is None:
-            if any(s.study_name == "grpc-proxy-test" for s in optuna.get_all_study_summaries(storage)):
+            summaries = optuna.get_all_study_summaries(storage)
+            studies = [s for s in summaries if s.study_name == "grpc-proxy-test"]
+            if studies and PARENT_RUN_ATTR in studies[0].user_attrs:
                 break
             time.sleep(0.5)
         sweeps.append(_sweep(tmp_path, url, "b"))
