@@ -131,10 +131,17 @@ def _advisory_lock(engine: Any) -> Iterator[None]:
 
     try:
         connection = engine.connect()
-        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
     except DBAPIError as err:
-        log.warning("could not take the study's lock on PostgreSQL (%s): going on without it",
-                    redact(str(err).splitlines()[0][:200]))  # fmt: skip
+        connection, why = None, err
+    else:
+        try:
+            connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+        except DBAPIError as err:
+            connection.invalidate()
+            connection, why = None, err
+    if connection is None:
+        log.warning("could not take the sweep lock on PostgreSQL (%s): going on without it",
+                    redact(str(why).splitlines()[0][:200]))  # fmt: skip
         yield
         return
     try:

@@ -26,6 +26,7 @@ from hydra_plugins.bloodcell_optuna_sweeper._impl import OptunaSweep
 from hydra_plugins.bloodcell_optuna_sweeper._parent_run import summary_counts
 from hydra_plugins.bloodcell_optuna_sweeper._search_space import parse_search_space
 from hydra_plugins.bloodcell_optuna_sweeper.config import BloodcellOptunaSweeperConf
+from tests.helpers import free_port
 
 
 def bare_sweep(url: str, n_trials: int, study_name: str = "s") -> OptunaSweep:
@@ -148,6 +149,24 @@ def test_on_postgresql_sweep_processes_take_trials_one_at_a_time_under_an_adviso
         assert [t.state for t in sweeps[0].study.get_trials()] == [TrialState.RUNNING]  # none put back
     finally:
         optuna.delete_study(study_name=study_name, storage=sweeps[0].storage)
+
+
+def test_a_postgresql_lock_that_cannot_be_taken_is_said_and_the_claim_goes_on(caplog):
+    """A database that refuses connections at that moment: the sweep is not stopped by its lock (the rank
+    check keeps the total, the storage's own calls retry)."""
+    from types import SimpleNamespace
+
+    import sqlalchemy
+
+    port = free_port()  # nothing listens there
+    unreachable = SimpleNamespace(
+        engine=sqlalchemy.create_engine(f"postgresql+psycopg://u@127.0.0.1:{port}/db")
+    )
+    entered = False
+    with caplog.at_level(logging.WARNING), storage_lock(f"postgresql://u@127.0.0.1:{port}/db", unreachable):
+        entered = True
+    assert entered
+    assert "could not take the sweep lock on PostgreSQL" in caplog.text
 
 
 def test_a_trial_whose_sweep_stopped_beating_goes_back_to_the_queue_and_is_taken_again(journal):
