@@ -100,7 +100,8 @@ def _project_path(path: str) -> Path:
 
 def lock_path(url: str) -> Path | None:
     """A file beside a local storage that sweep processes on this machine lock around taking a trial;
-    None for a database server (there the sweeper checks its trial's rank after asking instead)."""
+    None for a database server (there the sweeper takes PostgreSQL's advisory lock, or elsewhere checks its
+    trial's rank after asking)."""
     # not "<file>.lock": Optuna's journal backend takes that name for its own (symlink) lock
     if url.startswith("journal:"):
         return Path(url[len("journal:") :] + ".sweep-lock")
