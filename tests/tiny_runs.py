@@ -6,8 +6,8 @@ One SQLite store, every run on the same data and split (``TINY_HEAD_ONLY``, seed
 
 - experiment ``quickstart``: run ``quickstart``, alone there, as `python -m bloodcell.train
   +experiment=quickstart` makes it;
-- experiment ``members``: a hand-made sweep parent ``sweep`` (FINISHED) with two children, ``a`` as the
-  quickstart builds it and ``b`` resizing its 32 px images to 48 px inside the model
+- experiment ``members``: a hand-made sweep parent ``sweep`` (FINISHED) with two children, ``a`` computing at
+  the images' 32 px as TINY does and ``b`` resizing them to 48 px inside the model
   (``backbone.input_size=48``), so that the two members differ.
 
 Under pytest-xdist the store is trained by the first worker that asks for it, under a file lock in the
@@ -108,7 +108,7 @@ def build(folder: Path) -> TinyRuns:
     quickstart = client.get_experiment_by_name("quickstart").experiment_id
     (q,) = client.search_runs([quickstart])
     children = client.search_runs([members], f"tags.mlflow.parentRunId = '{sweep}'")
-    [a] = [r.info.run_id for r in children if r.data.params["backbone.input_size"] == "null"]
+    [a] = [r.info.run_id for r in children if r.data.params["backbone.input_size"] == "32"]
     [b] = [r.info.run_id for r in children if r.data.params["backbone.input_size"] == "48"]
     return TinyRuns(str(folder), q.info.run_id, sweep, a, b, quickstart, members)
 

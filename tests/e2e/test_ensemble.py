@@ -21,15 +21,15 @@ from tests.helpers import assert_ok, logged_run_id, run_bundle, run_module
 
 @pytest.fixture(scope="module")
 def store(tiny_runs, tmp_path_factory):
-    """Two trials of a hand-made sweep (the session's tiny runs, tests/tiny_runs.py): A as the quickstart
-    builds it, B with an in-model resize to 48 px; on a copy of their store."""
+    """Two trials of a hand-made sweep (the session's tiny runs, tests/tiny_runs.py): A computing at the
+    images' 32 px, B with an in-model resize to 48 px; on a copy of their store."""
     import mlflow
 
     root = tmp_path_factory.mktemp("ensemble")
     uri = tiny_runs.copy(root)
     client = mlflow.MlflowClient(uri)
     a, b, sweep, experiment = tiny_runs.a, tiny_runs.b, tiny_runs.sweep, tiny_runs.members_experiment
-    assert client.get_run(a).data.params["backbone.input_size"] == "null"
+    assert client.get_run(a).data.params["backbone.input_size"] == "32"
     assert client.get_run(b).data.params["backbone.input_size"] == "48"
     from bloodcell.data import make_demo_set
 
