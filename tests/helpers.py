@@ -24,16 +24,14 @@ SHARED = REPO.parent / "shared"
 SHARED_WEIGHTS = SHARED / "weights" / "mobilenet_2_5_224_tf_no_top.h5"
 SHARED_CELLS = SHARED / "data" / "pbc96"
 
-# The smallest run that still goes through every step: 96 synthetic 32x32 images, computed at 32 px, 1 epoch
-# per phase. small_cnn's native size is the cells' 96 px, so without backbone.input_size=32 the model
-# upscaled the 32 px images to 96 inside (9x the pixels: 160 ms a traced step instead of about 50 ms). Two
-# things users get by default are off, because they cost more than the tiny training itself: the traced
-# tf.function steps (eager steps: no tracing, 6 s less in fit for 1 + 1 epochs) and the Grad-CAM sheets
-# (about 2 s). TINY_TRACED keeps both.
+# The smallest run that still goes through every step: 96 synthetic 32x32 images, computed at 32 px (the
+# quickstart's backbone.input_size follows data.image_size; at small_cnn's default 96 px a traced step took
+# 160 ms instead of about 50), 1 epoch per phase. Two things users get by default are off, because they cost
+# more than the tiny training itself: the traced tf.function steps (eager steps: no tracing, 6 s less in fit
+# for 1 + 1 epochs) and the Grad-CAM sheets (about 2 s). TINY_TRACED keeps both.
 TINY = [
     "+experiment=quickstart",
     "data.image_size=32",
-    "backbone.input_size=32",
     "data.per_class=12",
     "trainer.epochs=1",
     "finetune.epochs=1",
