@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,18 @@ import pytest
 
 from tests.helpers import sqlite_store, write_npz
 from tests.tiny_runs import TinyRuns, shared
+
+
+@pytest.fixture(autouse=True)
+def environment_kept():
+    """Each test leaves the environment as it found it. Code a test runs in-process (the API, MLflow) may
+    set variables, and what one test left reached the commands that later tests of the same process
+    started: a sampling interval left by an in-process run once took a later sweep's system metrics."""
+    before = dict(os.environ)
+    yield
+    if dict(os.environ) != before:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 @pytest.fixture

@@ -58,15 +58,22 @@ needs_lite0 = pytest.mark.skipif(
 )
 
 
+def command_environment(extra: dict | None = None) -> dict[str, str]:
+    """The environment of a command a test starts, as a user's shell would have it: no GPU, quiet
+    TensorFlow, and none of pytest's own variables (PYTEST_CURRENT_TEST also turns on checks inside
+    MLflow that are meant for MLflow's test suite, not for its users' processes)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    return {**env, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3", **(extra or {})}
+
+
 def run_module(
     module: str, *args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """``python -m <module> args...`` with no GPU and quiet TensorFlow, as a user would type it."""
-    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", module, *args],
         cwd=cwd or REPO,
-        env=full_env,
+        env=command_environment(env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -79,12 +86,16 @@ class Started:
     output goes to files, not pipes, so that it never blocks on a full pipe; ``finish()`` waits for it."""
 
     def __init__(self, module: str, *args: str, cwd: Path | None = None, env: dict | None = None):
-        full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
         self.args = [sys.executable, "-m", module, *args]
         # closed by finish() (a `with` block ends with it)
         self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115
         self.process = subprocess.Popen(
-            self.args, cwd=cwd or REPO, env=full_env, stdout=self._out, stderr=self._err, text=True
+            self.args,
+            cwd=cwd or REPO,
+            env=command_environment(env),
+            stdout=self._out,
+            stderr=self._err,
+            text=True,
         )
 
     def __enter__(self) -> Started:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import REPO, TINY_HEAD_ONLY, sqlite_store
+from tests.helpers import REPO, TINY_HEAD_ONLY, command_environment, sqlite_store
 
 #: what each training run of the store adds to TINY_HEAD_ONLY
 _ARGS = {
@@ -61,7 +61,7 @@ class TinyRuns:
 def _train_at_once(runs: dict[str, list[str]]) -> None:
     """``python -m bloodcell.train`` for each entry, all started together (the tiny runs are mostly
     single-threaded start-up: side by side they take little longer than one)."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = command_environment()
     procs = {
         name: subprocess.Popen(
             [sys.executable, "-m", "bloodcell.train", *args],

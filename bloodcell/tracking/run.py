@@ -161,9 +161,9 @@ def _open_run(
     import mlflow
 
     parent = tracking_settings.parent_run_id
-    system = system_metrics(tracking_settings)
     if resume_run_id:
-        run = mlflow.start_run(run_id=resume_run_id, nested=bool(parent), log_system_metrics=system)
+        with system_metrics(tracking_settings) as system:
+            run = mlflow.start_run(run_id=resume_run_id, nested=bool(parent), log_system_metrics=system)
         mlflow.set_tags(tags)
         resumes = int(run.data.tags.get("resumed", "0")) + 1
         with contextlib.suppress(Exception):
@@ -171,14 +171,15 @@ def _open_run(
         mlflow.set_tag("resumed", str(resumes))
         return run
     token = uuid.uuid4().hex
-    run = mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=tracking_settings.run_name,
-        parent_run_id=parent,
-        nested=bool(parent),
-        tags={**tags, START_TOKEN_TAG: token},
-        log_system_metrics=system,
-    )
+    with system_metrics(tracking_settings) as system:
+        run = mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=tracking_settings.run_name,
+            parent_run_id=parent,
+            nested=bool(parent),
+            tags={**tags, START_TOKEN_TAG: token},
+            log_system_metrics=system,
+        )
     drop_duplicate_starts(run.info.experiment_id, run.info.run_id, token)
     return run
 
@@ -245,19 +246,27 @@ def drop_duplicate_starts(experiment_id: str, run_id: str, token: str) -> list[s
     return deleted
 
 
-def system_metrics(tracking_cfg: TrackingSchema | Any) -> bool:
-    """Whether the run records MLflow's system metrics (CPU, memory, disk, network, and GPU with
-    ``nvidia-ml-py``), sampled every ``tracking.system_metrics_seconds`` (null or 0: off; the ``tracking``
-    settings, or a mapping of them: `TrackingSchema.of`). An MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL set
-    by the user wins."""
-    seconds = TrackingSchema.of(tracking_cfg).system_metrics_seconds
-    if not seconds:
-        return False
-    if "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL" not in os.environ:
-        import mlflow
+@contextlib.contextmanager
+def system_metrics(tracking_cfg: TrackingSchema | Any) -> Iterator[bool]:
+    """Whether the run started inside the block records MLflow's system metrics (CPU, memory, disk,
+    network, and GPU with ``nvidia-ml-py``), sampled every ``tracking.system_metrics_seconds`` (null or 0:
+    off; the ``tracking`` settings, or a mapping of them: `TrackingSchema.of`). An
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL set by the user wins.
 
-        mlflow.set_system_metrics_sampling_interval(float(seconds))
-    return True
+    MLflow takes the interval only from that environment variable, which its monitor reads once, as the
+    run starts; so it is set for the block and put back after. Left set, it passed for the user's own
+    setting: the next run of the same process (a notebook, the API) and every command started from it
+    kept the first run's interval, whatever their config said."""
+    seconds = TrackingSchema.of(tracking_cfg).system_metrics_seconds
+    name = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
+    if not seconds or name in os.environ:
+        yield bool(seconds)
+        return
+    os.environ[name] = str(float(seconds))
+    try:
+        yield True
+    finally:
+        os.environ.pop(name, None)
 
 
 def _end_run(recorder: Recorder, status: str, tags: dict[str, str], outage_wait: float) -> None:

@@ -97,17 +97,24 @@ def test_epoch_record_carries_the_training_throughput():
     assert logger.images_per_second() > 1000  # 1000 images in well under a second
 
 
-def test_system_metrics_follow_the_config(monkeypatch):
+def test_system_metrics_follow_the_config_of_each_run_and_leave_no_setting_behind(monkeypatch):
     import os
 
-    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
-    assert not system_metrics(OmegaConf.create({"system_metrics_seconds": 0}))
-    assert not system_metrics(OmegaConf.create({"system_metrics_seconds": None}))
-    assert system_metrics(OmegaConf.create({"system_metrics_seconds": 3}))
-    assert float(os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"]) == 3.0
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "7")  # the user's own setting wins
-    assert system_metrics(OmegaConf.create({"system_metrics_seconds": 3}))
-    assert os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] == "7"
+    name = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"  # what MLflow's monitor reads as a run starts
+    monkeypatch.delenv(name, raising=False)
+    for off in (0, None):
+        with system_metrics(OmegaConf.create({"system_metrics_seconds": off})) as on:
+            assert not on and name not in os.environ
+    with system_metrics(OmegaConf.create({"system_metrics_seconds": 3})) as on:
+        assert on and float(os.environ[name]) == 3.0
+    # gone after the run's start: the next run of this process (and a command it starts) takes its own
+    assert name not in os.environ
+    with system_metrics(OmegaConf.create({"system_metrics_seconds": 5})) as on:
+        assert on and float(os.environ[name]) == 5.0
+    monkeypatch.setenv(name, "7")  # the user's own setting wins, and stays
+    with system_metrics(OmegaConf.create({"system_metrics_seconds": 3})) as on:
+        assert on and os.environ[name] == "7"
+    assert os.environ[name] == "7"
 
 
 def test_links_open_the_model_training_pages_without_credentials():
