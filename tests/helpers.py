@@ -152,8 +152,7 @@ for arg in sys.argv[1:]:
 
 def run_bundle(folder: Path, **inputs: Path | str) -> subprocess.CompletedProcess:
     """BUNDLE_RUNNER in ``folder`` (an unpacked submission bundle) on ``name=npz file`` inputs."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+    env = {k: v for k, v in command_environment().items() if k != "PYTHONPATH"}
     return subprocess.run(
         [sys.executable, "-I", "-c", BUNDLE_RUNNER, *(f"{name}={path}" for name, path in inputs.items())],
         cwd=folder,
@@ -316,7 +315,7 @@ def start_mlflow_server(store: Path, port: int) -> subprocess.Popen:
             stdout=log,
             stderr=subprocess.STDOUT,
             # no job-runner processes: the tests need only the tracking API
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            env=command_environment({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
             start_new_session=True,  # its workers are children: stop_mlflow_server ends the whole group
         )
     deadline = time.monotonic() + 120

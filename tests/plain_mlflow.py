@@ -4,12 +4,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from tests.helpers import command_environment
 
 #: ``python -I -c FRESH_LOADER images.npy out.npz <model URI>...``: each model loaded with
 #: mlflow.pyfunc.load_model and mlflow.keras.load_model (Keras' safe mode on), and its probabilities for the
@@ -45,8 +46,8 @@ assert not [m for m in sys.modules if m.split(".")[0] == "bloodcell"], "bloodcel
 
 def plain_env(tracking_uri: str) -> dict[str, str]:
     """The environment of a user's shell: no PYTHONPATH, no GPU, quiet TensorFlow, the store."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3", MLFLOW_TRACKING_URI=tracking_uri)
+    env = {k: v for k, v in command_environment().items() if k != "PYTHONPATH"}
+    env["MLFLOW_TRACKING_URI"] = tracking_uri
     env.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return env
 
