@@ -18,6 +18,7 @@ from typing import Any
 
 import bloodcell.tracking.outbox as outbox
 from bloodcell import PROJECT_ROOT, __version__
+from bloodcell.core.errors import is_prune
 from bloodcell.core.redaction import mask_secrets, mask_text
 from bloodcell.core.settings import TrackingSchema, TrialSchema
 from bloodcell.tracking.outbox import Outbox
@@ -200,9 +201,7 @@ def _failed(err: BaseException, in_sweep: bool) -> tuple[str, dict[str, str]]:
     """How a run that raised ``err`` ends: an Optuna prune KILLED with ``optuna.trial_state=PRUNED`` (the
     metrics logged so far stay), Ctrl-C or SIGTERM KILLED as interrupted, anything else FAILED with the
     error (passwords masked) as tag ``error``."""
-    import optuna
-
-    if isinstance(err, optuna.TrialPruned):
+    if is_prune(err):
         return "KILLED", {"optuna.trial_state": "PRUNED", "pruned": "true", "pruned_reason": str(err)[:5000]}
     if isinstance(err, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, or SIGTERM (see bloodcell.core.cli)
         return "KILLED", {"error": f"interrupted ({type(err).__name__})"}

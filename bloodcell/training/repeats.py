@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, open_dict
 
 from bloodcell import tracking
-from bloodcell.core.errors import UserError
+from bloodcell.core.errors import UserError, is_prune
 from bloodcell.core.settings import TrainSchema
 from bloodcell.tracking import members
 from bloodcell.training import checkpoints
@@ -191,11 +191,9 @@ def _run_members(
 
 
 def _end_failed(in_sweep: bool, group_run_id: str, err: BaseException) -> None:
-    import optuna
-
     from bloodcell.core.redaction import mask_text
 
-    if isinstance(err, optuna.TrialPruned):
+    if is_prune(err):
         tags = {"optuna.trial_state": "PRUNED", "pruned": "true", "pruned_reason": str(err)[:5000]}
         status = "KILLED"
     elif isinstance(err, (KeyboardInterrupt, SystemExit)):

@@ -24,7 +24,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from bloodcell import tracking
-from bloodcell.core.errors import UserError
+from bloodcell.core.errors import UserError, is_prune
 from bloodcell.core.settings import TrackingSchema, TrainerSchema, TrainSchema, TrialSchema
 from bloodcell.training import checkpoints
 from bloodcell.training.run_data import RunData
@@ -171,12 +171,11 @@ class CheckpointDirs:
 
     @contextlib.contextmanager
     def checkpointing(self, run_id: str) -> Iterator[Path]:
-        import optuna
-
         try:
             yield self.root / run_id
-        except optuna.TrialPruned:
-            checkpoints.delete(self.root / run_id)
+        except BaseException as err:
+            if is_prune(err):
+                checkpoints.delete(self.root / run_id)
             raise
 
     def finished(self, run_id: str) -> None:
