@@ -17,6 +17,7 @@ from typing import Any
 
 from bloodcell import PROJECT_ROOT
 from bloodcell.augment.preview import write_preview
+from bloodcell.core.cli import exit_now, run_or_exit
 from bloodcell.core.errors import UserError
 
 
@@ -50,8 +51,6 @@ def run(cfg: Any) -> Path:
 def _main() -> None:
     import hydra
 
-    from bloodcell.core.cli import run_or_exit
-
     @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="augment_preview")
     def main(cfg: Any) -> None:
         run_or_exit(run, cfg)
@@ -61,3 +60,4 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+    exit_now()  # done: skip the interpreter's teardown

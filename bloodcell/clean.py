@@ -10,7 +10,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from bloodcell import PROJECT_ROOT
-from bloodcell.core.cli import run_or_exit
+from bloodcell.core.cli import exit_now, run_or_exit
 from bloodcell.core.errors import UserError
 from bloodcell.core.outputs import atomic_path
 from bloodcell.data.cleaning.config import resolve_cfg
@@ -68,3 +68,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now()  # done: skip the interpreter's teardown

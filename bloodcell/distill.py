@@ -29,7 +29,7 @@ import hydra
 from omegaconf import DictConfig
 
 from bloodcell import PROJECT_ROOT
-from bloodcell.core.cli import run_or_exit
+from bloodcell.core.cli import exit_now, run_or_exit
 from bloodcell.core.errors import UserError
 from bloodcell.training.distillation import find_teacher
 
@@ -78,3 +78,4 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     main()
+    exit_now()  # done: skip the interpreter's teardown

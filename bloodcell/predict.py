@@ -27,7 +27,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from bloodcell import CLASS_NAMES, NUM_CLASSES, PROJECT_ROOT
-from bloodcell.core.cli import run_or_exit
+from bloodcell.core.cli import exit_now, run_or_exit
 from bloodcell.core.errors import UserError
 from bloodcell.evaluation.abstention import review_mask, review_summary
 from bloodcell.serving.loading import load_model, resize_for, resolve_model_uri, set_tracking
@@ -114,3 +114,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now()  # done: skip the interpreter's teardown

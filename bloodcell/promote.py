@@ -30,7 +30,7 @@ import hydra
 from omegaconf import DictConfig
 
 from bloodcell import PROJECT_ROOT
-from bloodcell.core.cli import run_or_exit
+from bloodcell.core.cli import exit_now, run_or_exit
 from bloodcell.serving.promotion import Promotion, expand_experiment_shorthand, promote_configured
 
 
@@ -59,3 +59,4 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     sys.argv = expand_experiment_shorthand(sys.argv)
     main()
+    exit_now()  # done: skip the interpreter's teardown

@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from bloodcell import PROJECT_ROOT
-from bloodcell.core.cli import run_or_exit
+from bloodcell.core.cli import exit_now, run_or_exit
 from bloodcell.serving.submission import COMPETITION_SHAPE, MODEL_FILE, build_submission, check_output
 
 
@@ -43,3 +43,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now()  # done: skip the interpreter's teardown

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from bloodcell import PROJECT_ROOT
-from bloodcell.core.cli import run_or_exit
+from bloodcell.core.cli import exit_now, run_or_exit
 
 
 def sync(cfg: DictConfig) -> int:
@@ -44,3 +44,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now()  # done: skip the interpreter's teardown

@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from bloodcell import PROJECT_ROOT
-from bloodcell.core.cli import run_or_exit
+from bloodcell.core.cli import exit_now, run_or_exit
 
 
 @hydra.main(version_base="1.3", config_path=str(PROJECT_ROOT / "conf"), config_name="train")
@@ -26,3 +26,4 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     main()
+    exit_now()  # done: skip the interpreter's teardown
