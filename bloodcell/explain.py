@@ -19,12 +19,12 @@ from omegaconf import DictConfig
 
 from bloodcell import PROJECT_ROOT
 from bloodcell.core import outputs
-from bloodcell.core.cli import run_or_exit
+from bloodcell.core.cli import exit_now, run_or_exit
 from bloodcell.core.errors import UserError
 from bloodcell.core.outputs import atomic_path
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+    from bloodcell.evaluation.gradcam import Sheet
 
 #: the sheet files of the command (a run logs them as plots/gradcam.png and plots/test_errors.png)
 GRADCAM_FILE, ERRORS_FILE = "gradcam.png", "errors.png"
@@ -42,12 +42,9 @@ def check_output(output: str | None, overwrite: bool) -> Path:
     return folder
 
 
-def save(figure: Figure, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
+def save(sheet: Sheet, path: Path) -> None:
     with atomic_path(path) as partial:
-        figure.savefig(partial)
-    plt.close(figure)
+        sheet.save(partial)
 
 
 def explain(cfg: DictConfig) -> list[Path]:
@@ -66,11 +63,11 @@ def explain(cfg: DictConfig) -> list[Path]:
     model = load_model(resolve_model_uri(cfg.model))
     explained = explain_images(model, data, str(cfg.input), cfg.layer, int(cfg.batch_size))
     files = {"gradcam": folder / GRADCAM_FILE, "errors": folder / ERRORS_FILE}
-    for name, figure in explained.figures.items():
-        save(figure, files[name])
+    for name, sheet in explained.sheets.items():
+        save(sheet, files[name])
     if explained.errors is not None:
         print(f"{explained.errors} errors among {len(data.images)} labelled images")
-    written = [files[name] for name in explained.figures]
+    written = [files[name] for name in explained.sheets]
     print(f"wrote {', '.join(str(p) for p in written)} (feature map: {explained.layer})")
     return written
 
@@ -82,3 +79,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now()  # done: skip the interpreter's teardown

@@ -185,7 +185,7 @@ def explain(model: Any, images: Any, *overrides: str, labels: Any = None) -> Exp
         source = _source(images)
         data = select_images(_images(images, labels), cfg.limit, source)
         explained = explain_images(_load(model, cfg), data, source, cfg.layer, int(cfg.batch_size))
-        pictures = {name: Picture.of(figure, name) for name, figure in explained.figures.items()}
+        pictures = {name: Picture(sheet.png(), name) for name, sheet in explained.sheets.items()}
         gradcam, errors = pictures["gradcam"], pictures.get("errors")
         return Explanation(gradcam, errors, explained.layer, explained.probabilities)
 

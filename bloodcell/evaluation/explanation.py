@@ -15,11 +15,9 @@ import numpy as np
 
 from bloodcell import CLASS_NAMES
 from bloodcell.core.errors import UserError
-from bloodcell.evaluation.gradcam import GradCam, errors_sheet, gradcam_grid, gradcam_sheet
+from bloodcell.evaluation.gradcam import GradCam, Sheet, errors_sheet, gradcam_grid, gradcam_sheet
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
     from bloodcell.serving.prediction import Images
 
 
@@ -28,7 +26,7 @@ class Explained:
     """The sheets (``gradcam``; ``errors`` with labels), the feature map they weigh, and with labels the
     model's probabilities and its error count."""
 
-    figures: dict[str, Figure]
+    sheets: dict[str, Sheet]
     layer: str
     probabilities: np.ndarray | None = None
     errors: int | None = None
@@ -69,9 +67,9 @@ def explain_images(model: Any, data: Images, source: str, layer: str | None, bat
         return Explained({"gradcam": grid}, str(cam.layer))
     probabilities = predict_arrays(model, images, batch_size)
     title = f"Grad-CAM, {len(images)} images of {source}"
-    figures = {
+    drawn = {
         "gradcam": gradcam_sheet(cam, images, labels, probabilities, title),
         "errors": errors_sheet(images, labels, probabilities, "labelled"),
     }
     errors = int((probabilities.argmax(axis=1) != labels).sum())
-    return Explained(figures, str(cam.layer), probabilities, errors)
+    return Explained(drawn, str(cam.layer), probabilities, errors)

@@ -96,7 +96,8 @@ class Recorder:
         """A uint8 (H, W, 3) array as a PNG."""
         from PIL import Image
 
-        self.log_file(artifact_path, lambda path: Image.fromarray(image).save(path))
+        # zlib's fastest level, as for every picture a run writes
+        self.log_file(artifact_path, lambda path: Image.fromarray(image).save(path, compress_level=1))
 
     def log_config(self, cfg: Any, overrides: list[str]) -> None:
         """The resolved config and the command-line overrides, as ``config.yaml`` and ``overrides.yaml``,

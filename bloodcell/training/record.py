@@ -154,8 +154,8 @@ def record_explanations(recorder: Recorder, model: keras.Model, test: Arrays, pr
     no Grad-CAM sheet, never a failed run (`bloodcell.evaluation.gradcam`)."""
     from bloodcell.evaluation.gradcam import sheets
 
-    for name, figure in sheets(model, test.images, test.labels, probabilities).items():
-        recorder.log_figure(figure, "plots/gradcam.png" if name == "gradcam" else "plots/test_errors.png")
+    for name, sheet in sheets(model, test.images, test.labels, probabilities).items():
+        recorder.log_file("plots/gradcam.png" if name == "gradcam" else "plots/test_errors.png", sheet.save)
 
 
 def record_calibration(

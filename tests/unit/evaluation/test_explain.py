@@ -13,6 +13,7 @@ from bloodcell.evaluation.gradcam import (
     ERRORS_SHOWN,
     GradCam,
     NoFeatureMap,
+    Sheet,
     errors_sheet,
     gradcam_grid,
     sheets,
@@ -116,8 +117,8 @@ def test_a_model_without_a_conv_layer_is_a_clear_error_and_the_run_sheets_skip_i
     images = red_square_images()
     labels = np.array([0, 1])
     with caplog.at_level(logging.WARNING, logger="bloodcell.explain"):
-        figures = sheets(model, images, labels, model.predict(images, verbose=0))
-    assert set(figures) == {"errors"}  # the error sheet still, no Grad-CAM sheet, no exception
+        drawn = sheets(model, images, labels, model.predict(images, verbose=0))
+    assert set(drawn) == {"errors"}  # the error sheet still, no Grad-CAM sheet, no exception
     assert "no Grad-CAM sheet: model dense_only has no convolutional layer" in caplog.text
 
 
@@ -135,21 +136,20 @@ def test_showcase_and_error_sheet_pick_the_most_confident_and_count_all_errors()
     errors = int((predicted != labels).sum())
     assert errors > ERRORS_SHOWN
     images = rng.integers(0, 255, (len(labels), 8, 8, 3), dtype=np.uint8)
-    figure = errors_sheet(images, labels, probabilities)
-    assert figure._suptitle.get_text() == (
+    sheet = errors_sheet(images, labels, probabilities)
+    assert sheet.title == (
         f"{errors} test errors of {len(labels)} images, the {ERRORS_SHOWN} most confident shown"
     )
     # one picture of the tiles (8 per row), the most confident error first, each under its caption
-    (ax,) = figure.axes
     wrong = np.flatnonzero(predicted != labels)
     shown = wrong[np.argsort(-confidence[wrong], kind="stable")][:ERRORS_SHOWN]
-    captions = [t.get_text() for t in ax.texts]
+    captions = [text for _, _, text, _, _ in sheet.texts]
     assert len(captions) == ERRORS_SHOWN
     first = shown[0]
     assert captions[0] == (
         f"true {CLASS_NAMES[labels[first]]}\npred {CLASS_NAMES[predicted[first]]} {confidence[first]:.2f}"
     )
-    canvas = ax.images[0].get_array()
+    canvas = sheet.canvas
     band = canvas.shape[0] // 8 - 8  # 8 rows of an 8-pixel tile under its caption band
     gap = canvas.shape[1] // 8 - 8
     for k, i in enumerate(shown):
@@ -158,14 +158,40 @@ def test_showcase_and_error_sheet_pick_the_most_confident_and_count_all_errors()
         np.testing.assert_array_equal(canvas[top : top + 8, left : left + 8], images[i])
 
 
+def test_the_page_is_the_title_over_the_tiles_enlarged_whole_with_their_captions(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (3, 10, 10, 3), dtype=np.uint8)
+    probabilities = np.eye(8, dtype=np.float32)[[1, 2, 3]]
+    sheet = errors_sheet(images, np.array([0, 0, 0]), probabilities, columns=2)
+    sheet.save(tmp_path / "errors.png")
+    page = np.asarray(Image.open(tmp_path / "errors.png").convert("RGB"))
+    scale = sheet.scale
+    assert scale == 19 and page.shape[1] == sheet.canvas.shape[1] * scale
+    header = page.shape[0] - sheet.canvas.shape[0] * scale
+    assert header > 2 * Sheet.TITLE_FONT  # the title's line above the grid
+    assert (page[:header] < 128).any()  # ... drawn in black on white
+    # every canvas pixel is a scale x scale block of the page, below the title: the tiles unblurred
+    for k in range(3):
+        row, column = divmod(k, 2)
+        top = header + (row * (sheet.band + 10) + sheet.band) * scale
+        left = column * (10 + sheet.gap) * scale
+        tile = page[top : top + 10 * scale : scale, left : left + 10 * scale : scale]
+        np.testing.assert_array_equal(tile, images[k])
+        caption_band = page[top - sheet.band * scale : top, left : left + 10 * scale]
+        assert (caption_band < 128).any()  # the caption's dark text over its tile
+    assert sheet.png() == (tmp_path / "errors.png").read_bytes()
+
+
 def test_unlabelled_images_each_get_a_tile_beside_their_heat_map_named_by_file():
     cam = GradCam.of(red_detector(pool=True, nested=True))
-    figure = gradcam_grid(cam, red_square_images(), ["cells/a.png", "cells/b.png"], "two cells")
-    titles = [text.get_text() for text in figure.axes[0].texts]  # image, heat map, image, heat map
+    sheet = gradcam_grid(cam, red_square_images(), ["cells/a.png", "cells/b.png"], "two cells")
+    titles = [text for _, _, text, _, _ in sheet.texts]  # image, heat map, image, heat map
     assert len(titles) == 4 and titles[0].startswith(
         "cells/a.png\npred eosinophil"
     )  # the blue class: more blue than red
-    assert titles[2].startswith("cells/b.png") and "feature map backbone/pool" in figure._suptitle.get_text()
+    assert titles[2].startswith("cells/b.png") and "feature map backbone/pool" in sheet.title
 
 
 def test_the_command_refuses_to_overwrite_sheets_or_to_write_into_a_file(tmp_path):
@@ -204,5 +230,5 @@ def test_gradcam_finds_mobilenet_s_last_conv_inside_the_nested_backbone():
     assert maps.shape == (8, 32, 32) and maps.min() >= 0.0 and maps.max() <= 1.0
     assert maps.max() > 0.5  # a gradient reached the feature map (a broken one gives all zeros)
     np.testing.assert_allclose(probabilities, model.predict(images, verbose=0), atol=1e-5)
-    figures = sheets(model, images, labels, probabilities)
-    assert set(figures) == {"errors", "gradcam"}
+    drawn = sheets(model, images, labels, probabilities)
+    assert set(drawn) == {"errors", "gradcam"}
