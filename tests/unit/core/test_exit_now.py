@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from tests.helpers import REPO, command_environment
 
@@ -41,15 +42,20 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_everything_a_normal_exit_does_happens_except_freeing_the_interpreter(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path)],
+def run_script(script: str, folder: Path) -> subprocess.CompletedProcess:
+    """``script`` in a fresh Python, writing into ``folder``."""
+    return subprocess.run(
+        [sys.executable, "-c", script, str(folder)],
         cwd=REPO,
         env=command_environment(),
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_everything_a_normal_exit_does_happens_except_freeing_the_interpreter(tmp_path):
+    proc = run_script(SCRIPT, tmp_path)
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout == "left in the buffer, no newline"
     assert (tmp_path / "thread.txt").read_text() == "joined"  # a non-daemon thread was waited for
@@ -62,14 +68,6 @@ def test_everything_a_normal_exit_does_happens_except_freeing_the_interpreter(tm
 
 def test_the_same_script_without_it_does_free_the_interpreter(tmp_path):
     """The check above can fail: a normal exit runs the finalizer that exit_now skips."""
-    script = SCRIPT.replace("exit_now(3)", "sys.exit(3)")
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path)],
-        cwd=REPO,
-        env=command_environment(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_script(SCRIPT.replace("exit_now(3)", "sys.exit(3)"), tmp_path)
     assert proc.returncode == 3, proc.stderr
     assert (tmp_path / "teardown.txt").read_text() == "freed"
