@@ -230,11 +230,13 @@ class Sheet:
     TILE = 190
     #: pixel sizes of a caption's and of the title's font, and the margin around the title
     CAPTION_FONT, TITLE_FONT, MARGIN = 11, 15, 8
+    #: the caption band above a tile (two lines of caption), as a share of the tile's height
+    CAPTION_BAND = 0.45 / 1.9
 
     def __init__(self, rows: int, columns: int, height: int, width: int) -> None:
         self.rows, self.columns, self.height, self.width = rows, columns, height, width
-        # the caption band (two lines of caption) and the gap between tiles, in image pixels
-        self.band = round(height * 0.45 / 1.9)
+        # the caption band and the gap between tiles, in image pixels
+        self.band = round(height * self.CAPTION_BAND)
         self.gap = max(1, round(width * 0.05))
         shape = (rows * (self.band + height), columns * (width + self.gap), 3)
         self.canvas = np.full(shape, 255, dtype=np.uint8)
