@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -17,8 +18,16 @@ import numpy as np
 from bloodcell import CLASS_NAMES, NUM_CLASSES, PROJECT_ROOT
 from bloodcell.core.errors import UserError
 from bloodcell.core.settings import min_images
+from bloodcell.data.buffers import aligned_take, host_tensor
 from bloodcell.data.demo import make_demo_set
-from bloodcell.data.formats import read_folder, read_image, read_medmnist, read_npz, validate
+from bloodcell.data.formats import (
+    open_competition_npz,
+    read_folder,
+    read_image,
+    read_medmnist,
+    read_npz,
+    validate,
+)
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -30,9 +39,14 @@ T = TypeVar("T")
 __all__ = [
     "Arrays",
     "Splits",
+    "LabelledSet",
     "load_arrays",
+    "open_arrays",
     "split_arrays",
+    "split_positions",
     "cv_fold",
+    "cv_positions",
+    "cut",
     "class_weights",
     "make_tf_dataset",
     "fingerprint",
@@ -72,7 +86,9 @@ class Arrays:
         """Part of this set; keeps the fingerprint of the whole set it came from (a split is named by
         its source data, the seed and the fractions)."""
         targets = None if self.targets is None else self.targets[index]
-        return Arrays(self.images[index], self.labels[index], self.fingerprint, self.source, targets=targets)
+        # aligned, so that TensorFlow shares the cut's memory (bloodcell.data.buffers)
+        images = aligned_take(self.images, index)
+        return Arrays(images, self.labels[index], self.fingerprint, self.source, targets=targets)
 
     def target_distributions(self) -> np.ndarray:
         """float32 (N, NUM_CLASSES): ``targets`` when set, else the one-hot labels."""
@@ -127,6 +143,35 @@ def resolve_path(path: str | Path) -> Path:
 def load_arrays(data_cfg: DataSchema | Any) -> Arrays:
     """Load and validate the data set the ``data`` settings name (or a mapping of them, `DataSchema.of`);
     optionally subsample it (``limit``)."""
+    return open_arrays(data_cfg).arrays()
+
+
+@dataclass
+class LabelledSet:
+    """A data set whose labels are loaded and checked, and whose pixels `arrays` reads: every problem with
+    the input that the labels and the file's layout show is reported before then. For an npz the pixels
+    are read by one call that needs no Python code meanwhile (`formats.CompetitionNpz`), so `arrays` can
+    run in a thread beside the main one (bloodcell.training.run_data)."""
+
+    labels: np.ndarray  # int64 (N,), after data.limit
+    image_shape: tuple[int, ...]  # (N, H, W, 3)
+    source: str
+    read_images: Callable[[], np.ndarray]
+    skipped: list[str] = field(default_factory=list)
+    #: which of the images read ``labels`` belong to (data.limit), None for all of them
+    keep: np.ndarray | None = None
+
+    def arrays(self) -> Arrays:
+        """The pixels read, kept (data.limit) and fingerprinted, with the labels: the `Arrays`."""
+        images = self.read_images()
+        if self.keep is not None:
+            images = aligned_take(images, self.keep)
+        return Arrays(images, self.labels, fingerprint(images, self.labels), self.source, self.skipped)
+
+
+def open_arrays(data_cfg: DataSchema | Any) -> LabelledSet:
+    """The data set the ``data`` settings name, its labels loaded and checked (`LabelledSet`); an npz's pixels
+    are read later, by `LabelledSet.arrays`, the other formats' now."""
     from bloodcell.core.settings import DataSchema
 
     data = DataSchema.of(data_cfg)
@@ -134,33 +179,37 @@ def load_arrays(data_cfg: DataSchema | Any) -> Arrays:
     skipped: list[str] = []
     if fmt == "npz":
         path = resolve_path(_needed(data.path, "path", fmt))
-        images, labels = read_npz(path)
+        npz = open_competition_npz(path)
+        labels, shape, read_images = npz.labels, npz.image_shape, npz.read_images
         source = str(path)
-    elif fmt == "folder":
-        path = resolve_path(_needed(data.path, "path", fmt))
-        images, labels, skipped = read_folder(path, strict=data.strict)
-        source = str(path)
-    elif fmt == "medmnist":
-        local = resolve_path(data.path) if data.path else None
-        size = int(_needed(data.size, "size", fmt))
-        images, labels = read_medmnist(size, local, resolve_path(data.cache_dir))
-        source = str(local or f"bloodmnist_{size}")
-    elif fmt == "demo":
-        per_class, side = (
-            _needed(data.per_class, "per_class", fmt),
-            _needed(data.image_size, "image_size", fmt),
-        )
-        images, labels = make_demo_set(int(per_class), int(side), int(data.demo_seed))
-        source = f"demo (synthetic, {per_class} per class, {side}px)"
     else:
-        raise UserError(f"data.format={fmt!r} is unknown; use one of {', '.join(FORMATS)}")
+        if fmt == "folder":
+            path = resolve_path(_needed(data.path, "path", fmt))
+            images, labels, skipped = read_folder(path, strict=data.strict)
+            source = str(path)
+        elif fmt == "medmnist":
+            local = resolve_path(data.path) if data.path else None
+            size = int(_needed(data.size, "size", fmt))
+            images, labels = read_medmnist(size, local, resolve_path(data.cache_dir))
+            source = str(local or f"bloodmnist_{size}")
+        elif fmt == "demo":
+            per_class, side = (
+                _needed(data.per_class, "per_class", fmt),
+                _needed(data.image_size, "image_size", fmt),
+            )
+            images, labels = make_demo_set(int(per_class), int(side), int(data.demo_seed))
+            source = f"demo (synthetic, {per_class} per class, {side}px)"
+        else:
+            raise UserError(f"data.format={fmt!r} is unknown; use one of {', '.join(FORMATS)}")
+        shape, read_images = images.shape, lambda: images
+    keep = None
     limit = data.limit
     if limit and limit < len(labels):
         keep = np.sort(subset_index(labels, int(limit)))
-        images, labels = images[keep], labels[keep]
+        labels, shape = labels[keep], (len(keep), *shape[1:])
         source = f"{source} (data.limit={limit})"
     check_classes(labels, source)
-    return Arrays(images, labels, fingerprint(images, labels), source, skipped)
+    return LabelledSet(labels, tuple(shape), source, read_images, skipped, keep)
 
 
 def _needed(value: T | None, key: str, fmt: str) -> T:
@@ -204,71 +253,93 @@ def check_classes(labels: np.ndarray, source: str) -> None:
 
 
 def split_arrays(arrays: Arrays, val_fraction: float, test_fraction: float, seed: int) -> Splits:
-    """Stratified train / validation / test split, reproducible by ``seed``. A class with fewer images
-    than there are parts (1 or 2) cannot be in all three: its images go to training (with a warning
-    that names it), and the other classes are split as usual."""
+    """Stratified train / validation / test split of ``arrays``, reproducible by ``seed``
+    (`split_positions`)."""
+    return cut(arrays, split_positions(arrays.labels, arrays.source, val_fraction, test_fraction, seed))
+
+
+def split_positions(
+    labels: np.ndarray, source: str, val_fraction: float, test_fraction: float, seed: int
+) -> dict[str, np.ndarray]:
+    """Where a stratified train / validation / test split, reproducible by ``seed``, puts each image: its
+    positions per part ("train", "val", "test"), from the labels alone. A class with fewer images than there
+    are parts (1 or 2) cannot be in all three: its images go to training (with a warning that names it),
+    and the other classes are split as usual."""
     from sklearn.model_selection import train_test_split
 
-    counts = np.bincount(arrays.labels, minlength=NUM_CLASSES)
+    counts = np.bincount(labels, minlength=NUM_CLASSES)
     rare = [c for c in range(NUM_CLASSES) if 0 < counts[c] < SPLITS]
-    index = np.arange(len(arrays))
-    train_only = np.isin(arrays.labels, rare)
+    index = np.arange(len(labels))
+    train_only = np.isin(labels, rare)
     if rare:
         log.warning(
             "%s: too few images for a stratified split of %s (%s; each part needs one): they all go "
             "to the training split, so validation and test have none of %s",
-            arrays.source,
+            source,
             ", ".join(CLASS_NAMES[c] for c in rare),
             ", ".join(f"{CLASS_NAMES[c]} {counts[c]}" for c in rare),
             "that class" if len(rare) == 1 else "those classes",
         )
     split = index[~train_only]
-    labels = arrays.labels[split]
-    classes = len(np.unique(labels))
+    classes = len(np.unique(labels[split]))
     needed = min_images(classes, val_fraction, test_fraction)
     if len(split) < needed:
         raise UserError(
-            f"{arrays.source}: {len(split)} images of {classes} classes cannot be split into train / "
+            f"{source}: {len(split)} images of {classes} classes cannot be split into train / "
             f"validation / test with data.val_fraction={val_fraction}, data.test_fraction={test_fraction}: "
             f"a stratified split needs at least {needed}; use more data (raise data.limit or set it to null)"
         )
     try:
-        rest, test = train_test_split(split, test_size=test_fraction, random_state=seed, stratify=labels)
-        val_share = val_fraction / (1 - test_fraction)
-        train, val = train_test_split(
-            rest, test_size=val_share, random_state=seed, stratify=arrays.labels[rest]
+        rest, test = train_test_split(
+            split, test_size=test_fraction, random_state=seed, stratify=labels[split]
         )
+        val_share = val_fraction / (1 - test_fraction)
+        train, val = train_test_split(rest, test_size=val_share, random_state=seed, stratify=labels[rest])
     except ValueError as err:
         raise UserError(
-            f"cannot split {len(arrays)} samples into train/val/test ({err}); "
+            f"cannot split {len(labels)} samples into train/val/test ({err}); "
             "use more data or smaller data.val_fraction / data.test_fraction"
         ) from None
-    train = np.concatenate([train, index[train_only]])
-    positions = {"train": train, "val": val, "test": test}
-    return Splits(arrays.subset(train), arrays.subset(val), arrays.subset(test), positions)
+    return {"train": np.concatenate([train, index[train_only]]), "val": val, "test": test}
 
 
 def cv_fold(arrays: Arrays, splits: Splits, folds: int, fold: int, seed: int) -> Splits:
-    """Fold ``fold`` (0-based) of a stratified ``folds``-fold cross-validation (scikit-learn's
-    StratifiedKFold, shuffled by ``seed``) of ``splits``' train + validation pool, cut from ``arrays``:
-    that fold validates, the other folds train. The test split is the one of ``splits``, untouched: it
-    stays held out from every fold, and the folds of one seed are disjoint and cover the pool."""
+    """Fold ``fold`` (0-based) of a stratified ``folds``-fold cross-validation of ``splits``' train +
+    validation pool, cut from ``arrays`` (`cv_positions`); the test split is the one of ``splits``."""
+    split = {part: splits.positions(part) for part in ("train", "val", "test")}
+    positions = cv_positions(arrays.labels, arrays.source, split, folds, fold, seed)
+    return Splits(arrays.subset(positions["train"]), arrays.subset(positions["val"]), splits.test, positions)
+
+
+def cv_positions(
+    labels: np.ndarray, source: str, split: dict[str, np.ndarray], folds: int, fold: int, seed: int
+) -> dict[str, np.ndarray]:
+    """Positions per part of fold ``fold`` (0-based) of a stratified ``folds``-fold cross-validation
+    (scikit-learn's StratifiedKFold, shuffled by ``seed``) of the train + validation pool of ``split``
+    (`split_positions`): that fold validates, the other folds train. The test part is ``split``'s,
+    untouched: it stays held out from every fold, and the folds of one seed are disjoint and cover the
+    pool."""
     from sklearn.model_selection import StratifiedKFold
 
     if folds < 2 or not 0 <= fold < folds:
         raise UserError(f"data.cv.fold={fold} is not one of 0..{folds - 1} (data.cv.folds={folds})")
-    pool = np.sort(np.concatenate([splits.positions("train"), splits.positions("val")]))
-    counts = np.bincount(arrays.labels[pool], minlength=NUM_CLASSES)
+    pool = np.sort(np.concatenate([split["train"], split["val"]]))
+    counts = np.bincount(labels[pool], minlength=NUM_CLASSES)
     if counts.max() < folds:
         raise UserError(
-            f"{arrays.source}: no class has {folds} images outside the test split, too few for "
+            f"{source}: no class has {folds} images outside the test split, too few for "
             f"data.cv.folds={folds}; use fewer folds or more data"
         )
     # a class with fewer images than folds is missing from some folds' validation (scikit-learn warns)
     kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    train, val = list(kfold.split(pool, arrays.labels[pool]))[fold]
-    positions = {"train": pool[train], "val": pool[val], "test": splits.positions("test")}
-    return Splits(arrays.subset(pool[train]), arrays.subset(pool[val]), splits.test, positions)
+    train, val = list(kfold.split(pool, labels[pool]))[fold]
+    return {"train": pool[train], "val": pool[val], "test": split["test"]}
+
+
+def cut(arrays: Arrays, positions: dict[str, np.ndarray]) -> Splits:
+    """The parts of ``arrays`` at ``positions`` (`split_positions`, `cv_positions`)."""
+    train, val, test = (arrays.subset(positions[part]) for part in ("train", "val", "test"))
+    return Splits(train, val, test, positions)
 
 
 def class_weights(labels: np.ndarray) -> dict[int, float]:
@@ -310,12 +381,14 @@ def make_tf_dataset(
                 tf.random.experimental.stateless_shuffle(tf.range(count), key)
             )
 
-        images, targets = tf.constant(arrays.images), tf.constant(arrays.target_distributions())
+        # over the same memory as the arrays (bloodcell.data.buffers): the pipeline holds no second copy
+        images, targets = host_tensor(arrays.images), host_tensor(arrays.target_distributions())
         order = tf.data.Dataset.from_tensors(0).flat_map(epoch_order)
         ds = order.apply(tf.data.experimental.assert_cardinality(count))
         ds = ds.batch(batch_size).map(lambda i: (tf.gather(images, i), tf.gather(targets, i)))
     else:
-        ds = tf.data.Dataset.from_tensor_slices((arrays.images, arrays.target_distributions()))
+        images, targets = host_tensor(arrays.images), host_tensor(arrays.target_distributions())
+        ds = tf.data.Dataset.from_tensor_slices((images, targets))
         if training:
             ds = ds.shuffle(len(arrays), seed=seed, reshuffle_each_iteration=True)
         ds = ds.batch(batch_size, drop_remainder=False)

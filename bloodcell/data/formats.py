@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import struct
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import numpy as np
 
 from bloodcell import CLASS_NAMES, NUM_CLASSES
 from bloodcell.core.errors import UserError
+from bloodcell.data.buffers import aligned_empty
 
 log = logging.getLogger("bloodcell.data")
 
@@ -77,6 +80,25 @@ def validate(images: np.ndarray, labels: np.ndarray, source: str) -> tuple[np.nd
 
 def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The competition layout: ``images`` uint8 (N, 96, 96, 3) and ``labels`` (N, 1) or (N,)."""
+    npz = open_competition_npz(path)
+    return npz.read_images(), npz.labels
+
+
+@dataclass
+class CompetitionNpz:
+    """A competition npz whose labels are read and checked and whose images are checked as far as the
+    archive's header tells (shape, dtype): what can be wrong with the file is said before any pixel is read.
+    `read_images` then reads the pixels; it runs no Python code while it reads, so it can run in a thread
+    beside the main one (bloodcell.training.run_data reads them while TensorFlow is imported)."""
+
+    path: Path
+    labels: np.ndarray  # int64 (N,), checked
+    image_shape: tuple[int, ...]
+    read_images: Callable[[], np.ndarray]
+
+
+def open_competition_npz(path: str | Path) -> CompetitionNpz:
+    """Open and check an npz of the competition layout (`read_npz`), leaving the pixels to be read."""
     path = Path(path)
     if path.is_dir():
         raise UserError(
@@ -95,7 +117,90 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
                 f"{path}: no array(s) {sorted(missing)} (found {npz.files}); "
                 "expected the competition layout with 'images' and 'labels'"
             )
-        return validate(npz["images"], npz["labels"], str(path))
+        stored = stored_member(path, npz.zip.getinfo("images.npy"))
+        if stored is None:  # compressed, or not uint8: np.load reads it, and validate says what is wrong
+            images, labels = validate(npz["images"], npz["labels"], str(path))
+            return CompetitionNpz(path, labels, images.shape, lambda: images)
+        # uint8 images are checked by their shape and dtype alone: a stand-in of that shape that costs nothing
+        _, labels = validate(np.broadcast_to(np.uint8(0), stored.shape), npz["labels"], str(path))
+    return CompetitionNpz(path, labels, stored.shape, stored.read)
+
+
+@dataclass
+class StoredArray:
+    """An uncompressed C-order uint8 array inside a zip archive: where its bytes are and how to check them."""
+
+    path: Path
+    member: str
+    shape: tuple[int, ...]
+    #: the .npy header (the zip's CRC covers it with the data) and where the data starts in the file
+    header: bytes
+    offset: int
+    crc: int
+
+    def read(self) -> np.ndarray:
+        """The array, read straight into an aligned buffer (`buffers.aligned_empty`: TensorFlow shares it)
+        in one read, checked against the archive's CRC as np.load would."""
+        images = aligned_empty(self.shape, np.uint8)
+        buffer = images.reshape(-1).data  # a memoryview of the same bytes
+        done = 0
+        with self.path.open("rb", buffering=0) as f:
+            f.seek(self.offset)
+            while done < len(buffer):  # one read, or a few where the OS caps a read (2 GB on Linux)
+                count = f.readinto(buffer[done:])
+                if not count:
+                    short = f"{self.member} ends {len(buffer) - done:,} bytes early"
+                    raise UserError(damaged(self.path, short))
+                done += count
+        if zlib.crc32(buffer, zlib.crc32(self.header)) != self.crc:
+            raise UserError(damaged(self.path, f"bad CRC-32 for {self.member}"))
+        return images
+
+
+#: a zip member's local header: signature, versions, flags, method, time, date, crc, sizes, name and extra
+ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")
+
+
+def stored_member(path: Path, info: zipfile.ZipInfo) -> StoredArray | None:
+    """Where an uncompressed .npy member holding a C-order uint8 array keeps its data; None for any other
+    member (compressed, another dtype, Fortran order), which np.load reads instead."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with path.open("rb") as f:
+        f.seek(info.header_offset)
+        local = ZIP_LOCAL_HEADER.unpack(f.read(ZIP_LOCAL_HEADER.size))
+        if local[0] != b"PK\x03\x04":
+            return None
+        start = info.header_offset + ZIP_LOCAL_HEADER.size + local[-2] + local[-1]
+        f.seek(start)
+        try:
+            version = np.lib.format.read_magic(f)
+            shape, fortran_order, dtype = NPY_HEADER_READERS[version](f)
+        except (ValueError, KeyError):
+            return None
+        if dtype != np.uint8 or fortran_order:
+            return None
+        header_size = f.tell() - start
+        if header_size + int(np.prod(shape, dtype=np.int64)) != info.file_size:
+            return None
+        f.seek(start)
+        header = f.read(header_size)
+    return StoredArray(path, info.filename, tuple(shape), header, start + header_size, info.CRC)
+
+
+#: np.lib.format's public readers of the .npy header versions a plain array is written in (3.0 is only for
+#: structured dtypes with non-Latin-1 field names; such a member goes to np.load)
+NPY_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def damaged(path: Path, problem: str) -> str:
+    return (
+        f"{path}: cannot be read as an npz archive ({problem}); the file is damaged: copy it again, "
+        "or re-export it with numpy.savez"
+    )
 
 
 #: what reading a damaged archive raises: numpy (object arrays refused by allow_pickle=False), zipfile
@@ -113,10 +218,7 @@ def open_npz(path: Path) -> Iterator[Any]:
         with np.load(path, allow_pickle=False) as npz:
             yield npz
     except NPZ_READ_ERRORS as err:
-        raise UserError(
-            f"{path}: cannot be read as an npz archive ({type(err).__name__}: {err}); the file is damaged: "
-            "copy it again, or re-export it with numpy.savez"
-        ) from None
+        raise UserError(damaged(path, f"{type(err).__name__}: {err}")) from None
 
 
 def check_npz_file(path: Path) -> None:

@@ -23,7 +23,7 @@ from bloodcell.training import phase1_cache
 from bloodcell.training.phases import Phase, RunCallbacks, compile_for, fine_tune, train_head, wants_phase2
 from bloodcell.training.record import RunContext, Stopwatch, record, record_inputs
 from bloodcell.training.resume import Resume, config_digest, ended_trial_outcome, start_or_resume
-from bloodcell.training.run_data import Targets, load_splits
+from bloodcell.training.run_data import Targets, start_loading
 from bloodcell.training.setup import Setup, build, distribution_strategy
 
 if TYPE_CHECKING:
@@ -156,12 +156,14 @@ def train(
     if ended is not None:
         return ended
     timed = Stopwatch()
+    with timed("data"):  # the input is checked now; the pixels are read while TensorFlow is imported
+        loading = start_loading(settings.data, settings.seed, settings.cleaning)
+    strategy = distribution_strategy(settings.trainer)
     with timed("data"):
-        data = load_splits(settings.data, settings.seed, settings.cleaning)
+        data = loading.result()
     if targets is not None:
         with timed("targets"):
             data.use_targets(targets(data.splits))
-    strategy = distribution_strategy(settings.trainer)
     digest = config_digest(cfg)
     with tracking.patient_requests(settings.tracking):
         experiment_id, resume, run_dirs = start_or_resume(
