@@ -17,6 +17,7 @@ import keras
 import numpy as np
 
 from bloodcell.core.settings import TrainSchema
+from bloodcell.data.buffers import aligned_take, host_tensor
 
 if TYPE_CHECKING:
     import optuna
@@ -164,7 +165,7 @@ class PreciseBatchNorm(keras.callbacks.Callback):
             keras.Model(before.input, after.input) for before, after in zip(norms, norms[1:])
         ]
         images = (
-            tf.data.Dataset.from_tensor_slices(train_images[sample])
+            tf.data.Dataset.from_tensor_slices(host_tensor(aligned_take(train_images, sample)))
             .batch(batch_size)
             .map(lambda x: tf.cast(x, tf.float32))
         )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 from omegaconf import DictConfig
 
 from bloodcell import tracking
+from bloodcell.core.heap import Collector, deferred_collection
 from bloodcell.core.settings import TrainerSchema, TrainSchema
 from bloodcell.evaluation.results import TestResult, add_tta, final_result
 from bloodcell.training import phase1_cache
@@ -149,6 +150,18 @@ def train(
     labels, once the splits are cut and before the run starts."""
     if settings is None:
         settings = check_config(cfg)
+    # no cyclic garbage collection while the run starts: each pass would walk all of TensorFlow (core.heap)
+    with deferred_collection() as collector:
+        return run_steps(cfg, settings, targets, collector)
+
+
+def run_steps(
+    cfg: DictConfig,
+    settings: TrainSchema,
+    targets: Callable[[Splits], Targets] | None,
+    collector: Collector,
+) -> float:
+    """`train`'s steps, its config checked; ``collector.settle()`` once the run is built, before it fits."""
     uri = tracking.resolve_tracking_uri(settings.tracking)
     tracking.check_reachable(uri, wait=tracking.server_wait(settings.tracking))
     with tracking.patient_requests(settings.tracking):
@@ -207,6 +220,7 @@ def train(
                     strategy.num_replicas_in_sync,
                     recorder.run_id,
                 )
+            collector.settle()  # what lives now lives as long as the run: later collections skip it
             with timed("fit"):
                 phase2_start = fit_both_phases(settings, setup, callbacks, resume, cache)
         with timed("evaluate"):
