@@ -150,8 +150,8 @@ def load_arrays(data_cfg: DataSchema | Any) -> Arrays:
 class LabelledSet:
     """A data set whose labels are loaded and checked, and whose pixels `arrays` reads: every problem with
     the input that the labels and the file's layout show is reported before then. For an npz the pixels
-    are read by one call that needs no Python code meanwhile (`formats.CompetitionNpz`), so `arrays` can
-    run in a thread beside the main one (bloodcell.training.run_data)."""
+    are read by one call that lets the GIL go (`formats.StoredArray.read`), as do the fingerprint and the
+    cut, so `arrays` can run in a thread beside the main one (bloodcell.training.run_data)."""
 
     labels: np.ndarray  # int64 (N,), after data.limit
     image_shape: tuple[int, ...]  # (N, H, W, 3)

@@ -55,7 +55,8 @@ def aligned_take(array: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 
 def shares_with_tensorflow(array: np.ndarray) -> bool:
-    """Whether `host_tensor` can hand ``array``'s memory to TensorFlow as it is."""
+    """Whether `host_tensor` can hand ``array``'s memory to TensorFlow as it is (NumPy exports no read-only
+    array through DLPack)."""
     return (
         array.size > 0
         and array.flags.c_contiguous

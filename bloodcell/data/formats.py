@@ -88,7 +88,7 @@ def read_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 class CompetitionNpz:
     """A competition npz whose labels are read and checked and whose images are checked as far as the
     archive's header tells (shape, dtype): what can be wrong with the file is said before any pixel is read.
-    `read_images` then reads the pixels; it runs no Python code while it reads, so it can run in a thread
+    `read_images` then reads the pixels; it lets the GIL go while it reads, so it can run in a thread
     beside the main one (bloodcell.training.run_data reads them while TensorFlow is imported)."""
 
     path: Path
@@ -197,6 +197,7 @@ NPY_HEADER_READERS = {
 
 
 def damaged(path: Path, problem: str) -> str:
+    """The one-line message for an archive that cannot be read: what np.load or our own read found."""
     return (
         f"{path}: cannot be read as an npz archive ({problem}); the file is damaged: copy it again, "
         "or re-export it with numpy.savez"
