@@ -104,7 +104,8 @@ def timed_run(code: Path, folder: Path, args: argparse.Namespace) -> tuple[float
         "trainer.test_tta=false",
         "trainer.verbose=0",
         f"tracking.uri={uri}",
-        f"data.path={REPO / 'data' / 'training_set.npz'}",
+        # the demo preset makes its own cells (it has no data.path)
+        *([] if args.preset == "quickstart" else [f"data.path={REPO / 'data' / 'training_set.npz'}"]),
         f"hydra.run.dir={folder / 'outputs'}",
         *args.overrides,
     ]
@@ -133,10 +134,10 @@ def timed_run(code: Path, folder: Path, args: argparse.Namespace) -> tuple[float
     return wall, parts | {"wall": wall}
 
 
-#: the steps of a run (bloodcell.training.recipe.train and what it calls) whose insides --profile shows
+#: the steps of a run (bloodcell.training.recipe.run_steps and what it calls) whose insides --profile shows
 PROFILED_STEPS = (
-    "recipe.py:train",
-    "run_data.py:load_splits",
+    "recipe.py:run_steps",
+    "run_data.py:start_loading",
     "setup.py:build",
     "resume.py:start_or_resume",
     "recipe.py:evaluate_splits",

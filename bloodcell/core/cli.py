@@ -57,7 +57,10 @@ def exit_now(status: int = 0) -> NoReturn:
     exit happens first, in its order: threads that are not daemons are joined (with the callbacks
     `threading` runs before that), atexit handlers run (MLflow ends a run left open, logging flushes and
     closes its files), stdout and stderr are flushed. Then ``os._exit``. Only for a command's
-    ``__main__``, never inside a library call or a notebook."""
+    ``__main__``, never inside a library call or a notebook. Under a profiler (``python -m cProfile``),
+    which writes its results once the command's code returns, it is a plain ``sys.exit``."""
+    if sys.getprofile() is not None:
+        sys.exit(status)
     import atexit
     import contextlib
     import os

@@ -44,8 +44,12 @@ SCRIPT = textwrap.dedent(
 
 def run_script(script: str, folder: Path) -> subprocess.CompletedProcess:
     """``script`` in a fresh Python, writing into ``folder``."""
+    return run_python("-c", script, str(folder))
+
+
+def run_python(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-c", script, str(folder)],
+        [sys.executable, *args],
         cwd=REPO,
         env=command_environment(),
         capture_output=True,
@@ -71,3 +75,13 @@ def test_the_same_script_without_it_does_free_the_interpreter(tmp_path):
     proc = run_script(SCRIPT.replace("exit_now(3)", "sys.exit(3)"), tmp_path)
     assert proc.returncode == 3, proc.stderr
     assert (tmp_path / "teardown.txt").read_text() == "freed"
+
+
+def test_a_profiled_command_exits_the_usual_way_so_the_profile_is_written(tmp_path):
+    """python -m cProfile writes its output after the code returns: exit_now leaves it that exit."""
+    script = tmp_path / "command.py"
+    script.write_text("from bloodcell.core.cli import exit_now\nexit_now(0)\n")
+    profile = tmp_path / "command.prof"
+    proc = run_python("-m", "cProfile", "-o", str(profile), str(script))
+    assert proc.returncode == 0, proc.stderr
+    assert profile.is_file() and profile.stat().st_size > 0
