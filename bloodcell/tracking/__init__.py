@@ -10,6 +10,7 @@ from bloodcell.tracking.recorder import Recorder, predictions_path, record_to
 from bloodcell.tracking.run import (
     flatten,
     git_tags,
+    has_waiting,
     outbox_waiting,
     process_tags,
     send_waiting,
@@ -48,6 +49,7 @@ __all__ = [
     "git_tags",
     "logged_steps",
     "mark_dead_runs",
+    "has_waiting",
     "outbox_waiting",
     "patient_requests",
     "predictions_path",

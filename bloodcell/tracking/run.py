@@ -322,6 +322,11 @@ def send_waiting(root: Path) -> list[tuple[str, int]]:
     return results
 
 
+def has_waiting(root: Path) -> bool:
+    """Whether any run under a checkpoints root left records for `send_waiting`."""
+    return bool(outbox.waiting_outboxes(root))
+
+
 def outbox_waiting(run_dir: Path) -> bool:
     """Whether a run still has records waiting for the server (its folder must not be deleted yet)."""
     return (run_dir / "outbox" / outbox.PENDING).is_file()

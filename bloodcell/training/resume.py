@@ -102,10 +102,8 @@ def ended_trial_outcome(settings: TrainSchema) -> float | None:
     trial = settings.trial
     experiment_id = tracking.setup_experiment(settings.tracking)
     # its end may still wait in its outbox: the job was killed while the tracking server was away
-    from bloodcell.serving.submission_template import TemperatureScaling  # noqa: F401  (a waiting model)
-
     uri = tracking.resolve_tracking_uri(settings.tracking)
-    tracking.send_waiting(checkpoints.root_for(uri, settings.trainer.checkpoint.dir))
+    send_waiting_records(checkpoints.root_for(uri, settings.trainer.checkpoint.dir))
     tags = {"optuna_trial_id": str(trial.trial_id), "optuna_study": str(trial.study_name)}
     run = tracking.ended_trial_run(experiment_id, tags)
     if run is None:
@@ -125,6 +123,19 @@ def ended_trial_outcome(settings: TrainSchema) -> float | None:
         run.info.run_id, settings.objective, value,
     )  # fmt: skip
     return float(value)
+
+
+def send_waiting_records(root: Path) -> None:
+    """Send what earlier runs under the checkpoints ``root`` could not send to the server
+    (`tracking.send_waiting`). A waiting model is loaded to be logged, so Keras must know the layer a
+    calibrated model ends with; that import brings TensorFlow, so it is made only when something waits: a
+    sweep trial checks this before its data are read, and the read overlaps the TensorFlow import that
+    comes after (run_data)."""
+    if not tracking.has_waiting(root):
+        return
+    from bloodcell.serving.submission_template import TemperatureScaling  # noqa: F401
+
+    tracking.send_waiting(root)
 
 
 def _drop_empty_trial_runs(run_ids: list[str]) -> None:
@@ -202,10 +213,7 @@ def start_or_resume(
     experiment_id = tracking.setup_experiment(tracking_settings)
     root = checkpoints.root_for(tracking.resolve_tracking_uri(tracking_settings), trainer.checkpoint.dir)
     dirs = CheckpointDirs(root, trainer.checkpoint.keep_after_finish)
-    # a waiting model is loaded to be logged: Keras must know the layer a calibrated model ends with
-    from bloodcell.serving.submission_template import TemperatureScaling  # noqa: F401
-
-    tracking.send_waiting(dirs.root)  # what earlier runs here could not send to the server
+    send_waiting_records(dirs.root)
     resume = find_resumable(trainer.resume, trial, digest, experiment_id, data.arrays.fingerprint, dirs.root)
     if resume is not None:
         log.info(

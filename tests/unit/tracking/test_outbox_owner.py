@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
-from bloodcell.tracking import send_waiting
+from bloodcell.tracking import has_waiting, send_waiting
 from bloodcell.tracking.outbox import Outbox
 from tests.helpers import mlflow_at, sqlite_store
 
@@ -21,7 +21,9 @@ def test_send_waiting_leaves_a_live_runs_outbox_to_its_run_and_sends_it_once_the
         run_id = client.create_run(client.create_experiment("outbox")).info.run_id
         root = tmp_path / "checkpoints"
         live = Outbox(run_id, root / run_id / "outbox")
+        assert not has_waiting(root)
         live.add({"kind": "tags", "tags": {"sent_by": "whoever"}})
+        assert has_waiting(root)
         assert live.hold()  # the run's own process, still training
 
         assert send_waiting(root) == []  # another command: not its records to send
@@ -30,3 +32,4 @@ def test_send_waiting_leaves_a_live_runs_outbox_to_its_run_and_sends_it_once_the
         live.release()  # the run's process ended (or was killed: the kernel lets go of its lock)
         assert send_waiting(root) == [(run_id, 0)]
         assert client.get_run(run_id).data.tags["sent_by"] == "whoever"
+        assert not has_waiting(root)
