@@ -91,7 +91,6 @@ class CompetitionNpz:
     `read_images` then reads the pixels; it lets the GIL go while it reads, so it can run in a thread
     beside the main one (bloodcell.training.run_data reads them while TensorFlow is imported)."""
 
-    path: Path
     labels: np.ndarray  # int64 (N,), checked
     image_shape: tuple[int, ...]
     read_images: Callable[[], np.ndarray]
@@ -120,10 +119,10 @@ def open_competition_npz(path: str | Path) -> CompetitionNpz:
         stored = stored_member(path, npz.zip.getinfo("images.npy"))
         if stored is None:  # compressed, or not uint8: np.load reads it, and validate says what is wrong
             images, labels = validate(npz["images"], npz["labels"], str(path))
-            return CompetitionNpz(path, labels, images.shape, lambda: images)
+            return CompetitionNpz(labels, images.shape, lambda: images)
         # uint8 images are checked by their shape and dtype alone: a stand-in of that shape that costs nothing
         _, labels = validate(np.broadcast_to(np.uint8(0), stored.shape), npz["labels"], str(path))
-    return CompetitionNpz(path, labels, stored.shape, stored.read)
+    return CompetitionNpz(labels, stored.shape, stored.read)
 
 
 @dataclass
